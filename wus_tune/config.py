@@ -1,0 +1,369 @@
+"""Typed training configuration: one file fully describes a training run.
+
+A :class:`TrainConfig` is what ``python -m wus_tune.train --config FILE`` reads, what the study exports
+for its chosen trial, and what every result and checkpoint carries, so a run can be reproduced from its
+files. The file format (YAML or JSON) is the nested dict of :meth:`TrainConfig.to_dict`::
+
+    version: 1
+    model: {name: vgg11, width: 0.25}
+    data: {name: cifar10, data_dir: ../shared/data/cifar10-train-jpeg.tar.gz, subset: 10000}
+    optim: {lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 5.0e-4, batch_size: 128}
+    schedule: {name: step, milestones: [0.5, 0.75], gamma: 0.1}
+    wus: {enabled: true, threshold: 0.01, window: 2, skip_length: 2, bias_scope: all}
+    epochs: 15
+    seed: 0
+
+Unknown keys and out-of-range values raise :class:`~wus_tune.errors.ConfigError` naming the key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from wus_tune.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+MODEL_NAMES = ("mlp", "alexnet", "vgg11", "vgg16", "resnet18")
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vgg11"  # one of MODEL_NAMES
+    width: float = 1.0  # channel multiplier; 0.25 makes VGG-11 trainable on a laptop CPU
+    hidden: int = 256  # mlp only: hidden units (scaled by width)
+    depth: int = 2  # mlp only: number of linear layers (2 = one hidden layer)
+    batch_norm: bool = True  # vgg/resnet: BatchNorm after each conv (alexnet has none, as in the paper)
+
+    def validate(self) -> None:
+        _check_choice("model.name", self.name, MODEL_NAMES)
+        _check_range("model.width", self.width, low=1 / 64, high=16)
+        _check_range("model.hidden", self.hidden, low=1, high=1 << 16)
+        _check_range("model.depth", self.depth, low=1, high=16)
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"  # one of DATASET_NAMES
+    # cifar10/100: torchvision's root (downloaded there if `download`), an ImageFolder directory, or a
+    # .tar.gz of one; imagefolder: the directory or archive (required). None: a per-user cache directory.
+    data_dir: str | None = None
+    cache_dir: str | None = None  # where decoded uint8 tensors are cached; None: ~/.cache/wus_tune
+    download: bool = True  # allow torchvision to download cifar10/100 when missing
+    val_fraction: float = 0.1  # held out of the training split; drives WUS and the search
+    subset: int | None = None  # use only this many training images (before the validation split)
+    split_seed: int = 0  # the train/val split and subset depend on this seed only, not on `seed`
+    augment: bool = True  # random crop (pad 4, or 1 for images under 16 px) and horizontal flip
+
+    def validate(self) -> None:
+        _check_choice("data.name", self.name, DATASET_NAMES)
+        _check_range("data.val_fraction", self.val_fraction, low=0.0, high=0.9)
+        if self.subset is not None:
+            _check_range("data.subset", self.subset, low=20, high=10**9)
+        if self.name == "imagefolder" and not self.data_dir:
+            raise ConfigError("data.data_dir: dataset 'imagefolder' needs a directory or .tar.gz")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05  # peak learning rate (the schedule scales it)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4  # applied to weights only; biases and BN parameters get bias_weight_decay
+    bias_weight_decay: float = 0.0
+    batch_size: int = 128
+    label_smoothing: float = 0.0
+
+    def validate(self) -> None:
+        _check_choice("optim.name", self.name, ("sgd", "adamw"))
+        _check_range("optim.lr", self.lr, low=0.0, high=100.0, low_open=True)
+        _check_range("optim.momentum", self.momentum, low=0.0, high=0.999)
+        _check_range("optim.weight_decay", self.weight_decay, low=0.0, high=1.0)
+        _check_range("optim.bias_weight_decay", self.bias_weight_decay, low=0.0, high=1.0)
+        _check_range("optim.batch_size", self.batch_size, low=1, high=1 << 16)
+        _check_range("optim.label_smoothing", self.label_smoothing, low=0.0, high=0.5)
+        if self.nesterov and self.name == "sgd" and self.momentum == 0:
+            raise ConfigError("optim.nesterov: Nesterov momentum needs optim.momentum > 0")
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["constant", "cosine", "step", "onecycle"] = "cosine"
+    warmup: float = 0.0  # fraction of training with a linear warm-up from 0 (cosine/step/constant)
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of training
+    gamma: float = 0.1  # step: LR factor at each milestone
+    pct_start: float = 0.25  # onecycle: fraction of training spent rising to the peak
+    final_lr_fraction: float = 0.0  # cosine/onecycle: LR at the end, as a fraction of the peak
+
+    def validate(self) -> None:
+        _check_choice("schedule.name", self.name, ("constant", "cosine", "step", "onecycle"))
+        _check_range("schedule.warmup", self.warmup, low=0.0, high=0.9)
+        _check_range("schedule.gamma", self.gamma, low=0.0, high=1.0, low_open=True)
+        _check_range("schedule.pct_start", self.pct_start, low=0.0, high=1.0, low_open=True, high_open=True)
+        _check_range("schedule.final_lr_fraction", self.final_lr_fraction, low=0.0, high=1.0)
+        for i, m in enumerate(self.milestones):
+            _check_range(f"schedule.milestones[{i}]", m, low=0.0, high=1.0, low_open=True, high_open=True)
+        if list(self.milestones) != sorted(self.milestones):
+            raise ConfigError(f"schedule.milestones: must be increasing, got {self.milestones}")
+
+
+@dataclass
+class WUSConfig:
+    """Weight update skipping; see :mod:`wus_tune.wus` for the exact rule."""
+
+    enabled: bool = False
+    signal: Literal["val_acc", "train_acc"] = "val_acc"  # metric watched at each check
+    check_every: int = 0  # 0: check at the end of each epoch; N > 0: every N optimizer steps
+    window: int = 2  # W: number of most recent accuracy changes looked at
+    threshold: float = 0.01  # tau: skip when the accuracy range over the window is below this (fraction, 0.01 = 1 point)
+    warmup: int = 2  # checks at the start with no skipping
+    skip_length: int = 2  # checks a skip window lasts before full updates resume
+    max_skip_fraction: float = 1.0  # cap on the fraction of checks spent skipping
+    bias_scope: str = "all"  # "all", or "last:K" (biases of the last K parameterised layers keep training)
+    train_bn_scale: bool = False  # keep BatchNorm's scale (gamma) training in skip windows, like a bias
+    bias_lr_factor: float = 1.0  # WUS+LR: LR factor of the biases inside skip windows
+    lr_decay: float = 1.0  # WUS+LR: base LR factor applied each time a plateau starts a skip window
+    schedule_window: list[float] = field(default_factory=lambda: [0.0, 0.75])  # [start, end) fraction of training where skipping may happen
+
+    @property
+    def variant(self) -> str:
+        if not self.enabled:
+            return "none"
+        return "wus+lr" if (self.bias_lr_factor != 1.0 or self.lr_decay != 1.0) else "wus"
+
+    def validate(self) -> None:
+        _check_choice("wus.signal", self.signal, ("val_acc", "train_acc"))
+        _check_range("wus.check_every", self.check_every, low=0, high=10**9)
+        _check_range("wus.window", self.window, low=1, high=1000)
+        _check_range("wus.threshold", self.threshold, low=0.0, high=1.0)
+        _check_range("wus.warmup", self.warmup, low=0, high=10**6)
+        _check_range("wus.skip_length", self.skip_length, low=1, high=10**6)
+        _check_range("wus.max_skip_fraction", self.max_skip_fraction, low=0.0, high=1.0)
+        _check_range("wus.bias_lr_factor", self.bias_lr_factor, low=0.0, high=100.0)
+        _check_range("wus.lr_decay", self.lr_decay, low=0.0, high=1.0, low_open=True)
+        parse_bias_scope(self.bias_scope)
+        if len(self.schedule_window) != 2:
+            raise ConfigError(f"wus.schedule_window: expected [start, end], got {self.schedule_window}")
+        start, end = self.schedule_window
+        _check_range("wus.schedule_window[0]", start, low=0.0, high=1.0)
+        _check_range("wus.schedule_window[1]", end, low=0.0, high=1.0)
+        if start >= end:
+            raise ConfigError(f"wus.schedule_window: start {start} must be below end {end}")
+
+
+def parse_bias_scope(scope: str) -> int | None:
+    """``"all"`` -> None (every bias trains in skip windows); ``"last:K"`` -> K."""
+    if scope == "all":
+        return None
+    if isinstance(scope, str) and scope.startswith("last:"):
+        try:
+            k = int(scope[5:])
+        except ValueError:
+            k = 0
+        if k >= 1:
+            return k
+    raise ConfigError(f"wus.bias_scope: expected 'all' or 'last:K' with K >= 1, got {scope!r}")
+
+
+@dataclass
+class TrainConfig:
+    version: int = CONFIG_VERSION
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    wus: WUSConfig = field(default_factory=WUSConfig)
+    # Plug-in speed-up methods: {registered name: keyword arguments}. See wus_tune.methods.
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    epochs: int = 15
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
+    compile: bool = False  # torch.compile the model (CUDA only; ignored on CPU)
+    eval_every_epoch: bool = True  # evaluate each epoch for the curves; only evaluations a method needs count as its time
+    meta: dict[str, Any] = field(default_factory=dict)  # free-form provenance (study, trial), never read by training
+
+    def validate(self) -> "TrainConfig":
+        if self.version != CONFIG_VERSION:
+            raise ConfigError(f"version: this wus_tune reads config version {CONFIG_VERSION}, got {self.version}")
+        for part in (self.model, self.data, self.optim, self.schedule, self.wus):
+            part.validate()
+        _check_range("epochs", self.epochs, low=1, high=100_000)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        from wus_tune.methods import validate_methods  # late: methods import torch
+
+        validate_methods(self.methods)
+        return self
+
+    # ---- (de)serialisation ---------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
+        """Build and validate a config; unknown keys and wrong types raise ConfigError with the key path."""
+        return _build(cls, raw, "").validate()
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        if path.suffix == ".json":
+            path.write_text(json.dumps(data, indent=2) + "\n")
+        else:
+            import yaml
+
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(load_mapping(path))
+
+    def replace(self, overrides: dict[str, Any]) -> "TrainConfig":
+        """A copy with dotted-key overrides applied (``{"wus.threshold": 0.02, "epochs": 10}``), validated."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            set_dotted(data, dotted, value)
+        return TrainConfig.from_dict(data)
+
+
+def load_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON file holding a mapping; a missing or unparsable file is a ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first_line}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data["wus"]["threshold"] = value`` for ``dotted == "wus.threshold"``."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for i, key in enumerate(parents):
+        if key == "methods" and i == 0:
+            node = node.setdefault("methods", {})
+            continue
+        if key not in node or not isinstance(node[key], dict):
+            if node is data.get("methods"):
+                node = node.setdefault(key, {})
+                continue
+            raise ConfigError(f"{dotted}: unknown key {'.'.join(parents[: i + 1])!r}")
+        node = node[key]
+    node[leaf] = value
+
+
+# ---- validation helpers ------------------------------------------------------------------------
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: unknown value {value!r}; choose one of {', '.join(choices)}")
+
+
+def _check_range(
+    key: str, value: Any, *, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ConfigError(f"{key}: {value!r} is out of range {lo}{low:g}, {high:g}{hi}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against a type hint; ints are accepted for floats. Returns the (converted) value."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: unknown value {value!r}; choose one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint)).replace("typing.", "")

@@ -1,0 +1,22 @@
+"""Errors a user can fix. Every command-line entry point turns them into one line and exit status 2."""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """Bad input: an unknown name, an out-of-range value, a missing or corrupt file.
+
+    The message is one line that names the offending option, key or path.
+    """
+
+
+class ConfigError(UsageError):
+    """A config value or file is invalid; the message names the key path (``wus.threshold``)."""
+
+
+class DataError(UsageError):
+    """A dataset is missing, corrupt or in an unknown format."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite. Inside a study this fails the trial, not the study."""

@@ -1,0 +1,196 @@
+"""CIFAR-sized networks of the Weight Update Skipping paper, scalable by a channel multiplier.
+
+Every model takes normalised float images ``(B, C, H, W)`` and returns logits ``(B, num_classes)``. The
+layouts follow the usual CIFAR variants (3x3 stems, no ImageNet-style stride-4 entry), so 32x32 inputs keep
+enough resolution; pooling is skipped once the feature map is 1 pixel wide, so the same builders also
+work on 8x8 ``digits`` images, which keeps the tests and CPU smoke runs small.
+
+``cfg.width`` scales every hidden channel count (``max(1, round(c * width))``); ``width=0.25`` makes
+VGG-11 trainable on a laptop CPU. Weights use PyTorch's default initialisation. The models hold no
+precision or memory-format assumptions: the trainer may convert them to ``channels_last`` and run them
+under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from wus_tune.config import ModelConfig
+from wus_tune.errors import ConfigError
+
+__all__ = ["MODEL_BUILDERS", "build_model", "parameterised_layers"]
+
+InputShape = tuple[int, int, int]
+Builder = Callable[[ModelConfig, InputShape, int], nn.Module]
+
+_VGG_LAYOUTS: dict[str, list[int | str]] = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+def _conv_bn_relu(c_in: int, c_out: int, batch_norm: bool, kernel: int = 3) -> list[nn.Module]:
+    # A conv followed by BN needs no bias (BN's shift replaces it); without BN the bias is the only shift.
+    conv = nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=not batch_norm)
+    return [conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)] if batch_norm else [conv, nn.ReLU(inplace=True)]
+
+
+def _pool_if_possible(size: int) -> tuple[list[nn.Module], int]:
+    """Halve the feature map only while it is at least 2 px, so small inputs run through deep layouts."""
+    return ([nn.MaxPool2d(2)], size // 2) if size >= 2 else ([], size)
+
+
+def _head(c_in: int, num_classes: int) -> list[nn.Module]:
+    return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
+
+
+def _features_and_head(features: list[nn.Module], head: list[nn.Module]) -> nn.Sequential:
+    # Named children give readable state_dict keys ("features.0.weight", "head.2.bias").
+    return nn.Sequential(OrderedDict(features=nn.Sequential(*features), head=nn.Sequential(*head)))
+
+
+def _vgg(layout: Sequence[int | str]) -> Builder:
+    def build(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> nn.Module:
+        """VGG for CIFAR: 3x3 convs (+BN) and 2x2 max-pools, then global average pooling and one Linear."""
+        c, size = input_shape[0], min(input_shape[1:])
+        layers: list[nn.Module] = []
+        for item in layout:
+            if item == "M":
+                pool, size = _pool_if_possible(size)
+                layers += pool
+            else:
+                c_out = _scaled(int(item), cfg.width)
+                layers += _conv_bn_relu(c, c_out, cfg.batch_norm)
+                c = c_out
+        return _features_and_head(layers, _head(c, num_classes))
+
+    return build
+
+
+def build_alexnet(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> nn.Module:
+    """CIFAR AlexNet, no BatchNorm (as in the paper), every conv and Linear with a bias.
+
+    Layout (channels before ``width`` scaling)::
+
+        conv5x5(64)  ReLU maxpool   conv5x5(192) ReLU maxpool
+        conv3x3(384) ReLU  conv3x3(256) ReLU  conv3x3(256) ReLU maxpool
+        global avgpool  Linear(256, 256) ReLU  Linear(256, num_classes)
+
+    Stride-1 5x5 convs replace ImageNet AlexNet's stride-4 11x11 entry, which would leave a 32x32 image
+    almost no resolution; inputs under 16 px use 3x3 kernels instead. The classifier is one small hidden
+    layer without dropout: the ImageNet 4096-wide head would dominate the parameter count on 10 classes,
+    and dropout would add noise to the validation accuracy that WUS watches for plateaus.
+    """
+    c, size = input_shape[0], min(input_shape[1:])
+    big = 3 if size < 16 else 5
+    plan: list[tuple[int, int, bool]] = [(64, big, True), (192, big, True), (384, 3, False), (256, 3, False), (256, 3, True)]
+    layers: list[nn.Module] = []
+    for channels, kernel, pool_after in plan:
+        c_out = _scaled(channels, cfg.width)
+        layers += _conv_bn_relu(c, c_out, batch_norm=False, kernel=kernel)
+        c = c_out
+        if pool_after:
+            pool, size = _pool_if_possible(size)
+            layers += pool
+    hidden = _scaled(256, cfg.width)
+    head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)]
+    return _features_and_head(layers, head)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with an identity shortcut, or a 1x1 projection when the shape changes.
+
+    Submodules are registered in forward order (main path, then shortcut) so that
+    :func:`parameterised_layers` can rely on registration order.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, batch_norm: bool) -> None:
+        super().__init__()
+        norm: Callable[[int], nn.Module] = nn.BatchNorm2d if batch_norm else (lambda _: nn.Identity())
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=not batch_norm)
+        self.bn1 = norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=not batch_norm)
+        self.bn2 = norm(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=not batch_norm), norm(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet: 3x3 stem without max-pool, four stages of BasicBlocks, global pool, Linear."""
+
+    def __init__(
+        self, blocks: Sequence[int], input_shape: InputShape, num_classes: int, width: float, batch_norm: bool
+    ) -> None:
+        super().__init__()
+        c = _scaled(64, width)
+        self.stem = nn.Sequential(*_conv_bn_relu(input_shape[0], c, batch_norm))
+        stages: list[nn.Module] = []
+        for i, (n, base) in enumerate(zip(blocks, (64, 128, 256, 512))):
+            c_out = _scaled(base, width)
+            for j in range(n):
+                stages.append(BasicBlock(c, c_out, stride=2 if (i > 0 and j == 0) else 1, batch_norm=batch_norm))
+                c = c_out
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(*_head(c, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
+def build_resnet18(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> nn.Module:
+    """CIFAR ResNet-18: BasicBlocks [2, 2, 2, 2] with 64/128/256/512 channels and strides 1, 2, 2, 2."""
+    return ResNet([2, 2, 2, 2], input_shape, num_classes, cfg.width, cfg.batch_norm)
+
+
+def build_mlp(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> nn.Module:
+    """``cfg.depth`` Linear layers with ReLU between; ``depth=1`` is multinomial logistic regression."""
+    c, h, w = input_shape
+    hidden = _scaled(cfg.hidden, cfg.width)
+    dims = [c * h * w] + [hidden] * (cfg.depth - 1) + [num_classes]
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
+        layers += [nn.Linear(d_in, d_out)] + ([nn.ReLU(inplace=True)] if i < len(dims) - 2 else [])
+    return nn.Sequential(*layers)
+
+
+MODEL_BUILDERS: dict[str, Builder] = {
+    "mlp": build_mlp,
+    "alexnet": build_alexnet,
+    "vgg11": _vgg(_VGG_LAYOUTS["vgg11"]),
+    "vgg16": _vgg(_VGG_LAYOUTS["vgg16"]),
+    "resnet18": build_resnet18,
+}
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The network ``cfg.name`` for images of ``input_shape`` (C, H, W); unknown names are a ConfigError."""
+    try:
+        builder = MODEL_BUILDERS[cfg.name]
+    except KeyError:
+        raise ConfigError(f"model.name: unknown model {cfg.name!r}; choose one of {', '.join(MODEL_BUILDERS)}") from None
+    return builder(cfg, tuple(input_shape), num_classes)  # type: ignore[arg-type]
+
+
+def parameterised_layers(model: nn.Module) -> list[nn.Module]:
+    """Modules that own parameters directly (Conv, Linear, BatchNorm), from input to output.
+
+    WUS's ``bias_scope: last:K`` keeps the biases of the last K of these training, so the order matters;
+    the models above register their submodules in forward order (a ResNet block's shortcut after its main
+    path), which makes registration order the forward order. The classifier Linear comes last.
+    """
+    return [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]

@@ -1,0 +1,123 @@
+"""Production training: ``python -m wus_tune.train --config best.yaml`` (or options), weights + config saved.
+
+Every config field is an option with its dotted name (``--wus.threshold 0.02``, ``--optim.momentum 0.95``,
+``--methods.approx_ops.sample_ratio 0.5``); the common ones have short forms (``--model``, ``--epochs``).
+Options override the ``--config`` file. Values are read as YAML (``true``, ``0.5``, ``[0.5, 0.75]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from wus_tune._cli import ArgumentParser, parse_value, run_main
+from wus_tune.config import TrainConfig
+from wus_tune.errors import UsageError
+
+SHORT_OPTIONS = {
+    "model": "model.name",
+    "width": "model.width",
+    "dataset": "data.name",
+    "data_dir": "data.data_dir",
+    "subset": "data.subset",
+    "epochs": "epochs",
+    "seed": "seed",
+    "device": "device",
+    "batch_size": "optim.batch_size",
+    "lr": "optim.lr",
+    "schedule": "schedule.name",
+}
+
+
+_TOP_LEVEL_FIELDS = ("epochs", "seed", "device", "compile", "eval_every_epoch")
+# Paths and names stay text even when they look like numbers (a directory called "2024").
+_TEXT_FIELDS = ("device", "data.data_dir", "data.cache_dir", "model.name", "data.name", "wus.bias_scope")
+
+
+def add_config_options(parser: ArgumentParser) -> None:
+    """Short options plus one ``--section.field`` option per config field."""
+    for name, dotted in SHORT_OPTIONS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=dotted, metavar=name.upper(), help=f"= --{dotted}")
+    parser.add_argument("--wus", dest="wus.enabled", action="store_const", const="true",
+                        help="enable weight update skipping (= --wus.enabled true)")
+    defaults = TrainConfig()
+    for section in dataclasses.fields(TrainConfig):
+        value = getattr(defaults, section.name)
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                dotted = f"{section.name}.{f.name}"
+                parser.add_argument(f"--{dotted}", dest=dotted, metavar="V",
+                                    help=f"default {getattr(value, f.name)!r}")
+        elif section.name not in ("version", "methods", "meta") and section.name not in SHORT_OPTIONS:
+            parser.add_argument(f"--{section.name}", dest=section.name, metavar="V", help=f"default {value!r}")
+
+
+def config_from_args(args: object, unknown: Sequence[str]) -> TrainConfig:
+    """The config file (if any) with every option given on the command line applied over it."""
+    base = TrainConfig.load(args.config) if getattr(args, "config", None) else TrainConfig()
+    overrides = {
+        key: value if key in _TEXT_FIELDS else parse_value(value)
+        for key, value in vars(args).items()
+        if value is not None and ("." in key or key in _TOP_LEVEL_FIELDS)
+    }
+    overrides.update(_method_options(unknown))
+    return base.replace(overrides)
+
+
+def _method_options(unknown: Sequence[str]) -> dict[str, object]:
+    """``--methods.NAME.ARG VALUE`` pairs, which argparse cannot know in advance."""
+    found: dict[str, object] = {}
+    items = list(unknown)
+    while items:
+        option = items.pop(0)
+        key, _, value = option[2:].partition("=")
+        if not option.startswith("--methods.") or key.count(".") != 2:
+            raise UsageError(f"unrecognized argument: {option}")
+        if not value:
+            if not items:
+                raise UsageError(f"{option}: expected a value")
+            value = items.pop(0)
+        found[key] = parse_value(value)
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m wus_tune.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="a config file (YAML or JSON), e.g. exported by python -m wus_tune.pareto")
+    parser.add_argument("--out", help="output directory (default runs/<model>-<dataset>-<time>)")
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    add_config_options(parser)
+    args, unknown = parser.parse_known_args(argv)
+    config = config_from_args(args, unknown)
+
+    out = Path(args.out or f"runs/{config.model.name}-{config.data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(out / "config.yaml")
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+    from wus_tune.trainer import fit
+
+    result = fit(config, progress=not args.quiet)
+    save_checkpoint(out / "model.pt", result.model, config)
+    result.save_json(out / "result.json")
+    test = f", test {result.test_acc:.2%}" if result.test_acc is not None else ""
+    print(f"done: val {result.val_acc:.2%}{test} in {result.time_s:.1f}s "
+          f"(train {result.train_time_s:.1f}s, skipped {result.skip_fraction:.0%} of steps, "
+          f"{result.flops_fraction:.0%} of the FLOPs) -> {out}/")
+    return 0
+
+
+def save_checkpoint(path: Path, model: object, config: TrainConfig) -> Path:
+    """The weights with the config that made them: ``torch.load(path)["config"]`` rebuilds the model."""
+    import torch
+
+    torch.save({"state_dict": model.state_dict(), "config": config.to_dict()}, path)
+    return path
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

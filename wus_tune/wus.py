@@ -1,0 +1,267 @@
+"""Weight update skipping (WUS), after Safayenikoo & Akturk (2020).
+
+When the watched accuracy stops moving, stop updating the weights (and stop computing their gradients)
+while the biases keep training; after ``skip_length`` checks, full updates resume and the signal is
+measured afresh. WUS+LR couples the skip windows to the learning rate.
+
+The rule, exactly (all accuracies are fractions in [0, 1]):
+
+* A *check* happens at the end of each epoch (or every ``check_every`` steps); it reports one accuracy
+  ``a_t`` to :meth:`WUSController.observe`.
+* The *variation* over a window of ``W`` changes is the range of the last ``W + 1`` accuracies seen in
+  full-update mode: ``max(a[-W-1:]) - min(a[-W-1:])`` (:func:`accuracy_variation`). It is small exactly
+  when every improvement (and every drop) over the window is small.
+* A skip window starts at a check when: more than ``warmup`` checks have happened; at least ``W + 1``
+  accuracies have been seen since full updates last (re)started; ``variation < threshold``; the training
+  progress lies in ``schedule_window = [start, end)``; and the cap ``max_skip_fraction`` of all check
+  intervals would not be exceeded.
+* A skip window lasts ``skip_length`` check intervals, or ends early when progress leaves the schedule
+  window or the cap is reached. The accuracies measured inside it are not used: after it, the history
+  restarts from the accuracy at the check that ended it.
+
+Inside a skip window every weight has ``requires_grad`` switched off, so autograd computes no
+weight-gradient products and backpropagation stops at the earliest parameter that still trains. Their
+``.grad`` is ``None``, so torch optimizers leave them (no update, no weight decay) and keep their
+momentum buffers for when full updates resume. Which "biases" keep training is ``bias_scope``: every
+bias (the paper's reading) or the biases of the last ``K`` parameterised layers; the fewer train, the
+earlier backpropagation stops and the cheaper a skip step is. Normalisation layers (BatchNorm etc.)
+belong to the layer before them: their shift (``bias``) is that layer's bias, their scale (``weight``)
+is frozen with the weights unless ``train_bn_scale``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wus_tune.config import WUSConfig, parse_bias_scope
+
+__all__ = [
+    "WUSController",
+    "accuracy_variation",
+    "should_skip",
+    "layer_groups",
+    "skip_frozen_parameters",
+    "param_groups",
+]
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def accuracy_variation(history: Sequence[float], window: int) -> float | None:
+    """Range of the last ``window + 1`` accuracies; ``None`` while fewer are known."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if len(history) < window + 1:
+        return None
+    recent = history[-(window + 1) :]
+    return max(recent) - min(recent)
+
+
+def should_skip(history: Sequence[float], *, window: int, threshold: float) -> bool:
+    """The plateau test: has the accuracy moved by less than ``threshold`` over the last ``window`` checks?"""
+    variation = accuracy_variation(history, window)
+    return variation is not None and variation < threshold
+
+
+def layer_groups(model: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
+    """The model's parameterised layers in registration order, each as its ``(name, parameter)`` list.
+
+    A normalisation layer joins the layer registered before it (BatchNorm after a conv is that conv's
+    scale and shift), so "the last K layers" counts convolutions and linear layers.
+    """
+    groups: list[list[tuple[str, nn.Parameter]]] = []
+    for module_name, module in model.named_modules():
+        own = [(f"{module_name}.{n}" if module_name else n, p) for n, p in module.named_parameters(recurse=False)]
+        if not own:
+            continue
+        if isinstance(module, _NORM_TYPES) and groups:
+            groups[-1].extend(own)
+        else:
+            groups.append(own)
+    return groups
+
+
+def _is_shift(name: str) -> bool:
+    return name == "bias" or name.endswith(".bias")
+
+
+def skip_frozen_parameters(model: nn.Module, config: WUSConfig) -> list[nn.Parameter]:
+    """The parameters a skip window freezes: every weight, and the biases outside ``bias_scope``."""
+    last_k = parse_bias_scope(config.bias_scope)
+    groups = layer_groups(model)
+    norm_params = {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
+    frozen: list[nn.Parameter] = []
+    for index, group in enumerate(groups):
+        in_scope = last_k is None or index >= len(groups) - last_k
+        for name, p in group:
+            if _is_shift(name):
+                keeps_training = in_scope
+            elif id(p) in norm_params:
+                keeps_training = in_scope and config.train_bn_scale
+            else:
+                keeps_training = False
+            if not keeps_training:
+                frozen.append(p)
+    return frozen
+
+
+def param_groups(model: nn.Module, *, weight_decay: float, bias_weight_decay: float = 0.0) -> list[dict]:
+    """Two optimizer groups: weights (with decay), then biases and normalisation parameters.
+
+    WUS+LR scales the learning rate of the second group inside skip windows, so biases need a group
+    of their own: pass these groups to your optimizer.
+    """
+    norm_params = {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
+    weights, shifts = [], []
+    for name, p in model.named_parameters():
+        (shifts if _is_shift(name) or id(p) in norm_params else weights).append(p)
+    return [
+        {"params": weights, "weight_decay": weight_decay, "name": "weights"},
+        {"params": shifts, "weight_decay": bias_weight_decay, "name": "biases"},
+    ]
+
+
+@dataclass
+class WUSState:
+    """Counters, also the metrics the trainer logs as ``wus/...``."""
+
+    checks: int = 0
+    skip_windows: int = 0
+    skipped_intervals: int = 0
+    last_variation: float = math.nan
+
+
+class WUSController:
+    """Switches a model between full updates and bias-only updates from an accuracy signal.
+
+    Works inside any training loop::
+
+        controller = WUSController(model, optimizer, WUSConfig(enabled=True, threshold=0.01))
+        for epoch in range(epochs):
+            train_one_epoch(model, optimizer)          # skip steps are cheaper by themselves
+            controller.observe(evaluate(model), progress=(epoch + 1) / epochs)
+
+    Args:
+        model: the model being trained.
+        optimizer: its optimizer. For WUS+LR's bias learning-rate factor, biases must be in groups of
+            their own (see :func:`param_groups`).
+        config: the rule's knobs (:class:`~wus_tune.config.WUSConfig`; ``enabled`` is not read here).
+        total_checks: how many checks training will make; needed for ``max_skip_fraction < 1``.
+        manage_lr: multiply the optimizer groups' ``lr`` at transitions (right without a scheduler, or
+            with a chainable one such as StepLR). A loop that sets ``lr`` itself every step, like
+            :func:`wus_tune.fit`, passes ``False`` and multiplies by :meth:`lr_factor` instead.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: WUSConfig,
+        *,
+        total_checks: int | None = None,
+        manage_lr: bool = True,
+    ) -> None:
+        config.validate()
+        if config.max_skip_fraction < 1.0 and total_checks is None:
+            raise ValueError("max_skip_fraction < 1 needs total_checks")
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self.total_checks = total_checks
+        self.manage_lr = manage_lr
+        self.state = WUSState()
+        self.skipping = False
+        self.history: list[float] = []
+        self._intervals_left = 0
+        self._decay = 1.0
+        self._frozen = skip_frozen_parameters(model, config)
+        frozen_ids = {id(p) for p in self._frozen}
+        shift_ids = {id(p) for g in param_groups(model, weight_decay=0)[1:] for p in g["params"]}
+        self._bias_group = [
+            bool(g["params"]) and all(id(p) in shift_ids for p in g["params"]) for g in optimizer.param_groups
+        ]
+        if config.bias_lr_factor != 1.0 and not any(self._bias_group):
+            raise ValueError(
+                "wus.bias_lr_factor needs the biases in an optimizer group of their own; "
+                "build the optimizer from wus_tune.param_groups(model, ...)"
+            )
+        if not any(id(p) not in frozen_ids for p in model.parameters()):
+            raise ValueError(f"bias_scope {config.bias_scope!r} leaves no parameter training in skip windows")
+
+    # ---- the signal --------------------------------------------------------------------------
+
+    def observe(self, accuracy: float, progress: float | None = None) -> bool:
+        """Record one check's accuracy; switch mode if due. Returns whether the next interval skips.
+
+        ``progress`` is the fraction of training done (0..1); skipping happens only inside the
+        config's ``schedule_window``. Without it the schedule window is not applied.
+        """
+        cfg = self.config
+        self.state.checks += 1
+        in_window = progress is None or cfg.schedule_window[0] <= progress < cfg.schedule_window[1]
+        if self.skipping:
+            self.state.skipped_intervals += 1
+            self._intervals_left -= 1
+            if self._intervals_left <= 0 or not in_window or not self._cap_allows():
+                self._set_skipping(False)
+                self.history = [accuracy]
+            return self.skipping
+
+        self.history.append(accuracy)
+        variation = accuracy_variation(self.history, cfg.window)
+        self.state.last_variation = math.nan if variation is None else variation
+        if (
+            self.state.checks > cfg.warmup
+            and in_window
+            and self._cap_allows()
+            and should_skip(self.history, window=cfg.window, threshold=cfg.threshold)
+        ):
+            self._intervals_left = cfg.skip_length
+            self.state.skip_windows += 1
+            self._set_skipping(True, decay=cfg.lr_decay)
+        return self.skipping
+
+    def _cap_allows(self) -> bool:
+        if self.total_checks is None:
+            return True
+        return self.state.skipped_intervals + 1 <= self.config.max_skip_fraction * self.total_checks
+
+    # ---- the mode ----------------------------------------------------------------------------
+
+    def lr_factor(self, group_index: int) -> float:
+        """The factor WUS+LR puts on an optimizer group's scheduled learning rate right now."""
+        factor = self._decay
+        if self.skipping and self._bias_group[group_index]:
+            factor *= self.config.bias_lr_factor
+        return factor
+
+    def _set_skipping(self, skipping: bool, decay: float = 1.0) -> None:
+        before = [self.lr_factor(i) for i in range(len(self.optimizer.param_groups))]
+        self.skipping = skipping
+        self._decay *= decay
+        for p in self._frozen:
+            p.requires_grad_(not skipping)
+            if skipping:
+                p.grad = None  # a stale gradient would make the optimizer step the frozen weight
+        if self.manage_lr:
+            for i, group in enumerate(self.optimizer.param_groups):
+                if before[i] > 0:
+                    group["lr"] *= self.lr_factor(i) / before[i]
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "wus/skipping": float(self.skipping),
+            "wus/skip_windows": float(self.state.skip_windows),
+            "wus/skipped_intervals": float(self.state.skipped_intervals),
+            "wus/variation": self.state.last_variation,
+            "wus/lr_decay": self._decay,
+        }
+
+    def state_dict(self) -> dict:
+        return {"state": vars(self.state).copy(), "skipping": self.skipping, "history": list(self.history),
+                "intervals_left": self._intervals_left, "decay": self._decay}
