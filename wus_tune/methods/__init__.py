@@ -100,6 +100,8 @@ def validate_methods(spec: dict[str, dict[str, Any]]) -> None:
 
 def build_methods(spec: dict[str, dict[str, Any]]) -> list[Method]:
     """Instantiate the methods of a config, in order; bad names or arguments raise ConfigError."""
+    if not spec:
+        return []
     known = registry()
     methods = []
     for name, params in spec.items():
@@ -127,4 +129,4 @@ def _load_builtin_methods() -> None:
         importlib.import_module(module)
 
 
-_BUILTIN_MODULES: list[str] = []
+_BUILTIN_MODULES: list[str] = ["wus_tune.methods.approx_ops", "wus_tune.methods.lp_sphere", "wus_tune.methods.edge_of_chaos", "wus_tune.methods.gauss_newton"]

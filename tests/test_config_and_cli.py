@@ -1,0 +1,101 @@
+"""The config file format and the production-training CLI, including every kind of bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wus_tune.config import TrainConfig
+from wus_tune.errors import ConfigError
+from wus_tune.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_round_trip_yaml_and_json(tmp_path):
+    config = TrainConfig().replace({"wus.enabled": True, "wus.bias_scope": "last:2", "data.subset": 500})
+    for name in ("c.yaml", "c.json"):
+        assert TrainConfig.load(config.save(tmp_path / name)) == config
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"wus": {"treshold": 0.1}}, r"wus\.treshold: unknown key"),
+        ({"wus": {"threshold": 2.0}}, r"wus\.threshold: 2\.0 is out of range"),
+        ({"wus": {"threshold": "high"}}, r"wus\.threshold: expected a number"),
+        ({"wus": {"schedule_window": [0.8, 0.2]}}, r"wus\.schedule_window: start 0\.8 must be below end 0\.2"),
+        ({"model": {"name": "vgg19"}}, r"model\.name: unknown value 'vgg19'"),
+        ({"data": {"name": "mnist"}}, r"data\.name: unknown value"),
+        ({"epochs": 0}, r"epochs: 0 is out of range"),
+        ({"epochs": 1.5}, r"epochs: expected an integer"),
+        ({"version": 2}, r"version: this wus_tune reads config version 1"),
+        ({"optim": {"nesterov": "yes"}}, r"optim\.nesterov: expected true or false"),
+        ({"schedule": {"milestones": [0.75, 0.5]}}, r"schedule\.milestones: must be increasing"),
+        ({"methods": {"warp_drive": {}}}, r"methods\.warp_drive: unknown method"),
+        ({"device": "tpu"}, r"device: expected auto"),
+        ({"wus": []}, r"wus: expected a mapping"),
+    ],
+)
+def test_invalid_configs_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(raw)
+
+
+def test_cli_trains_on_digits_and_saves_weights_with_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["--model", "mlp", "--dataset", "digits", "--epochs", "2", "--device", "cpu",
+                 "--wus.threshold", "0.02", "--out", str(out), "--quiet"])
+    assert code == 0
+    assert "done: val" in capsys.readouterr().out
+    config = TrainConfig.load(out / "config.yaml")
+    assert config.wus.threshold == 0.02 and config.epochs == 2
+    checkpoint = torch.load(out / "model.pt", weights_only=True)
+    assert TrainConfig.from_dict(checkpoint["config"]) == config
+    assert any(k.endswith("weight") for k in checkpoint["state_dict"])
+    assert (out / "result.json").exists()
+
+    # the saved config trains again, with an option overriding it
+    again = tmp_path / "again"
+    assert main(["--config", str(out / "config.yaml"), "--epochs", "1", "--out", str(again), "--quiet"]) == 0
+    assert TrainConfig.load(again / "config.yaml").epochs == 1
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "wus_tune.train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+                                                       "WUS_TUNE_CACHE": str(cwd / "cache")})
+
+
+def _bad_input_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
+    unknown_key = tmp_path / "unknown.yaml"
+    unknown_key.write_text("version: 1\nwus: {enabled: true, thresold: 0.1}\n")
+    corrupt = tmp_path / "corrupt.yaml"
+    corrupt.write_text("model: {name: [vgg11\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    return [
+        (["--model", "vgg19", "--dataset", "digits"], "model.name: unknown value 'vgg19'"),
+        (["--dataset", "mnist"], "data.name: unknown value 'mnist'"),
+        (["--config", str(unknown_key)], "wus.thresold: unknown key"),
+        (["--config", str(corrupt)], "not valid YAML"),
+        (["--config", str(tmp_path / "missing.yaml")], "cannot read config file"),
+        (["--dataset", "digits", "--wus.threshold", "-1"], "wus.threshold: -1.0 is out of range"),
+        (["--dataset", "imagefolder", "--data-dir", str(tmp_path / "nowhere")], "nowhere"),
+        (["--dataset", "digits", "--epochs", "1", "--out", str(blocker / "sub")], "--out"),
+        (["--dataset", "digits", "--no-such-option", "1"], "unrecognized argument"),
+    ]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    for args, message in _bad_input_cases(tmp_path):
+        proc = _cli(*args, "--device", "cpu", cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, proc.stderr)
+        assert message in lines[0], (args, lines[0])
+        assert "Traceback" not in proc.stderr

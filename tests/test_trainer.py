@@ -1,0 +1,106 @@
+"""The trainer on the embedded digits data: measurements, determinism, WUS accounting, failures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from wus_tune import TrainConfig, TrainingDiverged, fit
+from wus_tune.config import ScheduleConfig
+from wus_tune.schedules import lr_multiplier
+
+
+def digits_config(**overrides) -> TrainConfig:
+    base = TrainConfig.from_dict({
+        "model": {"name": "mlp", "hidden": 64},
+        "data": {"name": "digits", "val_fraction": 0.2},
+        "optim": {"lr": 0.1, "batch_size": 64},
+        "epochs": 4,
+        "device": "cpu",
+    })
+    return base.replace(overrides)
+
+
+def test_fit_reports_measurements_and_learns():
+    result = fit(digits_config())
+    assert len(result.epochs) == 4
+    assert result.val_acc > 0.8  # an MLP reaches ~95% on digits; chance is 10%
+    assert result.test_acc is None  # digits has no test split
+    assert result.total_steps == 4 * result.epochs[0].steps
+    assert result.skipped_steps == 0 and result.flops_fraction == 1.0
+    assert result.flops_per_step > 0 and result.train_flops == result.total_steps * result.flops_per_step
+    assert result.cost_flops > result.train_flops  # plus the final evaluation
+    assert result.time_s == pytest.approx(result.train_time_s + result.required_eval_time_s)
+    # only the final evaluation is charged to a baseline; the per-epoch curve evaluations are not
+    assert result.required_eval_time_s < result.eval_time_s
+    assert all(e.val_acc is not None for e in result.epochs)
+
+
+def test_fit_is_deterministic_for_a_seed(tmp_path):
+    a, b = fit(digits_config(seed=3)), fit(digits_config(seed=3))
+    c = fit(digits_config(seed=4))
+    assert [e.train_loss for e in a.epochs] == [e.train_loss for e in b.epochs]
+    assert a.val_acc == b.val_acc
+    assert [e.train_loss for e in a.epochs] != [e.train_loss for e in c.epochs]
+    path = a.save_json(tmp_path / "result.json")
+    saved = json.loads(path.read_text())
+    assert saved["config"]["seed"] == 3 and len(saved["epochs"]) == 4
+    assert TrainConfig.from_dict(saved["config"]) == digits_config(seed=3)
+
+
+def test_wus_skips_and_charges_its_evaluations():
+    config = digits_config(**{
+        "model.name": "vgg11", "model.width": 0.25, "epochs": 6,
+        "wus.enabled": True, "wus.threshold": 1.0,  # every window is a plateau: skip as soon as allowed
+        "wus.window": 1, "wus.warmup": 1, "wus.skip_length": 2, "wus.bias_scope": "last:1",
+        "wus.schedule_window": [0.0, 1.0], "eval_every_epoch": False,
+    })
+    result = fit(config)
+    skipping = [e.skipping for e in result.epochs]
+    # checks at the ends of epochs 2 (first allowed) and 5 start windows of 2 epochs: 3-4 and 6
+    assert skipping == [False, False, True, True, False, True]
+    assert result.skipped_steps == 3 * result.epochs[0].steps
+    assert result.flops_per_skip_step < result.flops_per_step
+    assert result.flops_fraction == pytest.approx(
+        (3 * result.flops_per_step + 3 * result.flops_per_skip_step) / (6 * result.flops_per_step))
+    # the validation signal needed an evaluation at every check: all of them are charged
+    assert result.required_eval_time_s == pytest.approx(result.eval_time_s)
+    assert result.epochs[-1].extra["wus/skip_windows"] == 2
+
+
+def test_train_acc_signal_needs_no_evaluation():
+    config = digits_config(**{"wus.enabled": True, "wus.signal": "train_acc", "wus.threshold": 1.0,
+                              "wus.warmup": 1, "wus.window": 1, "eval_every_epoch": False})
+    result = fit(config)
+    assert result.skipped_steps > 0
+    assert sum(e.val_acc is not None for e in result.epochs) == 1  # the final evaluation only
+
+
+def test_step_wise_checks():
+    config = digits_config(**{"wus.enabled": True, "wus.signal": "train_acc", "wus.threshold": 1.0,
+                              "wus.check_every": 5, "wus.warmup": 1, "wus.window": 1, "wus.skip_length": 1})
+    result = fit(config)
+    assert 0 < result.skipped_steps < result.total_steps
+
+
+def test_divergence_raises():
+    config = digits_config(**{"optim.lr": 100.0, "optim.momentum": 0.99, "schedule.name": "constant"})
+    with pytest.raises(TrainingDiverged, match="nan|inf"):
+        fit(config)
+
+
+@pytest.mark.parametrize("name", ["constant", "cosine", "step", "onecycle"])
+def test_schedules(name):
+    sched = ScheduleConfig(name=name, warmup=0.1 if name != "onecycle" else 0.0, final_lr_fraction=0.0)
+    values = [lr_multiplier(sched, s, 100) for s in range(100)]
+    assert all(0 <= v <= 1 for v in values)
+    assert max(values) == pytest.approx(1.0, abs=0.05)
+    if name == "step":
+        assert values[60] == pytest.approx(0.1) and values[80] == pytest.approx(0.01)
+    if name in ("cosine", "onecycle"):
+        assert values[-1] < 0.01
+    if name != "onecycle":
+        assert values[0] == 0.0 and values[5] == pytest.approx(0.5)  # linear warm-up
+    assert all(math.isfinite(v) for v in values)
