@@ -91,7 +91,7 @@ def build_alexnet(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -
     """
     c, size = input_shape[0], min(input_shape[1:])
     big = 3 if size < 16 else 5
-    plan: list[tuple[int, int, bool]] = [(64, big, True), (192, big, True), (384, 3, False), (256, 3, False), (256, 3, True)]
+    plan = [(64, big, True), (192, big, True), (384, 3, False), (256, 3, False), (256, 3, True)]  # (c, k, pool)
     layers: list[nn.Module] = []
     for channels, kernel, pool_after in plan:
         c_out = _scaled(channels, cfg.width)
@@ -101,7 +101,8 @@ def build_alexnet(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -
             pool, size = _pool_if_possible(size)
             layers += pool
     hidden = _scaled(256, cfg.width)
-    head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)]
+    head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, hidden), nn.ReLU(inplace=True)]
+    head.append(nn.Linear(hidden, num_classes))
     return _features_and_head(layers, head)
 
 
@@ -182,7 +183,8 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
     try:
         builder = MODEL_BUILDERS[cfg.name]
     except KeyError:
-        raise ConfigError(f"model.name: unknown model {cfg.name!r}; choose one of {', '.join(MODEL_BUILDERS)}") from None
+        known = ", ".join(MODEL_BUILDERS)
+        raise ConfigError(f"model.name: unknown model {cfg.name!r}; choose one of {known}") from None
     return builder(cfg, tuple(input_shape), num_classes)  # type: ignore[arg-type]
 
 

@@ -1,0 +1,413 @@
+"""wus_tune.data: sources, split, cache and the device-resident loader (CPU; a few seconds in all)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import wus_tune.data as data
+from wus_tune.config import DataConfig
+from wus_tune.data import DeviceLoader, channel_stats, crop_flip, load_dataset
+from wus_tune.errors import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep every default cache (and torchvision root) inside the test's directory."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("WUS_TUNE_CACHE", str(cache))
+    return cache
+
+
+# ---- digits and the split ---------------------------------------------------------------------------
+
+
+def test_digits_shapes_and_split() -> None:
+    ds = load_dataset(DataConfig(name="digits", val_fraction=0.1))
+    assert ds.train_x.dtype == torch.uint8 and ds.train_y.dtype == torch.int64
+    assert ds.train_x.shape[1:] == (1, 8, 8) and ds.input_shape == (1, 8, 8)
+    assert len(ds.train_x) + len(ds.val_x) == 1797 and len(ds.val_x) == round(1797 * 0.1)
+    assert ds.test_x is None and ds.num_classes == 10 and not ds.flip_ok
+    assert int(ds.train_x.max()) == 255  # 16 * 255 // 16
+    assert set(ds.train_y.tolist()) == set(range(10))
+
+
+def test_split_depends_on_split_seed_only() -> None:
+    a = load_dataset(DataConfig(name="digits", split_seed=3))
+    b = load_dataset(DataConfig(name="digits", split_seed=3, augment=False))
+    c = load_dataset(DataConfig(name="digits", split_seed=4))
+    assert torch.equal(a.val_x, b.val_x) and torch.equal(a.train_y, b.train_y)
+    assert not torch.equal(a.val_x, c.val_x)
+    # train and val are disjoint and together the whole set
+    everything = load_dataset(DataConfig(name="digits", val_fraction=0.0)).train_x
+    together = torch.cat([a.train_x, a.val_x]).flatten(1)
+    assert len(together) == len(everything)
+    assert sorted(map(bytes, together.numpy())) == sorted(map(bytes, everything.flatten(1).numpy()))
+
+
+def test_subset_and_minimum_validation() -> None:
+    ds = load_dataset(DataConfig(name="digits", subset=100, val_fraction=0.001))
+    assert len(ds.train_x) == 99 and len(ds.val_x) == 1  # at least one validation image
+    again = load_dataset(DataConfig(name="digits", subset=100, val_fraction=0.001))
+    assert torch.equal(ds.train_x, again.train_x)
+    with pytest.raises(DataError, match="subset"):
+        load_dataset(DataConfig(name="digits", subset=5000))
+
+
+# ---- torchvision's CIFAR pickle files -------------------------------------------------------------------
+
+
+def _write_cifar(root: Path, hundred: bool, per_file: int = 4) -> dict[str, np.ndarray]:
+    """A tiny copy of torchvision's python-pickle layout; returns the images/labels written, in order."""
+    rng = np.random.default_rng(0)
+    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    folder.mkdir(parents=True)
+    n_classes = 100 if hundred else 10
+    train_files = ["train"] if hundred else [f"data_batch_{i}" for i in range(1, 6)]
+    written: dict[str, list[np.ndarray]] = {"train_x": [], "train_y": [], "test_x": [], "test_y": []}
+    for split, files in (("train", train_files), ("test", ["test"] if hundred else ["test_batch"])):
+        for name in files:
+            x = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+            y = rng.integers(0, n_classes, per_file).tolist()
+            entry = {"data": x, ("fine_labels" if hundred else "labels"): y, "filenames": [f"{i}.png" for i in y]}
+            if hundred:
+                entry["coarse_labels"] = [v // 5 for v in y]
+            (folder / name).write_bytes(pickle.dumps(entry))
+            written[f"{split}_x"].append(x.reshape(-1, 3, 32, 32))
+            written[f"{split}_y"].append(np.array(y))
+    names = [f"class{i:02d}" for i in range(n_classes)]
+    meta = {"fine_label_names": names, "coarse_label_names": names[:20]} if hundred else {"label_names": names}
+    (folder / ("meta" if hundred else "batches.meta")).write_bytes(pickle.dumps(meta))
+    return {k: np.concatenate(v) for k, v in written.items()}
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_pickles_read_by_own_reader(tmp_path: Path, name: str) -> None:
+    """torchvision refuses files whose md5 is not the official one; our reader of the same format takes over."""
+    written = _write_cifar(tmp_path / "tv", hundred=name == "cifar100")
+    ds = load_dataset(DataConfig(name=name, data_dir=str(tmp_path / "tv"), download=False, val_fraction=0.0))
+    assert torch.equal(ds.train_x, torch.from_numpy(written["train_x"]))
+    assert torch.equal(ds.train_y, torch.from_numpy(written["train_y"]))
+    assert ds.test_x is not None and ds.test_y is not None
+    assert torch.equal(ds.test_x, torch.from_numpy(written["test_x"]))
+    assert ds.test_y.tolist() == written["test_y"].tolist()
+    assert ds.num_classes == (100 if name == "cifar100" else 10) and ds.flip_ok
+
+
+def test_cifar_torchvision_path_agrees_with_own_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.datasets import CIFAR10
+
+    _write_cifar(tmp_path / "tv", hundred=False)
+    cfg = DataConfig(name="cifar10", data_dir=str(tmp_path / "tv"), download=False, val_fraction=0.0)
+    ours = load_dataset(DataConfig(**{**vars(cfg), "cache_dir": str(tmp_path / "c1")}))
+
+    def md5(name: str) -> str:
+        return hashlib.md5((tmp_path / "tv" / CIFAR10.base_folder / name).read_bytes()).hexdigest()
+
+    # Make torchvision accept the fake files, and make sure it is torchvision that reads them.
+    monkeypatch.setattr(CIFAR10, "train_list", [[f, md5(f)] for f, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[f, md5(f)] for f, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5(CIFAR10.meta["filename"])})
+    monkeypatch.setattr(data, "_read_cifar_pickles", lambda *a: pytest.fail("own reader used"))
+    theirs = load_dataset(DataConfig(**{**vars(cfg), "cache_dir": str(tmp_path / "c2")}))
+    for field in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(ours, field), getattr(theirs, field)), field
+    assert ours.classes == theirs.classes
+
+
+def test_cifar_missing_without_download(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        load_dataset(DataConfig(name="cifar10", download=False))
+    message = str(err.value)
+    assert "--data-dir" in message and "digits" in message and "\n" not in message
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(DataConfig(name="cifar100", data_dir=str(tmp_path / "nowhere"), download=False))
+
+
+def test_corrupt_cifar_pickle(tmp_path: Path) -> None:
+    _write_cifar(tmp_path / "tv", hundred=False)
+    (tmp_path / "tv" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="data_batch_3"):
+        load_dataset(DataConfig(name="cifar10", data_dir=str(tmp_path / "tv"), download=False))
+
+
+# ---- ImageFolder directories and archives -------------------------------------------------------------
+
+
+CLASSES = ["bird", "cat", "dog"]
+
+
+def _images(per_class: int = 3, size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"{c}/{i:02d}.png": torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
+        for c in CLASSES
+        for i in range(per_class)
+    }
+
+
+def _write_tar(path: Path, files: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def _encode(img: torch.Tensor, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _png(img: torch.Tensor) -> bytes:
+    return _encode(img, "PNG")
+
+
+def _folder_cfg(path: Path, **kw: object) -> DataConfig:
+    fields = {"name": "imagefolder", "data_dir": str(path), "val_fraction": 0.0, **kw}
+    return DataConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_imagefolder_archive_and_cache_reuse(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = _images()
+    files = {f"train/{k}": _png(v) for k, v in images.items()}
+    files["train/cat/extra.jpg"] = _encode(images["cat/00.png"], "JPEG")
+    files["train/README.txt"] = b"not an image"
+    files["train/dog/._00.png"] = b"macOS resource fork"
+    archive = _write_tar(tmp_path / "set.tar.gz", files)
+
+    ds = load_dataset(_folder_cfg(archive))
+    assert ds.classes == CLASSES and ds.test_x is None and ds.flip_ok
+    assert ds.train_x.shape == (10, 3, 8, 8)
+    assert ds.train_y.tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    order = sorted(images)  # the decoded tensor follows path order; the JPEG sorts after cat/02.png
+    assert torch.equal(ds.train_x[:3], torch.stack([images[k] for k in order[:3]]))
+    assert torch.equal(ds.train_x[7:], torch.stack([images[k] for k in order[6:]]))
+
+    cached = list(cache_dir.glob("set.tar.gz-*.pt"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    monkeypatch.setattr(data, "_decode_image", lambda *a: pytest.fail("decoded again despite the cache"))
+    again = load_dataset(_folder_cfg(archive))
+    assert torch.equal(again.train_x, ds.train_x) and again.classes == ds.classes
+    as_cifar = load_dataset(DataConfig(name="cifar10", data_dir=str(archive), val_fraction=0.0))  # same cache
+    assert torch.equal(as_cifar.train_x, ds.train_x) and as_cifar.name == "cifar10"
+    assert cached[0].stat().st_mtime_ns == mtime and len(list(cache_dir.glob("*.pt"))) == 1
+
+    # A changed source gets a new cache entry.
+    os.utime(archive, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.raises(pytest.fail.Exception):
+        load_dataset(_folder_cfg(archive))
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path: Path, cache_dir: Path) -> None:
+    archive = _write_tar(tmp_path / "set.tgz", {k: _png(v) for k, v in _images().items()})
+    first = load_dataset(_folder_cfg(archive))
+    (cache_file,) = cache_dir.glob("*.pt")
+    cache_file.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="unreadable dataset cache"):
+        second = load_dataset(_folder_cfg(archive))
+    assert torch.equal(first.train_x, second.train_x)
+    assert torch.load(cache_file, weights_only=True)["train_x"].shape == first.train_x.shape
+
+
+def test_imagefolder_directory_with_train_and_test(tmp_path: Path) -> None:
+    for split, seed in (("train", 0), ("test", 1)):
+        for name, img in _images(per_class=2, seed=seed).items():
+            path = tmp_path / "set" / split / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(_png(img))
+    ds = load_dataset(_folder_cfg(tmp_path / "set", val_fraction=0.2))
+    assert (len(ds.train_x), len(ds.val_x)) == (5, 1)
+    assert ds.test_x is not None and ds.test_y is not None and ds.test_y.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_cifar_name_with_imagefolder_sources(tmp_path: Path) -> None:
+    images = _images(size=32)
+    archive = _write_tar(tmp_path / "c.tar.gz", {f"train/{k}": _png(v) for k, v in images.items()})
+    for name, img in images.items():
+        (tmp_path / "dir" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "dir" / name).write_bytes(_png(img))
+    from_tar, from_dir = (
+        load_dataset(DataConfig(name="cifar10", data_dir=str(source), download=False, val_fraction=0.0))
+        for source in (archive, tmp_path / "dir")
+    )
+    assert from_tar.name == "cifar10" and from_tar.input_shape == (3, 32, 32)
+    assert torch.equal(from_tar.train_x, from_dir.train_x) and from_tar.classes == from_dir.classes == CLASSES
+
+
+def test_imagefolder_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(_folder_cfg(tmp_path / "missing.tar.gz"))
+
+    garbage = tmp_path / "garbage.tar.gz"
+    garbage.write_bytes(os.urandom(2000))
+    with pytest.raises(DataError, match="cannot read the archive"):
+        load_dataset(_folder_cfg(garbage))
+
+    good = _write_tar(tmp_path / "good.tar.gz", {k: _png(v) for k, v in _images(per_class=20).items()})
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(DataError, match="cannot read the archive"):
+        load_dataset(_folder_cfg(truncated))
+
+    bad_image = _write_tar(tmp_path / "bad.tar.gz", {"cat/1.png": _png(_images()["cat/00.png"]), "dog/2.png": b"xx"})
+    with pytest.raises(DataError, match="dog/2.png"):
+        load_dataset(_folder_cfg(bad_image))
+
+    mixed = {k: _png(v) for k, v in _images().items()}
+    mixed["dog/big.png"] = _png(torch.zeros(3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(DataError, match=r"dog/big.png is 16x16"):
+        load_dataset(_folder_cfg(_write_tar(tmp_path / "mixed.tar.gz", mixed)))
+
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images found"):
+        load_dataset(_folder_cfg(tmp_path / "empty"))
+
+
+# ---- DeviceLoader -----------------------------------------------------------------------------------
+
+
+def _toy(n: int = 50, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.arange(n)
+
+
+def test_loader_batch_counts() -> None:
+    x, y = _toy(50)
+    assert len(DeviceLoader(x, y, batch_size=16, train=True)) == 3
+    assert len(DeviceLoader(x, y, batch_size=16, train=True, drop_last=False)) == 4
+    assert len(DeviceLoader(x, y, batch_size=64, train=True)) == 1  # smaller than a batch: one partial batch
+    ev = DeviceLoader(x, y, batch_size=16)
+    assert len(ev) == 4 and [len(b) for _, b in ev] == [16, 16, 16, 2]
+    assert torch.equal(torch.cat([b for _, b in ev]), y)  # eval keeps the order and every image
+    assert [len(b) for _, b in DeviceLoader(x, y, batch_size=16, train=True)] == [16, 16, 16]
+
+
+def test_loader_shuffles_deterministically_per_seed() -> None:
+    x, y = _toy(50)
+
+    def epochs(seed: int) -> list[torch.Tensor]:
+        loader = DeviceLoader(x, y, batch_size=10, train=True, augment=True, seed=seed)
+        return [torch.cat([b for _, b in loader]) for _ in range(2)]
+
+    a, b, c = epochs(1), epochs(1), epochs(2)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[0], a[1])  # a fresh permutation each epoch
+    assert not torch.equal(a[0], c[0])
+    assert sorted(a[0].tolist()) == list(range(50))
+
+
+def test_loader_normalises_with_training_stats() -> None:
+    ds = load_dataset(DataConfig(name="digits"))
+    xs = torch.cat([xb for xb, _ in ds.loader("train", batch_size=256, drop_last=False)])
+    assert abs(xs.mean().item()) < 1e-4 and abs(xs.std().item() - 1) < 1e-3
+    mean, std = channel_stats(ds.train_x)
+    assert mean == pytest.approx([ds.train_x.double().mean().item() / 255])
+    assert std == pytest.approx([ds.train_x.double().std(unbiased=False).item() / 255])
+    val = ds.loader("val", batch_size=1000)
+    assert not val.train and len(val) == 1
+    expected = (ds.val_x.float() / 255 - mean[0]) / std[0]
+    assert torch.allclose(next(iter(val))[0], expected, atol=1e-5)
+
+
+def test_loader_dtype_and_channels_last() -> None:
+    x, y = _toy(20, size=32)
+    loader = DeviceLoader(x, y, batch_size=8, train=True, augment=True, channels_last=True, dtype=torch.bfloat16)
+    for xb, yb in loader:
+        assert xb.shape == (8, 3, 32, 32) and xb.dtype == torch.bfloat16 and yb.dtype == torch.int64
+        assert xb.is_contiguous(memory_format=torch.channels_last)
+    xb, _ = next(iter(DeviceLoader(x, y, batch_size=8, train=True, augment=True)))
+    assert xb.is_contiguous() and xb.dtype == torch.float32
+
+
+def _reference_crop(img: torch.Tensor, dy: int, dx: int, pad: int, flip: bool) -> torch.Tensor:
+    c, h, w = img.shape
+    padded = torch.zeros(c, h + 2 * pad, w + 2 * pad, dtype=img.dtype)
+    padded[:, pad : pad + h, pad : pad + w] = img
+    out = padded[:, dy : dy + h, dx : dx + w]
+    return out.flip(-1) if flip else out
+
+
+@pytest.mark.parametrize("size", [8, 32])
+def test_crop_flip_matches_reference(size: int) -> None:
+    x, _ = _toy(6, size)
+    pad = data.crop_padding(size, size)
+    assert pad == (1 if size < 16 else 4)
+    dy = torch.tensor([0, pad, 2 * pad, 1, 0, 2 * pad])
+    dx = torch.tensor([2 * pad, pad, 0, 0, 1, 2 * pad])
+    flip = torch.tensor([False, False, True, True, False, True])
+    out = crop_flip(x, dy, dx, pad, flip)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    for i in range(len(x)):
+        assert torch.equal(out[i], _reference_crop(x[i], int(dy[i]), int(dx[i]), pad, bool(flip[i])))
+    assert torch.equal(out[1], x[1])  # offset == pad, no flip: the identity
+    unflipped = [_reference_crop(x[i], int(dy[i]), int(dx[i]), pad, False) for i in range(len(x))]
+    assert torch.equal(crop_flip(x, dy, dx, pad), torch.stack(unflipped))
+
+
+def _matching_transform(out: torch.Tensor, img: torch.Tensor, pad: int) -> tuple[int, int, bool] | None:
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            for flip in (False, True):
+                if torch.equal(out, _reference_crop(img, dy, dx, pad, flip)):
+                    return dy, dx, flip
+    return None
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_loader_augmentation_is_a_shifted_copy(flip: bool) -> None:
+    """Each augmented image equals some zero-padded shift (mirrored only when flips are on) of its source."""
+    x, y = _toy(64, size=8)
+    loader = DeviceLoader(x, y, batch_size=64, train=True, augment=True, flip=flip, mean=(0.0,) * 3, std=(1 / 255,) * 3)
+    xb, yb = next(iter(loader))
+    out = xb.round().to(torch.uint8)  # mean 0, std 1/255: the batch is the raw 0..255 values
+    found = [_matching_transform(out[i], x[int(yb[i])], pad=1) for i in range(len(out))]
+    assert all(f is not None for f in found)
+    assert len({(dy, dx) for dy, dx, _ in found}) > 3  # offsets are per image
+    flips = {f for *_, f in found}
+    assert flips == ({False, True} if flip else {False})
+
+
+def test_dataset_flip_defaults_reach_the_loader() -> None:
+    ds = load_dataset(DataConfig(name="digits"))
+    assert not ds.loader("train", batch_size=32, augment=True).flip
+    with pytest.raises(DataError, match="no test split"):
+        ds.loader("test", batch_size=32)
+
+
+# ---- the real archive -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_cifar10_archive(tmp_path: Path) -> None:
+    archive = Path(os.environ.get("WUS_TUNE_CIFAR_TGZ", REPO / "../shared/data/cifar10-train-jpeg.tar.gz"))
+    if not archive.is_file():
+        pytest.skip(f"{archive} not found (set WUS_TUNE_CIFAR_TGZ to the CIFAR-10 JPEG archive)")
+    cfg = DataConfig(name="cifar10", data_dir=str(archive), cache_dir=str(tmp_path / "c"), val_fraction=0.1)
+    start = time.perf_counter()
+    ds = load_dataset(cfg)
+    decode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    cached = load_dataset(cfg)
+    cached_s = time.perf_counter() - start
+    print(f"decode {decode_s:.1f} s, cached load {cached_s:.2f} s")
+    assert len(ds.train_x) + len(ds.val_x) == 50_000 and len(ds.val_x) == 5_000
+    assert ds.num_classes == 10 and ds.input_shape == (3, 32, 32)
+    assert torch.equal(ds.val_y, cached.val_y)
+    mean, _ = channel_stats(torch.cat([ds.train_x, ds.val_x]))
+    assert mean == pytest.approx((0.4913, 0.4821, 0.4465), abs=0.01)
