@@ -1,0 +1,152 @@
+"""Study specs, the search space and the enqueued trials: everything that needs no training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from wus_tune._study.space import DEFAULT_SPACE, SearchSpace, apply_values, flat_config
+from wus_tune._study.spec import StudySpec, make_sampler, parse_objectives
+from wus_tune._study.storage import default_storage, mask_url
+from wus_tune.config import TrainConfig
+from wus_tune.errors import UsageError
+from wus_tune.study import initial_trials
+
+STUDIES = Path(__file__).resolve().parent.parent / "studies"
+TINY = {"model": {"name": "mlp", "width": 0.25}, "data": {"name": "digits"}, "epochs": 4, "device": "cpu"}
+
+
+def spec(**kw):
+    return StudySpec.from_dict({"train": TINY, **kw}, source="test.yaml")
+
+
+def test_defaults_resolve():
+    s = spec().resolve()
+    assert s.name == "mlp-digits"
+    assert s.objectives == ("accuracy", "time") and s.directions == ["maximize", "minimize"]
+    assert s.storage == default_storage("mlp-digits") == "sqlite:///studies/mlp-digits.db"
+    assert s.space.keys() == [p.key for p in DEFAULT_SPACE]
+    assert str(s.select) == "fastest-within:1"
+
+
+@pytest.mark.parametrize("path", sorted(STUDIES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_specs_are_valid(path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    s = StudySpec.load(path).resolve()
+    assert s.name == path.stem
+    assert len(initial_trials(s)) >= 3
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({"objectives": "accuracy,speed"}, "unknown objective 'speed'"),
+        ({"objectives": "time,accuracy"}, "accuracy then time"),
+        ({"sampler": "cmaes"}, "unknown sampler 'cmaes'"),
+        ({"train": {**TINY, "model": {"name": "vgg99"}}}, "model.name: unknown value 'vgg99'"),
+        ({"trials": 3}, "trials: unknown key"),
+        ({"train": {**TINY, "wus": {"treshold": 0.1}}}, "wus.treshold: unknown key"),
+        ({"search_space": {"wus.threshold": {"low": 0.1, "high": 0.01}}}, "inverted range"),
+        ({"search_space": {"wus.threshold": {"low": 0.01, "hi": 0.1}}}, "wus.threshold.hi: unknown field"),
+        ({"search_space": {"wus.threshold": {"low": 0.01, "high": 2.0}}}, r"value 2.0 is not a valid config"),
+        ({"search_space": {"wus.nope": {"low": 1, "high": 2}}}, "wus.nope"),
+        ({"search_space": {"wus.threshold": {"low": 0, "high": 0.1, "log": True}}}, "log range needs low > 0"),
+        ({"search_space": {"wus.variant": {"choices": ["wus", "fast"]}}}, "choices must be among"),
+        ({"search_space": {"epochs": {"low": 2}}}, "give 'choices', or 'low' and 'high'"),
+        ({"sampler_options": {"n_startup": 3}}, "sampler_options"),
+        ({"select": "best"}, "selection rule 'best'"),
+        ({"baseline_fractions": [0.5, 1.5]}, r"baseline_fractions\[1\]"),
+        ({"n_trials": 0}, "n_trials"),
+        ({"enqueue": [{"wus.thresh": 0.1}]}, r"enqueue\[0\]"),
+    ],
+)
+def test_bad_specs_name_the_problem(raw, match):
+    with pytest.raises(UsageError, match=match) as e:
+        spec(**raw).resolve() if "train" not in raw else StudySpec.from_dict(raw, "test.yaml").resolve()
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith("test.yaml: ")
+
+
+def test_bad_yaml_file(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("train: [1, 2\n")
+    with pytest.raises(UsageError, match="not valid YAML"):
+        StudySpec.load(p)
+
+
+def test_objectives_parsing():
+    assert parse_objectives("accuracy, cost") == ("accuracy", "cost")
+    assert parse_objectives(["accuracy", "time", "cost"]) == ("accuracy", "time", "cost")
+    with pytest.raises(UsageError):
+        parse_objectives("accuracy,accuracy")
+
+
+def test_space_overrides_merge_add_remove():
+    space = SearchSpace.build({
+        "wus.threshold": {"low": 0.002, "high": 0.03},        # merge: stays float, log
+        "wus.lr_decay": None,                                  # remove
+        "schedule.name": {"choices": ["step", "cosine"]},      # add categorical
+        "epochs": {"low": 2, "high": 4},                       # add int
+        "wus.signal": {"choices": ["val_acc", "train_acc"]},   # a wus.* knob: WUS-only by default
+    })  # fmt: skip
+    t = space["wus.threshold"]
+    assert (t.type, t.low, t.high, t.log) == ("float", 0.002, 0.03, True)
+    assert "wus.lr_decay" not in space
+    assert space["epochs"].type == "int" and space["schedule.name"].type == "categorical"
+    assert space["wus.signal"].active({"wus.variant": "wus"}) and not space["wus.signal"].active({"wus.variant": "none"})
+
+
+def test_apply_values_variants_and_list_items():
+    base = TrainConfig.from_dict(TINY)
+    cfg = apply_values(base, {"wus.variant": "wus", "wus.threshold": 0.02, "wus.schedule_window[1]": 0.6})
+    assert cfg.wus.enabled and cfg.wus.threshold == 0.02 and cfg.wus.schedule_window == [0.0, 0.6]
+    assert cfg.wus.variant == "wus"
+    cfg = apply_values(base, {"wus.variant": "wus+lr", "wus.lr_decay": 0.5})
+    assert cfg.wus.variant == "wus+lr"
+    plain = apply_values(base, {"wus.variant": "none", "wus.threshold": 0.02, "epochs": 2})
+    assert not plain.wus.enabled and plain.wus.threshold == base.wus.threshold and plain.epochs == 2
+
+
+def test_sampling_is_conditional():
+    space = SearchSpace.build()
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler("tpe", {}, seed=0))
+    seen = {"wus": set(), "wus+lr": set()}
+    for _ in range(12):
+        trial = study.ask()
+        values = space.sample(trial)
+        seen[values["wus.variant"]].update(values)
+        study.tell(trial, [0.5, 1.0])
+    assert "wus.lr_decay" in seen["wus+lr"] and "wus.lr_decay" not in seen["wus"]
+    # Fixed values are not suggested and win over the space.
+    trial = study.ask()
+    values = space.sample(trial, fixed={"wus.variant": "none"})
+    assert values == {"wus.variant": "none"} and trial.params == {}
+
+
+def test_initial_trials_baseline_frontier():
+    s = spec(baseline_fractions=[0.5, 0.75], search_space={"schedule.name": {"choices": ["cosine", "step"]}}).resolve()
+    trials = initial_trials(s)
+    roles = [r for r, _ in trials]
+    assert roles[:2] == ["baseline", "wus-default"]
+    base = trials[0][1]
+    assert base["wus.variant"] == "none" and base["epochs"] == 4 and base["schedule.name"] == "cosine"
+    wus = trials[1][1]
+    assert wus["wus.variant"] == "wus" and wus["wus.threshold"] == 0.01 and "wus.lr_decay" not in wus
+    frontier = {(f["schedule.name"], f["epochs"]) for r, f in trials if r == "baseline-frontier"}
+    assert frontier == {("cosine", 2), ("cosine", 3), ("step", 4), ("step", 3), ("step", 2)}
+    params, overrides = s.space.split_fixed(base)
+    assert params == {"schedule.name": "cosine"} and overrides["wus.variant"] == "none"
+
+
+def test_mask_url():
+    assert mask_url("postgresql://me:s3cret@db:5432/x") == "postgresql://me:***@db:5432/x"
+    assert mask_url("mysql+pymysql://u:p@h/db") == "mysql+pymysql://u:***@h/db"
+    assert mask_url("sqlite:///studies/a.db") == "sqlite:///studies/a.db"
+    assert mask_url("http://host:5000") == "http://host:5000"
+
+
+def test_flat_config_keys_are_dotted():
+    flat = flat_config(TrainConfig().to_dict())
+    assert flat["wus.threshold"] == 0.01 and flat["wus.schedule_window"] == [0.0, 0.75] and "methods" in flat

@@ -1,0 +1,1 @@
+"""Private parts of :mod:`wus_tune.study`: spec, search space, objective, tracking, report, storage."""

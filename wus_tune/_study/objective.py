@@ -1,0 +1,130 @@
+"""The Optuna objective: trial -> TrainConfig -> ``fit`` -> objective values, with one MLflow child run.
+
+What a trial stores in its user attributes (read by :mod:`wus_tune.pareto` and the report):
+``role``, ``variant``, ``config`` (the full TrainConfig dict, so any trial can be exported),
+``mlflow_run_id``, ``result`` (summary figures and the timing of the machinery: ``fit_s``,
+``overhead_s``, ``mlflow_s``), and ``fail_reason`` plus ``timing`` when it raised.
+
+Enqueued trials carry ``overrides`` (dotted key -> value) in their user attributes: fixed values that
+are not (or cannot be) Optuna parameters, e.g. ``epochs`` of a shorter baseline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from wus_tune._study.space import VARIANT_KEY, apply_values, flat_config
+from wus_tune.errors import TrainingDiverged
+from wus_tune.pareto import OBJECTIVES
+
+if TYPE_CHECKING:
+    import optuna
+
+    from wus_tune._study.spec import Study
+    from wus_tune._study.tracking import MlflowTracker, NullTracker
+    from wus_tune.config import TrainConfig
+    from wus_tune.trainer import TrainResult
+
+CONSTRAINT_KEY = "accuracy_floor"  # value = (baseline accuracy - delta) - accuracy; feasible when <= 0
+RESULT_FIELDS = ("val_acc", "best_val_acc", "time_s", "train_time_s", "eval_time_s", "cost_flops",
+                 "skip_fraction", "flops_fraction", "total_steps", "skipped_steps")  # fmt: skip
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {line}"[:1000] if line else type(e).__name__
+
+
+class Objective:
+    """Callable objective for ``study.optimize``; ``fit`` is injectable for tests and benchmarks."""
+
+    def __init__(
+        self,
+        study: Study,
+        tracker: MlflowTracker | NullTracker,
+        *,
+        fit: Callable[..., TrainResult] | None = None,
+    ) -> None:
+        if fit is None:
+            from wus_tune.trainer import fit
+        self.study, self.tracker, self.fit = study, tracker, fit
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
+        from wus_tune._study.tracking import NullTrialRun
+
+        start = time.perf_counter()
+        run: Any = NullTrialRun()
+        fit_s = 0.0
+        try:
+            config, role, variant = self._config(trial)
+            params = {k: v for k, v in flat_config(config.to_dict()).items() if not k.startswith("meta")}
+            params[VARIANT_KEY] = variant
+            tags = {"optuna.study_name": self.study.name, "wus_tune.role": role, "wus_tune.variant": variant}
+            run = self.tracker.start_trial(trial.number, params=params, tags=tags)
+            if run.run_id:
+                trial.set_user_attr("mlflow_run_id", run.run_id)
+            t = time.perf_counter()
+            result = self.fit(config, on_epoch=run.log_epoch)
+            fit_s = time.perf_counter() - t - run.epoch_overhead_s
+            objective = {name: float(getattr(result, OBJECTIVES[name][1])) for name in self.study.objectives}
+            bad = [k for k, v in objective.items() if not math.isfinite(v)]
+            if bad:
+                raise TrainingDiverged(f"objective {bad[0]} is {objective[bad[0]]}")
+            if self.study.constraint_delta is not None:
+                trial.set_constraint(CONSTRAINT_KEY, self._constraint(trial, role, objective["accuracy"]))
+            summary = {k: getattr(result, k) for k in RESULT_FIELDS} | {"epochs": len(result.epochs)}
+            # One attribute write for all of it: each is a storage transaction (milliseconds on SQLite).
+            trial.set_user_attr("result", summary | self._timing(start, fit_s, run))
+            run.finish(result, objective)  # last: the run is FINISHED only once everything is recorded
+        except BaseException as e:
+            try:
+                trial.set_user_attr("fail_reason", one_line(e))
+                trial.set_user_attr("timing", self._timing(start, fit_s, run))
+            finally:
+                run.fail(e)  # never raises: the trial's own error is what Optuna records
+            raise
+        return tuple(objective[name] for name in self.study.objectives)
+
+    @staticmethod
+    def _timing(start: float, fit_s: float, run: Any) -> dict[str, float]:
+        """Seconds of training (``fit`` minus its MLflow logging) and of everything else in the trial."""
+        return {"fit_s": fit_s, "overhead_s": time.perf_counter() - start - fit_s, "mlflow_s": run.overhead_s}
+
+    def _config(self, trial: optuna.Trial) -> tuple[TrainConfig, str, str]:
+        """The trial's config, role and variant; stores them on the trial."""
+        attrs = trial.user_attrs
+        role = str(attrs.get("role", "search"))
+        fixed = attrs.get("overrides") or {}
+        values = self.study.space.sample(trial, fixed=fixed)
+        config = apply_values(self.study.base, values)
+        config.meta = {**config.meta, "study": self.study.name, "trial": trial.number}
+        chosen = VARIANT_KEY in self.study.space or VARIANT_KEY in fixed
+        variant = "none" if not config.wus.enabled else (values[VARIANT_KEY] if chosen else config.wus.variant)
+        if "role" not in attrs:
+            trial.set_user_attr("role", role)
+        trial.set_user_attr("variant", variant)
+        trial.set_user_attr("config", config.to_dict())
+        return config, role, variant
+
+    def _constraint(self, trial: optuna.Trial, role: str, accuracy: float) -> float:
+        """``(baseline accuracy - delta points) - accuracy``; 0 (feasible) while no baseline has completed."""
+        if role == "baseline":
+            base_acc: float | None = accuracy
+        else:
+            base_acc = baseline_accuracy(trial.study)
+        if base_acc is None:
+            return 0.0
+        return (base_acc - self.study.constraint_delta / 100) - accuracy
+
+
+def baseline_accuracy(study: optuna.Study) -> float | None:
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get("role") == "baseline" and t.values:
+            return float(t.values[0])
+    return None

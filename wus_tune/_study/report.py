@@ -1,0 +1,237 @@
+"""The study's report: console table, trials CSV, Pareto plot (PNG and interactive HTML), hypervolume history.
+
+All relative figures are against the study's full-length baseline (role ``baseline``) and the baseline
+frontier (the Pareto front of the plain trials); see :mod:`wus_tune.pareto` for the definitions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from wus_tune.pareto import Analysis, Candidate
+
+_UNITS = {"time": "s", "cost": " FLOPs"}
+_COLORS = {"none": "#7f7f7f", "wus": "#1f77b4", "wus+lr": "#ff7f0e"}
+
+
+def variant(c: Candidate) -> str:
+    if "variant" in c.attrs:
+        return str(c.attrs["variant"])
+    return "wus" if c.wus else "none"
+
+
+def _fmt_cost(name: str, v: float) -> str:
+    return f"{v:.1f}s" if name == "time" else f"{v:.3g}"
+
+
+def relative(analysis: Analysis, c: Candidate) -> dict[str, float | None]:
+    """Accuracy change (points) and speed-up versus the baseline, and the advantage over the frontier."""
+    out: dict[str, float | None] = dict.fromkeys(
+        ("acc_delta_pts", "speedup", "frontier_acc_gain_pts", "frontier_time_saved", "frontier_time_saved_fraction")
+    )
+    if not c.ok:
+        return out
+    b = analysis.baseline
+    if b is not None:
+        out["acc_delta_pts"] = (c.values[0] - b.values[0]) * 100
+        out["speedup"] = b.values[1] / c.values[1] if c.values[1] > 0 else None
+    adv = analysis.advantages.get(c.number)
+    if adv is not None and c.wus:  # a plain trial's advantage over its own frontier is not informative
+        out["frontier_acc_gain_pts"] = None if adv.acc_gain is None else adv.acc_gain * 100
+        out["frontier_time_saved"] = adv.time_saved
+        out["frontier_time_saved_fraction"] = adv.time_saved_fraction
+    return out
+
+
+def table_rows(analysis: Analysis, numbers: Sequence[int], *, mark: int | None = None) -> list[list[str]]:
+    """Header plus one row per trial number, ordered by time/cost."""
+    obj = analysis.objectives[1]
+    header = ["trial", "role", "variant", "accuracy", "vs base", obj, "speed-up", "vs frontier", "saved", "front"]
+    cands = sorted((analysis.by_number(n) for n in numbers), key=lambda c: (c.values or (0, 0))[1])
+    rows = [header]
+    front = set(analysis.front)
+    for c in cands:
+        if not c.ok:
+            continue
+        r = relative(analysis, c)
+        rows.append([
+            str(c.number) + ("<" if c.number == mark else ""),
+            c.role,
+            variant(c),
+            f"{c.values[0] * 100:.2f}%",
+            "" if r["acc_delta_pts"] is None else f"{r['acc_delta_pts']:+.2f}",
+            _fmt_cost(obj, c.values[1]),
+            "" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+            "" if r["frontier_acc_gain_pts"] is None else f"{r['frontier_acc_gain_pts']:+.2f} pts",
+            "" if r["frontier_time_saved_fraction"] is None else f"{r['frontier_time_saved_fraction'] * 100:+.0f}%",
+            "*" if c.number in front else "",
+        ])  # fmt: skip
+    return rows
+
+
+def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) -> Path:
+    """Every trial (failed ones too), with objective values, the Pareto flag and the relative figures."""
+    front = set(analysis.front)
+    fields = ["trial", "state", "role", "variant", "feasible", *analysis.objectives, "pareto", "selected",
+              "acc_delta_pts", "speedup", "frontier_acc_gain_pts", "frontier_time_saved", "frontier_time_saved_fraction",
+              "time_s", "cost_flops", "skip_fraction", "flops_fraction", "epochs", "mlflow_run_id", "fail_reason", "params"]  # fmt: skip
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for c in analysis.candidates:
+            res = c.attrs.get("result") or {}
+            row: dict[str, Any] = {
+                "trial": c.number, "state": c.state, "role": c.role, "variant": variant(c), "feasible": c.feasible,
+                "pareto": c.number in front, "selected": c.number == selected,
+                "time_s": res.get("time_s"), "cost_flops": res.get("cost_flops"),
+                "skip_fraction": res.get("skip_fraction"), "flops_fraction": res.get("flops_fraction"),
+                "epochs": (c.config or {}).get("epochs"), "mlflow_run_id": c.attrs.get("mlflow_run_id"),
+                "fail_reason": c.attrs.get("fail_reason"), "params": json.dumps(c.params, sort_keys=True),
+            }  # fmt: skip
+            for name, v in zip(analysis.objectives, c.values or ()):
+                row[name] = v
+            row.update(relative(analysis, c))
+            w.writerow(row)
+    return path
+
+
+def write_hypervolume(analysis: Analysis, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; also safe in worker threads
+    import matplotlib.pyplot as plt
+
+    csv_path = out / "hypervolume_history.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial", "hypervolume", "reference"])
+        for n, hv in analysis.hv_history:
+            w.writerow([n, hv, json.dumps(list(analysis.reference or ()))])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if analysis.hv_history:
+        xs, ys = zip(*analysis.hv_history)
+        ax.step(xs, ys, where="post", marker="o", ms=3)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("hypervolume")
+    ref = ", ".join(f"{v:.4g}" for v in analysis.reference or ())
+    ax.set_title(f"hypervolume history (reference {ref})", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = out / "hypervolume_history.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return [csv_path, png]
+
+
+def _xy(analysis: Analysis, cands: Sequence[Candidate]) -> tuple[list[float], list[float]]:
+    return [c.values[1] for c in cands], [c.values[0] * 100 for c in cands]
+
+
+def write_pareto_png(analysis: Analysis, path: Path, *, title: str, selected: int | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    obj = analysis.objectives[1]
+    done = analysis.complete
+    front = sorted((analysis.by_number(n) for n in analysis.front), key=lambda c: c.values[1])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in ("none", "wus", "wus+lr"):
+        cs = [c for c in done if variant(c) == v]
+        if cs:
+            label = "plain (no WUS)" if v == "none" else v
+            ax.scatter(*_xy(analysis, cs), s=22, color=_COLORS[v], alpha=0.75, label=label, marker="s" if v == "none" else "o")
+    infeasible = [c for c in analysis.candidates if c.state == "COMPLETE" and not c.feasible and c.values]
+    if infeasible:
+        ax.scatter(*_xy(analysis, infeasible), s=22, facecolors="none", edgecolors="#999", label="infeasible")
+    if front:
+        ax.step(*_xy(analysis, front), where="post", color="#2ca02c", lw=1.2, label="Pareto front")
+    frontier = analysis.frontier
+    if len(frontier) >= 1:
+        ax.plot(*_xy(analysis, frontier), "--", color="#555", lw=1.2, label="baseline frontier (plain, fewer epochs)")
+    if analysis.baseline is not None:
+        ax.scatter(*_xy(analysis, [analysis.baseline]), s=160, marker="*", color="black", zorder=5, label="baseline")
+    if selected is not None:
+        c = analysis.by_number(selected)
+        ax.scatter(*_xy(analysis, [c]), s=140, facecolors="none", edgecolors="red", lw=1.8, zorder=6,
+                   label=f"selected (trial {selected})")
+    ax.set_xlabel("training time incl. required evaluations (s)" if obj == "time" else "training cost (FLOPs)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_pareto_html(analysis: Analysis, path: Path, *, title: str, selected: int | None = None) -> Path:
+    import plotly.graph_objects as go
+
+    obj = analysis.objectives[1]
+
+    def hover(c: Candidate) -> str:
+        r = relative(analysis, c)
+        parts = [f"trial {c.number} ({c.role}, {variant(c)})", f"accuracy {c.values[0] * 100:.2f}%",
+                 f"{obj} {_fmt_cost(obj, c.values[1])}"]  # fmt: skip
+        if r["speedup"] is not None:
+            parts.append(f"{r['speedup']:.2f}x vs baseline, {r['acc_delta_pts']:+.2f} pts")
+        if r["frontier_acc_gain_pts"] is not None:
+            parts.append(f"{r['frontier_acc_gain_pts']:+.2f} pts vs frontier at equal {obj}")
+        parts += [f"{k} = {v}" for k, v in sorted(c.params.items())]
+        return "<br>".join(parts)
+
+    fig = go.Figure()
+    done = analysis.complete
+    for v in ("none", "wus", "wus+lr"):
+        cs = [c for c in done if variant(c) == v]
+        if cs:
+            x, y = _xy(analysis, cs)
+            fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name="plain (no WUS)" if v == "none" else v,
+                                     marker=dict(color=_COLORS[v], symbol="square" if v == "none" else "circle"),
+                                     text=[hover(c) for c in cs], hoverinfo="text"))  # fmt: skip
+    front = sorted((analysis.by_number(n) for n in analysis.front), key=lambda c: c.values[1])
+    if front:
+        x, y = _xy(analysis, front)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", line=dict(shape="hv", color="#2ca02c"), name="Pareto front"))
+    if analysis.frontier:
+        x, y = _xy(analysis, analysis.frontier)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", line=dict(dash="dash", color="#555"), name="baseline frontier"))
+    if analysis.baseline is not None:
+        x, y = _xy(analysis, [analysis.baseline])
+        fig.add_trace(go.Scatter(x=x, y=y, mode="markers", marker=dict(symbol="star", size=16, color="black"),
+                                 name="baseline", text=[hover(analysis.baseline)], hoverinfo="text"))  # fmt: skip
+    if selected is not None:
+        c = analysis.by_number(selected)
+        x, y = _xy(analysis, [c])
+        fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name=f"selected (trial {selected})",
+                                 marker=dict(size=18, color="rgba(0,0,0,0)", line=dict(color="red", width=2)),
+                                 text=[hover(c)], hoverinfo="text"))  # fmt: skip
+    fig.update_layout(
+        title=title,
+        xaxis_title="training time incl. required evaluations (s)" if obj == "time" else "training cost (FLOPs)",
+        yaxis_title="validation accuracy (%)",
+        template="plotly_white",
+    )
+    # Self-contained (plotly.js inlined): the artifact opens offline and inside MLflow's artifact viewer.
+    fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+    return path
+
+
+def write_report(analysis: Analysis, out: str | Path, *, study_name: str, selected: int | None = None) -> list[Path]:
+    """All report files into ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{study_name}: {len(analysis.complete)} trials, {len(analysis.front)} on the Pareto front"
+    paths = [write_csv(analysis, out / "trials.csv", selected=selected)]
+    if analysis.complete:
+        paths.append(write_pareto_png(analysis, out / "pareto_front.png", title=title, selected=selected))
+        paths.append(write_pareto_html(analysis, out / "pareto_front.html", title=title, selected=selected))
+        paths += write_hypervolume(analysis, out)
+    return paths

@@ -1,0 +1,357 @@
+"""The search space: a list of parameter definitions keyed by dotted config keys.
+
+A parameter's key is where its value goes in a :class:`~wus_tune.config.TrainConfig`
+(``wus.threshold``, ``schedule.name``, ``methods.approx_ops.sample_ratio``), or an item of a list
+(``wus.schedule_window[1]``). Adding a plug-in method's knobs is therefore a data change: append
+definitions. One virtual key exists, ``wus.variant``:
+
+===========  ==========================================================================
+``none``     ``wus.enabled = false`` (a plain recipe; no ``wus.*`` knob is sampled)
+``wus``      ``wus.enabled = true``, ``wus.bias_lr_factor = wus.lr_decay = 1`` (no LR coupling)
+``wus+lr``   ``wus.enabled = true``; the two LR-coupling knobs are sampled
+===========  ==========================================================================
+
+A definition samples only when its ``when`` condition holds (``{"wus.variant": ["wus+lr"]}``), so the
+space is conditional; every ``wus.*`` knob implicitly requires a variant other than ``none``.
+
+Default ranges (:data:`DEFAULT_SPACE`), chosen around the settings that worked in the calibration runs
+of the trainer and wide enough to include "never skips" and "skips a lot":
+
+=============================  ===================================  =================================
+key                            range                                why
+=============================  ===================================  =================================
+``wus.variant``                wus, wus+lr                          the paper's two variants
+``wus.threshold``              0.001 .. 0.05, log                   plateau test tau (fraction; 0.01 = 1 point)
+``wus.window``                 1 .. 4                               accuracy changes looked at
+``wus.warmup``                 0 .. 4                               checks before skipping may start
+``wus.skip_length``            1 .. 4                               checks a skip window lasts
+``wus.bias_scope``             all, last:1, last:2, last:4          which biases keep training
+``wus.bias_lr_factor``         0.1 .. 10, log (wus+lr)              bias LR factor inside skip windows
+``wus.lr_decay``               0.3 .. 1.0 (wus+lr)                  base LR factor at each plateau
+``wus.schedule_window[1]``     0.5 .. 0.95                          no skipping in the final annealing
+=============================  ===================================  =================================
+
+The LR schedule (``schedule.name``: step, cosine, onecycle) and the epoch budget (``epochs``) are not
+searched by default; a spec adds them (see ``docs/study.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from wus_tune.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from wus_tune.config import TrainConfig
+
+VARIANT_KEY = "wus.variant"
+VARIANTS = ("none", "wus", "wus+lr")
+DEFAULT_VARIANT = "wus+lr"  # when wus.variant is not searched: WUS on, LR coupling as configured
+_INDEX = re.compile(r"^(?P<key>.+)\[(?P<index>\d+)\]$")
+_FIELDS = ("type", "low", "high", "log", "step", "choices", "when", "doc")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched knob. ``type`` is float, int or categorical; ``when`` maps keys to allowed values."""
+
+    key: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] | None = None
+    when: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    doc: str = ""
+
+    def validate(self) -> Param:
+        where = f"search_space.{self.key}"
+        if self.type == "categorical":
+            if not self.choices:
+                raise UsageError(f"{where}: categorical needs a non-empty 'choices' list")
+            for c in self.choices:
+                if c is not None and not isinstance(c, (bool, int, float, str)):
+                    raise UsageError(f"{where}: choice {c!r} must be a number, string, boolean or null")
+            if self.key == VARIANT_KEY and not set(self.choices) <= set(VARIANTS):
+                raise UsageError(f"{where}: choices must be among {', '.join(VARIANTS)}, got {list(self.choices)}")
+            return self
+        if self.type not in ("float", "int"):
+            raise UsageError(f"{where}: type must be float, int or categorical, got {self.type!r}")
+        for name in ("low", "high"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise UsageError(f"{where}: '{name}' must be a finite number, got {v!r}")
+        if self.low > self.high:
+            raise UsageError(f"{where}: inverted range, low {self.low:g} > high {self.high:g}")
+        if self.log and self.low <= 0:
+            raise UsageError(f"{where}: a log range needs low > 0, got {self.low:g}")
+        if self.log and self.step is not None:
+            raise UsageError(f"{where}: 'step' and 'log' cannot be combined")
+        if self.step is not None and not (isinstance(self.step, (int, float)) and self.step > 0):
+            raise UsageError(f"{where}: 'step' must be a positive number, got {self.step!r}")
+        if self.type == "int":
+            for name in ("low", "high", "step"):
+                v = getattr(self, name)
+                if v is not None and float(v) != int(v):
+                    raise UsageError(f"{where}: int parameter needs an integer '{name}', got {v!r}")
+        return self
+
+    def corners(self) -> list[Any]:
+        """The values whose validity implies that of the whole range (checked before a study starts)."""
+        if self.type == "categorical":
+            return list(self.choices or ())
+        cast = int if self.type == "int" else float
+        return [cast(self.low), cast(self.high)]
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return any(value == c and type(value) is type(c) for c in self.choices or ())
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.type == "int" and float(value) != int(value):
+            return False
+        return self.low <= value <= self.high
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.type == "categorical":
+            return trial.suggest_categorical(self.key, list(self.choices))
+        if self.type == "int":
+            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.key, float(self.low), float(self.high), step=self.step, log=self.log)
+
+    def active(self, values: Mapping[str, Any]) -> bool:
+        return all(values.get(k, DEFAULT_VARIANT if k == VARIANT_KEY else None) in allowed for k, allowed in self.when.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": self.type}
+        if self.type == "categorical":
+            d["choices"] = list(self.choices or ())
+        else:
+            d.update(low=self.low, high=self.high)
+            if self.log:
+                d["log"] = True
+            if self.step is not None:
+                d["step"] = self.step
+        if self.when:
+            d["when"] = {k: list(v) for k, v in self.when.items()}
+        return d
+
+
+_WUS_ON = {VARIANT_KEY: ("wus", "wus+lr")}
+_WUS_LR = {VARIANT_KEY: ("wus+lr",)}
+
+DEFAULT_SPACE: tuple[Param, ...] = (
+    Param(VARIANT_KEY, "categorical", choices=("wus", "wus+lr"), doc="WUS alone or coupled with the LR"),
+    Param("wus.threshold", "float", 0.001, 0.05, log=True, when=_WUS_ON, doc="plateau threshold tau"),
+    Param("wus.window", "int", 1, 4, when=_WUS_ON, doc="window W of accuracy changes"),
+    Param("wus.warmup", "int", 0, 4, when=_WUS_ON, doc="checks before skipping may start"),
+    Param("wus.skip_length", "int", 1, 4, when=_WUS_ON, doc="checks a skip window lasts"),
+    Param("wus.bias_scope", "categorical", choices=("all", "last:1", "last:2", "last:4"), when=_WUS_ON,
+          doc="biases that keep training in a skip window"),
+    Param("wus.bias_lr_factor", "float", 0.1, 10.0, log=True, when=_WUS_LR, doc="bias LR factor in skip windows"),
+    Param("wus.lr_decay", "float", 0.3, 1.0, when=_WUS_LR, doc="base LR factor at each plateau"),
+    Param("wus.schedule_window[1]", "float", 0.5, 0.95, when=_WUS_ON, doc="end of the part where skipping may happen"),
+)
+
+
+def param_from_dict(key: str, raw: Any, base: Param | None = None) -> Param:
+    """A definition from a spec entry; with ``base`` (a default of the same key) the entry overrides it."""
+    where = f"search_space.{key}"
+    if not isinstance(raw, Mapping):
+        raise UsageError(f"{where}: expected a mapping such as {{low: 0.001, high: 0.05}}, got {raw!r}")
+    unknown = sorted(set(raw) - set(_FIELDS))
+    if unknown:
+        raise UsageError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(_FIELDS)})")
+    fields: dict[str, Any] = {}
+    if "choices" in raw:
+        if not isinstance(raw["choices"], (list, tuple)):
+            raise UsageError(f"{where}.choices: expected a list, got {raw['choices']!r}")
+        fields["choices"] = tuple(raw["choices"])
+    for name in ("low", "high", "log", "step", "doc"):
+        if name in raw:
+            fields[name] = raw[name]
+    if "log" in fields and not isinstance(fields["log"], bool):
+        raise UsageError(f"{where}.log: expected true or false, got {fields['log']!r}")
+    if "when" in raw:
+        when = raw["when"]
+        if not isinstance(when, Mapping) or not all(isinstance(v, (list, tuple)) for v in when.values()):
+            raise UsageError(f"{where}.when: expected a mapping of keys to lists of values, got {when!r}")
+        fields["when"] = {str(k): tuple(v) for k, v in when.items()}
+    if "type" in raw:
+        fields["type"] = raw["type"]
+    elif base is not None:
+        fields["type"] = "categorical" if "choices" in fields else base.type
+        if "choices" in fields:
+            fields.update(low=None, high=None)
+        elif base.type == "categorical" and ("low" in fields or "high" in fields):
+            fields["type"] = _infer_numeric(fields, where)
+    elif "choices" in fields:
+        fields["type"] = "categorical"
+    else:
+        fields["type"] = _infer_numeric(fields, where)
+    if base is not None:
+        param = replace(base, **fields)
+    else:
+        if key.startswith("wus.") and key != VARIANT_KEY:
+            fields.setdefault("when", dict(_WUS_ON))
+        param = Param(key, **fields)
+    return param.validate()
+
+
+def _infer_numeric(fields: Mapping[str, Any], where: str) -> str:
+    if "low" not in fields or "high" not in fields:
+        raise UsageError(f"{where}: give 'choices', or 'low' and 'high'")
+    ints = all(isinstance(fields[k], int) and not isinstance(fields[k], bool) for k in ("low", "high"))
+    return "int" if ints and not fields.get("log") else "float"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """An ordered list of :class:`Param`; conditions refer to earlier keys."""
+
+    params: tuple[Param, ...]
+
+    @classmethod
+    def build(cls, overrides: Mapping[str, Any] | None = None, *, defaults: bool = True) -> SearchSpace:
+        """The default space (or none) with a spec's entries applied: a mapping overrides or adds a
+        parameter, ``null`` removes one."""
+        params = {p.key: p for p in DEFAULT_SPACE} if defaults else {}
+        for key, raw in (overrides or {}).items():
+            key = str(key)
+            if raw is None or raw is False:
+                params.pop(key, None)
+            else:
+                params[key] = param_from_dict(key, raw, params.get(key))
+        space = cls(tuple(params.values()))
+        for p in space.params:
+            for k in p.when:
+                if k not in params and k != VARIANT_KEY:
+                    raise UsageError(f"search_space.{p.key}.when: {k!r} is not a searched parameter")
+        return space
+
+    def __contains__(self, key: str) -> bool:
+        return any(p.key == key for p in self.params)
+
+    def __getitem__(self, key: str) -> Param:
+        for p in self.params:
+            if p.key == key:
+                return p
+        raise KeyError(key)
+
+    def keys(self) -> list[str]:
+        return [p.key for p in self.params]
+
+    def sample(self, trial: optuna.Trial, fixed: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Values for the active parameters: ``fixed`` ones as given (not suggested), the rest suggested."""
+        fixed = dict(fixed or {})
+        values: dict[str, Any] = {VARIANT_KEY: DEFAULT_VARIANT, **fixed}  # replaced if the variant is searched
+        for p in self.params:
+            if p.key in fixed or not p.active(values):
+                continue
+            values[p.key] = p.suggest(trial)
+        return values
+
+    def split_fixed(self, values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Split fixed values into Optuna params (searched keys whose value lies in the distribution, so
+        the sampler learns from them) and plain overrides (everything else)."""
+        params, overrides = {}, {}
+        for k, v in values.items():
+            (params if k in self and self[k].contains(v) else overrides)[k] = v
+        return params, overrides
+
+    def check(self, base: TrainConfig) -> None:
+        """Apply every corner of every parameter to ``base``: a value the config rejects is a spec error."""
+        for p in self.params:
+            for v in p.corners():
+                try:
+                    apply_values(base, {p.key: v})
+                except ConfigError as e:
+                    raise UsageError(f"search_space.{p.key}: value {v!r} is not a valid config: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps({p.key: p.to_dict() for p in self.params}, sort_keys=False)
+
+
+def variant_overrides(variant: str) -> dict[str, Any]:
+    if variant == "none":
+        return {"wus.enabled": False}
+    if variant == "wus":
+        return {"wus.enabled": True, "wus.bias_lr_factor": 1.0, "wus.lr_decay": 1.0}
+    if variant == "wus+lr":
+        return {"wus.enabled": True}
+    raise ConfigError(f"{VARIANT_KEY}: unknown value {variant!r}; choose one of {', '.join(VARIANTS)}")
+
+
+def apply_values(base: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
+    """``base`` with the sampled/fixed values written in (``wus.variant`` expanded, ``key[i]`` list items
+    set), validated by :meth:`TrainConfig.replace`."""
+    values = dict(values)
+    variant = values.pop(VARIANT_KEY, None)
+    overrides: dict[str, Any] = {}
+    if variant is not None:
+        overrides.update(variant_overrides(variant))
+    if overrides.get("wus.enabled") is False:
+        # A plain recipe: drop WUS knobs, so a baseline's config carries no misleading values.
+        values = {k: v for k, v in values.items() if not k.startswith("wus.")}
+    else:
+        overrides = {k: v for k, v in overrides.items() if k not in values or k == "wus.enabled"}
+    data = base.to_dict()
+    for key, value in values.items():
+        m = _INDEX.match(key)
+        if m is None:
+            overrides[key] = value
+            continue
+        get_value(data, key)  # the item exists
+        current = list(overrides.get(m["key"], get_value(data, m["key"])))
+        current[int(m["index"])] = value
+        overrides[m["key"]] = current
+    return base.replace(overrides)
+
+
+def get_value(data: Mapping[str, Any], key: str) -> Any:
+    """The value at a parameter key (``wus.threshold``, ``wus.schedule_window[1]``) in a config dict."""
+    m = _INDEX.match(key)
+    if m is not None:
+        items = get_value(data, m["key"])
+        if not isinstance(items, list) or int(m["index"]) >= len(items):
+            raise ConfigError(f"{key}: {m['key']!r} has no item {m['index']}")
+        return items[int(m["index"])]
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ConfigError(f"{key}: unknown key")
+        node = node[part]
+    return node
+
+
+def variant_of(values: Mapping[str, Any], config: TrainConfig) -> str:
+    return config.wus.variant if VARIANT_KEY not in values else str(values[VARIANT_KEY])
+
+
+def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"wus": {"threshold": 0.01}}`` -> ``{"wus.threshold": 0.01}`` (lists kept as values)."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flat_config(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def describe(params: Sequence[Param]) -> str:
+    """A short human-readable rendering, for the console and docs."""
+    parts = []
+    for p in params:
+        rng = "|".join(map(str, p.choices or ())) if p.type == "categorical" else f"{p.low:g}..{p.high:g}"
+        parts.append(f"{p.key}={rng}{' (log)' if p.log else ''}")
+    return ", ".join(parts)

@@ -1,0 +1,258 @@
+"""A study spec: everything a study needs, from a YAML file (``studies/*.yaml``) and/or the CLI.
+
+Format (every key optional; unknown keys are errors)::
+
+    name: vgg11-cifar10             # study name = MLflow experiment name (default: <model>-<dataset>)
+    description: ...
+    train:                          # the base TrainConfig (the format of `python -m wus_tune.train --config`)
+      model: {name: vgg11, width: 0.25}
+      data: {name: cifar10, subset: 10000}
+      schedule: {name: step, milestones: [0.5, 0.75]}
+      epochs: 16
+    objectives: [accuracy, time]    # or "accuracy,cost", or all three
+    sampler: tpe                    # tpe | nsga2 | gp
+    sampler_options: {n_startup_trials: 8}   # keyword arguments of the Optuna sampler
+    seed: 0
+    n_trials: 30                    # trials per invocation (a re-run adds this many more)
+    timeout: null                   # seconds per invocation
+    storage: null                   # Optuna storage URL (default sqlite:///studies/<name>.db)
+    tracking_uri: null              # MLflow (default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db; "none": off)
+    constraint_delta: null          # points: feasible iff accuracy >= baseline - delta
+    baseline_fractions: [0.5, 0.7, 0.85]   # plain runs at these fractions of the epochs: the baseline frontier
+    enqueue_wus_default: true       # enqueue WUS with its default knobs
+    enqueue: [{wus.variant: wus, wus.threshold: 0.02}]   # more trials to run first (dotted keys)
+    default_search_space: true      # start from the default space (wus_tune._study.space)
+    search_space:                   # override (merge), add, or remove (null) parameters
+      wus.threshold: {low: 0.002, high: 0.03}
+      schedule.name: {choices: [step, cosine, onecycle]}
+      wus.lr_decay: null
+    select: fastest-within:1.0      # rule for the exported best_config.yaml (wus_tune.pareto)
+    accuracy_margin: 0.05           # hypervolume reference: baseline accuracy - margin ...
+    cost_factor: 1.25               # ... and baseline time (or cost) * factor
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wus_tune.errors import ConfigError, UsageError
+from wus_tune._study.space import SearchSpace, apply_values
+from wus_tune._study.storage import DEFAULT_TRACKING_URI, default_storage
+from wus_tune.pareto import OBJECTIVES, Rule, parse_rule
+
+if TYPE_CHECKING:
+    import optuna
+
+    from wus_tune.config import TrainConfig
+
+SAMPLERS = ("tpe", "nsga2", "gp")
+
+
+@dataclass
+class StudySpec:
+    """The raw spec, as written; :meth:`resolve` validates it into a :class:`Study`."""
+
+    name: str | None = None
+    description: str = ""
+    train: dict[str, Any] = field(default_factory=dict)
+    objectives: Any = "accuracy,time"  # "accuracy,time" or a list
+    sampler: str = "tpe"
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    n_trials: int | None = 20
+    timeout: float | None = None
+    storage: str | None = None
+    tracking_uri: str | None = None
+    constraint_delta: float | None = None
+    baseline_fractions: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85])
+    enqueue_wus_default: bool = True
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+    default_search_space: bool = True
+    search_space: dict[str, Any] = field(default_factory=dict)
+    select: str = "fastest-within:1.0"
+    accuracy_margin: float = 0.05
+    cost_factor: float = 1.25
+    source: str = field(default="", metadata={"internal": True})  # where it came from, for messages
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "spec") -> StudySpec:
+        from wus_tune.config import _build  # the config's typed mapping parser, reused for one behaviour
+
+        if not isinstance(raw, Mapping):
+            raise UsageError(f"{source}: expected a mapping at the top level")
+        if "source" in raw:
+            raise UsageError(f"{source}: source: unknown key")
+        try:
+            spec = _build(cls, dict(raw), "")
+        except ConfigError as e:
+            raise UsageError(f"{source}: {e}") from None
+        spec.source = source
+        return spec
+
+    @classmethod
+    def load(cls, path: str | Path) -> StudySpec:
+        from wus_tune.config import load_mapping
+
+        raw = load_mapping(path)  # ConfigError (a UsageError) names the file
+        spec = cls.from_dict(raw, str(path))
+        if spec.name is None:
+            spec.name = Path(path).stem
+        return spec
+
+    def set_train(self, dotted: str, value: Any) -> None:
+        """Set a base-config key (``"model.name"``) in the nested ``train`` mapping."""
+        node = self.train
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = node[key] = {}
+            node = child
+        node[leaf] = value
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    def resolve(self) -> Study:
+        """Validate everything (names, ranges, the base config, every corner of the search space) without
+        touching any store. Raises :class:`UsageError` with one line."""
+        where = f"{self.source}: " if self.source and self.source != "cli" else ""
+        try:
+            return self._resolve()
+        except UsageError as e:
+            raise UsageError(f"{where}{e}") from None
+
+    def _resolve(self) -> Study:
+        from wus_tune.config import TrainConfig
+
+        objectives = parse_objectives(self.objectives)
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"sampler: unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        _check_int("seed", self.seed, 0)
+        if self.n_trials is not None:
+            _check_int("n_trials", self.n_trials, 1)
+        for key in ("timeout", "constraint_delta", "accuracy_margin", "cost_factor"):
+            v = getattr(self, key)
+            if v is not None and not math.isfinite(v):
+                raise UsageError(f"{key}: expected a finite number, got {v!r}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise UsageError(f"timeout: must be positive seconds, got {self.timeout:g}")
+        if self.accuracy_margin < 0 or self.cost_factor < 1:
+            raise UsageError("accuracy_margin must be >= 0 and cost_factor >= 1")
+        for i, f in enumerate(self.baseline_fractions):
+            if not 0 < f <= 1:
+                raise UsageError(f"baseline_fractions[{i}]: {f:g} is out of range (0, 1]")
+        rule = parse_rule(self.select)
+        base = TrainConfig.from_dict(self.train)
+        space = SearchSpace.build(self.search_space, defaults=self.default_search_space)
+        space.check(base)
+        for i, entry in enumerate(self.enqueue):
+            try:
+                apply_values(base, entry)
+            except ConfigError as e:
+                raise UsageError(f"enqueue[{i}]: {e}") from None
+        make_sampler(self.sampler, self.sampler_options, seed=self.seed)  # bad options fail here
+        name = self.name or f"{base.model.name}-{base.data.name}"
+        storage = self.storage or default_storage(name)
+        tracking = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        return Study(
+            name=name,
+            base=base,
+            space=space,
+            objectives=objectives,
+            sampler=self.sampler,
+            sampler_options=dict(self.sampler_options),
+            seed=self.seed,
+            n_trials=self.n_trials,
+            timeout=self.timeout,
+            storage=storage,
+            default_storage=self.storage is None,
+            tracking_uri=None if tracking.lower() == "none" else tracking,
+            constraint_delta=self.constraint_delta,
+            baseline_fractions=tuple(self.baseline_fractions),
+            enqueue_wus_default=self.enqueue_wus_default,
+            enqueue=tuple(dict(e) for e in self.enqueue),
+            select=rule,
+            accuracy_margin=self.accuracy_margin,
+            cost_factor=self.cost_factor,
+            spec=self.to_dict(),
+        )
+
+
+@dataclass(frozen=True)
+class Study:
+    """A validated spec: what :func:`wus_tune.study.run_study` runs."""
+
+    name: str
+    base: TrainConfig
+    space: SearchSpace
+    objectives: tuple[str, ...]
+    sampler: str
+    sampler_options: dict[str, Any]
+    seed: int
+    n_trials: int | None
+    timeout: float | None
+    storage: str
+    default_storage: bool
+    tracking_uri: str | None  # None: MLflow off
+    constraint_delta: float | None
+    baseline_fractions: tuple[float, ...]
+    enqueue_wus_default: bool
+    enqueue: tuple[dict[str, Any], ...]
+    select: Rule
+    accuracy_margin: float
+    cost_factor: float
+    spec: dict[str, Any]
+
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[o][0] for o in self.objectives]
+
+
+def parse_objectives(value: Any) -> tuple[str, ...]:
+    """``"accuracy,time"`` or ``["accuracy", "cost"]`` -> a tuple; accuracy first, then time and/or cost."""
+    names = [s.strip() for s in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise UsageError(f"objectives: expected e.g. 'accuracy,time', got {value!r}")
+    for n in names:
+        if n not in OBJECTIVES:
+            raise UsageError(f"objectives: unknown objective {n!r}; choose from {', '.join(OBJECTIVES)}")
+    if len(names) < 2 or names[0] != "accuracy" or len(set(names)) != len(names):
+        raise UsageError(f"objectives: expected accuracy then time and/or cost, got {','.join(names)}")
+    return tuple(names)
+
+
+def make_sampler(name: str, options: Mapping[str, Any], *, seed: int | None) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler; ``options`` are its keyword arguments (a wrong one is a UsageError)."""
+    import warnings
+
+    import optuna
+
+    cls: Any = {
+        "tpe": optuna.samplers.TPESampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+        "gp": optuna.samplers.GPSampler,
+    }[name]
+    kwargs = dict(options)
+    if name == "gp":
+        # WUS knobs are conditional; GP samples those outside the intersection space randomly by design.
+        kwargs.setdefault("warn_independent_sampling", False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return cls(seed=seed, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"sampler_options: {e}") from None
+
+
+def _check_int(key: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UsageError(f"{key}: expected an integer >= {low}, got {value!r}")

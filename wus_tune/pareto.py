@@ -1,0 +1,550 @@
+"""Pareto analysis of a study: the front, its hypervolume, the baseline frontier, and choosing one config.
+
+The maths works on plain tuples so it can be tested without Optuna; :func:`load_candidates` and the CLI
+read a study's trials from its Optuna storage.
+
+Definitions (``directions[k]`` is ``"maximize"`` or ``"minimize"``):
+
+* Point ``a`` *dominates* ``b`` when ``a`` is no worse than ``b`` in every objective and strictly better
+  in at least one. The *Pareto front* is the set of points no other point dominates (equal points are all
+  on it, as in ``optuna.Study.best_trials``).
+* The *hypervolume* of a set of points with respect to a reference point ``r`` is the Lebesgue measure of
+  the region that at least one point dominates and that itself dominates ``r``:
+  ``HV = vol( U_p [p, r] )`` after turning every objective into one to minimise. Points that do not
+  strictly dominate ``r`` contribute nothing. Two objectives are computed exactly by a sweep; more use
+  Optuna's WFG implementation.
+* The *reference point* comes from the study's full-length baseline ``b`` (:func:`reference_point`):
+  accuracy ``b_acc - accuracy_margin`` (default 0.05, i.e. 5 points below the baseline), time or cost
+  ``b * cost_factor`` (default 1.25). So the hypervolume measures the area of (accuracy, time) trade-offs
+  at most 5 points worse and at most 25% slower than the baseline; a trial outside that box adds nothing.
+* The *baseline frontier* is the Pareto front of the plain (no-WUS) trials, e.g. the baseline trained for
+  50%, 70%, 85% and 100% of the epochs. Read as a piecewise-linear curve ``acc_f(t)`` through its points
+  sorted by time, it says what simply training for less time achieves. For a point ``(t, a)``
+  (:func:`frontier_advantage`):
+
+  - ``acc_gain = a - acc_f(t)``: accuracy gained at equal time (linear interpolation between frontier
+    points; beyond the slowest point ``acc_f`` stays at its accuracy; faster than the fastest: undefined);
+  - ``time_saved = t_f(a) - t``: time saved at equal accuracy, where ``t_f(a)`` is the frontier's time to
+    reach accuracy ``a`` (the inverse interpolation; undefined outside the frontier's accuracy range).
+
+Selection rules (:func:`select`), over the feasible COMPLETE trials; accuracy is a fraction, ``D`` is in
+points (0.5 = half a percentage point):
+
+* ``knee``: on the Pareto front, with each objective scaled to [0, 1] over the front (1 = best), the point
+  farthest from the straight line through the two extreme points (2 objectives, at least 3 points on the
+  front); otherwise the point nearest the utopia point (1, ..., 1).
+* ``fastest-within:D``: the fastest trial (least time/cost) with accuracy >= baseline - D points; ties go
+  to the more accurate.
+* ``most-accurate-under:S``: the most accurate trial with time (seconds) or cost (FLOPs) <= S; ``S`` may be
+  written ``60%`` for 60% of the baseline's time or cost. Ties go to the faster.
+
+Example::
+
+    >>> pareto_front([(0.9, 10.0), (0.8, 5.0), (0.85, 12.0)], ["maximize", "minimize"])
+    [0, 1]
+    >>> hypervolume([(0.9, 10.0), (0.8, 5.0)], ["maximize", "minimize"], (0.7, 20.0))
+    2.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from wus_tune.errors import UsageError
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = [
+    "OBJECTIVES",
+    "Advantage",
+    "Candidate",
+    "Rule",
+    "dominates",
+    "frontier_advantage",
+    "hypervolume",
+    "hypervolume_history",
+    "knee",
+    "load_candidates",
+    "main",
+    "parse_rule",
+    "pareto_front",
+    "reference_point",
+    "select",
+]
+
+# Objective name -> (Optuna direction, TrainResult field). Accuracy is a fraction in [0, 1].
+OBJECTIVES: dict[str, tuple[str, str]] = {
+    "accuracy": ("maximize", "val_acc"),
+    "time": ("minimize", "time_s"),
+    "cost": ("minimize", "cost_flops"),
+}
+
+
+# ---- the maths on plain points -------------------------------------------------------------------
+
+
+def _signs(directions: Sequence[str]) -> list[float]:
+    """+1 for objectives to minimise, -1 for those to maximise: ``sign * value`` is always minimised."""
+    out = []
+    for d in directions:
+        d = str(getattr(d, "name", d)).lower()
+        if d not in ("maximize", "minimize"):
+            raise ValueError(f"direction must be 'maximize' or 'minimize', got {d!r}")
+        out.append(-1.0 if d == "maximize" else 1.0)
+    return out
+
+
+def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
+    """True if ``a`` is no worse than ``b`` in every objective and strictly better in one."""
+    s = _signs(directions)
+    la = [x * v for x, v in zip(s, a)]
+    lb = [x * v for x, v in zip(s, b)]
+    return all(x <= y for x, y in zip(la, lb)) and any(x < y for x, y in zip(la, lb))
+
+
+def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[str]) -> list[int]:
+    """Indices (ascending) of the points that no other point dominates.
+
+    O(n log n) for two objectives (sort by the first, sweep the second), O(n^2) otherwise.
+    """
+    s = _signs(directions)
+    losses = [tuple(x * v for x, v in zip(s, p)) for p in points]
+    for p in losses:
+        if len(p) != len(s):
+            raise ValueError(f"point {p} has {len(p)} values for {len(s)} directions")
+    if len(s) == 2:
+        # Sort by (f0, f1): a point is dominated iff an earlier point with a strictly smaller f0 (or equal
+        # f0 and smaller f1) has f1 <= its f1. Equal points are kept, as nothing strictly dominates them.
+        order = sorted(range(len(losses)), key=lambda i: losses[i])
+        front: list[int] = []
+        best_f1 = math.inf  # min f1 among points with strictly smaller f0
+        group_f0, group_best = None, math.inf  # the run of points sharing f0
+        for i in order:
+            f0, f1 = losses[i]
+            if f0 != group_f0:
+                best_f1 = min(best_f1, group_best)
+                group_f0, group_best = f0, f1  # sorted: the first of a group has its least f1
+            if f1 < best_f1 and f1 == group_best:
+                front.append(i)
+        return sorted(front)
+    return [
+        i
+        for i, p in enumerate(losses)
+        if not any(all(x <= y for x, y in zip(q, p)) and q != p for q in losses)
+    ]
+
+
+def hypervolume(
+    points: Sequence[Sequence[float]], directions: Sequence[str], reference: Sequence[float]
+) -> float:
+    """Hypervolume dominated by ``points`` and bounded by ``reference`` (see the module docstring)."""
+    s = _signs(directions)
+    ref = [x * v for x, v in zip(s, reference)]
+    losses = [
+        [x * v for x, v in zip(s, p)]
+        for p in points
+        if all(x * v < r for x, v, r in zip(s, p, ref))  # only points strictly inside the box count
+    ]
+    if not losses:
+        return 0.0
+    if len(s) == 2:
+        # Sweep in increasing f0; each point adds the slab between its f1 and the lowest f1 seen so far.
+        area, best_f1 = 0.0, ref[1]
+        for f0, f1 in sorted(losses):
+            if f1 < best_f1:
+                area += (ref[0] - f0) * (best_f1 - f1)
+                best_f1 = f1
+        return area
+    import numpy as np
+    from optuna._hypervolume import compute_hypervolume  # private but stable; exact WFG for >2 objectives
+
+    return float(compute_hypervolume(np.asarray(losses, dtype=float), np.asarray(ref, dtype=float)))
+
+
+def hypervolume_history(
+    points: Sequence[Sequence[float]], directions: Sequence[str], reference: Sequence[float]
+) -> list[float]:
+    """``[hypervolume(points[:k + 1]) for k in range(len(points))]``, in the given (trial) order."""
+    s = _signs(directions)
+    if len(s) != 2:
+        return [hypervolume(points[: k + 1], directions, reference) for k in range(len(points))]
+    out, kept = [], []
+    for p in points:  # the front so far is all a later hypervolume needs
+        kept.append(p)
+        kept = [kept[i] for i in pareto_front(kept, directions)]
+        out.append(hypervolume(kept, directions, reference))
+    return out
+
+
+def reference_point(
+    baseline: Sequence[float],
+    objectives: Sequence[str],
+    *,
+    accuracy_margin: float = 0.05,
+    cost_factor: float = 1.25,
+) -> tuple[float, ...]:
+    """The hypervolume reference: the baseline made ``accuracy_margin`` less accurate and ``cost_factor``
+    times slower/costlier (see the module docstring)."""
+    ref = []
+    for name, v in zip(objectives, baseline):
+        if OBJECTIVES[name][0] == "maximize":
+            ref.append(v - accuracy_margin)
+        else:
+            ref.append(v * cost_factor)
+    return tuple(ref)
+
+
+@dataclass(frozen=True)
+class Advantage:
+    """A point's advantage over the baseline frontier (``None`` where the frontier does not reach)."""
+
+    acc_gain: float | None  # accuracy (fraction) minus the frontier's accuracy at equal time
+    time_saved: float | None  # frontier's time to reach the same accuracy minus the point's time
+    time_saved_fraction: float | None  # time_saved / frontier time
+
+
+def _frontier(plain: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (time, accuracy) Pareto front of the plain points, sorted by time (accuracy then increases)."""
+    idx = pareto_front([(a, t) for t, a in plain], ["maximize", "minimize"])
+    return sorted({plain[i] for i in idx})
+
+
+def frontier_advantage(time: float, acc: float, plain: Sequence[tuple[float, float]]) -> Advantage:
+    """Advantage of the point ``(time, acc)`` over the frontier of ``plain`` ``(time, acc)`` points."""
+    front = _frontier(plain)
+    if not front:
+        return Advantage(None, None, None)
+    # acc_f(t): linear between frontier points; flat after the slowest (nothing measured beyond it).
+    acc_f: float | None
+    if time < front[0][0]:
+        acc_f = None
+    elif time >= front[-1][0]:
+        acc_f = front[-1][1]
+    else:
+        acc_f = _interp(time, [p[0] for p in front], [p[1] for p in front])
+    # t_f(a): the inverse; accuracy increases strictly along the front, so it is a function.
+    t_f: float | None
+    accs = [p[1] for p in front]
+    if acc < accs[0] or acc > accs[-1]:
+        t_f = None
+    else:
+        t_f = _interp(acc, accs, [p[0] for p in front])
+    gain = None if acc_f is None else acc - acc_f
+    saved = None if t_f is None else t_f - time
+    frac = None if t_f is None or t_f <= 0 else saved / t_f
+    return Advantage(gain, saved, frac)
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return ys[-1] if x >= xs[-1] else ys[0]
+
+
+def knee(points: Sequence[Sequence[float]], directions: Sequence[str]) -> int:
+    """Index of the knee of the Pareto front of ``points`` (definition in the module docstring)."""
+    front = pareto_front(points, directions)
+    if not front:
+        raise ValueError("knee of an empty set of points")
+    s = _signs(directions)
+    # Normalise over the front to [0, 1] with 1 = best, so units (fractions vs seconds) do not matter.
+    cols = list(zip(*[[-x * v for x, v in zip(s, points[i])] for i in front]))
+    lo, hi = [min(c) for c in cols], [max(c) for c in cols]
+    norm = {
+        i: [(-x * v - l) / (h - l) if h > l else 1.0 for x, v, l, h in zip(s, points[i], lo, hi)] for i in front
+    }
+    if len(s) == 2 and len(front) >= 3:
+        a = max(front, key=lambda i: (norm[i][0], norm[i][1]))  # the extreme best in objective 0
+        b = max(front, key=lambda i: (norm[i][1], norm[i][0]))  # the extreme best in objective 1
+        (x0, y0), (x1, y1) = norm[a], norm[b]
+
+        def side(x: float, y: float) -> float:  # cross product: proportional to the distance to the chord
+            return (x1 - x0) * (y - y0) - (y1 - y0) * (x - x0)
+
+        sign = 1.0 if side(1.0, 1.0) >= 0 else -1.0  # count distance on the utopia side as positive
+        return max(front, key=lambda i: (sign * side(*norm[i]), -i))
+    return min(front, key=lambda i: (sum((1 - v) ** 2 for v in norm[i]), i))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A parsed selection rule: ``kind`` in knee / fastest-within / most-accurate-under."""
+
+    kind: str
+    value: float = 0.0
+    relative: bool = False  # most-accurate-under: value is a fraction of the baseline's time or cost
+
+    def __str__(self) -> str:
+        if self.kind == "knee":
+            return "knee"
+        v = f"{self.value * 100:g}%" if self.relative else f"{self.value:g}"
+        return f"{self.kind}:{v}"
+
+
+RULES = ("knee", "fastest-within:D", "most-accurate-under:S")
+
+
+def parse_rule(text: str) -> Rule:
+    """``"knee"``, ``"fastest-within:0.5"``, ``"most-accurate-under:120"`` or ``"...-under:60%"``."""
+    kind, _, arg = str(text).strip().partition(":")
+    if kind == "knee" and not arg:
+        return Rule("knee")
+    if kind in ("fastest-within", "most-accurate-under") and arg:
+        relative = kind == "most-accurate-under" and arg.endswith("%")
+        try:
+            value = float(arg[:-1]) / 100 if relative else float(arg)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and (kind == "fastest-within" or value > 0):
+            return Rule(kind, value, relative)
+    raise UsageError(f"selection rule {text!r}: expected one of {', '.join(RULES)} (e.g. fastest-within:0.5)")
+
+
+def select(
+    points: Sequence[Sequence[float]],
+    objectives: Sequence[str],
+    rule: Rule | str,
+    baseline: Sequence[float] | None = None,
+) -> int:
+    """Index of the point chosen by ``rule``; ``points[i] = (accuracy, time_or_cost, ...)``.
+
+    ``fastest-within`` and relative ``most-accurate-under`` need the baseline's values. Raises
+    :class:`UsageError` when no point satisfies the rule.
+    """
+    rule = parse_rule(rule) if isinstance(rule, str) else rule
+    if not points:
+        raise UsageError("no completed trials to select from")
+    directions = [OBJECTIVES[o][0] for o in objectives]
+    if rule.kind == "knee":
+        return knee(points, directions)
+    if baseline is None and (rule.kind == "fastest-within" or rule.relative):
+        raise UsageError(f"selection rule {rule}: the study has no completed baseline trial")
+    if rule.kind == "fastest-within":
+        floor = baseline[0] - rule.value / 100
+        ok = [i for i, p in enumerate(points) if p[0] >= floor - 1e-12]
+        if not ok:
+            raise UsageError(f"selection rule {rule}: no trial reaches accuracy {floor:.2%}")
+        return min(ok, key=lambda i: (points[i][1], -points[i][0], i))
+    limit = rule.value * baseline[1] if rule.relative else rule.value
+    ok = [i for i, p in enumerate(points) if p[1] <= limit]
+    if not ok:
+        raise UsageError(f"selection rule {rule}: no trial has {objectives[1]} <= {limit:g}")
+    return min(ok, key=lambda i: (-points[i][0], points[i][1], i))
+
+
+# ---- a study's trials ----------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """One trial as the analysis sees it. ``values`` follow the study's objectives."""
+
+    number: int
+    state: str  # COMPLETE, FAIL, RUNNING, ...
+    values: tuple[float, ...] | None
+    role: str = "search"  # baseline | baseline-frontier | wus-default | search | enqueued
+    wus: bool = True  # weight update skipping enabled (False: a plain recipe, part of the frontier)
+    feasible: bool = True  # all constraints <= 0
+    params: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)  # the trial's user attributes
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "COMPLETE" and self.values is not None and self.feasible
+
+
+@dataclass
+class Analysis:
+    """Everything a report needs: the candidates plus the front, baseline, frontier and hypervolume."""
+
+    objectives: tuple[str, ...]
+    candidates: list[Candidate]
+    front: list[int]  # trial numbers on the Pareto front (feasible COMPLETE trials only)
+    baseline: Candidate | None
+    reference: tuple[float, ...] | None
+    hv_history: list[tuple[int, float]]  # (trial number, hypervolume of the trials up to it)
+    advantages: dict[int, Advantage]  # trial number -> advantage over the baseline frontier
+
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[o][0] for o in self.objectives]
+
+    @property
+    def complete(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.ok]
+
+    @property
+    def frontier(self) -> list[Candidate]:
+        """The plain trials on the baseline frontier, by increasing time/cost."""
+        plain = [c for c in self.complete if not c.wus]
+        pts = [(c.values[1], c.values[0]) for c in plain]
+        keep = set(_frontier(pts))
+        return sorted((c for c in plain if (c.values[1], c.values[0]) in keep), key=lambda c: c.values[1])
+
+    def by_number(self, number: int) -> Candidate:
+        for c in self.candidates:
+            if c.number == number:
+                return c
+        raise KeyError(number)
+
+    def select(self, rule: Rule | str) -> Candidate:
+        done = self.complete
+        base = self.baseline.values if self.baseline is not None else None
+        return done[select([c.values for c in done], self.objectives, rule, base)]
+
+
+def analyse(
+    candidates: Sequence[Candidate],
+    objectives: Sequence[str],
+    *,
+    accuracy_margin: float = 0.05,
+    cost_factor: float = 1.25,
+) -> Analysis:
+    """Front, baseline, hypervolume history and frontier advantages of a study's candidates."""
+    objectives = tuple(objectives)
+    directions = [OBJECTIVES[o][0] for o in objectives]
+    cands = sorted(candidates, key=lambda c: c.number)
+    done = [c for c in cands if c.ok]
+    front = [done[i].number for i in pareto_front([c.values for c in done], directions)]
+    baseline = next((c for c in done if c.role == "baseline"), None)
+    if baseline is not None:
+        reference = reference_point(
+            baseline.values, objectives, accuracy_margin=accuracy_margin, cost_factor=cost_factor
+        )
+    elif done:  # no baseline (yet): Optuna's convention, the nadir widened by 10%
+        s = _signs(directions)
+        worst = [max(x * c.values[k] for c in done) for k, x in enumerate(s)]
+        reference = tuple(x * (w + 0.1 * abs(w)) for x, w in zip(s, worst))
+    else:
+        reference = None
+    hv = hypervolume_history([c.values for c in done], directions, reference) if reference else []
+    plain = [(c.values[1], c.values[0]) for c in done if not c.wus]
+    advantages = {c.number: frontier_advantage(c.values[1], c.values[0], plain) for c in done}
+    return Analysis(
+        objectives=objectives,
+        candidates=cands,
+        front=front,
+        baseline=baseline,
+        reference=reference,
+        hv_history=[(c.number, h) for c, h in zip(done, hv)],
+        advantages=advantages,
+    )
+
+
+def candidate_from_trial(trial: optuna.trial.FrozenTrial) -> Candidate:
+    """Read the attributes :mod:`wus_tune.study` stores on each trial."""
+    attrs = dict(trial.user_attrs)
+    config = attrs.get("config")
+    wus = bool(config["wus"]["enabled"]) if isinstance(config, dict) else attrs.get("role") not in (
+        "baseline",
+        "baseline-frontier",
+    )
+    return Candidate(
+        number=trial.number,
+        state=trial.state.name,
+        values=tuple(trial.values) if trial.values is not None else None,
+        role=str(attrs.get("role", "search")),
+        wus=wus,
+        feasible=all(v <= 0.0 for v in trial.constraints.values()),
+        params=dict(trial.params),
+        config=config,
+        attrs=attrs,
+    )
+
+
+def study_objectives(study: optuna.Study) -> tuple[str, ...]:
+    """The objective names a wus_tune study was created with (``user_attrs["objectives"]``)."""
+    names = study.user_attrs.get("objectives")
+    if not names:
+        raise UsageError(f"study {study.study_name!r} was not created by wus_tune.study (no 'objectives' attribute)")
+    return tuple(names)
+
+
+def load_candidates(study: optuna.Study) -> list[Candidate]:
+    return [candidate_from_trial(t) for t in study.get_trials(deepcopy=False)]
+
+
+def load_analysis(study_name: str, storage: str | None = None) -> tuple[optuna.Study, Analysis]:
+    """Load a wus_tune study from its storage and analyse it."""
+    from wus_tune._study.storage import default_storage, load_study
+
+    study = load_study(study_name, storage or default_storage(study_name))
+    return study, analyse(load_candidates(study), study_objectives(study))
+
+
+def export_config(candidate: Candidate, path: str | None, *, study_name: str, rule: Rule | str) -> Any:
+    """The candidate's TrainConfig with provenance in ``meta``; saved to ``path`` when given."""
+    from wus_tune.config import TrainConfig
+
+    if candidate.config is None:
+        raise UsageError(f"trial {candidate.number} has no stored config")
+    config = TrainConfig.from_dict(candidate.config)
+    config.meta = {
+        **config.meta,
+        "study": study_name,
+        "trial": candidate.number,
+        "selected_by": str(rule),
+        "values": list(candidate.values or ()),
+    }
+    if path:
+        config.save(path)
+    return config
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+
+
+def format_table(analysis: Analysis, numbers: Sequence[int] | None = None, *, mark: int | None = None) -> str:
+    """The given trials (default: the Pareto front) as a text table, relative to the baseline."""
+    from wus_tune._study.report import table_rows
+
+    rows = table_rows(analysis, numbers if numbers is not None else analysis.front, mark=mark)
+    if not rows:
+        return "(no completed trials)"
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m wus_tune.pareto --study NAME [--storage URL] [--select RULE] [--out best.yaml]``."""
+    p = argparse.ArgumentParser(
+        prog="python -m wus_tune.pareto",
+        description="Print a study's Pareto front and export the config chosen by a rule.",
+    )
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<study>.db)")
+    p.add_argument("--select", help="knee | fastest-within:D (points) | most-accurate-under:S (seconds, FLOPs or N%%); "
+                   "default: the study's own rule (the one its best_config.yaml used)")
+    p.add_argument("--out", help="write the chosen config here (YAML or .json), for wus_tune.train --config")
+    p.add_argument("--all", action="store_true", help="list every completed trial, not only the front")
+    args = p.parse_args(argv)
+    try:
+        rule = parse_rule(args.select) if args.select else None
+        study, analysis = load_analysis(args.study, args.storage)
+        rule = rule or parse_rule((study.user_attrs.get("spec") or {}).get("select") or "knee")
+        chosen = analysis.select(rule) if analysis.complete else None
+        numbers = [c.number for c in analysis.complete] if args.all else analysis.front
+        print(f"study {study.study_name}: {len(analysis.complete)} completed trials, {len(analysis.front)} on the front")
+        print(format_table(analysis, numbers, mark=chosen.number if chosen else None))
+        if chosen is None:
+            raise UsageError(f"study {args.study!r} has no completed trials yet")
+        print(f"selected by {rule}: trial {chosen.number}")
+        if args.out:
+            export_config(chosen, args.out, study_name=study.study_name, rule=rule)
+            print(f"wrote {args.out}  (train it: python -m wus_tune.train --config {args.out})")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

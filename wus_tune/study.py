@@ -1,0 +1,519 @@
+"""The study: ``python -m wus_tune.study --model vgg11`` searches WUS settings with Optuna, logs every
+trial to MLflow, and exports the Pareto-best config for ``python -m wus_tune.train --config``.
+
+What one invocation does:
+
+1. validates everything (spec, options, search space, data, URLs) before writing anything;
+2. opens or creates the Optuna study (``load_if_exists``: the same name continues the study) and, for a
+   new study, enqueues the full-length baseline (no skipping), a plain WUS default and the baseline
+   frontier (plain runs at 50/70/85% of the epochs);
+3. runs ``n_trials`` more trials: each samples the search space, trains with :func:`wus_tune.fit`, logs
+   to an MLflow child run, and returns (accuracy, time) or (accuracy, cost); a failing trial is FAIL in
+   Optuna and FAILED in MLflow, and the study goes on;
+4. analyses the study (:mod:`wus_tune.pareto`) and logs the Pareto plots, hypervolume history, trials
+   CSV and ``best_config.yaml`` on the study's parent run.
+
+Python API: :func:`run_study`. See ``docs/study.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wus_tune._cli import ArgumentParser, parse_value, run_main
+from wus_tune._study.spec import Study, StudySpec, make_sampler
+from wus_tune._study.space import VARIANT_KEY, get_value
+from wus_tune.errors import ConfigError, DataError, UsageError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from wus_tune.config import TrainConfig
+    from wus_tune.pareto import Analysis, Candidate
+    from wus_tune.trainer import TrainResult
+
+__all__ = ["StudyOutcome", "StudySpec", "main", "run_study"]
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # in the study's user attributes: where late workers log
+
+
+@dataclass
+class StudyOutcome:
+    """What :func:`run_study` returns."""
+
+    name: str
+    storage: str  # password masked
+    tracking_uri: str | None
+    experiment_id: str | None
+    parent_run_id: str | None
+    status: str  # FINISHED, KILLED (Ctrl-C) or FAILED
+    trials_run: list[int]  # numbers of the trials this invocation ran
+    analysis: Analysis
+    selected: Candidate | None
+    best_config: TrainConfig | None
+    report_dir: Path | None  # where the report was written locally (MLflow off), else None
+    timing: dict[str, float] = field(default_factory=dict)  # mean fit / overhead / mlflow seconds per trial
+
+    @property
+    def best_config_uri(self) -> str | None:
+        """``runs:/<parent>/best_config.yaml``: what :func:`wus_tune.production.load_config` reads."""
+        return f"runs:/{self.parent_run_id}/best_config.yaml" if self.parent_run_id and self.best_config else None
+
+
+def run_study(
+    spec: StudySpec | str | Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    fit: Callable[..., TrainResult] | None = None,
+    echo: Callable[[str], None] | None = print,
+    report_dir: str | Path | None = None,
+    **options: Any,
+) -> StudyOutcome:
+    """Run (or continue) a study.
+
+    ``spec``: a :class:`StudySpec`, a YAML path, or None for the defaults. ``options`` override spec
+    fields (``n_trials=10, sampler="nsga2", tracking_uri="none"``); ``overrides`` are dotted base-config
+    keys (``{"model.name": "vgg11", "epochs": 8}``). ``fit`` replaces :func:`wus_tune.fit` (tests,
+    benchmarks). Raises :class:`UsageError` for bad input before anything is written.
+    """
+    import optuna
+
+    from wus_tune._study.objective import Objective
+    from wus_tune._study.storage import check_tracking_uri, mask_url, open_storage, study_exists
+    from wus_tune._study.tracking import MlflowTracker, NullTracker
+
+    say = echo or (lambda _: None)
+    if spec is None:
+        spec = StudySpec(source="cli")
+    elif not isinstance(spec, StudySpec):
+        spec = StudySpec.load(spec)
+    spec = dataclasses.replace(spec, train=_deep_copy(spec.train))
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(StudySpec)} - {"source"})
+    if unknown:
+        raise UsageError(f"run_study: unknown option {unknown[0]!r}")
+    spec = dataclasses.replace(spec, **options)
+    for key, value in (overrides or {}).items():
+        spec.set_train(key, value)
+    study_def = spec.resolve()
+    device = _preflight(study_def)
+    if study_def.tracking_uri is not None:
+        check_tracking_uri(study_def.tracking_uri)
+
+    # ---- stores: nothing has been written before this point -----------------------------------------
+    storage = open_storage(study_def.storage, create_dirs=study_def.default_storage)
+    existing = None
+    if study_exists(storage, study_def.name):
+        existing = optuna.load_study(study_name=study_def.name, storage=storage)
+        _check_compatible(existing, study_def)
+    n_before = len(existing.trials) if existing else 0
+    tracker: Any = NullTracker()
+    if study_def.tracking_uri is not None:
+        tracker = MlflowTracker.open(
+            study_def.tracking_uri,
+            study_def.name,
+            parent_run_id=existing.user_attrs.get(PARENT_RUN_ATTR) if existing else None,
+            tags=_parent_tags(study_def, device),
+        )
+    study = optuna.create_study(
+        storage=storage,
+        sampler=make_sampler(study_def.sampler, study_def.sampler_options, seed=study_def.seed + n_before),
+        study_name=study_def.name,
+        directions=study_def.directions,
+        load_if_exists=True,
+    )
+    if existing is None:
+        _init_study(study, study_def)
+    else:
+        import json
+
+        if existing.user_attrs.get("base_config") != json.loads(json.dumps(study_def.base.to_dict())):
+            say("note: the base config differs from the one this study started with; its baseline trials used that one")
+        study.set_user_attr("search_space", study_def.space.to_json())  # the space the latest trials use
+        study.set_user_attr("spec", study_def.spec)
+    if tracker.enabled:
+        study.set_user_attr(PARENT_RUN_ATTR, tracker.parent_run_id)
+        study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
+        study.set_user_attr("mlflow_tracking_uri", mask_url(study_def.tracking_uri))
+
+    say(
+        f"study {study_def.name}: {'continuing with ' + str(n_before) + ' trials' if existing else 'new'}; "
+        f"objectives {','.join(study_def.objectives)}; sampler {study_def.sampler}; storage {mask_url(study_def.storage)}"
+        + (f"; MLflow {mask_url(study_def.tracking_uri)} (experiment {tracker.experiment_id})" if tracker.enabled else "")
+    )
+    ran: list[int] = []
+    printer = _TrialPrinter(study_def, say, ran)
+    status = "FINISHED"
+    try:
+        study.optimize(
+            Objective(study_def, tracker, fit=fit),
+            n_trials=study_def.n_trials,
+            timeout=study_def.timeout,
+            catch=(Exception,),  # a failing trial is recorded as FAIL and the study goes on
+            callbacks=[printer],
+        )
+    except KeyboardInterrupt:
+        status = "KILLED"
+        say("interrupted: the current trial is marked failed; run the same command again to continue")
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        outcome = _finish(study, study_def, tracker, status=status, ran=ran, say=say, report_dir=report_dir)
+    return outcome
+
+
+# ---- steps ---------------------------------------------------------------------------------------------
+
+
+def _preflight(study_def: Study) -> str:
+    """Check the device and load the data once (decoded and cached for the trials). Returns the device."""
+    from wus_tune.data import load_dataset
+    from wus_tune.trainer import resolve_device
+
+    device = resolve_device(study_def.base.device)
+    try:
+        load_dataset(study_def.base.data)
+    except DataError as e:
+        hint = "" if "--dataset digits" in str(e) else "; point --data-dir at the data, or use --dataset digits"
+        raise DataError(f"{e}{hint}") from None
+    return str(device)
+
+
+def _check_compatible(study: optuna.Study, study_def: Study) -> None:
+    stored = tuple(study.user_attrs.get("objectives") or ())
+    if not stored:
+        raise UsageError(f"study {study_def.name!r} exists but was not created by wus_tune.study; choose another --study-name")
+    if stored != study_def.objectives:
+        raise UsageError(
+            f"study {study_def.name!r} was created with objectives {','.join(stored)}, not "
+            f"{','.join(study_def.objectives)}; use the same --objectives or another --study-name"
+        )
+
+
+def _parent_tags(study_def: Study, device: str) -> dict[str, Any]:
+    import json
+
+    import torch
+
+    from wus_tune import __version__
+    from wus_tune._study.storage import mask_url
+
+    return {
+        "optuna.study_name": study_def.name,
+        "optuna.storage": mask_url(study_def.storage),
+        "objectives": ",".join(study_def.objectives),
+        "directions": ",".join(study_def.directions),
+        "sampler": study_def.sampler,
+        "sampler_options": json.dumps(study_def.sampler_options, sort_keys=True),
+        "seed": study_def.seed,
+        "search_space": study_def.space.to_json(),
+        "constraint": "none" if study_def.constraint_delta is None else f"accuracy >= baseline - {study_def.constraint_delta:g} points",
+        "model": study_def.base.model.name,
+        "dataset": study_def.base.data.name,
+        "epochs": study_def.base.epochs,
+        "device": device,
+        "torch_version": torch.__version__,
+        "wus_tune.version": __version__,
+    }
+
+
+def initial_trials(study_def: Study) -> list[tuple[str, dict[str, Any]]]:
+    """(role, fixed values) of the trials a new study runs first: the full-length baseline, the plain
+    WUS default, the baseline frontier (``baseline_fractions`` of the epochs; crossed with every
+    ``schedule.name`` choice when the schedule is searched), then the spec's ``enqueue`` entries.
+
+    Every searched knob of these trials is fixed at the base config's value, so "baseline" and "WUS
+    default" mean the spec's own recipe, not a sampled one.
+    """
+    base, space = study_def.base, study_def.space
+    epochs = base.epochs
+    data = base.to_dict()
+    at_base = {}
+    for p in space.params:
+        try:
+            if p.key != VARIANT_KEY:
+                at_base[p.key] = get_value(data, p.key)
+        except ConfigError:  # e.g. a knob of a method the base config does not enable
+            pass
+    plain = {k: v for k, v in at_base.items() if not k.startswith("wus.")} | {VARIANT_KEY: "none"}
+    wus = {k: v for k, v in at_base.items() if space[k].active({VARIANT_KEY: "wus"})} | {VARIANT_KEY: "wus"}
+    out: list[tuple[str, dict[str, Any]]] = [("baseline", plain | {"epochs": epochs})]
+    if study_def.enqueue_wus_default:
+        out.append(("wus-default", wus | {"epochs": epochs}))
+    budgets = sorted({max(1, round(f * epochs)) for f in study_def.baseline_fractions} - {epochs}, reverse=True)
+    schedules = [base.schedule.name]
+    if "schedule.name" in space and space["schedule.name"].type == "categorical":
+        schedules += [s for s in space["schedule.name"].choices if s != base.schedule.name]
+    for schedule in schedules:
+        for n in ([] if schedule == base.schedule.name else [epochs]) + budgets:
+            out.append(("baseline-frontier", plain | {"epochs": n, "schedule.name": schedule}))
+    out += [("enqueued", dict(e)) for e in study_def.enqueue]
+    return out
+
+
+def _init_study(study: optuna.Study, study_def: Study) -> None:
+    from wus_tune import __version__
+
+    study.set_user_attr("objectives", list(study_def.objectives))
+    study.set_user_attr("base_config", study_def.base.to_dict())
+    study.set_user_attr("search_space", study_def.space.to_json())
+    study.set_user_attr("spec", study_def.spec)
+    study.set_user_attr("wus_tune_version", __version__)
+    for role, fixed in initial_trials(study_def):
+        params, overrides = study_def.space.split_fixed(fixed)
+        study.enqueue_trial(params, user_attrs={"role": role, "overrides": overrides})
+
+
+class _TrialPrinter:
+    """Optuna callback: one line per finished trial."""
+
+    def __init__(self, study_def: Study, say: Callable[[str], None], ran: list[int]) -> None:
+        self.study_def, self.say, self.ran = study_def, say, ran
+        self.baseline: tuple[float, ...] | None = None
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.ran.append(trial.number)
+        a = trial.user_attrs
+        head = f"trial {trial.number:>3} {trial.state.name:<8} {a.get('role', 'search'):<17} {a.get('variant', '?'):<6}"
+        if trial.values is None:
+            self.say(f"{head} {a.get('fail_reason', '')}")
+            return
+        if a.get("role") == "baseline":
+            self.baseline = tuple(trial.values)
+        elif self.baseline is None:
+            from wus_tune._study.objective import baseline_accuracy
+
+            acc = baseline_accuracy(study)
+            if acc is not None:
+                b = next(t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("role") == "baseline" and t.values)
+                self.baseline = tuple(b.values)
+        acc, cost = trial.values[0], trial.values[1]
+        name = self.study_def.objectives[1]
+        text = f"{head} acc {acc:.2%}  {name} {cost:.2f}{'s' if name == 'time' else ''}"
+        if self.baseline is not None and cost > 0:
+            text += f"  {self.baseline[1] / cost:.2f}x {100 * (acc - self.baseline[0]):+.2f} pts vs baseline"
+        res = a.get("result") or {}
+        if res.get("skip_fraction"):
+            text += f"  skipped {res['skip_fraction']:.0%}"
+        if any(v > 0 for v in trial.constraints.values()):
+            text += "  (infeasible)"
+        text += f"  [overhead {res.get('overhead_s', 0.0):.2f}s]"
+        self.say(text)
+
+
+def _finish(
+    study: optuna.Study,
+    study_def: Study,
+    tracker: Any,
+    *,
+    status: str,
+    ran: list[int],
+    say: Callable[[str], None],
+    report_dir: str | Path | None,
+) -> StudyOutcome:
+    """Analyse, write the report (to MLflow, or locally), tag the Pareto-optimal child runs."""
+    from wus_tune._study.report import write_report
+    from wus_tune._study.storage import mask_url, safe_name
+    from wus_tune.pareto import analyse, export_config, format_table, load_candidates
+
+    analysis = analyse(
+        load_candidates(study), study_def.objectives,
+        accuracy_margin=study_def.accuracy_margin, cost_factor=study_def.cost_factor,
+    )  # fmt: skip
+    selected, best = None, None
+    rule = study_def.select
+    if analysis.complete:
+        try:
+            selected = analysis.select(rule)
+        except UsageError as e:
+            say(f"note: {e}; exporting the knee instead")
+            rule = "knee"
+            selected = analysis.select(rule)
+    local = Path(report_dir) if report_dir else (None if tracker.enabled else Path("studies") / safe_name(study_def.name))
+    with tempfile.TemporaryDirectory(prefix="wus_tune_report_") as tmp:
+        out = local or Path(tmp)
+        write_report(analysis, out, study_name=study_def.name, selected=selected.number if selected else None)
+        if selected is not None:
+            best = export_config(selected, str(out / "best_config.yaml"), study_name=study_def.name, rule=rule)
+        (out / "search_space.json").write_text(study_def.space.to_json() + "\n")
+        study_def.base.save(out / "base_config.yaml")
+        if tracker.enabled:
+            _log_summary(tracker, analysis, selected, rule, out)
+    tracker.end(status)
+
+    mine = [analysis.by_number(n) for n in ran if any(c.number == n for c in analysis.candidates)]
+    timing = _timing(mine)
+    shown = [c.number for c in analysis.complete]
+    if len(shown) > 25:
+        shown = sorted(set(analysis.front) | {c.number for c in analysis.complete if not c.wus})
+    say("")
+    say(format_table(analysis, shown, mark=selected.number if selected else None))
+    failed = sum(1 for c in analysis.candidates if c.state == "FAIL")
+    say(
+        f"{len(analysis.complete)} completed ({len(ran)} this run), {failed} failed, {len(analysis.front)} on the "
+        f"Pareto front (*); hypervolume {analysis.hv_history[-1][1]:.4g}" if analysis.hv_history else
+        f"{len(analysis.complete)} completed ({len(ran)} this run), {failed} failed"
+    )  # fmt: skip
+    if timing:
+        say(f"per trial: training {timing['fit_s']:.2f}s, study machinery {timing['overhead_s']:.3f}s "
+            f"(of which MLflow {timing['mlflow_s']:.3f}s)")  # fmt: skip
+    if selected is not None:
+        say(f"selected by {rule}: trial {selected.number} (<)")
+    if tracker.enabled:
+        say(f"MLflow: {mask_url(study_def.tracking_uri)}, experiment {study_def.name!r}, parent run {tracker.parent_run_id}"
+            + (f"; best config: runs:/{tracker.parent_run_id}/best_config.yaml" if best else ""))  # fmt: skip
+        say(f"browse: {ui_hint(study_def.tracking_uri, tracker.experiment_id)}")
+    if local is not None:
+        say(f"report: {local}/")
+    return StudyOutcome(
+        name=study_def.name,
+        storage=mask_url(study_def.storage),
+        tracking_uri=mask_url(study_def.tracking_uri),
+        experiment_id=tracker.experiment_id,
+        parent_run_id=tracker.parent_run_id,
+        status=status,
+        trials_run=ran,
+        analysis=analysis,
+        selected=selected,
+        best_config=best,
+        report_dir=local,
+        timing=timing,
+    )
+
+
+def ui_hint(tracking_uri: str, experiment_id: str) -> str:
+    """How to open the study's runs table. MLflow 3.17's UI picks its view from a global GenAI/ML
+    switch (remembered per browser, or the ``workflowType`` URL parameter), not from the experiment's
+    ``mlflow.experimentKind`` tag, so the link carries the parameter."""
+    from wus_tune._study.storage import mask_url
+
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{mask_url(tracking_uri).rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {mask_url(tracking_uri)}  then  http://127.0.0.1:5000/{page}"
+
+
+def _log_summary(tracker: Any, analysis: Analysis, selected: Candidate | None, rule: Any, out: Path) -> None:
+    from wus_tune._study.report import relative
+
+    tracker.log_artifacts(out)
+    metrics = {"n_complete": len(analysis.complete), "pareto_size": len(analysis.front),
+               "n_failed": sum(1 for c in analysis.candidates if c.state == "FAIL")}  # fmt: skip
+    if analysis.baseline is not None:
+        metrics["baseline_accuracy"] = analysis.baseline.values[0]
+        metrics[f"baseline_{analysis.objectives[1]}"] = analysis.baseline.values[1]
+    tags: dict[str, Any] = {"select_rule": str(rule)}
+    if selected is not None:
+        metrics["selected_trial"] = selected.number
+        metrics["selected_accuracy"] = selected.values[0]
+        metrics[f"selected_{analysis.objectives[1]}"] = selected.values[1]
+        tags["selected_trial"] = selected.number
+        tags["best_config_uri"] = f"runs:/{tracker.parent_run_id}/best_config.yaml"
+    tracker.log_parent(metrics=metrics, history={"hypervolume": analysis.hv_history}, tags=tags)
+    front = set(analysis.front)
+    child_tags, child_metrics = {}, {}
+    for c in analysis.candidates:
+        run_id = c.attrs.get("mlflow_run_id")
+        if not run_id or not c.ok:
+            continue
+        child_tags[run_id] = {"pareto_optimal": "true" if c.number in front else "false"}
+        r = relative(analysis, c)
+        child_metrics[run_id] = {f"vs_baseline/{k}" if k in ("acc_delta_pts", "speedup") else f"vs_frontier/{k.removeprefix('frontier_')}": v
+                                 for k, v in r.items() if v is not None}  # fmt: skip
+    tracker.tag_children(child_tags, child_metrics)
+
+
+def _timing(cands: Sequence[Candidate]) -> dict[str, float]:
+    rows = [t for c in cands if "overhead_s" in (t := c.attrs.get("result") or c.attrs.get("timing") or {})]
+    if not rows:
+        return {}
+    return {k: sum(float(r.get(k, 0.0)) for r in rows) / len(rows) for k in ("fit_s", "overhead_s", "mlflow_s")}
+
+
+def _deep_copy(d: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(d)
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------
+
+_TRAIN_OPTIONS = {"model": "model.name", "dataset": "data.name", "data_dir": "data.data_dir", "epochs": "epochs", "device": "device"}
+_SPEC_OPTIONS = ("n_trials", "timeout", "storage", "tracking_uri", "sampler", "objectives", "constraint_delta", "select")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="python -m wus_tune.study",
+        description="Search weight-update-skipping settings with Optuna; every trial in MLflow; export the Pareto-best config.",
+    )
+    p.add_argument("--spec", help="a study spec (YAML), e.g. studies/vgg11-cifar10.yaml; options below override it")
+    p.add_argument("--model", help="alexnet | vgg11 | vgg16 | resnet18 | mlp")
+    p.add_argument("--dataset", help="cifar10 (default) | cifar100 | digits | imagefolder")
+    p.add_argument("--data-dir", help="local dataset: torchvision's CIFAR folder, an ImageFolder directory or .tar.gz")
+    p.add_argument("--epochs", type=int, help="full-length epoch budget (the baseline's)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any base-config key, e.g. --set model.width=0.25 (repeatable)")  # fmt: skip
+    p.add_argument("--n-trials", type=int, help="trials to run in this invocation (default 20)")
+    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    p.add_argument("--study-name", help="study name = MLflow experiment (default <model>-<dataset>); reuse it to continue")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study>.db)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlruns/mlflow.db; 'none' turns MLflow off)")
+    p.add_argument("--sampler", help="tpe (default) | nsga2 | gp")
+    p.add_argument("--objectives", help="accuracy,time (default) | accuracy,cost | accuracy,time,cost")
+    p.add_argument("--seed", type=int, help="sampler seed and training seed (default 0)")
+    p.add_argument("--constraint-delta", type=float, help="feasible only if accuracy >= baseline - DELTA points")
+    p.add_argument("--select", help="rule for best_config.yaml: knee | fastest-within:D | most-accurate-under:S")
+    return p
+
+
+def spec_from_args(args: Any) -> StudySpec:
+    spec = StudySpec.load(args.spec) if args.spec else StudySpec(source="cli")
+    changes = {k: getattr(args, k) for k in _SPEC_OPTIONS if getattr(args, k) is not None}
+    if args.study_name is not None:
+        changes["name"] = args.study_name
+    if args.seed is not None:
+        changes["seed"] = args.seed
+        spec.set_train("seed", args.seed)
+    spec = dataclasses.replace(spec, **changes)
+    for opt, key in _TRAIN_OPTIONS.items():
+        if getattr(args, opt) is not None:
+            spec.set_train(key, getattr(args, opt))
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. model.width=0.25")
+        spec.set_train(key.strip(), value if key.strip() in ("data.data_dir", "data.cache_dir", "device") else parse_value(value))
+    return spec
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI; returns the exit status (0 ok, 1 no trial completed, 2 bad input, 130 interrupted)."""
+    import os
+
+    args = build_parser().parse_args(argv)
+    spec = spec_from_args(args)
+    # Our per-trial lines replace Optuna's (its failed-trial warning carries a full traceback; the
+    # reason is in our line and the traceback in the run's error.txt). MLflow's INFO lines are noise.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    outcome = run_study(spec)
+    if outcome.status == "KILLED":
+        return 130
+    if outcome.trials_run and not any(outcome.analysis.by_number(n).ok for n in outcome.trials_run):
+        print("error: no trial of this run completed (see the failure reasons above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
