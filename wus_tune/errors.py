@@ -18,5 +18,10 @@ class DataError(UsageError):
     """A dataset is missing, corrupt or in an unknown format."""
 
 
+class ServiceLost(RuntimeError):
+    """The Optuna storage or the MLflow tracking server stopped answering in the middle of a study and
+    did not come back within the retry budget. Everything recorded before stays; the CLI exits with 3."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite. Inside a study this fails the trial, not the study."""

@@ -15,7 +15,8 @@ Definitions (``directions[k]`` is ``"maximize"`` or ``"minimize"``):
   Optuna's WFG implementation.
 * The *reference point* comes from the study's full-length baseline ``b`` (:func:`reference_point`):
   accuracy ``b_acc - accuracy_margin`` (default 0.05, i.e. 5 points below the baseline), time or cost
-  ``b * cost_factor`` (default 1.25). So the hypervolume measures the area of (accuracy, time) trade-offs
+  ``b * cost_factor`` (default 1.25); a third objective likewise: sparsity ``b - accuracy_margin`` (the
+  dense baseline's 0 minus 0.05, so dense trials still count), params ``b * cost_factor``. So the hypervolume measures the area of (accuracy, time) trade-offs
   at most 5 points worse and at most 25% slower than the baseline; a trial outside that box adds nothing.
 * The *baseline frontier* is the Pareto front of the plain (no-WUS) trials, e.g. the baseline trained for
   50%, 70%, 85% and 100% of the epochs. Read as a piecewise-linear curve ``acc_f(t)`` through its points
@@ -78,12 +79,27 @@ __all__ = [
     "select",
 ]
 
-# Objective name -> (Optuna direction, TrainResult field). Accuracy is a fraction in [0, 1].
+# Objective name -> (Optuna direction, TrainResult field or last-epoch method metric). Accuracy is a
+# fraction in [0, 1]. sparsity / params come from the lp_sphere method's metrics of the last epoch; a run
+# without it is dense: sparsity 0, every parameter active (TrainResult.num_params).
 OBJECTIVES: dict[str, tuple[str, str]] = {
     "accuracy": ("maximize", "val_acc"),
     "time": ("minimize", "time_s"),
     "cost": ("minimize", "cost_flops"),
+    "sparsity": ("maximize", "lp_sphere/sparsity"),
+    "params": ("minimize", "lp_sphere/params_active"),
 }
+
+
+def objective_values(result: Any, names: Sequence[str]) -> dict[str, float]:
+    """The objective values of a :class:`~wus_tune.trainer.TrainResult` (see :data:`OBJECTIVES`)."""
+    last = result.epochs[-1].extra if result.epochs else {}
+    dense = {"sparsity": 0.0, "params": float(result.num_params)}
+    out = {}
+    for name in names:
+        source = OBJECTIVES[name][1]
+        out[name] = float(last.get(source, dense[name])) if name in dense else float(getattr(result, source))
+    return out
 
 
 # ---- the maths on plain points -------------------------------------------------------------------
@@ -350,7 +366,7 @@ class Candidate:
     state: str  # COMPLETE, FAIL, RUNNING, ...
     values: tuple[float, ...] | None
     role: str = "search"  # baseline | baseline-frontier | wus-default | search | enqueued
-    wus: bool = True  # weight update skipping enabled (False: a plain recipe, part of the frontier)
+    wus: bool = True  # a speed-up method (WUS or a plug-in) is on; False: a plain recipe, part of the frontier
     feasible: bool = True  # all constraints <= 0
     params: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] | None = None
@@ -443,10 +459,13 @@ def candidate_from_trial(trial: optuna.trial.FrozenTrial) -> Candidate:
     """Read the attributes :mod:`wus_tune.study` stores on each trial."""
     attrs = dict(trial.user_attrs)
     config = attrs.get("config")
-    wus = bool(config["wus"]["enabled"]) if isinstance(config, dict) else attrs.get("role") not in (
-        "baseline",
-        "baseline-frontier",
-    )
+    if "method" in attrs:  # a study comparing methods: "none" is the plain recipe
+        wus = attrs["method"] != "none"
+    else:
+        wus = bool(config["wus"]["enabled"]) if isinstance(config, dict) else attrs.get("role") not in (
+            "baseline",
+            "baseline-frontier",
+        )
     return Candidate(
         number=trial.number,
         state=trial.state.name,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from wus_tune._cli import ArgumentParser, parse_value, run_main
 from wus_tune._study.spec import Study, StudySpec, make_sampler
-from wus_tune._study.space import VARIANT_KEY, get_value
+from wus_tune._study.space import METHOD_KEY, VARIANT_KEY
 from wus_tune.errors import ConfigError, DataError, UsageError
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ def run_study(
     """
     import optuna
 
+    from wus_tune._study.guideline import calibrated
     from wus_tune._study.objective import Objective
     from wus_tune._study.storage import check_tracking_uri, mask_url, open_storage, study_exists
     from wus_tune._study.tracking import MlflowTracker, NullTracker
@@ -102,6 +103,7 @@ def run_study(
         spec.set_train(key, value)
     study_def = spec.resolve()
     device = _preflight(study_def)
+    study_def = calibrated(spec, study_def, fit=fit, say=say)  # edge_of_chaos.growth_rate: auto: one short run
     if study_def.tracking_uri is not None:
         check_tracking_uri(study_def.tracking_uri)
 
@@ -226,25 +228,19 @@ def _parent_tags(study_def: Study, device: str) -> dict[str, Any]:
 def initial_trials(study_def: Study) -> list[tuple[str, dict[str, Any]]]:
     """(role, fixed values) of the trials a new study runs first: the full-length baseline, the plain
     WUS default, the baseline frontier (``baseline_fractions`` of the epochs; crossed with every
-    ``schedule.name`` choice when the schedule is searched), then the spec's ``enqueue`` entries.
+    ``schedule.name`` choice when the schedule is searched), one default trial per compared method and
+    the edge-of-chaos guideline's trials (``study_def.method_trials``), then the spec's ``enqueue`` entries.
 
     Every searched knob of these trials is fixed at the base config's value, so "baseline" and "WUS
     default" mean the spec's own recipe, not a sampled one.
     """
     base, space = study_def.base, study_def.space
     epochs = base.epochs
-    data = base.to_dict()
-    at_base = {}
-    for p in space.params:
-        try:
-            if p.key != VARIANT_KEY:
-                at_base[p.key] = get_value(data, p.key)
-        except ConfigError:  # e.g. a knob of a method the base config does not enable
-            pass
-    plain = {k: v for k, v in at_base.items() if not k.startswith("wus.")} | {VARIANT_KEY: "none"}
-    wus = {k: v for k, v in at_base.items() if space[k].active({VARIANT_KEY: "wus"})} | {VARIANT_KEY: "wus"}
+    methods = METHOD_KEY in space  # a study comparing methods: the baselines are method "none"
+    plain = space.fixed_at_base(base, {VARIANT_KEY: "none"} | ({METHOD_KEY: "none"} if methods else {}))
+    wus = space.fixed_at_base(base, {VARIANT_KEY: "wus"} | ({METHOD_KEY: "wus"} if methods else {}))
     out: list[tuple[str, dict[str, Any]]] = [("baseline", plain | {"epochs": epochs})]
-    if study_def.enqueue_wus_default:
+    if study_def.enqueue_wus_default and (not methods or "wus" in space[METHOD_KEY].choices):
         out.append(("wus-default", wus | {"epochs": epochs}))
     budgets = sorted({max(1, round(f * epochs)) for f in study_def.baseline_fractions} - {epochs}, reverse=True)
     schedules = [base.schedule.name]
@@ -253,6 +249,7 @@ def initial_trials(study_def: Study) -> list[tuple[str, dict[str, Any]]]:
     for schedule in schedules:
         for n in ([] if schedule == base.schedule.name else [epochs]) + budgets:
             out.append(("baseline-frontier", plain | {"epochs": n, "schedule.name": schedule}))
+    out += [(role, dict(values)) for role, values in study_def.method_trials]
     out += [("enqueued", dict(e)) for e in study_def.enqueue]
     return out
 

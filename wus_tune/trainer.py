@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,6 +186,11 @@ def fit(
     )
     train_model = model
     if config.compile and cuda:
+        if controller:
+            # Measured on torch 2.11 (docs/benchmarks.md): the compiled graph does not re-specialise when
+            # requires_grad flips, so skip steps still run the full backward and save no time.
+            warnings.warn("compile with WUS: torch.compile keeps computing frozen weights' gradients, "
+                          "so skip steps save no time; train eagerly to benefit from WUS", stacklevel=2)
         train_model = torch.compile(model)
     _warm_up(train_model, optimizer, sample_x, sample_y, autocast, frozen_in_skip)
 

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from wus_tune._study.space import VARIANT_KEY, apply_values, flat_config
+from wus_tune._study.space import METHOD_KEY, VARIANT_KEY, apply_values, flat_config
 from wus_tune.errors import TrainingDiverged
-from wus_tune.pareto import OBJECTIVES
+from wus_tune.pareto import objective_values
 
 if TYPE_CHECKING:
     import optuna
@@ -64,13 +64,15 @@ class Objective:
             params = {k: v for k, v in flat_config(config.to_dict()).items() if not k.startswith("meta")}
             params[VARIANT_KEY] = variant
             tags = {"optuna.study_name": self.study.name, "wus_tune.role": role, "wus_tune.variant": variant}
+            if METHOD_KEY in self.study.space:  # the compared method, a param and a tag to filter on
+                params[METHOD_KEY] = tags["wus_tune.method"] = trial.user_attrs.get("method", "none")
             run = self.tracker.start_trial(trial.number, params=params, tags=tags)
             if run.run_id:
                 trial.set_user_attr("mlflow_run_id", run.run_id)
             t = time.perf_counter()
             result = self.fit(config, on_epoch=run.log_epoch)
             fit_s = time.perf_counter() - t - run.epoch_overhead_s
-            objective = {name: float(getattr(result, OBJECTIVES[name][1])) for name in self.study.objectives}
+            objective = objective_values(result, self.study.objectives)
             bad = [k for k, v in objective.items() if not math.isfinite(v)]
             if bad:
                 raise TrainingDiverged(f"objective {bad[0]} is {objective[bad[0]]}")
@@ -107,6 +109,8 @@ class Objective:
         if "role" not in attrs:
             trial.set_user_attr("role", role)
         trial.set_user_attr("variant", variant)
+        if METHOD_KEY in values:  # a study comparing methods: "none" marks the plain recipe
+            trial.set_user_attr("method", values[METHOD_KEY])
         trial.set_user_attr("config", config.to_dict())
         return config, role, variant
 

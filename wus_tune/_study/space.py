@@ -14,6 +14,17 @@ definitions. One virtual key exists, ``wus.variant``:
 A definition samples only when its ``when`` condition holds (``{"wus.variant": ["wus+lr"]}``), so the
 space is conditional; every ``wus.*`` knob implicitly requires a variant other than ``none``.
 
+Two more virtual keys exist when a spec asks for them (:mod:`wus_tune._study.catalog`):
+
+* ``method``: which speed-up method a trial uses when a study compares several (spec ``methods:``):
+  ``none`` (the plain recipe), ``wus``, ``approx_ops``, ``lp_sphere``, ``gauss_newton``,
+  ``edge_of_chaos``, or a combination with WUS written ``approx_ops+wus``. It sets ``methods`` in the
+  config (the base config's entry for a method supplies its fixed knobs) and, without ``wus``, forces
+  ``wus.variant = none``. Measurement-only methods of the base config (``edge_of_chaos``) stay in every
+  trial. Each method's knobs are sampled only when the chosen ``method`` contains it.
+* ``optim.ratio``: the effective ratio ``lr / ((1 - momentum) * batch_size)`` of the edge-of-chaos
+  parametrisation; the learning rate is derived from it (:func:`apply_values`).
+
 Default ranges (:data:`DEFAULT_SPACE`), chosen around the settings that worked in the calibration runs
 of the trainer and wide enough to include "never skips" and "skips a lot":
 
@@ -53,6 +64,13 @@ if TYPE_CHECKING:
 
 VARIANT_KEY = "wus.variant"
 VARIANTS = ("none", "wus", "wus+lr")
+METHOD_KEY = "method"  # virtual: the speed-up method of a trial, e.g. "approx_ops+wus"
+RATIO_KEY = "optim.ratio"  # virtual: lr / ((1 - momentum) * batch_size); the lr is derived from it
+# Built-in plug-in methods a ``method`` choice may name; which combine with WUS. ``edge_of_chaos`` only
+# measures (training is unchanged), so a base config's entry for it stays in every trial.
+METHOD_NAMES = ("approx_ops", "lp_sphere", "gauss_newton", "edge_of_chaos")
+WITH_WUS = ("approx_ops", "lp_sphere", "edge_of_chaos")
+MEASURE_ONLY = ("edge_of_chaos",)
 DEFAULT_VARIANT = "wus+lr"  # when wus.variant is not searched: WUS on, LR coupling as configured
 _INDEX = re.compile(r"^(?P<key>.+)\[(?P<index>\d+)\]$")
 _FIELDS = ("type", "low", "high", "log", "step", "choices", "when", "doc")
@@ -82,6 +100,12 @@ class Param:
                     raise UsageError(f"{where}: choice {c!r} must be a number, string, boolean or null")
             if self.key == VARIANT_KEY and not set(self.choices) <= set(VARIANTS):
                 raise UsageError(f"{where}: choices must be among {', '.join(VARIANTS)}, got {list(self.choices)}")
+            if self.key == METHOD_KEY:
+                for c in self.choices:
+                    try:
+                        method_parts(c)
+                    except ConfigError as e:
+                        raise UsageError(f"{where}: {e}") from None
             return self
         if self.type not in ("float", "int"):
             raise UsageError(f"{where}: type must be float, int or categorical, got {self.type!r}")
@@ -220,12 +244,27 @@ class SearchSpace:
     params: tuple[Param, ...]
 
     @classmethod
-    def build(cls, overrides: Mapping[str, Any] | None = None, *, defaults: bool = True) -> SearchSpace:
+    def build(
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        defaults: bool = True,
+        methods: Sequence[str] = ("wus",),
+        effective_ratio: bool = False,
+    ) -> SearchSpace:
         """The default space (or none) with a spec's entries applied: a mapping overrides or adds a
-        parameter, ``null`` removes one."""
+        parameter, ``null`` removes one. ``methods`` other than ``["wus"]`` put the virtual ``method`` key
+        first and add each method's default knobs (:mod:`wus_tune._study.catalog`); ``effective_ratio``
+        searches edge of chaos's ``optim.ratio`` instead of ``optim.lr``."""
         params = {p.key: p for p in DEFAULT_SPACE} if defaults else {}
+        if tuple(methods) != ("wus",):
+            from wus_tune._study.catalog import method_space
+
+            params = method_space(methods, params, defaults=defaults, effective_ratio=effective_ratio)
         for key, raw in (overrides or {}).items():
             key = str(key)
+            if key == METHOD_KEY:
+                raise UsageError("search_space.method: choose the compared methods with the spec's 'methods:' list")
             if raw is None or raw is False:
                 params.pop(key, None)
             else:
@@ -253,11 +292,38 @@ class SearchSpace:
         """Values for the active parameters: ``fixed`` ones as given (not suggested), the rest suggested."""
         fixed = dict(fixed or {})
         values: dict[str, Any] = {VARIANT_KEY: DEFAULT_VARIANT, **fixed}  # replaced if the variant is searched
+        if METHOD_KEY in values:
+            values.update(method_implies(values[METHOD_KEY]))
         for p in self.params:
             if p.key in fixed or not p.active(values):
                 continue
             values[p.key] = p.suggest(trial)
+            if p.key == METHOD_KEY:  # without WUS, no wus.* knob is active
+                values.update(method_implies(values[METHOD_KEY]))
         return values
+
+    def fixed_at_base(self, base: TrainConfig, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` plus, for every parameter active under them, its value in ``base``: the fixed
+        values of an enqueued trial that means "the base recipe, with these choices" (a baseline, a
+        method's default trial). A key the base config lacks (a knob of a method it does not enable) is
+        left out; ``optim.ratio`` is the base recipe's ratio."""
+        data = base.to_dict()
+        context: dict[str, Any] = {VARIANT_KEY: DEFAULT_VARIANT, **values}
+        if METHOD_KEY in context:
+            context.update(method_implies(context[METHOD_KEY]))
+        out: dict[str, Any] = {}
+        for p in self.params:
+            if p.key in (VARIANT_KEY, METHOD_KEY) or p.key in values or not p.active(context):
+                continue
+            if p.key == RATIO_KEY:
+                o = base.optim
+                out[p.key] = o.lr / ((1.0 - o.momentum) * o.batch_size)
+                continue
+            try:
+                out[p.key] = get_value(data, p.key)
+            except ConfigError:  # e.g. a knob of a method the base config does not enable
+                pass
+        return out | dict(values)
 
     def split_fixed(self, values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Split fixed values into Optuna params (searched keys whose value lies in the distribution, so
@@ -270,9 +336,10 @@ class SearchSpace:
     def check(self, base: TrainConfig) -> None:
         """Apply every corner of every parameter to ``base``: a value the config rejects is a spec error."""
         for p in self.params:
+            context = {k: allowed[0] for k, allowed in p.when.items() if allowed}  # e.g. the method it needs
             for v in p.corners():
                 try:
-                    apply_values(base, {p.key: v})
+                    apply_values(base, {**context, p.key: v})
                 except ConfigError as e:
                     raise UsageError(f"search_space.{p.key}: value {v!r} is not a valid config: {e}") from None
 
@@ -290,12 +357,60 @@ def variant_overrides(variant: str) -> dict[str, Any]:
     raise ConfigError(f"{VARIANT_KEY}: unknown value {variant!r}; choose one of {', '.join(VARIANTS)}")
 
 
+def method_parts(choice: Any) -> tuple[str, ...]:
+    """``"approx_ops+wus"`` -> ``("approx_ops", "wus")``; ``"none"`` -> ``()``. Raises ConfigError for a
+    name that is not a method, or a combination that is not supported (only ``<method>+wus`` for the
+    methods in :data:`WITH_WUS`)."""
+    forms = "none, wus, " + ", ".join(METHOD_NAMES) + ", " + ", ".join(f"{m}+wus" for m in WITH_WUS)
+    if not isinstance(choice, str) or not choice:
+        raise ConfigError(f"{METHOD_KEY}: expected a method name such as 'approx_ops+wus', got {choice!r}")
+    if choice == "none":
+        return ()
+    parts = tuple(choice.split("+"))
+    for part in parts:
+        if part != "wus" and part not in METHOD_NAMES:
+            raise ConfigError(f"{METHOD_KEY}: unknown method {part!r} in {choice!r}; choose from {forms}")
+    others = [x for x in parts if x != "wus"]
+    if len(set(parts)) != len(parts) or len(others) > 1 or (len(parts) == 2 and others[0] not in WITH_WUS):
+        raise ConfigError(f"{METHOD_KEY}: unsupported combination {choice!r}; choose from {forms}")
+    return parts
+
+
+def method_implies(choice: Any) -> dict[str, Any]:
+    """What a ``method`` choice fixes among the other virtual keys: no WUS means ``wus.variant = none``."""
+    return {} if "wus" in method_parts(choice) else {VARIANT_KEY: "none"}
+
+
+def _method_overrides(choice: Any, base_methods: Mapping[str, Any], has_variant: bool) -> dict[str, Any]:
+    parts = method_parts(choice)
+    methods = {
+        name: dict(params or {}) for name, params in base_methods.items()
+        if name not in METHOD_NAMES or name in parts or name in MEASURE_ONLY
+    }  # fmt: skip
+    for name in parts:
+        if name != "wus":
+            methods.setdefault(name, dict(base_methods.get(name) or {}))
+    out: dict[str, Any] = {"methods": methods}
+    if "wus" in parts and not has_variant:
+        out["wus.enabled"] = True
+    return out
+
+
 def apply_values(base: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
-    """``base`` with the sampled/fixed values written in (``wus.variant`` expanded, ``key[i]`` list items
-    set), validated by :meth:`TrainConfig.replace`."""
+    """``base`` with the sampled/fixed values written in (``method`` and ``wus.variant`` expanded,
+    ``optim.ratio`` turned into ``optim.lr``, ``key[i]`` list items set), validated by
+    :meth:`TrainConfig.replace`."""
     values = dict(values)
-    variant = values.pop(VARIANT_KEY, None)
     overrides: dict[str, Any] = {}
+    method = values.pop(METHOD_KEY, None)
+    if method is not None:
+        if "wus" not in method_parts(method):
+            values[VARIANT_KEY] = "none"
+        overrides.update(_method_overrides(method, base.methods, VARIANT_KEY in values))
+    variant = values.pop(VARIANT_KEY, None)
+    ratio = values.pop(RATIO_KEY, None)
+    if ratio is not None:
+        values["optim.lr"] = lr_from_ratio(ratio, values, base)
     if variant is not None:
         overrides.update(variant_overrides(variant))
     if overrides.get("wus.enabled") is False:
@@ -304,6 +419,8 @@ def apply_values(base: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
     else:
         overrides = {k: v for k, v in overrides.items() if k not in values or k == "wus.enabled"}
     data = base.to_dict()
+    if "methods" in overrides:
+        data["methods"] = overrides["methods"]  # list items below index into the chosen methods
     for key, value in values.items():
         m = _INDEX.match(key)
         if m is None:
@@ -314,6 +431,21 @@ def apply_values(base: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
         current[int(m["index"])] = value
         overrides[m["key"]] = current
     return base.replace(overrides)
+
+
+def lr_from_ratio(ratio: Any, values: Mapping[str, Any], base: TrainConfig) -> float:
+    """``lr = ratio * (1 - momentum) * batch_size`` with the trial's momentum and batch size (or the base
+    config's), rounded to 12 significant digits so that the base recipe's ratio gives back its lr exactly."""
+    momentum = values.get("optim.momentum", base.optim.momentum)
+    batch = values.get("optim.batch_size", base.optim.batch_size)
+    for key, v in ((RATIO_KEY, ratio), ("optim.momentum", momentum), ("optim.batch_size", batch)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{key}: expected a number, got {v!r}")
+    if not ratio > 0:
+        raise ConfigError(f"{RATIO_KEY}: expected > 0, got {ratio!r}")
+    if not 0 <= momentum < 1 or batch < 1:
+        raise ConfigError(f"{RATIO_KEY}: needs 0 <= momentum < 1 and batch_size >= 1, got {momentum!r}, {batch!r}")
+    return float(f"{ratio * (1.0 - momentum) * batch:.12g}")
 
 
 def get_value(data: Mapping[str, Any], key: str) -> Any:

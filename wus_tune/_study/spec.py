@@ -9,7 +9,10 @@ Format (every key optional; unknown keys are errors)::
       data: {name: cifar10, subset: 10000}
       schedule: {name: step, milestones: [0.5, 0.75]}
       epochs: 16
-    objectives: [accuracy, time]    # or "accuracy,cost", or all three
+    objectives: [accuracy, time]    # or "accuracy,cost", "accuracy,time,cost"; a last "sparsity" or "params" adds Lp-sphere sparsity
+    methods: [wus]                  # the methods compared (default [wus]): none, wus, approx_ops, lp_sphere,
+                                    # gauss_newton (2-layer mlp), edge_of_chaos, approx_ops+wus, lp_sphere+wus, edge_of_chaos+wus
+    edge_of_chaos: null             # the effective-ratio space and the guideline prior (wus_tune._study.guideline)
     sampler: tpe                    # tpe | nsga2 | gp
     sampler_options: {n_startup_trials: 8}   # keyword arguments of the Optuna sampler
     seed: 0
@@ -42,6 +45,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wus_tune.errors import ConfigError, UsageError
+from wus_tune._study.catalog import check_method_model, check_methods, method_default_trials
+from wus_tune._study.guideline import EdgeOfChaosSpec, Guideline, with_j_logging
+from wus_tune._study.guideline import resolve as resolve_guideline
 from wus_tune._study.space import SearchSpace, apply_values
 from wus_tune._study.storage import DEFAULT_TRACKING_URI, default_storage
 from wus_tune.pareto import OBJECTIVES, Rule, parse_rule
@@ -62,6 +68,8 @@ class StudySpec:
     description: str = ""
     train: dict[str, Any] = field(default_factory=dict)
     objectives: Any = "accuracy,time"  # "accuracy,time" or a list
+    methods: list[str] = field(default_factory=lambda: ["wus"])  # the compared methods: values of `method`
+    edge_of_chaos: EdgeOfChaosSpec | None = None  # the effective-ratio space and the guideline prior
     sampler: str = "tpe"
     sampler_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -152,8 +160,30 @@ class StudySpec:
                 raise UsageError(f"baseline_fractions[{i}]: {f:g} is out of range (0, 1]")
         rule = parse_rule(self.select)
         base = TrainConfig.from_dict(self.train)
-        space = SearchSpace.build(self.search_space, defaults=self.default_search_space)
+        methods = check_methods(self.methods)
+        check_method_model(methods, base)
+        guide: Guideline | None = None
+        overrides = dict(self.search_space)
+        if self.edge_of_chaos is not None:
+            guide = resolve_guideline(self.edge_of_chaos, base, methods)
+            base = with_j_logging(base, self.edge_of_chaos)
+            if guide.weight_decay_range is not None:  # the guideline's range; a spec entry still wins
+                low, high = guide.weight_decay_range
+                overrides = {"optim.weight_decay": {"low": low, "high": high, "log": True}} | overrides
+        space = SearchSpace.build(
+            overrides, defaults=self.default_search_space, methods=methods,
+            effective_ratio=guide is not None and guide.effective_ratio,
+        )  # fmt: skip
         space.check(base)
+        method_trials = method_default_trials(space, base, methods)
+        if guide is not None and guide.configs:  # the guideline's trials replace edge of chaos's default
+            method_trials = [t for t in method_trials if t[1].get("method") != "edge_of_chaos"]
+            method_trials += [("guideline", space.fixed_at_base(base, values)) for values in guide.configs]
+        for _, values in method_trials:
+            try:
+                apply_values(base, values)
+            except ConfigError as e:
+                raise UsageError(f"methods: the default trial {values.get('method')!r} is not a valid config: {e}") from None
         for i, entry in enumerate(self.enqueue):
             try:
                 apply_values(base, entry)
@@ -184,6 +214,9 @@ class StudySpec:
             accuracy_margin=self.accuracy_margin,
             cost_factor=self.cost_factor,
             spec=self.to_dict(),
+            methods=methods,
+            method_trials=tuple(method_trials),
+            guideline=guide,
         )
 
 
@@ -211,6 +244,10 @@ class Study:
     accuracy_margin: float
     cost_factor: float
     spec: dict[str, Any]
+    methods: tuple[str, ...] = ("wus",)
+    # (role, fixed values) enqueued after the baseline frontier: one default per method, guideline trials
+    method_trials: tuple[tuple[str, dict[str, Any]], ...] = ()
+    guideline: Guideline | None = None
 
     @property
     def directions(self) -> list[str]:
@@ -218,15 +255,20 @@ class Study:
 
 
 def parse_objectives(value: Any) -> tuple[str, ...]:
-    """``"accuracy,time"`` or ``["accuracy", "cost"]`` -> a tuple; accuracy first, then time and/or cost."""
+    """``"accuracy,time"`` or ``["accuracy", "cost"]`` -> a tuple; accuracy first, then time and/or cost,
+    then optionally one of sparsity (maximised) or params (active parameters, minimised)."""
     names = [s.strip() for s in value.split(",")] if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise UsageError(f"objectives: expected e.g. 'accuracy,time', got {value!r}")
     for n in names:
         if n not in OBJECTIVES:
             raise UsageError(f"objectives: unknown objective {n!r}; choose from {', '.join(OBJECTIVES)}")
-    if len(names) < 2 or names[0] != "accuracy" or len(set(names)) != len(names):
-        raise UsageError(f"objectives: expected accuracy then time and/or cost, got {','.join(names)}")
+    kinds = ["a" if n == "accuracy" else "c" if n in ("time", "cost") else "s" for n in names]
+    shape = "".join(kinds)
+    if shape not in ("ac", "acc", "acs", "accs") or len(set(names)) != len(names):
+        raise UsageError(
+            f"objectives: expected accuracy then time and/or cost, then optionally sparsity or params; got {','.join(names)}"
+        )
     return tuple(names)
 
 

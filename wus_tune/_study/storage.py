@@ -1,20 +1,43 @@
-"""Opening Optuna storages and MLflow stores by URL, with errors a user can act on.
+"""Opening Optuna storages and MLflow stores by URL, with errors a user can act on; what lets several
+workers share them.
 
-Kept separate so a later step can add Journal file storage, heartbeats and retries in one place.
+Storage URLs: any Optuna RDB URL (``sqlite:///studies/x.db``, ``postgresql://user@host/db``,
+``mysql+pymysql://user@host/db``), or ``journal:///studies/x.journal`` (relative) /
+``journal:////abs/x.journal``: Optuna's Journal file storage, which several processes on one machine
+(or on a file system with working locks) share without a database server.
+
+* :func:`open_storage` connects, with heartbeats (:class:`HeartbeatJournalStorage` adds them to the
+  Journal storage, which Optuna 5 lacks) and a :class:`RetryPolicy` around every call
+  (:class:`ResilientStorage`): a server that stops answering mid-study is retried with bounded
+  exponential backoff, then :class:`~wus_tune.errors.ServiceLost` is raised.
+* :func:`study_lock` serialises workers across processes and machines (a PostgreSQL advisory lock,
+  MySQL ``GET_LOCK``, ``flock`` on a side file for SQLite and Journal files), so a study's first
+  trials are enqueued exactly once and a study-wide trial budget is exact.
+* :func:`mask_url` and :func:`redact` keep passwords out of every message.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.util
+import math
 import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wus_tune.errors import UsageError
+from wus_tune.errors import ServiceLost, UsageError
 
 if TYPE_CHECKING:
     import optuna
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+JOURNAL_SCHEME = "journal:///"
 
 
 def default_storage(study_name: str) -> str:
@@ -22,15 +45,46 @@ def default_storage(study_name: str) -> str:
     return f"sqlite:///studies/{safe_name(study_name)}.db"
 
 
+def default_journal(study_name: str) -> str:
+    """``journal:///studies/<study_name>.journal``: the default when several local workers share a study
+    (SQLite serialises every writer on one file lock; Optuna's Journal file storage appends instead)."""
+    return f"{JOURNAL_SCHEME}studies/{safe_name(study_name)}.journal"
+
+
 def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "study"
 
 
+# ---- secrets -----------------------------------------------------------------------------------------
+
+_SECRETS: set[str] = set()
+_PASSWORD = re.compile(r"(?<=://)([^:/@\s]*):([^@/\s]*)@")
+_QUERY_PASSWORD = re.compile(r"(?i)((?:password|passwd|pwd)=)[^&\s]*")
+
+
 def mask_url(url: str | None) -> str | None:
-    """The URL with any password replaced by ``***`` (``postgresql://u:***@host/db``)."""
+    """The URL with any password replaced by ``***`` (``postgresql://u:***@host/db``); remembers the
+    password so :func:`redact` removes it from any later message too."""
     if url is None:
         return None
-    return re.sub(r"(?<=://)([^:/@]*):([^@/]*)@", r"\1:***@", url)
+    for m in _PASSWORD.finditer(url):
+        if m.group(2):
+            _SECRETS.add(m.group(2))
+    for m in _QUERY_PASSWORD.finditer(url):
+        value = m.group(0).split("=", 1)[1]
+        if value:
+            _SECRETS.add(value)
+    return _QUERY_PASSWORD.sub(r"\1***", _PASSWORD.sub(r"\1:***@", url))
+
+
+def redact(text: str) -> str:
+    """``text`` with every URL password masked and every password seen by :func:`mask_url` replaced
+    (a driver's error message may quote the connection string)."""
+    text = _QUERY_PASSWORD.sub(r"\1***", _PASSWORD.sub(r"\1:***@", text))
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        if len(secret) >= 3:  # a 1-2 character password would mask unrelated text; the URL pattern covers it
+            text = text.replace(secret, "***")
+    return text
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -41,38 +95,371 @@ def sqlite_path(url: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-def _first_line(e: BaseException) -> str:
+def journal_path(url: str) -> Path | None:
+    """The file behind a ``journal:///`` URL (``journal:///rel/x.journal``, ``journal:////abs/x.journal``)."""
+    if not url.startswith(JOURNAL_SCHEME):
+        return None
+    path = url[len(JOURNAL_SCHEME) :]
+    if not path:
+        raise UsageError(f"--storage {url}: expected journal:///path/to/file.journal")
+    return Path(path)
+
+
+def database_url(url: str) -> str:
+    """The SQLAlchemy URL to connect with. SQLAlchemy 2.1 reads ``postgresql://`` as psycopg 3 and
+    ``mysql://`` as mysqlclient; where only psycopg2 / PyMySQL are installed (the ``distributed`` extra),
+    the plain URL is rewritten to use them, so ``postgresql://user@host/db`` works either way."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    if scheme == "postgresql" and not _has("psycopg") and _has("psycopg2"):
+        return f"postgresql+psycopg2://{rest}"
+    if scheme == "mysql" and not _has("MySQLdb") and _has("pymysql"):
+        return f"mysql+pymysql://{rest}"
+    return url
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def first_line(e: BaseException) -> str:
     text = str(getattr(e, "orig", None) or e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return redact(text.splitlines()[0] if text else type(e).__name__)
 
 
-def open_storage(url: str, *, create_dirs: bool = False) -> optuna.storages.BaseStorage:
+_first_line = first_line
+
+
+# ---- retries -----------------------------------------------------------------------------------------
+
+
+def is_transient(e: BaseException) -> bool:
+    """True for errors that say "the server is not answering" (worth retrying), not "the request is
+    wrong": dropped or refused connections, timeouts, a locked SQLite file, HTTP 5xx/429."""
+    seen: set[int] = set()
+    err: BaseException | None = e
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        name = type(err).__name__
+        module = type(err).__module__ or ""
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            return True
+        if name in ("OperationalError", "InterfaceError", "DisconnectionError") and module.split(".")[0] in (
+            "sqlalchemy", "psycopg2", "psycopg", "pymysql", "MySQLdb", "sqlite3",
+        ):  # fmt: skip
+            return True
+        if module.startswith(("requests", "urllib3")) and name in (
+            "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "ChunkedEncodingError",
+            "MaxRetryError", "NewConnectionError", "ProtocolError", "RetryError",
+        ):  # fmt: skip
+            return True
+        if name == "MlflowException":
+            code = str(getattr(err, "error_code", ""))
+            text = str(err)
+            if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED") or any(
+                s in text for s in ("Max retries exceeded", "Connection refused", "Connection aborted",
+                                    "Failed to establish", "Read timed out", "too many 5", "status code 5",
+                                    "response code 5", "OperationalError")
+            ):  # fmt: skip
+                return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@dataclass
+class RetryPolicy:
+    """Bounded exponential backoff for a remote store: the first failure starts a budget of ``timeout``
+    seconds; waits go ``initial``, 2x, 4x ... capped at ``max_delay``. When the budget is spent the
+    policy is *lost*: this call and every later one raise :class:`ServiceLost` at once (so a dead
+    server costs one budget, not one per call)."""
+
+    what: str  # "Optuna storage postgresql://u:***@h/db": named in every message
+    timeout: float = 120.0
+    initial: float = 0.5
+    max_delay: float = 15.0
+    echo: Callable[[str], None] | None = None
+    lost: ServiceLost | None = field(default=None, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        if self.lost is not None:
+            raise self.lost
+        deadline, delay, attempt = None, self.initial, 0
+        while True:
+            try:
+                return fn()
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                now = time.monotonic()
+                attempt += 1
+                if deadline is None:
+                    deadline = now + self.timeout
+                    self._say(f"warning: {self.what} is not answering ({first_line(e)}); "
+                              f"retrying for up to {self.timeout:g} s")  # fmt: skip
+                if now + delay > deadline or self.timeout <= 0:
+                    with self._lock:
+                        if self.lost is None:
+                            self.lost = ServiceLost(
+                                f"{self.what} unreachable for {self.timeout:g} s ({first_line(e)}); stopping. "
+                                "Everything recorded so far is kept: run the same command again to continue"
+                            )
+                    raise self.lost from None
+                time.sleep(delay)
+                delay = min(delay * 2, self.max_delay)
+
+    def _say(self, text: str) -> None:
+        (self.echo or (lambda t: print(t, file=sys.stderr, flush=True)))(redact(text))
+
+
+# ---- storages ----------------------------------------------------------------------------------------
+
+
+def _journal_heartbeat_class() -> type:
+    import optuna
+    from optuna.storages._heartbeat import BaseHeartbeat
+    from optuna.storages.journal import JournalStorage
+    from optuna.trial import TrialState
+
+    class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+        """Optuna's Journal storage with the heartbeat protocol of its RDB storage (Optuna 5 has none
+        for Journal): a running trial's heartbeat is a system attribute holding the writer's clock, so
+        the workers must share a clock, as the processes of one machine do."""
+
+        KEY = "wus_tune:heartbeat"
+
+        def __init__(self, backend: Any, heartbeat_interval: int | None, grace_period: int | None) -> None:
+            super().__init__(backend)
+            self.heartbeat_interval = heartbeat_interval
+            self.grace_period = grace_period
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            try:
+                self.set_trial_system_attr(trial_id, self.KEY, time.time())
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # the trial ended (or another worker declared it stale) meanwhile
+
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            assert self.heartbeat_interval is not None
+            grace = self.grace_period or 2 * self.heartbeat_interval
+            now = time.time()
+            return [
+                t._trial_id
+                for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+                if self.KEY in t.system_attrs and now - float(t.system_attrs[self.KEY]) > grace
+            ]
+
+        def get_heartbeat_interval(self) -> int | None:
+            return self.heartbeat_interval
+
+        def get_heartbeat_stale_trial_callback(self) -> Any:
+            return None
+
+    return HeartbeatJournalStorage
+
+
+def open_storage(
+    url: str,
+    *,
+    create_dirs: bool = False,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    retry: RetryPolicy | None = None,
+) -> optuna.storages.BaseStorage:
     """Connect to an Optuna storage; an unreachable URL is one clear :class:`UsageError`.
 
-    ``create_dirs`` makes the parent directory of a SQLite file (done for the default ``studies/``
-    location only, so a mistyped path is reported rather than created).
+    ``create_dirs`` makes the parent directory of a SQLite or Journal file (done for the default
+    ``studies/`` location only, so a mistyped path is reported rather than created).
+    ``heartbeat_interval`` / ``grace_period`` (seconds) turn on Optuna's heartbeats: a running trial
+    whose worker has not written one for ``grace_period`` is *stale* (see ``wus_tune._study.workers``).
+    ``retry`` wraps the storage in a :class:`ResilientStorage`.
     """
+    import warnings
+
     import optuna
 
-    path = sqlite_path(url)
+    path = sqlite_path(url) or journal_path(url)
     if path is not None:
         if create_dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
         elif not path.parent.is_dir():
             raise UsageError(f"--storage {url}: directory {str(path.parent)!r} does not exist")
+    storage: Any
     try:
-        if path is not None:
-            set_wal(path)
-        storage = optuna.storages.RDBStorage(url)
-    except Exception as e:  # sqlalchemy errors, missing drivers, bad URLs
-        detail = _first_line(e)
-        if isinstance(e, ImportError) and e.__cause__ is not None:
-            # SQLAlchemy 2.1 maps postgresql:// to psycopg 3; psycopg2 needs postgresql+psycopg2://
-            detail = f"database driver not installed: {_first_line(e.__cause__)}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if url.startswith(JOURNAL_SCHEME):
+                from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+                assert path is not None
+                backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+                storage = _journal_heartbeat_class()(backend, heartbeat_interval, grace_period)
+            else:
+                engine_kwargs: dict[str, Any] = {}
+                if sqlite_path(url) is not None:
+                    set_wal(sqlite_path(url))  # type: ignore[arg-type]
+                elif not url.startswith("sqlite:"):
+                    # A dropped connection is replaced, not reported; a black-holed host fails in 10 s.
+                    engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+                storage = optuna.storages.RDBStorage(
+                    database_url(url),
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                )
+    except UsageError:
+        raise
+    except Exception as e:  # sqlalchemy errors, missing drivers, bad URLs, unreadable journal files
+        detail = first_line(e)
+        if isinstance(e, ImportError) or isinstance(e.__cause__, ImportError):
+            cause = e.__cause__ if isinstance(e.__cause__, ImportError) else e
+            detail = f"database driver not installed: {first_line(cause)}; pip install 'wus_tune[distributed]'"
         raise UsageError(f"--storage {mask_url(url)}: cannot open the Optuna storage ({detail})") from None
-    if path is not None:
+    if sqlite_path(url) is not None:
         sync_normal(storage.engine)
+    if retry is not None:
+        from optuna.storages import RDBStorage
+        from optuna.storages._cached_storage import _CachedStorage
+
+        if isinstance(storage, RDBStorage):
+            storage = _CachedStorage(storage)  # what optuna.create_study would wrap it in
+        storage = ResilientStorage(storage, retry)
     return storage
+
+
+def unwrap(storage: Any) -> Any:
+    """The storage under the :class:`ResilientStorage` and Optuna's cache: an RDBStorage or a JournalStorage."""
+    while True:
+        inner = getattr(storage, "_inner", None) or getattr(storage, "_backend", None)
+        if inner is None or not hasattr(inner, "get_all_trials"):
+            return storage
+        storage = inner
+
+
+def _resilient_storage_class() -> type:
+    from optuna.storages import BaseStorage
+    from optuna.storages._heartbeat import BaseHeartbeat
+
+    class ResilientStorage(BaseStorage, BaseHeartbeat):
+        """Every call of the wrapped storage through a :class:`RetryPolicy` (heartbeats included)."""
+
+        def __init__(self, inner: Any, policy: RetryPolicy) -> None:
+            self._inner, self.policy = inner, policy
+
+        def get_heartbeat_interval(self) -> int | None:
+            fn = getattr(self._inner, "get_heartbeat_interval", None)
+            return fn() if fn is not None else None
+
+        def get_heartbeat_stale_trial_callback(self) -> Any:
+            fn = getattr(self._inner, "get_heartbeat_stale_trial_callback", None)
+            return fn() if fn is not None else None
+
+        def __getattr__(self, name: str) -> Any:  # anything else (engine, ...) straight through
+            return getattr(self._inner, name)
+
+    def delegate(name: str) -> Callable[..., Any]:
+        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            fn = getattr(self._inner, name)
+            return self.policy.call(lambda: fn(*args, **kwargs))
+
+        method.__name__ = name
+        return method
+
+    names = {n for cls in (BaseStorage, BaseHeartbeat) for n, v in vars(cls).items() if callable(v) and not n.startswith("__")}
+    for name in sorted(names - {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "get_failed_trial_callback"}):
+        setattr(ResilientStorage, name, delegate(name))
+    ResilientStorage.__abstractmethods__ = frozenset()
+    return ResilientStorage
+
+
+class _Lazy:
+    """Build the optuna-derived classes on first use (``import wus_tune._study.storage`` stays cheap)."""
+
+    def __init__(self, factory: Callable[[], type]) -> None:
+        self.factory, self.cls = factory, None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.cls is None:
+            self.cls = self.factory()
+        return self.cls(*args, **kwargs)
+
+
+ResilientStorage = _Lazy(_resilient_storage_class)
+HeartbeatJournalStorage = _Lazy(_journal_heartbeat_class)
+
+
+@contextlib.contextmanager
+def study_lock(storage: Any, name: str, *, timeout: float = 600.0) -> Iterator[None]:
+    """Hold a lock named after the study, across processes and machines, for the ``with`` block.
+
+    PostgreSQL: a transaction-level advisory lock; MySQL/MariaDB: ``GET_LOCK``; both are released by the
+    server if the holder dies. SQLite and Journal files: ``flock`` on ``<file>.wus_tune-lock`` (released
+    by the kernel if the holder dies). In-memory storages: nothing to share, no lock.
+    """
+    from optuna.storages import RDBStorage
+
+    base = unwrap(storage)
+    key = f"wus_tune:{name}"
+    if isinstance(base, RDBStorage):
+        engine = base.engine
+        dialect = engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy import text
+
+            number = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big", signed=True)
+            with engine.begin() as conn:
+                conn.execute(text(f"SET LOCAL lock_timeout = '{int(timeout * 1000)}ms'"))
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": number})
+                yield
+            return
+        if dialect in ("mysql", "mariadb"):
+            from sqlalchemy import text
+
+            lock_name = "wus_tune:" + hashlib.sha1(key.encode()).hexdigest()[:40]
+            with engine.connect() as conn:
+                got = conn.execute(text("SELECT GET_LOCK(:n, :t)"), {"n": lock_name, "t": int(timeout)}).scalar()
+                if got != 1:
+                    raise ServiceLost(f"could not take the study lock {lock_name} within {timeout:g} s")
+                try:
+                    yield
+                finally:
+                    with contextlib.suppress(Exception):
+                        conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": lock_name})
+            return
+        path = sqlite_path(str(engine.url))
+    else:
+        backend = getattr(base, "_backend", None)
+        file = getattr(backend, "_file_path", None)
+        path = Path(file) if file else None
+    if path is None:
+        yield
+        return
+    with _file_lock(path.with_name(path.name + ".wus_tune-lock"), timeout):
+        yield
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout: float) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # Windows: one machine's workers share no file lock here; run one worker per study
+        yield
+        return
+    with open(path, "a+") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ServiceLost(f"could not take the study lock {path} within {timeout:g} s") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def set_wal(path: Path) -> None:
@@ -121,7 +508,7 @@ def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
 def load_study(name: str, url: str) -> optuna.Study:
     import optuna
 
-    path = sqlite_path(url)
+    path = sqlite_path(url) or journal_path(url)
     if path is not None and not path.exists():
         raise UsageError(f"--storage {url}: no such file (is the study name or --storage right?)")
     storage = open_storage(url)
@@ -133,14 +520,14 @@ def load_study(name: str, url: str) -> optuna.Study:
 
 def check_tracking_uri(uri: str) -> None:
     """Fail early with one line if an MLflow tracking URI cannot work. Writes nothing (MLflow itself
-    creates a SQLite store's file and directory on first use)."""
+    creates a SQLite store's file and directory on first use; a database server is only connected to)."""
     if uri.startswith(("http://", "https://")):
         import urllib.request
 
         try:  # MLflow's own client retries for minutes; one short probe gives a prompt answer
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
         except Exception as e:
-            raise UsageError(f"--tracking-uri {mask_url(uri)}: MLflow server not reachable ({_first_line(e)})") from None
+            raise UsageError(f"--tracking-uri {mask_url(uri)}: MLflow server not reachable ({first_line(e)})") from None
         return
     if sqlite_path(uri) is not None:
         return
@@ -149,3 +536,20 @@ def check_tracking_uri(uri: str) -> None:
             f"--tracking-uri {uri}: MLflow >= 3.13 no longer accepts the plain file store; "
             f"use a database such as {DEFAULT_TRACKING_URI}"
         )
+    if uri.startswith(("postgresql", "mysql", "mssql")):
+        import sqlalchemy
+
+        try:
+            engine = sqlalchemy.create_engine(database_url(uri), connect_args={"connect_timeout": 10})
+            try:
+                with engine.connect():
+                    pass
+            finally:
+                engine.dispose()
+        except Exception as e:
+            raise UsageError(f"--tracking-uri {mask_url(uri)}: database not reachable ({first_line(e)})") from None
+
+
+def tracking_url(uri: str) -> str:
+    """The tracking URI MLflow is given: database URIs get the installed driver (:func:`database_url`)."""
+    return database_url(uri) if uri.startswith(("postgresql://", "mysql://")) else uri
