@@ -261,18 +261,17 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``data["wus"]["threshold"] = value`` for ``dotted == "wus.threshold"``."""
+    """Set ``data["wus"]["threshold"] = value`` for ``dotted == "wus.threshold"``.
+
+    Sections must exist; under ``methods`` a method's mapping is created on first use.
+    """
     *parents, leaf = dotted.split(".")
     node = data
     for i, key in enumerate(parents):
-        if key == "methods" and i == 0:
-            node = node.setdefault("methods", {})
-            continue
-        if key not in node or not isinstance(node[key], dict):
-            if node is data.get("methods"):
-                node = node.setdefault(key, {})
-                continue
-            raise ConfigError(f"{dotted}: unknown key {'.'.join(parents[: i + 1])!r}")
+        if not isinstance(node.get(key), dict):
+            if parents[0] != "methods":
+                raise ConfigError(f"{dotted}: unknown key {'.'.join(parents[: i + 1])!r}")
+            node[key] = {}
         node = node[key]
     node[leaf] = value
 
