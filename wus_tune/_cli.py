@@ -14,7 +14,9 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     try:
         return main(argv)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from wus_tune._study.storage import redact  # no URL password in any message
+
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -49,7 +49,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Sequence
@@ -534,7 +533,9 @@ def format_table(analysis: Analysis, numbers: Sequence[int] | None = None, *, ma
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m wus_tune.pareto --study NAME [--storage URL] [--select RULE] [--out best.yaml]``."""
-    p = argparse.ArgumentParser(
+    from wus_tune._cli import ArgumentParser  # a bad option is one line and exit 2, like every CLI here
+
+    p = ArgumentParser(
         prog="python -m wus_tune.pareto",
         description="Print a study's Pareto front and export the config chosen by a rule.",
     )
@@ -557,7 +558,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"study {args.study!r} has no completed trials yet")
         print(f"selected by {rule}: trial {chosen.number}")
         if args.out:
-            export_config(chosen, args.out, study_name=study.study_name, rule=rule)
+            try:
+                export_config(chosen, args.out, study_name=study.study_name, rule=rule)
+            except OSError as e:
+                raise UsageError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
             print(f"wrote {args.out}  (train it: python -m wus_tune.train --config {args.out})")
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

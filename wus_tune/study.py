@@ -73,6 +73,10 @@ def run_study(
     fit: Callable[..., TrainResult] | None = None,
     echo: Callable[[str], None] | None = print,
     report_dir: str | Path | None = None,
+    devices: str | None = None,
+    workers: int | None = None,
+    workers_per_device: int | None = None,
+    worker: bool = False,
     **options: Any,
 ) -> StudyOutcome:
     """Run (or continue) a study.
@@ -81,15 +85,24 @@ def run_study(
     fields (``n_trials=10, sampler="nsga2", tracking_uri="none"``); ``overrides`` are dotted base-config
     keys (``{"model.name": "vgg11", "epochs": 8}``). ``fit`` replaces :func:`wus_tune.fit` (tests,
     benchmarks). Raises :class:`UsageError` for bad input before anything is written.
+
+    ``devices`` (``"0,1,2,3"`` or ``"cpu"``), ``workers``, ``workers_per_device``: run the trials in that
+    many worker processes on this machine (see ``wus_tune._study.workers``); ``worker``: this process is
+    one of them (no final report). Raises :class:`~wus_tune.errors.ServiceLost` if the storage or the
+    tracking server is lost mid-study for longer than ``reconnect_timeout``.
     """
     import optuna
 
+    from wus_tune._study import workers as w
     from wus_tune._study.guideline import calibrated
     from wus_tune._study.objective import Objective
-    from wus_tune._study.storage import check_tracking_uri, mask_url, open_storage, study_exists
+    from wus_tune._study.storage import (
+        RetryPolicy, check_tracking_uri, default_journal, mask_url, open_storage, redact, study_exists, study_lock,
+    )  # fmt: skip
     from wus_tune._study.tracking import MlflowTracker, NullTracker
+    from wus_tune.errors import ServiceLost
 
-    say = echo or (lambda _: None)
+    say = (lambda text: echo(redact(text))) if echo else (lambda _: None)
     if spec is None:
         spec = StudySpec(source="cli")
     elif not isinstance(spec, StudySpec):
@@ -101,47 +114,71 @@ def run_study(
     spec = dataclasses.replace(spec, **options)
     for key, value in (overrides or {}).items():
         spec.set_train(key, value)
+    slots = w.plan_slots(devices, workers, workers_per_device)
+    if len(slots) == 1:  # one worker: this process, on that device
+        spec.set_train("device", "cpu" if slots[0].device == "cpu" else f"cuda:{slots[0].device}")
+    elif slots:
+        spec.set_train("device", slots[0].train_device)  # what each worker gets (its GPU is its cuda:0)
     study_def = spec.resolve()
+    if len(slots) > 1 and study_def.default_storage:  # several local writers: a Journal file, not SQLite
+        study_def = dataclasses.replace(study_def, storage=default_journal(study_def.name))
+    study_def = dataclasses.replace(study_def, spec=_public_spec(study_def.spec))
+    conf = w.settings(study_def)
     device = _preflight(study_def)
     study_def = calibrated(spec, study_def, fit=fit, say=say)  # edge_of_chaos.growth_rate: auto: one short run
     if study_def.tracking_uri is not None:
         check_tracking_uri(study_def.tracking_uri)
+    elif not worker:  # the report goes to a local directory: find out now if it cannot
+        from wus_tune._study.storage import check_writable, safe_name
+
+        check_writable(Path(report_dir) if report_dir else Path("studies") / safe_name(study_def.name), "report directory")
 
     # ---- stores: nothing has been written before this point -----------------------------------------
-    storage = open_storage(study_def.storage, create_dirs=study_def.default_storage)
-    existing = None
-    if study_exists(storage, study_def.name):
-        existing = optuna.load_study(study_name=study_def.name, storage=storage)
-        _check_compatible(existing, study_def)
-    n_before = len(existing.trials) if existing else 0
-    tracker: Any = NullTracker()
-    if study_def.tracking_uri is not None:
-        tracker = MlflowTracker.open(
-            study_def.tracking_uri,
-            study_def.name,
-            parent_run_id=existing.user_attrs.get(PARENT_RUN_ATTR) if existing else None,
-            tags=_parent_tags(study_def, device),
+    storage = open_storage(
+        study_def.storage, create_dirs=study_def.default_storage,
+        heartbeat_interval=conf.heartbeat_interval, grace_period=conf.grace_period,
+        retry=RetryPolicy(f"Optuna storage {mask_url(study_def.storage)}", conf.reconnect_timeout),
+    )  # fmt: skip
+    # Workers starting at once: one creates the study, its MLflow parent run and the first trials.
+    with study_lock(storage, study_def.name):
+        existing = None
+        if study_exists(storage, study_def.name):
+            existing = optuna.load_study(study_name=study_def.name, storage=storage)
+            _check_compatible(existing, study_def)
+        n_before = len(existing.trials) if existing else 0
+        joined = int(existing.user_attrs.get("wus_tune_joins", 0)) if existing else 0  # distinct sampler seeds
+        tracker: Any = NullTracker()
+        if study_def.tracking_uri is not None:
+            tracker = MlflowTracker.open(
+                study_def.tracking_uri,
+                study_def.name,
+                parent_run_id=existing.user_attrs.get(PARENT_RUN_ATTR) if existing else None,
+                tags=_parent_tags(study_def, device),
+                retry=RetryPolicy(f"MLflow tracking {mask_url(study_def.tracking_uri)}", conf.reconnect_timeout),
+            )
+        study = optuna.create_study(
+            storage=storage,
+            sampler=make_sampler(study_def.sampler, study_def.sampler_options, seed=study_def.seed + n_before + joined),
+            study_name=study_def.name,
+            directions=study_def.directions,
+            load_if_exists=True,
         )
-    study = optuna.create_study(
-        storage=storage,
-        sampler=make_sampler(study_def.sampler, study_def.sampler_options, seed=study_def.seed + n_before),
-        study_name=study_def.name,
-        directions=study_def.directions,
-        load_if_exists=True,
-    )
-    if existing is None:
-        _init_study(study, study_def)
-    else:
-        import json
+        if existing is None:
+            _init_study(study, study_def)
+        else:
+            import json
 
-        if existing.user_attrs.get("base_config") != json.loads(json.dumps(study_def.base.to_dict())):
-            say("note: the base config differs from the one this study started with; its baseline trials used that one")
-        study.set_user_attr("search_space", study_def.space.to_json())  # the space the latest trials use
-        study.set_user_attr("spec", study_def.spec)
-    if tracker.enabled:
-        study.set_user_attr(PARENT_RUN_ATTR, tracker.parent_run_id)
-        study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
-        study.set_user_attr("mlflow_tracking_uri", mask_url(study_def.tracking_uri))
+            if existing.user_attrs.get("base_config") != json.loads(json.dumps(study_def.base.to_dict())):
+                say("note: the base config differs from the one this study started with; its baseline trials used that one")
+            study.set_user_attr("search_space", study_def.space.to_json())  # the space the latest trials use
+            study.set_user_attr("spec", study_def.spec)
+        study.set_user_attr("wus_tune_joins", joined + 1)
+        if tracker.enabled and (existing is None or existing.user_attrs.get(PARENT_RUN_ATTR) != tracker.parent_run_id):
+            study.set_user_attr(PARENT_RUN_ATTR, tracker.parent_run_id)
+            study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
+            study.set_user_attr("mlflow_tracking_uri", mask_url(study_def.tracking_uri))
+    if tracker.enabled and existing is not None:  # runs left RUNNING by a worker that stopped unreachable
+        tracker.sweep({t.number: t.state.name for t in study.get_trials(deepcopy=False)})
 
     say(
         f"study {study_def.name}: {'continuing with ' + str(n_before) + ' trials' if existing else 'new'}; "
@@ -150,24 +187,86 @@ def run_study(
     )
     ran: list[int] = []
     printer = _TrialPrinter(study_def, say, ran)
-    status = "FINISHED"
+    status, lost = "FINISHED", False
     try:
-        study.optimize(
-            Objective(study_def, tracker, fit=fit),
-            n_trials=study_def.n_trials,
-            timeout=study_def.timeout,
-            catch=(Exception,),  # a failing trial is recorded as FAIL and the study goes on
-            callbacks=[printer],
-        )
+        if len(slots) > 1:
+            status = _launch(study, spec, study_def, slots, conf, ran, say)
+        else:
+            w.run_worker(
+                study,
+                Objective(study_def, tracker, fit=fit),
+                n_trials=study_def.n_trials,
+                max_trials=conf.max_trials,
+                timeout=study_def.timeout,
+                stale=w.StaleTrials(tracker, grace_period=conf.grace_period, max_retry=conf.max_retry),
+                lock=lambda: study_lock(storage, study_def.name),
+                callbacks=[printer],
+                poll_s=min(2.0, float(conf.heartbeat_interval or 2)),
+            )
     except KeyboardInterrupt:
         status = "KILLED"
-        say("interrupted: the current trial is marked failed; run the same command again to continue")
+        say("interrupted: the current trial is marked failed and re-queued; run the same command again to continue")
+    except ServiceLost:
+        status, lost = "FAILED", True  # nothing more can be written: no report
+        raise
     except BaseException:
         status = "FAILED"
         raise
     finally:
-        outcome = _finish(study, study_def, tracker, status=status, ran=ran, say=say, report_dir=report_dir)
+        if not lost:
+            outcome = _finish(study, study_def, tracker, status=status, ran=ran, say=say, report_dir=report_dir,
+                              report=not worker)  # fmt: skip
     return outcome
+
+
+def _public_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec as stored in the study's user attributes: URL passwords masked."""
+    from wus_tune._study.storage import mask_url
+
+    out = dict(spec)
+    for key in ("storage", "tracking_uri"):
+        if isinstance(out.get(key), str):
+            out[key] = mask_url(out[key])
+    return out
+
+
+def _launch(study: optuna.Study, spec: StudySpec, study_def: Study, slots: Sequence[Any], conf: Any,
+            ran: list[int], say: Callable[[str], None]) -> str:  # fmt: skip
+    """Run the trials in one worker process per slot (``--devices`` / ``--workers``); returns the status.
+
+    The workers share this invocation's ``n_trials`` through a study-wide budget (``max_trials``); each
+    gets the resolved spec in a private temporary file (the storage URL may hold a password)."""
+    import os
+
+    import yaml
+
+    from wus_tune._study import workers as w
+    from wus_tune.errors import ServiceLost
+
+    finished, running = w.budget_used(study.get_trials(deepcopy=False))
+    budget = None if study_def.n_trials is None else finished + running + study_def.n_trials
+    if conf.max_trials is not None:
+        budget = conf.max_trials if budget is None else min(budget, conf.max_trials)
+    child = dataclasses.replace(spec, name=study_def.name, storage=study_def.storage,
+                                tracking_uri=study_def.tracking_uri or "none", n_trials=None, max_trials=budget)  # fmt: skip
+    fd, path = tempfile.mkstemp(prefix="wus_tune_worker_", suffix=".yaml")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(child.to_dict(), f, sort_keys=False)
+        codes, ids, interrupted = w.launch(slots, path, say=say)
+    finally:
+        os.unlink(path)
+    mine = set(ids)
+    ran += [t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") in mine and t.state.is_finished()]
+    if 3 in codes:
+        raise ServiceLost("a worker lost the Optuna storage or the MLflow server (see its lines above); "
+                          "everything recorded so far is kept: run the same command again to continue")  # fmt: skip
+    bad = [(s.label, c) for s, c in zip(slots, codes) if c not in (0, 1, 130)]
+    for label, code in bad:
+        say(f"worker {label} exited with status {code}")
+    if interrupted or 130 in codes:
+        return "KILLED"
+    return "FAILED" if bad else "FINISHED"
 
 
 # ---- steps ---------------------------------------------------------------------------------------------
@@ -277,7 +376,8 @@ class _TrialPrinter:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.ran.append(trial.number)
         a = trial.user_attrs
-        head = f"trial {trial.number:>3} {trial.state.name:<8} {a.get('role', 'search'):<17} {a.get('variant', '?'):<6}"
+        label = a["method"] if a.get("method") not in (None, "wus") else a.get("variant", "?")  # e.g. approx_ops+wus
+        head = f"trial {trial.number:>3} {trial.state.name:<8} {a.get('role', 'search'):<17} {label:<6}"
         if trial.values is None:
             self.say(f"{head} {a.get('fail_reason', '')}")
             return
@@ -298,6 +398,9 @@ class _TrialPrinter:
         res = a.get("result") or {}
         if res.get("skip_fraction"):
             text += f"  skipped {res['skip_fraction']:.0%}"
+        for name, value in zip(self.study_def.objectives[2:], trial.values[2:]):
+            if name in ("sparsity", "params"):
+                text += f"  {name} {value:.1%}" if name == "sparsity" else f"  {name} {value:,.0f}"
         if any(v > 0 for v in trial.constraints.values()):
             text += "  (infeasible)"
         text += f"  [overhead {res.get('overhead_s', 0.0):.2f}s]"
@@ -313,8 +416,12 @@ def _finish(
     ran: list[int],
     say: Callable[[str], None],
     report_dir: str | Path | None,
+    report: bool = True,
 ) -> StudyOutcome:
-    """Analyse, write the report (to MLflow, or locally), tag the Pareto-optimal child runs."""
+    """Analyse, write the report (to MLflow, or locally), tag the Pareto-optimal child runs.
+
+    ``report=False`` (a worker started by ``--devices``/``--workers``): the analysis only; the launcher
+    writes the report. The parent run is ended only when no other worker is running a trial."""
     from wus_tune._study.report import write_report
     from wus_tune._study.storage import mask_url, safe_name
     from wus_tune.pareto import analyse, export_config, format_table, load_candidates
@@ -333,24 +440,29 @@ def _finish(
             rule = "knee"
             selected = analysis.select(rule)
     local = Path(report_dir) if report_dir else (None if tracker.enabled else Path("studies") / safe_name(study_def.name))
-    with tempfile.TemporaryDirectory(prefix="wus_tune_report_") as tmp:
-        out = local or Path(tmp)
-        write_report(analysis, out, study_name=study_def.name, selected=selected.number if selected else None)
-        if selected is not None:
-            best = export_config(selected, str(out / "best_config.yaml"), study_name=study_def.name, rule=rule)
-        (out / "search_space.json").write_text(study_def.space.to_json() + "\n")
-        study_def.base.save(out / "base_config.yaml")
-        if tracker.enabled:
-            _log_summary(tracker, analysis, selected, rule, out)
-    tracker.end(status)
+    if not report:
+        local = None
+    else:
+        with tempfile.TemporaryDirectory(prefix="wus_tune_report_") as tmp:
+            out = local or Path(tmp)
+            write_report(analysis, out, study_name=study_def.name, selected=selected.number if selected else None)
+            if selected is not None:
+                best = export_config(selected, str(out / "best_config.yaml"), study_name=study_def.name, rule=rule)
+            (out / "search_space.json").write_text(study_def.space.to_json() + "\n")
+            study_def.base.save(out / "base_config.yaml")
+            if tracker.enabled:
+                _log_summary(tracker, analysis, selected, rule, out)
+    if report and not any(c.state == "RUNNING" for c in analysis.candidates):
+        tracker.end(status)  # else another worker is still logging under the parent run; the last one ends it
 
     mine = [analysis.by_number(n) for n in ran if any(c.number == n for c in analysis.candidates)]
     timing = _timing(mine)
     shown = [c.number for c in analysis.complete]
     if len(shown) > 25:
         shown = sorted(set(analysis.front) | {c.number for c in analysis.complete if not c.wus})
-    say("")
-    say(format_table(analysis, shown, mark=selected.number if selected else None))
+    if report:
+        say("")
+        say(format_table(analysis, shown, mark=selected.number if selected else None))
     failed = sum(1 for c in analysis.candidates if c.state == "FAIL")
     say(
         f"{len(analysis.complete)} completed ({len(ran)} this run), {failed} failed, {len(analysis.front)} on the "
@@ -442,7 +554,9 @@ def _deep_copy(d: Any) -> Any:
 # ---- CLI -----------------------------------------------------------------------------------------------
 
 _TRAIN_OPTIONS = {"model": "model.name", "dataset": "data.name", "data_dir": "data.data_dir", "epochs": "epochs", "device": "device"}
-_SPEC_OPTIONS = ("n_trials", "timeout", "storage", "tracking_uri", "sampler", "objectives", "constraint_delta", "select")
+_SPEC_OPTIONS = ("n_trials", "timeout", "storage", "tracking_uri", "sampler", "objectives", "constraint_delta", "select",
+                 "max_trials", "heartbeat_interval", "grace_period", "max_retry", "reconnect_timeout")  # fmt: skip
+_WORKER_OPTIONS = ("devices", "workers", "workers_per_device", "worker")
 
 
 def build_parser() -> ArgumentParser:
@@ -464,10 +578,22 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study>.db)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlruns/mlflow.db; 'none' turns MLflow off)")
     p.add_argument("--sampler", help="tpe (default) | nsga2 | gp")
-    p.add_argument("--objectives", help="accuracy,time (default) | accuracy,cost | accuracy,time,cost")
+    p.add_argument("--objectives", help="accuracy,time (default) | accuracy,cost | accuracy,time,cost; a last sparsity or params adds that")
+    p.add_argument("--methods", help="the methods compared, e.g. wus,approx_ops,lp_sphere+wus (default wus; docs/study.md)")
     p.add_argument("--seed", type=int, help="sampler seed and training seed (default 0)")
     p.add_argument("--constraint-delta", type=float, help="feasible only if accuracy >= baseline - DELTA points")
     p.add_argument("--select", help="rule for best_config.yaml: knee | fastest-within:D | most-accurate-under:S")
+    scale = p.add_argument_group("scale out (docs/study.md, 'Scale out')")
+    scale.add_argument("--devices", help="one worker process per GPU (0,1,2,3; own CUDA_VISIBLE_DEVICES), or cpu")
+    scale.add_argument("--workers-per-device", type=int, help="worker processes per GPU (small trials on a large GPU)")
+    scale.add_argument("--workers", type=int, help="worker processes in all (with --devices cpu: torch threads = cores / N)")
+    scale.add_argument("--max-trials", type=int, help="study-wide budget shared by every worker on every machine")
+    scale.add_argument("--heartbeat-interval", type=int, help="seconds between a running trial's heartbeats (default 30)")
+    scale.add_argument("--grace-period", type=int, help="seconds without one before a trial is re-queued (default 3 x interval)")
+    scale.add_argument("--max-retry", type=int, help="times a stale or interrupted trial is re-queued (default 2)")
+    scale.add_argument("--reconnect-timeout", type=float,
+                       help="seconds a lost storage or MLflow server is retried before the worker stops (default 120)")  # fmt: skip
+    scale.add_argument("--worker", action="store_true", help="run as one of several workers: no final report")
     return p
 
 
@@ -475,10 +601,14 @@ def spec_from_args(args: Any) -> StudySpec:
     spec = StudySpec.load(args.spec) if args.spec else StudySpec(source="cli")
     changes = {k: getattr(args, k) for k in _SPEC_OPTIONS if getattr(args, k) is not None}
     if args.study_name is not None:
+        if not args.study_name.strip():
+            raise UsageError("--study-name: expected a name, got an empty string")
         changes["name"] = args.study_name
     if args.seed is not None:
         changes["seed"] = args.seed
         spec.set_train("seed", args.seed)
+    if args.methods is not None:
+        changes["methods"] = [m.strip() for m in args.methods.split(",")]
     spec = dataclasses.replace(spec, **changes)
     for opt, key in _TRAIN_OPTIONS.items():
         if getattr(args, opt) is not None:
@@ -492,7 +622,8 @@ def spec_from_args(args: Any) -> StudySpec:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI; returns the exit status (0 ok, 1 no trial completed, 2 bad input, 130 interrupted)."""
+    """The CLI; returns the exit status (0 ok, 1 no trial completed, 2 bad input, 3 storage or tracking
+    server lost mid-study, 130 interrupted)."""
     import os
 
     args = build_parser().parse_args(argv)
@@ -503,7 +634,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    outcome = run_study(spec)
+    from wus_tune._study.storage import redact
+    from wus_tune.errors import ServiceLost
+
+    try:
+        outcome = run_study(spec, **{k: getattr(args, k) for k in _WORKER_OPTIONS})
+    except ServiceLost as e:
+        print(f"error: {redact(str(e))}", file=sys.stderr)
+        return 3
     if outcome.status == "KILLED":
         return 130
     if outcome.trials_run and not any(outcome.analysis.by_number(n).ok for n in outcome.trials_run):

@@ -15,7 +15,11 @@ from typing import Any
 from wus_tune.pareto import Analysis, Candidate
 
 _UNITS = {"time": "s", "cost": " FLOPs"}
-_COLORS = {"none": "#7f7f7f", "wus": "#1f77b4", "wus+lr": "#ff7f0e"}
+_COLORS = {"none": "#7f7f7f", "wus": "#1f77b4", "wus+lr": "#ff7f0e", "approx_ops": "#9467bd",
+           "lp_sphere": "#8c564b", "gauss_newton": "#e377c2", "edge_of_chaos": "#17becf",
+           "edge_of_chaos (guideline)": "#d62728", "approx_ops+wus": "#bcbd22", "lp_sphere+wus": "#2ca02c",
+           "edge_of_chaos+wus": "#aec7e8"}  # fmt: skip
+_MARKERS = "oD^v<>Ph*Xd"
 
 
 def variant(c: Candidate) -> str:
@@ -24,7 +28,31 @@ def variant(c: Candidate) -> str:
     return "wus" if c.wus else "none"
 
 
+def label(c: Candidate) -> str:
+    """What a trial ran: its ``method`` in a study comparing methods (``approx_ops+wus``; WUS trials by
+    variant), else its WUS variant; guideline trials are marked."""
+    method = c.attrs.get("method")
+    name = str(method) if method not in (None, "wus") else variant(c)
+    return f"{name} (guideline)" if c.role == "guideline" else name
+
+
+def _labels(cands: Sequence[Candidate]) -> list[str]:
+    order = ["none", "wus", "wus+lr"]
+    found = {label(c) for c in cands}
+    return [x for x in order if x in found] + sorted(found - set(order))
+
+
+def _color(name: str, i: int) -> str:
+    return _COLORS.get(name) or f"C{i % 10}"
+
+
+def _legend(name: str) -> str:
+    return "plain (no method)" if name == "none" else name
+
+
 def _fmt_cost(name: str, v: float) -> str:
+    if name == "sparsity":
+        return f"{v:.1%}"
     return f"{v:.1f}s" if name == "time" else f"{v:.3g}"
 
 
@@ -50,7 +78,8 @@ def relative(analysis: Analysis, c: Candidate) -> dict[str, float | None]:
 def table_rows(analysis: Analysis, numbers: Sequence[int], *, mark: int | None = None) -> list[list[str]]:
     """Header plus one row per trial number, ordered by time/cost."""
     obj = analysis.objectives[1]
-    header = ["trial", "role", "variant", "accuracy", "vs base", obj, "speed-up", "vs frontier", "saved", "front"]
+    third = list(analysis.objectives[2:])
+    header = ["trial", "role", "method", "accuracy", "vs base", obj, *third, "speed-up", "vs frontier", "saved", "front"]
     cands = sorted((analysis.by_number(n) for n in numbers), key=lambda c: (c.values or (0, 0))[1])
     rows = [header]
     front = set(analysis.front)
@@ -61,10 +90,11 @@ def table_rows(analysis: Analysis, numbers: Sequence[int], *, mark: int | None =
         rows.append([
             str(c.number) + ("<" if c.number == mark else ""),
             c.role,
-            variant(c),
+            label(c).removesuffix(" (guideline)"),
             f"{c.values[0] * 100:.2f}%",
             "" if r["acc_delta_pts"] is None else f"{r['acc_delta_pts']:+.2f}",
             _fmt_cost(obj, c.values[1]),
+            *(_fmt_cost(name, v) for name, v in zip(third, c.values[2:])),
             "" if r["speedup"] is None else f"{r['speedup']:.2f}x",
             "" if r["frontier_acc_gain_pts"] is None else f"{r['frontier_acc_gain_pts']:+.2f} pts",
             "" if r["frontier_time_saved_fraction"] is None else f"{r['frontier_time_saved_fraction'] * 100:+.0f}%",
@@ -78,14 +108,15 @@ def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) ->
     front = set(analysis.front)
     fields = ["trial", "state", "role", "variant", "feasible", *analysis.objectives, "pareto", "selected",
               "acc_delta_pts", "speedup", "frontier_acc_gain_pts", "frontier_time_saved", "frontier_time_saved_fraction",
-              "time_s", "cost_flops", "skip_fraction", "flops_fraction", "epochs", "mlflow_run_id", "fail_reason", "params"]  # fmt: skip
+              "time_s", "cost_flops", "skip_fraction", "flops_fraction", "epochs", "mlflow_run_id", "fail_reason", "params", "method"]  # fmt: skip
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for c in analysis.candidates:
             res = c.attrs.get("result") or {}
             row: dict[str, Any] = {
-                "trial": c.number, "state": c.state, "role": c.role, "variant": variant(c), "feasible": c.feasible,
+                "trial": c.number, "state": c.state, "role": c.role, "variant": variant(c),
+                "method": c.attrs.get("method", variant(c)), "feasible": c.feasible,
                 "pareto": c.number in front, "selected": c.number == selected,
                 "time_s": res.get("time_s"), "cost_flops": res.get("cost_flops"),
                 "skip_fraction": res.get("skip_fraction"), "flops_fraction": res.get("flops_fraction"),
@@ -140,16 +171,35 @@ def write_pareto_png(analysis: Analysis, path: Path, *, title: str, selected: in
     obj = analysis.objectives[1]
     done = analysis.complete
     front = sorted((analysis.by_number(n) for n in analysis.front), key=lambda c: c.values[1])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for v in ("none", "wus", "wus+lr"):
-        cs = [c for c in done if variant(c) == v]
-        if cs:
-            label = "plain (no WUS)" if v == "none" else v
-            ax.scatter(*_xy(analysis, cs), s=22, color=_COLORS[v], alpha=0.75, label=label, marker="s" if v == "none" else "o")
+    third = analysis.objectives[2] if len(analysis.objectives) > 2 else None
+    fig, ax = plt.subplots(figsize=(7.6 if third else 7, 4.5))
+    # Two objectives: colour = method. A third (sparsity/params): colour = its value, marker = method,
+    # and the front (a surface in 3-D, no staircase in this projection) is ringed instead of joined.
+    norm = None
+    if third:
+        from matplotlib.colors import Normalize
+
+        zs = [c.values[2] for c in done]
+        norm = Normalize(min(zs, default=0.0), max(zs, default=1.0) if zs and max(zs) > min(zs) else min(zs, default=0.0) + 1)
+    for i, name in enumerate(_labels(done)):
+        cs = [c for c in done if label(c) == name]
+        marker = "s" if name == "none" else _MARKERS[i % len(_MARKERS)]
+        if third:
+            sc = ax.scatter(*_xy(analysis, cs), s=30, c=[c.values[2] for c in cs], cmap="viridis", norm=norm,
+                            marker=marker, edgecolors="#333", linewidths=0.4, label=_legend(name))  # fmt: skip
+        else:
+            ax.scatter(*_xy(analysis, cs), s=22, color=_color(name, i), alpha=0.75, label=_legend(name), marker=marker)
+    if third:
+        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax,
+                     label={"sparsity": "sparsity (masked fraction of the constrained weights)",
+                            "params": "active parameters"}.get(third, third))  # fmt: skip
     infeasible = [c for c in analysis.candidates if c.state == "COMPLETE" and not c.feasible and c.values]
     if infeasible:
         ax.scatter(*_xy(analysis, infeasible), s=22, facecolors="none", edgecolors="#999", label="infeasible")
-    if front:
+    if front and third:
+        ax.scatter(*_xy(analysis, front), s=90, facecolors="none", edgecolors="#2ca02c", lw=1.4,
+                   label=f"Pareto front (accuracy, {analysis.objectives[1]}, {third})")  # fmt: skip
+    elif front:
         ax.step(*_xy(analysis, front), where="post", color="#2ca02c", lw=1.2, label="Pareto front")
     frontier = analysis.frontier
     if len(frontier) >= 1:
@@ -178,8 +228,9 @@ def write_pareto_html(analysis: Analysis, path: Path, *, title: str, selected: i
 
     def hover(c: Candidate) -> str:
         r = relative(analysis, c)
-        parts = [f"trial {c.number} ({c.role}, {variant(c)})", f"accuracy {c.values[0] * 100:.2f}%",
+        parts = [f"trial {c.number} ({c.role}, {label(c)})", f"accuracy {c.values[0] * 100:.2f}%",
                  f"{obj} {_fmt_cost(obj, c.values[1])}"]  # fmt: skip
+        parts += [f"{name} {_fmt_cost(name, v)}" for name, v in zip(analysis.objectives[2:], c.values[2:])]
         if r["speedup"] is not None:
             parts.append(f"{r['speedup']:.2f}x vs baseline, {r['acc_delta_pts']:+.2f} pts")
         if r["frontier_acc_gain_pts"] is not None:
@@ -189,15 +240,27 @@ def write_pareto_html(analysis: Analysis, path: Path, *, title: str, selected: i
 
     fig = go.Figure()
     done = analysis.complete
-    for v in ("none", "wus", "wus+lr"):
-        cs = [c for c in done if variant(c) == v]
-        if cs:
-            x, y = _xy(analysis, cs)
-            fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name="plain (no WUS)" if v == "none" else v,
-                                     marker=dict(color=_COLORS[v], symbol="square" if v == "none" else "circle"),
-                                     text=[hover(c) for c in cs], hoverinfo="text"))  # fmt: skip
+    third = analysis.objectives[2] if len(analysis.objectives) > 2 else None
+    symbols = ["circle", "diamond", "triangle-up", "triangle-down", "cross", "x", "star", "hexagon", "pentagon"]
+    for i, name in enumerate(_labels(done)):
+        cs = [c for c in done if label(c) == name]
+        x, y = _xy(analysis, cs)
+        marker: dict[str, Any] = dict(symbol="square" if name == "none" else symbols[i % len(symbols)])
+        if third:
+            marker.update(color=[c.values[2] for c in cs], colorscale="Viridis", showscale=i == 0,
+                          colorbar=dict(title=third), line=dict(width=0.5, color="#333"))  # fmt: skip
+            zs = [c.values[2] for c in done]
+            marker.update(cmin=min(zs), cmax=max(zs))
+        else:
+            marker["color"] = _color(name, i)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name=_legend(name), marker=marker,
+                                 text=[hover(c) for c in cs], hoverinfo="text"))  # fmt: skip
     front = sorted((analysis.by_number(n) for n in analysis.front), key=lambda c: c.values[1])
-    if front:
+    if front and third:
+        x, y = _xy(analysis, front)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name="Pareto front (3 objectives)",
+                                 marker=dict(size=16, color="rgba(0,0,0,0)", line=dict(color="#2ca02c", width=2))))  # fmt: skip
+    elif front:
         x, y = _xy(analysis, front)
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines", line=dict(shape="hv", color="#2ca02c"), name="Pareto front"))
     if analysis.frontier:

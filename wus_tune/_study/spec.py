@@ -32,6 +32,11 @@ Format (every key optional; unknown keys are errors)::
     select: fastest-within:1.0      # rule for the exported best_config.yaml (wus_tune.pareto)
     accuracy_margin: 0.05           # hypervolume reference: baseline accuracy - margin ...
     cost_factor: 1.25               # ... and baseline time (or cost) * factor
+    max_trials: null                # study-wide budget shared by all workers (docs/study.md, "Scale out")
+    heartbeat_interval: 30          # seconds between a running trial's heartbeats (null: off)
+    grace_period: null              # seconds without one before a trial is stale and re-queued (default 3 x interval)
+    max_retry: 2                    # times a stale or interrupted trial is re-queued
+    reconnect_timeout: 120          # seconds a lost storage or MLflow server is retried before the worker stops
 """
 
 from __future__ import annotations
@@ -86,6 +91,11 @@ class StudySpec:
     select: str = "fastest-within:1.0"
     accuracy_margin: float = 0.05
     cost_factor: float = 1.25
+    max_trials: int | None = None  # workers and faults: read through wus_tune._study.workers.settings
+    heartbeat_interval: int | None = 30
+    grace_period: int | None = None
+    max_retry: int | None = 2
+    reconnect_timeout: float = 120.0
     source: str = field(default="", metadata={"internal": True})  # where it came from, for messages
 
     @classmethod
@@ -155,6 +165,9 @@ class StudySpec:
             raise UsageError(f"timeout: must be positive seconds, got {self.timeout:g}")
         if self.accuracy_margin < 0 or self.cost_factor < 1:
             raise UsageError("accuracy_margin must be >= 0 and cost_factor >= 1")
+        from wus_tune._study.workers import check_settings
+
+        check_settings(self)
         for i, f in enumerate(self.baseline_fractions):
             if not 0 < f <= 1:
                 raise UsageError(f"baseline_fractions[{i}]: {f:g} is out of range (0, 1]")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import math
 import re
 import sys
 import threading
@@ -167,6 +166,23 @@ def is_transient(e: BaseException) -> bool:
     return False
 
 
+def outage_reason(e: BaseException) -> str:
+    """What a transient error says about the server, short: the innermost driver or socket error
+    (not Optuna's generic "exception during the commit" wrapper), ``[Errno 111] Connection refused``
+    rather than urllib3's paragraph."""
+    best, err, seen = e, e, set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err).__name__ in ("OperationalError", "InterfaceError", "DisconnectionError", "MlflowException") or isinstance(
+            err, OSError
+        ):
+            best = err
+        err = err.__cause__ or err.__context__
+    text = first_line(best)
+    m = re.search(r"(\[Errno -?\d+\][^)\"']*)", text)
+    return m.group(1).strip() if m else text[:300]
+
+
 @dataclass
 class RetryPolicy:
     """Bounded exponential backoff for a remote store: the first failure starts a budget of ``timeout``
@@ -196,13 +212,13 @@ class RetryPolicy:
                 attempt += 1
                 if deadline is None:
                     deadline = now + self.timeout
-                    self._say(f"warning: {self.what} is not answering ({first_line(e)}); "
+                    self._say(f"warning: {self.what} is not answering ({outage_reason(e)}); "
                               f"retrying for up to {self.timeout:g} s")  # fmt: skip
                 if now + delay > deadline or self.timeout <= 0:
                     with self._lock:
                         if self.lost is None:
                             self.lost = ServiceLost(
-                                f"{self.what} unreachable for {self.timeout:g} s ({first_line(e)}); stopping. "
+                                f"{self.what} unreachable for {self.timeout:g} s ({outage_reason(e)}); stopping. "
                                 "Everything recorded so far is kept: run the same command again to continue"
                             )
                     raise self.lost from None
@@ -282,9 +298,10 @@ def open_storage(
     path = sqlite_path(url) or journal_path(url)
     if path is not None:
         if create_dirs:
+            check_writable(path.parent, f"--storage {mask_url(url)}: directory")
             path.parent.mkdir(parents=True, exist_ok=True)
         elif not path.parent.is_dir():
-            raise UsageError(f"--storage {url}: directory {str(path.parent)!r} does not exist")
+            raise UsageError(f"--storage {mask_url(url)}: directory {str(path.parent)!r} does not exist")
     storage: Any
     try:
         with warnings.catch_warnings():
@@ -302,12 +319,21 @@ def open_storage(
                 elif not url.startswith("sqlite:"):
                     # A dropped connection is replaced, not reported; a black-holed host fails in 10 s.
                     engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
-                storage = optuna.storages.RDBStorage(
-                    database_url(url),
-                    engine_kwargs=engine_kwargs,
-                    heartbeat_interval=heartbeat_interval,
-                    grace_period=grace_period,
-                )
+                for attempt in range(6):
+                    try:
+                        storage = optuna.storages.RDBStorage(
+                            database_url(url),
+                            engine_kwargs=engine_kwargs,
+                            heartbeat_interval=heartbeat_interval,
+                            grace_period=grace_period,
+                        )
+                        break
+                    except Exception as e:
+                        # Workers started at once on an empty database race to create Optuna's tables
+                        # (MySQL's DDL is not transactional): the losers try again and find them.
+                        if attempt == 5 or not _schema_race(e):
+                            raise
+                        time.sleep(0.2 * (attempt + 1))
     except UsageError:
         raise
     except Exception as e:  # sqlalchemy errors, missing drivers, bad URLs, unreadable journal files
@@ -326,6 +352,11 @@ def open_storage(
             storage = _CachedStorage(storage)  # what optuna.create_study would wrap it in
         storage = ResilientStorage(storage, retry)
     return storage
+
+
+def _schema_race(e: BaseException) -> bool:
+    text = " ".join(str(x) for x in (e, e.__cause__, getattr(e, "orig", None)) if x is not None).lower()
+    return any(s in text for s in ("already exists", "duplicate entry", "duplicate key", "(1050,"))
 
 
 def unwrap(storage: Any) -> Any:
@@ -462,6 +493,22 @@ def _file_lock(path: Path, timeout: float) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def check_writable(directory: Path, what: str) -> None:
+    """A :class:`UsageError` unless ``directory`` exists as a writable directory or can be made (checked
+    on its nearest existing ancestor; nothing is created)."""
+    import os
+
+    node = directory
+    while not node.exists():
+        if node.parent == node:
+            break
+        node = node.parent
+    if not node.is_dir():
+        raise UsageError(f"{what} {str(directory)!r}: {str(node)!r} is not a directory")
+    if not os.access(node, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {str(directory)!r}: {str(node)!r} is not writable")
+
+
 def set_wal(path: Path) -> None:
     """Switch a SQLite file to write-ahead logging (a persistent property of the file).
 
@@ -510,7 +557,7 @@ def load_study(name: str, url: str) -> optuna.Study:
 
     path = sqlite_path(url) or journal_path(url)
     if path is not None and not path.exists():
-        raise UsageError(f"--storage {url}: no such file (is the study name or --storage right?)")
+        raise UsageError(f"--storage {mask_url(url)}: no such file (is the study name or --storage right?)")
     storage = open_storage(url)
     if not study_exists(storage, name):
         names = ", ".join(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
@@ -530,6 +577,7 @@ def check_tracking_uri(uri: str) -> None:
             raise UsageError(f"--tracking-uri {mask_url(uri)}: MLflow server not reachable ({first_line(e)})") from None
         return
     if sqlite_path(uri) is not None:
+        check_writable(sqlite_path(uri).parent, f"--tracking-uri {mask_url(uri)}: directory")  # type: ignore[union-attr]
         return
     if "://" not in uri or uri.startswith("file:"):
         raise UsageError(

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wus_tune._study.storage import mask_url, safe_name, sqlite_path
-from wus_tune.errors import UsageError
+from wus_tune._study.storage import RetryPolicy, mask_url, safe_name, sqlite_path, tracking_url
+from wus_tune.errors import ServiceLost, UsageError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -172,16 +172,25 @@ class MlflowTracker:
         *,
         parent_run_id: str | None = None,
         tags: Mapping[str, Any] = {},
+        retry: RetryPolicy | None = None,
     ) -> MlflowTracker:
         """Get or create the experiment and the parent run; re-open the parent if it had ended.
 
         ``parent_run_id`` is the id kept in the study's user attributes: a worker that joins later
-        (or a second invocation) logs under the same parent.
+        (or a second invocation) logs under the same parent. ``retry``: every later MLflow call goes
+        through it (:class:`ResilientClient`); opening itself fails at once with a :class:`UsageError`.
         """
+        import os
+
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        client = MlflowClient(tracking_uri=tracking_uri)
+        if tracking_uri.startswith(("http://", "https://")):
+            # Not a "View run" line (and a get_run round trip) per trial on stdout.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+            if retry is not None:  # MLflow's client retries a dead server for minutes per call; ours is the bound
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        client: Any = MlflowClient(tracking_uri=tracking_url(tracking_uri))
         try:
             experiment_id = get_or_create_experiment(client, tracking_uri, study_name)
             parent = _find_parent(client, experiment_id, parent_run_id)
@@ -200,6 +209,8 @@ class MlflowTracker:
                 client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in str_tags.items()])
         except MlflowException as e:
             raise UsageError(f"--tracking-uri {mask_url(tracking_uri)}: {_first_line(e)}") from None
+        if retry is not None:
+            client = ResilientClient(client, retry)
         return cls(client, tracking_uri, experiment_id, parent_id)
 
     def start_trial(self, number: int, *, params: Mapping[str, Any], tags: Mapping[str, Any]) -> TrialRun:
@@ -250,6 +261,47 @@ class MlflowTracker:
             except Exception:
                 pass
 
+    def close_trial(self, number: int, run_id: str | None, reason: str) -> None:
+        """Close the child run(s) of a trial whose worker died: KILLED, ``optuna.trial_state = FAIL`` and
+        the reason. Found by the id in the trial's user attributes and, should the worker have died
+        before storing it, by the run's ``optuna.trial_number`` tag. A run that had FINISHED is closed
+        too: its trial never reached Optuna and is re-run."""
+        from mlflow.entities import RunTag
+
+        try:
+            ids = {run_id} if run_id else set()
+            ids |= {r.info.run_id for r in self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`optuna.trial_number` = '{number}'", max_results=50)}  # fmt: skip
+            for rid in ids:
+                run = self.client.get_run(rid)
+                if run.data.tags.get("mlflow.parentRunId") != self.parent_run_id or run.info.status not in ("RUNNING", "FINISHED"):
+                    continue
+                self.client.log_batch(rid, tags=[RunTag("optuna.trial_state", "FAIL"), RunTag("fail_reason", reason[:_MAX_TAG])])
+                self.client.set_terminated(rid, "KILLED")
+        except ServiceLost:
+            raise
+        except Exception:
+            pass  # a run deleted in the UI must not stop the study
+
+    def sweep(self, trial_states: Mapping[int, str]) -> int:
+        """Close the child runs still RUNNING whose trial is not (``trial_states``: number -> Optuna state):
+        left by a worker that stopped while MLflow was unreachable. Returns how many were closed."""
+        closed = 0
+        try:
+            runs = self.client.search_runs(
+                [self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)  # fmt: skip
+        except Exception:
+            return 0
+        for run in runs:
+            tag = run.data.tags.get("optuna.trial_number")
+            if tag is None or run.data.tags.get("mlflow.parentRunId") != self.parent_run_id:
+                continue
+            state = trial_states.get(int(tag))
+            if state is not None and state not in ("RUNNING", "WAITING"):
+                self.close_trial(int(tag), run.info.run_id, f"worker stopped before the trial ended (Optuna: {state})")
+                closed += 1
+        return closed
+
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id, status)
 
@@ -294,8 +346,31 @@ class NullTracker:
     def close_orphans(self, run_ids: Iterable[str]) -> None:
         pass
 
+    def close_trial(self, number: int, run_id: str | None, reason: str) -> None:
+        pass
+
+    def sweep(self, trial_states: Mapping[int, str]) -> int:
+        return 0
+
     def end(self, status: str = "FINISHED") -> None:
         pass
+
+
+class ResilientClient:
+    """An :class:`mlflow.MlflowClient` whose every method call goes through a :class:`RetryPolicy`."""
+
+    def __init__(self, client: MlflowClient, policy: RetryPolicy) -> None:
+        self._client, self.policy = client, policy
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self.policy.call(lambda: attr(*args, **kwargs))
+
+        return call
 
 
 def start_run(
