@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from wus_tune._cli import ArgumentParser, parse_value, run_main
 from wus_tune._study.spec import Study, StudySpec, make_sampler
 from wus_tune._study.space import METHOD_KEY, VARIANT_KEY
-from wus_tune.errors import ConfigError, DataError, UsageError
+from wus_tune.errors import DataError, UsageError
 
 if TYPE_CHECKING:
     import optuna
