@@ -104,3 +104,21 @@ def test_schedules(name):
     if name != "onecycle":
         assert values[0] == 0.0 and values[5] == pytest.approx(0.5)  # linear warm-up
     assert all(math.isfinite(v) for v in values)
+
+
+def test_trainer_runs_without_optuna_or_mlflow(tmp_path):
+    """The GPU machines have torch only: the trainer and the train CLI must not import the study's stack."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for name in ('optuna', 'mlflow'):\n"
+        "    sys.modules[name] = None  # importing it now raises ImportError\n"
+        "from wus_tune.train import main\n"
+        f"raise SystemExit(main(['--model', 'mlp', '--dataset', 'digits', '--epochs', '1', '--device', 'cpu',"
+        f" '--wus', '--quiet', '--out', {str(tmp_path / 'run')!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "model.pt").exists()
