@@ -25,6 +25,17 @@ POSTGRES_URL = os.environ.get("WUS_TUNE_POSTGRES_URL", "postgresql://postgres@12
 MYSQL_URL = os.environ.get("WUS_TUNE_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one thread avoids OpenMP contention on a shared 2-core machine (runs ~50x faster there)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def worker_env(**extra: str) -> dict[str, str]:
     """The environment of a ``python -m wus_tune...`` subprocess: this checkout, one torch thread (the
     machine has 2 cores and several workers), quiet MLflow."""

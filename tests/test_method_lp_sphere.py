@@ -28,13 +28,7 @@ from wus_tune.methods.lp_sphere import (
 PS = (1.3, 1.5, 2.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids contention on a shared 2-core machine (runs ~50x faster there).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def mlp() -> nn.Sequential:
