@@ -129,7 +129,7 @@ def fit(
     Raises :class:`~wus_tune.errors.TrainingDiverged` when the loss stops being finite, and
     :class:`~wus_tune.errors.UsageError` subclasses for bad input.
     """
-    from wus_tune.data import DeviceLoader, channel_stats, load_dataset
+    from wus_tune.data import load_dataset
     from wus_tune.models import build_model
 
     config.validate()
@@ -142,18 +142,13 @@ def fit(
         torch.backends.cudnn.allow_tf32 = True
 
     data = load_dataset(config.data)
-    mean, std = channel_stats(data.train_x)
-    loader_kw = dict(device=device, mean=mean, std=std, channels_last=cuda)
     batch_size = min(config.optim.batch_size, len(data.train_y))
-    train_loader = DeviceLoader(
-        data.train_x, data.train_y, batch_size=batch_size, train=True, augment=config.data.augment,
-        flip=data.flip_ok, drop_last=True, seed=config.seed, **loader_kw,
-    )
     eval_batch = max(batch_size, 512)
-    val_loader = DeviceLoader(data.val_x, data.val_y, batch_size=eval_batch, train=False, **loader_kw) if len(data.val_y) else None
+    train_loader = data.loader("train", batch_size=batch_size, device=device, augment=config.data.augment,
+                               seed=config.seed, channels_last=cuda)
+    val_loader = data.loader("val", batch_size=eval_batch, device=device, channels_last=cuda) if len(data.val_y) else None
     test_loader = (
-        DeviceLoader(data.test_x, data.test_y, batch_size=eval_batch, train=False, **loader_kw)
-        if data.test_x is not None else None
+        data.loader("test", batch_size=eval_batch, device=device, channels_last=cuda) if data.test_x is not None else None
     )
 
     model = build_model(config.model, data.input_shape, data.num_classes).to(device)
