@@ -26,6 +26,16 @@ MYSQL_URL = os.environ.get("WUS_TUNE_MYSQL_URL", "mysql+pymysql://root@127.0.0.1
 
 
 @pytest.fixture
+def study_dir(tmp_path, monkeypatch):
+    """tmp_path as the working directory, with MLflow isolated from the user's environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "WARNING")
+    return tmp_path
+
+
+@pytest.fixture
 def one_torch_thread():
     """Tiny tensors: one thread avoids OpenMP contention on a shared 2-core machine (runs ~50x faster there)."""
     import torch
@@ -95,13 +105,7 @@ def postgres_server() -> str:
 @pytest.fixture
 def postgres_db(postgres_server: str):
     """A fresh PostgreSQL database (its URL), dropped afterwards."""
-    name, engine = _database(postgres_server, "wus_tune")
-    try:
-        yield with_database(postgres_server, name)
-    finally:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        engine.dispose()
+    yield from _fresh_database(postgres_server, drop_options=" WITH (FORCE)")
 
 
 @pytest.fixture
@@ -109,12 +113,17 @@ def mysql_db():
     why = _unreachable(MYSQL_URL)
     if why:
         pytest.skip(f"no MySQL/MariaDB server answers ({why}); set WUS_TUNE_MYSQL_URL")
-    name, engine = _database(MYSQL_URL, "wus_tune")
+    yield from _fresh_database(MYSQL_URL)
+
+
+def _fresh_database(server_url: str, drop_options: str = ""):
+    """Create a database on the server, yield its URL, drop it afterwards."""
+    name, engine = _database(server_url, "wus_tune")
     try:
-        yield with_database(MYSQL_URL, name)
+        yield with_database(server_url, name)
     finally:
         with engine.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}{drop_options}")
         engine.dispose()
 
 

@@ -26,10 +26,8 @@ BASE = ["--model", "mlp", "--dataset", "digits", "--epochs", "1", "--device", "c
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+def workdir(study_dir):
+    tmp_path = study_dir
     (tmp_path / "afile").write_text("x")
     (tmp_path / "corrupt.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
     (tmp_path / "bad.yaml").write_text("train: [1, 2\n")

@@ -30,13 +30,9 @@ SPEC = {
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "WARNING")
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
-    return tmp_path
+def workdir(study_dir):
+    (study_dir / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    return study_dir
 
 
 def cli(main, argv):

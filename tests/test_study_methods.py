@@ -210,16 +210,7 @@ def test_objectives_with_sparsity_or_params():
     assert objective_values(sparse, ("accuracy", "time", "params"))["params"] == 600.0
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "WARNING")
-    return tmp_path
-
-
-def test_two_methods_three_objectives_end_to_end(workdir):
+def test_two_methods_three_objectives_end_to_end(study_dir):
     train = {**TINY, "methods": {"lp_sphere": {"prune_every": 4}}}  # the lp_sphere trials' fixed knobs
     s = StudySpec.from_dict({
         "name": "methods-e2e", "train": train, "methods": ["approx_ops", "lp_sphere"],
@@ -228,7 +219,7 @@ def test_two_methods_three_objectives_end_to_end(workdir):
     }, source="test")  # fmt: skip
     n_initial = len(initial_trials(s.resolve()))
     assert n_initial == 4  # baseline, frontier, approx_ops and lp_sphere defaults
-    outcome = run_study(s, n_trials=n_initial + 3, echo=None, report_dir=workdir / "report")
+    outcome = run_study(s, n_trials=n_initial + 3, echo=None, report_dir=study_dir / "report")
     a = outcome.analysis
     assert len(a.complete) == n_initial + 3 and a.objectives == ("accuracy", "cost", "sparsity")
     assert a.front and a.hv_history and outcome.selected is not None
@@ -238,14 +229,14 @@ def test_two_methods_three_objectives_end_to_end(workdir):
     assert lp and all(c.values[2] > 0 for c in lp) and all(c.wus for c in lp)
     assert all(c.config["methods"].get("lp_sphere", {}).get("prune_every") == 4 for c in lp)
     assert all("lp_sphere" not in c.config["methods"] for c in a.complete if c.attrs.get("method") != "lp_sphere")
-    csv = (workdir / "report" / "trials.csv").read_text().splitlines()
+    csv = (study_dir / "report" / "trials.csv").read_text().splitlines()
     header = csv[0].split(",")
     assert header[:8] == ["trial", "state", "role", "variant", "feasible", "accuracy", "cost", "sparsity"]
     assert header[-1] == "method" and {row.split(",")[-1] for row in csv[1:]} == {"none", "approx_ops", "lp_sphere"}
-    assert (workdir / "report" / "pareto_front.png").stat().st_size > 0
+    assert (study_dir / "report" / "pareto_front.png").stat().st_size > 0
 
 
-def test_guideline_study_calibrates_enqueues_and_logs_j(workdir):
+def test_guideline_study_calibrates_enqueues_and_logs_j(study_dir):
     from mlflow import MlflowClient
 
     tracking = "sqlite:///mlruns/mlflow.db"
