@@ -379,7 +379,7 @@ class _TrialPrinter:
         label = a["method"] if a.get("method") not in (None, "wus") else a.get("variant", "?")  # e.g. approx_ops+wus
         head = f"trial {trial.number:>3} {trial.state.name:<8} {a.get('role', 'search'):<17} {label:<6}"
         if trial.values is None:
-            self.say(f"{head} {a.get('fail_reason', '')}")
+            self.say(f"{head} {a.get('fail_reason') or (a.get('pruned') or {}).get('reason', '')}")
             return
         if a.get("role") == "baseline":
             self.baseline = tuple(trial.values)
@@ -464,10 +464,11 @@ def _finish(
         say("")
         say(format_table(analysis, shown, mark=selected.number if selected else None))
     failed = sum(1 for c in analysis.candidates if c.state == "FAIL")
+    pruned = sum(1 for c in analysis.candidates if c.state == "PRUNED")
+    done = f"{len(analysis.complete)} completed ({len(ran)} this run), {failed} failed" + (f", {pruned} pruned" if pruned else "")
     say(
-        f"{len(analysis.complete)} completed ({len(ran)} this run), {failed} failed, {len(analysis.front)} on the "
-        f"Pareto front (*); hypervolume {analysis.hv_history[-1][1]:.4g}" if analysis.hv_history else
-        f"{len(analysis.complete)} completed ({len(ran)} this run), {failed} failed"
+        f"{done}, {len(analysis.front)} on the Pareto front (*); hypervolume {analysis.hv_history[-1][1]:.4g}"
+        if analysis.hv_history else done
     )  # fmt: skip
     if timing:
         say(f"per trial: training {timing['fit_s']:.2f}s, study machinery {timing['overhead_s']:.3f}s "
@@ -554,7 +555,7 @@ def _deep_copy(d: Any) -> Any:
 # ---- CLI -----------------------------------------------------------------------------------------------
 
 _TRAIN_OPTIONS = {"model": "model.name", "dataset": "data.name", "data_dir": "data.data_dir", "epochs": "epochs", "device": "device"}
-_SPEC_OPTIONS = ("n_trials", "timeout", "storage", "tracking_uri", "sampler", "objectives", "constraint_delta", "select",
+_SPEC_OPTIONS = ("n_trials", "timeout", "storage", "tracking_uri", "sampler", "objectives", "constraint_delta", "select", "pruner",
                  "max_trials", "heartbeat_interval", "grace_period", "max_retry", "reconnect_timeout")  # fmt: skip
 _WORKER_OPTIONS = ("devices", "workers", "workers_per_device", "worker")
 
@@ -583,6 +584,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, help="sampler seed and training seed (default 0)")
     p.add_argument("--constraint-delta", type=float, help="feasible only if accuracy >= baseline - DELTA points")
     p.add_argument("--select", help="rule for best_config.yaml: knee | fastest-within:D | most-accurate-under:S")
+    p.add_argument("--pruner", help="none (default) | pareto: stop trials that cannot reach the front (docs/study.md)")
     scale = p.add_argument_group("scale out (docs/study.md, 'Scale out')")
     scale.add_argument("--devices", help="one worker process per GPU (0,1,2,3; own CUDA_VISIBLE_DEVICES), or cpu")
     scale.add_argument("--workers-per-device", type=int, help="worker processes per GPU (small trials on a large GPU)")

@@ -83,6 +83,11 @@ class Objective:
             from wus_tune.trainer import fit
         self.study, self.tracker, self.fit = study, tracker, fit
         self._sample_s = 0.0
+        self.pruner = None
+        if study.pruner is not None:
+            from wus_tune._study.pruning import ParetoPruner
+
+            self.pruner = ParetoPruner(study.pruner, study.objectives)
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         from wus_tune._study.tracking import NullTrialRun
@@ -100,8 +105,11 @@ class Objective:
             run = self.tracker.start_trial(trial.number, params=params, tags=tags)
             if run.run_id:
                 trial.set_user_attr("mlflow_run_id", run.run_id)
+            on_epoch = run.log_epoch
+            if self.pruner is not None:  # may raise optuna.TrialPruned at a rung (wus_tune._study.pruning)
+                on_epoch = _both(run.log_epoch, self.pruner.for_trial(trial, role=role, epochs=config.epochs))
             t = time.perf_counter()
-            result = self.fit(config, on_epoch=run.log_epoch)
+            result = self.fit(config, on_epoch=on_epoch)
             fit_s = time.perf_counter() - t - run.epoch_overhead_s
             objective = objective_values(result, self.study.objectives)
             bad = [k for k, v in objective.items() if not math.isfinite(v)]
@@ -114,6 +122,10 @@ class Objective:
             trial.set_user_attr("result", summary | self._timing(start, fit_s, run))
             run.finish(result, objective)  # last: the run is FINISHED only once everything is recorded
         except BaseException as e:
+            if _is_pruned(e):  # stopped by the pruner: PRUNED in Optuna, KILLED in MLflow (not a failure)
+                trial.set_user_attr("timing", self._timing(start, fit_s, run))
+                run.prune(trial.user_attrs.get("pruned", {}).get("epoch", 0), str(e))
+                raise
             try:
                 trial.set_user_attr("fail_reason", one_line(e))
                 trial.set_user_attr("timing", self._timing(start, fit_s, run))
@@ -160,6 +172,21 @@ class Objective:
         if base_acc is None:
             return 0.0
         return (base_acc - self.study.constraint_delta / 100) - accuracy
+
+
+def _both(first: Callable[[Any], None], second: Callable[[Any], None]) -> Callable[[Any], None]:
+    def call(record: Any) -> None:
+        first(record)
+        second(record)
+
+    return call
+
+
+def _is_pruned(e: BaseException) -> bool:
+    import sys
+
+    optuna = sys.modules.get("optuna")
+    return optuna is not None and isinstance(e, optuna.TrialPruned)
 
 
 def baseline_accuracy(study: optuna.Study) -> float | None:

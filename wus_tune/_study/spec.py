@@ -30,6 +30,8 @@ Format (every key optional; unknown keys are errors)::
       schedule.name: {choices: [step, cosine, onecycle]}
       wus.lr_decay: null
     select: fastest-within:1.0      # rule for the exported best_config.yaml (wus_tune.pareto)
+    pruner: none                    # none | pareto: stop trials off the front at rungs (docs/study.md, "Early stopping")
+    pruner_options: {eta: 3, min_epochs: 2}   # wus_tune._study.pruning.PrunerSettings
     accuracy_margin: 0.05           # hypervolume reference: baseline accuracy - margin ...
     cost_factor: 1.25               # ... and baseline time (or cost) * factor
     max_trials: null                # study-wide budget shared by all workers (docs/study.md, "Scale out")
@@ -60,6 +62,7 @@ from wus_tune.pareto import OBJECTIVES, Rule, parse_rule
 if TYPE_CHECKING:
     import optuna
 
+    from wus_tune._study.pruning import PrunerSettings
     from wus_tune.config import TrainConfig
 
 SAMPLERS = ("tpe", "nsga2", "gp")
@@ -89,6 +92,8 @@ class StudySpec:
     default_search_space: bool = True
     search_space: dict[str, Any] = field(default_factory=dict)
     select: str = "fastest-within:1.0"
+    pruner: str = "none"  # none | pareto (wus_tune._study.pruning)
+    pruner_options: dict[str, Any] = field(default_factory=dict)
     accuracy_margin: float = 0.05
     cost_factor: float = 1.25
     max_trials: int | None = None  # workers and faults: read through wus_tune._study.workers.settings
@@ -172,6 +177,9 @@ class StudySpec:
             if not 0 < f <= 1:
                 raise UsageError(f"baseline_fractions[{i}]: {f:g} is out of range (0, 1]")
         rule = parse_rule(self.select)
+        from wus_tune._study.pruning import parse_settings
+
+        pruner = parse_settings(self.pruner, self.pruner_options)
         base = TrainConfig.from_dict(self.train)
         methods = check_methods(self.methods)
         check_method_model(methods, base)
@@ -230,6 +238,7 @@ class StudySpec:
             methods=methods,
             method_trials=tuple(method_trials),
             guideline=guide,
+            pruner=pruner,
         )
 
 
@@ -261,6 +270,7 @@ class Study:
     # (role, fixed values) enqueued after the baseline frontier: one default per method, guideline trials
     method_trials: tuple[tuple[str, dict[str, Any]], ...] = ()
     guideline: Guideline | None = None
+    pruner: PrunerSettings | None = None  # None: every trial runs to its last epoch
 
     @property
     def directions(self) -> list[str]:

@@ -7,7 +7,8 @@ trial, nested by the ``mlflow.parentRunId`` tag. Per-epoch metrics go in one ``l
 (or per second, when epochs are shorter; see :class:`TrialRun`).
 
 A child run always ends in a true state: FINISHED when the trial completed, FAILED (reason in the
-``fail_reason`` tag and ``error.txt``) when it raised, KILLED on Ctrl-C.
+``fail_reason`` tag and ``error.txt``) when it raised, KILLED on Ctrl-C, and KILLED with a
+``pruned_at_epoch`` metric and a ``pruned_reason`` tag when the pruner stopped it (Optuna: PRUNED).
 
 :class:`NullTracker` has the same interface and logs nothing (``--tracking-uri none``).
 """
@@ -127,6 +128,18 @@ class TrialRun:
         self._pending += [Metric(k, float(v), ts, step) for k, v in values.items() if _finite(v)]
         self.flush(tags=[RunTag("optuna.trial_state", "COMPLETE")])
         self._timed(self.client.set_terminated, self.run_id, "FINISHED")
+        self.closed = True
+
+    def prune(self, epoch: int, reason: str) -> None:
+        """End the run KILLED by the pruner: the epochs so far, ``pruned_at_epoch`` and the reason as a tag
+        (``pruned_reason``); ``optuna.trial_state = PRUNED``."""
+        from mlflow.entities import Metric, RunTag
+
+        if self.closed:
+            return
+        self._pending.append(Metric("pruned_at_epoch", float(epoch), _now_ms(), int(epoch)))
+        self.flush(tags=[RunTag("optuna.trial_state", "PRUNED"), RunTag("pruned_reason", reason[:_MAX_TAG])])
+        self._timed(self.client.set_terminated, self.run_id, "KILLED")
         self.closed = True
 
     def fail(self, error: BaseException) -> None:
@@ -319,6 +332,9 @@ class NullTrialRun:
         pass
 
     def finish(self, result: Any, objectives: Mapping[str, float], extra: Mapping[str, float] = {}) -> None:
+        pass
+
+    def prune(self, epoch: int, reason: str) -> None:
         pass
 
     def fail(self, error: BaseException) -> None:

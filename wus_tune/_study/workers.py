@@ -267,6 +267,7 @@ def run_worker(
 
     Raises :class:`Interrupted` (after failing and re-queueing the current trial) or :class:`ServiceLost`.
     """
+    import optuna
     from optuna.trial import TrialState
 
     me = worker_id()
@@ -299,6 +300,8 @@ def run_worker(
                     state = TrialState.COMPLETE
             except (Interrupted, KeyboardInterrupt, ServiceLost) as e:
                 stop = e
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED  # stopped at a rung by the pruner (wus_tune._study.pruning)
             except Exception:
                 pass  # the objective recorded the reason; the study goes on
             try:
