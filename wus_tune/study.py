@@ -646,7 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     if outcome.status == "KILLED":
         return 130
-    if outcome.trials_run and not any(outcome.analysis.by_number(n).ok for n in outcome.trials_run):
+    if outcome.trials_run and not any(outcome.analysis.by_number(n).ok or outcome.analysis.by_number(n).state == "PRUNED"
+                                      for n in outcome.trials_run):  # fmt: skip
         print("error: no trial of this run completed (see the failure reasons above)", file=sys.stderr)
         return 1
     return 0

@@ -108,9 +108,11 @@ class Objective:
             on_epoch = run.log_epoch
             if self.pruner is not None:  # may raise optuna.TrialPruned at a rung (wus_tune._study.pruning)
                 on_epoch = _both(run.log_epoch, self.pruner.for_trial(trial, role=role, epochs=config.epochs))
-            t = time.perf_counter()
-            result = self.fit(config, on_epoch=on_epoch)
-            fit_s = time.perf_counter() - t - run.epoch_overhead_s
+            fit_start = time.perf_counter()
+            try:
+                result = self.fit(config, on_epoch=on_epoch)
+            finally:  # a pruned trial's training time counts as training too
+                fit_s = time.perf_counter() - fit_start - run.epoch_overhead_s
             objective = objective_values(result, self.study.objectives)
             bad = [k for k, v in objective.items() if not math.isfinite(v)]
             if bad:
