@@ -249,7 +249,7 @@ def test_two_workers_prune_consistently(study_dir):
     (study_dir / "spec.yaml").write_text(yaml.safe_dump(SPEC | {"name": "prune2"}))
     p = subprocess.run([sys.executable, "-m", "wus_tune.study", "--spec", "spec.yaml", "--devices", "cpu", "--workers", "2",
                         "--n-trials", "10", "--tracking-uri", "none"], cwd=study_dir, env=worker_env(),
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
     assert p.returncode == 0, p.stdout + p.stderr
     storage = "journal:///" + str(study_dir / "studies" / "prune2.journal")
     from wus_tune._study.storage import open_storage
