@@ -25,3 +25,16 @@ class ServiceLost(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite. Inside a study this fails the trial, not the study."""
+
+
+def one_line(exc: BaseException, *, with_type: bool = False) -> str:
+    """The first line of an exception's message, for a one-line error or a ``fail_reason``.
+
+    An empty message gives the exception's type name. ``with_type=True`` prefixes the type
+    (``ValueError: bad value``), for reasons read without the traceback that named it.
+    """
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    if not line:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {line}" if with_type else line
