@@ -34,7 +34,7 @@ def one_line(exc: BaseException, *, with_type: bool = False) -> str:
     (``ValueError: bad value``), for reasons read without the traceback that named it.
     """
     text = str(exc).strip()
-    line = text.splitlines()[0] if text else ""
+    line = text.splitlines()[0].strip() if text else ""
     if not line:
         return type(exc).__name__
     return f"{type(exc).__name__}: {line}" if with_type else line
