@@ -176,10 +176,9 @@ def hypervolume(
                 area += (ref[0] - f0) * (best_f1 - f1)
                 best_f1 = f1
         return area
-    import numpy as np
-    from optuna._hypervolume import compute_hypervolume  # private but stable; exact WFG for >2 objectives
+    from wus_tune._study.adapters import compute_hypervolume  # exact WFG for > 2 objectives
 
-    return float(compute_hypervolume(np.asarray(losses, dtype=float), np.asarray(ref, dtype=float)))
+    return compute_hypervolume(losses, ref)
 
 
 def hypervolume_history(

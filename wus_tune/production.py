@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wus_tune.errors import UsageError
+from wus_tune.errors import UsageError, one_line
 
 if TYPE_CHECKING:
     from wus_tune.config import TrainConfig
@@ -80,8 +80,7 @@ def config_from_mlflow(uri: str, *, tracking_uri: str | None = None) -> TrainCon
         try:
             path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri)
         except (MlflowException, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UsageError(f"{uri}: cannot download from MLflow at {tracking_uri} ({first})") from None
+            raise UsageError(f"{uri}: cannot download from MLflow at {tracking_uri} ({one_line(e)})") from None
         if Path(path).is_dir():
             raise UsageError(f"{uri}: is a directory; name the config file, e.g. .../best_config.yaml")
         return TrainConfig.load(path)

@@ -21,8 +21,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wus_tune._study import adapters
 from wus_tune._study.storage import RetryPolicy, mask_url, safe_name, sqlite_path, tracking_url
-from wus_tune.errors import ServiceLost, UsageError
+from wus_tune.errors import ServiceLost, UsageError, one_line
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -40,12 +41,6 @@ def _now_ms() -> int:
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def epoch_metrics(record: EpochRecord) -> dict[str, float]:
@@ -137,7 +132,7 @@ class TrialRun:
         if self.closed:
             return
         killed = isinstance(error, (KeyboardInterrupt, SystemExit))
-        reason = _first_line(error)[:_MAX_TAG]
+        reason = one_line(error, with_type=True)[:_MAX_TAG]
         client = self.client
         try:
             self.flush(tags=[RunTag("optuna.trial_state", "FAIL"), RunTag("fail_reason", reason)])
@@ -208,7 +203,7 @@ class MlflowTracker:
 
                 client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in str_tags.items()])
         except MlflowException as e:
-            raise UsageError(f"--tracking-uri {mask_url(tracking_uri)}: {_first_line(e)}") from None
+            raise UsageError(f"--tracking-uri {mask_url(tracking_uri)}: {one_line(e, with_type=True)}") from None
         if retry is not None:
             client = ResilientClient(client, retry)
         return cls(client, tracking_uri, experiment_id, parent_id)
@@ -423,7 +418,7 @@ def _fast_sqlite(client: MlflowClient, tracking_uri: str) -> None:
     try:
         set_wal(path)
         # MLflow exposes no hook for connection pragmas; its store's engine is reachable, if private.
-        engine = getattr(getattr(client._tracking_client, "store", None), "engine", None)
+        engine = adapters.mlflow_store_engine(client)
         if engine is not None and not getattr(engine, "_wus_tune_sync", False):
             sync_normal(engine)
             engine._wus_tune_sync = True

@@ -5,7 +5,7 @@ machines join by running the same command with the same ``--storage``; on one ma
 ``--workers`` start them (:func:`launch`). What makes that safe:
 
 * **Heartbeats.** While a trial runs, a thread records a heartbeat every ``heartbeat_interval`` seconds
-  (Optuna's RDB heartbeat; :class:`~wus_tune._study.storage.HeartbeatJournalStorage` for Journal files).
+  (Optuna's RDB heartbeat; :func:`~wus_tune._study.adapters.heartbeat_journal_storage` for Journal files).
   A RUNNING trial without one for ``grace_period`` seconds is *stale*: its worker died (SIGKILL, power,
   preemption). Before each trial every worker looks for stale trials (:meth:`StaleTrials.check`): it marks
   one FAIL with its ``fail_reason``, closes its MLflow child run KILLED, and re-queues the same parameters
@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from wus_tune._study import adapters
 from wus_tune.errors import ServiceLost, UsageError
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
 # User attributes a re-queued trial keeps (what its enqueuer set); everything else is per attempt.
 KEEP_ON_RETRY = ("role", "overrides")
-HEARTBEAT_ATTR = "wus_tune:heartbeat"
+HEARTBEAT_ATTR = adapters.HEARTBEAT_KEY
 
 
 class Interrupted(KeyboardInterrupt):
@@ -124,7 +125,7 @@ def _requeue_class() -> type:
             attrs = {k: v for k, v in trial.user_attrs.items() if k in KEEP_ON_RETRY}
             attrs["retry_of"] = trial.system_attrs.get("failed_trial", trial.number)
             trial.user_attrs = attrs
-            trial._system_attrs = {k: copy.deepcopy(v) for k, v in trial.system_attrs.items() if k != HEARTBEAT_ATTR}
+            trial.system_attrs = {k: copy.deepcopy(v) for k, v in trial.system_attrs.items() if k != HEARTBEAT_ATTR}
             super().__call__(study, trial)
 
     return Requeue
@@ -146,14 +147,13 @@ class StaleTrials:
     def check(self, study: optuna.Study) -> list[int]:
         """Fail and re-queue the study's stale trials; returns their numbers (those this worker won)."""
         import optuna
-        from optuna.storages._heartbeat import is_heartbeat_enabled
         from optuna.trial import TrialState
 
-        storage = study._storage
-        if not is_heartbeat_enabled(storage):
+        storage = adapters.study_storage(study)
+        if not adapters.heartbeat_enabled(storage):
             return []
         won = []
-        for trial_id in storage._get_stale_trial_ids(study._study_id):
+        for trial_id in adapters.stale_trial_ids(storage, study.study_name):
             reason = f"worker lost: no heartbeat for more than {self.grace_period:g} s; re-queued"
             try:
                 storage.set_trial_user_attr(trial_id, "fail_reason", reason)
@@ -197,10 +197,8 @@ class Heartbeat:
     retried by the storage's policy; a lost storage ends the thread, the trial then goes stale)."""
 
     def __init__(self, storage: Any, trial_id: int) -> None:
-        from optuna.storages._heartbeat import is_heartbeat_enabled
-
         self.storage, self.trial_id = storage, trial_id
-        self.interval = storage.get_heartbeat_interval() if is_heartbeat_enabled(storage) else None
+        self.interval = storage.get_heartbeat_interval() if adapters.heartbeat_enabled(storage) else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -294,7 +292,11 @@ def run_worker(
             values, state, stop = None, TrialState.FAIL, None
             try:
                 trial.set_user_attr("worker", me)
-                with Heartbeat(study._storage, trial._trial_id):
+                storage = trial.storage
+                trial_id = storage.get_trial_id_from_study_id_trial_number(
+                    storage.get_study_id_from_name(study.study_name), trial.number
+                )
+                with Heartbeat(storage, trial_id):
                     values = objective(trial)
                     state = TrialState.COMPLETE
             except (Interrupted, KeyboardInterrupt, ServiceLost) as e:
