@@ -224,9 +224,9 @@ def test_two_methods_three_objectives_end_to_end(study_dir):
     assert len(a.complete) == n_initial + 3 and a.objectives == ("accuracy", "cost", "sparsity")
     assert a.front and a.hv_history and outcome.selected is not None
     by_role = {c.role: c for c in a.complete}
-    assert by_role["baseline"].values[2] == 0.0 and not by_role["baseline"].wus  # dense, plain: the frontier
+    assert by_role["baseline"].values[2] == 0.0 and not by_role["baseline"].uses_method  # dense, plain: the frontier
     lp = [c for c in a.complete if c.attrs.get("method") == "lp_sphere"]
-    assert lp and all(c.values[2] > 0 for c in lp) and all(c.wus for c in lp)
+    assert lp and all(c.values[2] > 0 for c in lp) and all(c.uses_method for c in lp)
     assert all(c.config["methods"].get("lp_sphere", {}).get("prune_every") == 4 for c in lp)
     assert all("lp_sphere" not in c.config["methods"] for c in a.complete if c.attrs.get("method") != "lp_sphere")
     csv = (study_dir / "report" / "trials.csv").read_text().splitlines()
