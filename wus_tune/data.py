@@ -555,11 +555,6 @@ class DeviceLoader:
             return n // self.batch_size
         return math.ceil(n / self.batch_size)
 
-    @property
-    def num_samples(self) -> int:
-        """Images per epoch (fewer than the split holds when a partial batch is dropped)."""
-        return min(len(self.y), len(self) * self.batch_size)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(self.y), device=self.device, generator=self.generator) if self.train else None
         for i in range(len(self)):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -246,16 +246,6 @@ class MlflowTracker:
             except Exception:
                 pass  # a child run deleted in the UI must not break the study's summary
 
-    def close_orphans(self, run_ids: Iterable[str]) -> None:
-        """End child runs left RUNNING by a worker that died (its Optuna trial is no longer running)."""
-        for run_id in run_ids:
-            try:
-                if self.client.get_run(run_id).info.status == "RUNNING":
-                    self.client.set_tag(run_id, "fail_reason", "worker stopped before the trial ended")
-                    self.client.set_terminated(run_id, "KILLED")
-            except Exception:
-                pass
-
     def close_trial(self, number: int, run_id: str | None, reason: str) -> None:
         """Close the child run(s) of a trial whose worker died: KILLED, ``optuna.trial_state = FAIL`` and
         the reason. Found by the id in the trial's user attributes and, should the worker have died
@@ -300,9 +290,6 @@ class MlflowTracker:
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id, status)
 
-    def run_url_hint(self) -> str:
-        return f"experiment {self.experiment_id}, parent run {self.parent_run_id}"
-
 
 class NullTrialRun:
     run_id = None
@@ -336,9 +323,6 @@ class NullTracker:
         pass
 
     def tag_children(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close_orphans(self, run_ids: Iterable[str]) -> None:
         pass
 
     def close_trial(self, number: int, run_id: str | None, reason: str) -> None:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from wus_tune._study import adapters
-from wus_tune.errors import ServiceLost, UsageError
+from wus_tune.errors import ServiceLost, UsageError, check_number
 
 if TYPE_CHECKING:
     import optuna
@@ -76,24 +76,15 @@ class Settings:
 
 def check_settings(spec: Any) -> None:
     """Validate the worker/fault keys of a :class:`~wus_tune._study.spec.StudySpec`; one-line UsageError."""
-    import math
-
-    def integer(key: str, low: int) -> None:
-        v = getattr(spec, key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            raise UsageError(f"{key}: expected an integer >= {low}, got {v!r}")
-
-    for key in ("max_trials", "heartbeat_interval", "grace_period"):
-        integer(key, 1)
-    integer("max_retry", 0)
+    for key, low in (("max_trials", 1), ("heartbeat_interval", 1), ("grace_period", 1), ("max_retry", 0)):
+        if getattr(spec, key) is not None:
+            check_number(key, getattr(spec, key), integer=True, minimum=low)
     if spec.grace_period is not None:
         if spec.heartbeat_interval is None:
             raise UsageError("grace_period: needs heartbeat_interval")
         if spec.grace_period <= spec.heartbeat_interval:
             raise UsageError(f"grace_period: must exceed heartbeat_interval ({spec.heartbeat_interval} s), got {spec.grace_period}")
-    t = spec.reconnect_timeout
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-        raise UsageError(f"reconnect_timeout: expected seconds >= 0, got {t!r}")
+    check_number("reconnect_timeout", spec.reconnect_timeout, minimum=0, what="seconds")
 
 
 def settings(study_def: Any) -> Settings:
@@ -358,8 +349,8 @@ def plan_slots(devices: str | None, workers: int | None, workers_per_device: int
     ``--devices cpu --workers 4`` four CPU workers with ``cores // 4`` torch threads each; ``--workers N``
     with GPUs spreads N workers over them in turn."""
     for name, value in (("--workers", workers), ("--workers-per-device", workers_per_device)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UsageError(f"{name}: expected an integer >= 1, got {value!r}")
+        if value is not None:
+            check_number(name, value, integer=True, minimum=1)
     if devices is None:
         if workers_per_device is not None:
             raise UsageError("--workers-per-device needs --devices (e.g. --devices 0,1)")
