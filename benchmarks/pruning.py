@@ -135,9 +135,29 @@ def on_front(values: tuple[float, float], others: list[tuple[float, float]]) -> 
     return not any(dominates(o, values, DIRECTIONS) for o in others)
 
 
-def replay(run: dict[str, Any], settings: Any, reference: tuple[float, ...]) -> dict[str, Any]:
+def decide_splitting_ties(candidate: int, points: list[tuple[float, float]], *, eta: int, tolerance: Any = None) -> Any:
+    """The rule without tie groups (for comparison only): fronts, then the epsilon-net on the points
+    themselves, so identical points are split by their order (trial number)."""
+    from types import SimpleNamespace
+
+    from wus_tune._study.pruning import epsilon_net_order, nondominated_fronts
+
+    fronts = nondominated_fronts(points)
+    scale = tuple((max(p[k] for p in points) - min(p[k] for p in points)) or 1.0 for k in range(2))
+    order = []
+    for level in range(max(fronts) + 1):
+        members = [i for i, f in enumerate(fronts) if f == level]
+        order += [members[j] for j in epsilon_net_order([points[i] for i in members], scale)]  # type: ignore[arg-type]
+    n = len(points)
+    return SimpleNamespace(keep=n < eta or order.index(candidate) < math.ceil(n / eta))
+
+
+def replay(run: dict[str, Any], settings: Any, reference: tuple[float, ...], *, split_ties: bool = False) -> dict[str, Any]:
     """The pruner's rule applied in trial order to the full curves of an unpruned study."""
     from wus_tune._study.pruning import ParetoPruner, decide, rung_epochs, rung_tolerance
+
+    if split_ties:
+        decide = decide_splitting_ties  # noqa: F811
 
     pruner = ParetoPruner(settings, OBJECTIVES)
     reached: dict[tuple[int, int], list[tuple[float, float]]] = {}  # (epochs, rung) -> points
@@ -169,7 +189,9 @@ def replay(run: dict[str, Any], settings: Any, reference: tuple[float, ...]) -> 
                                             [v for r in complete if r["number"] != n for v in [tuple(r["values"])]])]  # fmt: skip
     return {"stopped": len(stopped), "false_prunes": len(false), "false_numbers": sorted(false),
             "hv_kept": hv(kept, reference), "hv_full": hv(all_values, reference), "flops_kept": flops,
-            "flops_full": sum(r["flops"] for r in run["trials"])}  # fmt: skip
+            "flops_full": sum(r["flops"] for r in run["trials"]),
+            "search_on_front": sum(1 for r in complete if r["role"] == "search"
+                                   and on_front(tuple(r["values"]), [v for v in all_values if v != tuple(r["values"])]))}  # fmt: skip
 
 
 def rerun(run: dict[str, Any], count: int) -> list[dict[str, Any]]:
@@ -294,7 +316,43 @@ def report(outs: list[dict[str, Any]]) -> None:
               f"FLOPs {st.mean(r['flops_kept'] / r['flops_full'] for r in reps):.3f} of the full study")  # fmt: skip
 
 
+def variants(paths: list[str]) -> None:
+    """Replay variants of the rule on the unpruned studies' curves (no training): eta, min_epochs, and
+    the tie groups switched off (identical runs split by trial number, as a plain equal-epoch rule does)."""
+    from wus_tune._study.pruning import PrunerSettings
+
+    outs = [json.loads(Path(p).read_text()) for p in paths]
+    cases = [("eta 3, min_epochs 2 (default)", PrunerSettings(), False), ("eta 2", PrunerSettings(eta=2), False),
+             ("eta 4, min_epochs 1", PrunerSettings(eta=4, min_epochs=1), False),
+             ("eta 3, ties split", PrunerSettings(), True), ("eta 4, min_epochs 1, ties split", PrunerSettings(eta=4, min_epochs=1), True)]  # fmt: skip
+    print("variant                          studies  stopped  of them on the final front  search trials on the fronts  "
+          "of them stopped  HV kept  FLOPs kept")  # fmt: skip
+    for name, settings, split in cases:
+        rows = []
+        for out in outs:
+            reference = tuple(out["reference"])
+            for label, trials in out["curves"].items():
+                if "-none-" not in label:
+                    continue
+                full = [dict(t, epochs=len(t["curve"]), flops=sum(c["flops"] for c in t["curve"])) for t in trials]
+                r = replay({"trials": full}, settings, reference, split_ties=split)
+                front_search = {t["number"] for t in full if t["state"] == "COMPLETE" and t["role"] == "search"
+                                and on_front(tuple(t["values"]), [tuple(o["values"]) for o in full
+                                                                  if o["state"] == "COMPLETE" and o is not t])}  # fmt: skip
+                rows.append((r, front_search))
+        stopped = sum(r["stopped"] for r, _ in rows)
+        false = sum(r["false_prunes"] for r, _ in rows)
+        fs = sum(len(f) for _, f in rows)
+        lost = sum(len(f & set(r["false_numbers"])) for r, f in rows)
+        hv_kept = sum(r["hv_kept"] / r["hv_full"] for r, _ in rows) / len(rows)
+        fl_kept = sum(r["flops_kept"] / r["flops_full"] for r, _ in rows) / len(rows)
+        print(f"{name:<33} {len(rows):>7}  {stopped:>7}  {false:>26}  {fs:>27}  {lost:>15}  {hv_kept:7.3f}  {fl_kept:10.3f}")
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--variants":  # --variants A.json ...: the rule's variants replayed
+        variants(sys.argv[2:])
+        sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "--report":  # --report A.json [B.json ...]: the table of several runs
         report([json.loads(Path(a).read_text()) for a in sys.argv[2:]])
         sys.exit(0)
