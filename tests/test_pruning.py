@@ -4,6 +4,7 @@ Optuna's, a continued study, and two worker processes on one study. About 1 minu
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -201,7 +202,7 @@ def check_stores(tracking: str | None, storage: str, name: str) -> list[optuna.t
     for t in trials:
         if t.state.name == "PRUNED":
             assert t.values is None and t.user_attrs["role"] == "search"
-            assert t.user_attrs[CURVE_ATTR] and t.user_attrs[PRUNED_ATTR]["epoch"] in (2, 3)
+            assert t.user_attrs[CURVE_ATTR] and t.user_attrs[PRUNED_ATTR]["epoch"] in (2, 3)  # the rungs of 6 epochs
             assert t.user_attrs[DECISIONS_ATTR][-1]["keep"] is False
     if tracking is None:
         return trials
@@ -237,6 +238,10 @@ def test_digits_study_prunes_and_continues(study_dir, capsys):
     pruned = {t.number for t in first if t.state.name == "PRUNED"}
     assert not pruned & set(analysis.front)
     assert {c.number for c in analysis.candidates if c.state == "PRUNED"} == pruned
+    (csv_path,) = list((study_dir / "mlruns").rglob("trials.csv"))  # the report, an artifact of the parent run
+    rows = {int(r["trial"]): r for r in csv.DictReader(csv_path.open())}
+    assert {n for n, r in rows.items() if r["state"] == "PRUNED"} == pruned
+    assert all(rows[n]["pareto"] == "False" and rows[n]["pruned_at_epoch"] in ("2", "3") for n in pruned)
     # Continue: the same command adds trials to the same study; the states stay true in both stores.
     assert main(["--spec", "spec.yaml", "--n-trials", "2"]) == 0
     second = check_stores(tracking, storage, "prune")

@@ -109,11 +109,11 @@ def table_rows(analysis: Analysis, numbers: Sequence[int], *, mark: int | None =
 
 
 def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) -> Path:
-    """Every trial (failed ones too), with objective values, the Pareto flag and the relative figures."""
+    """Every trial (failed and pruned ones too), with objective values, the Pareto flag and the relative figures."""
     front = set(analysis.front)
     fields = ["trial", "state", "role", "variant", "feasible", *analysis.objectives, "pareto", "selected",
               "acc_delta_pts", "speedup", "frontier_acc_gain_pts", "frontier_time_saved", "frontier_time_saved_fraction",
-              "time_s", "cost_flops", "skip_fraction", "flops_fraction", "epochs", "mlflow_run_id", "fail_reason", "params", "method"]  # fmt: skip
+              "time_s", "cost_flops", "skip_fraction", "flops_fraction", "epochs", "mlflow_run_id", "fail_reason", "pruned_at_epoch", "params", "method"]  # fmt: skip
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -127,6 +127,7 @@ def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) ->
                 "skip_fraction": res.get("skip_fraction"), "flops_fraction": res.get("flops_fraction"),
                 "epochs": (c.config or {}).get("epochs"), "mlflow_run_id": c.attrs.get("mlflow_run_id"),
                 "fail_reason": c.attrs.get("fail_reason"), "params": json.dumps(c.params, sort_keys=True),
+                "pruned_at_epoch": (c.attrs.get("pruned") or {}).get("epoch"),  # state PRUNED: stopped by the pruner
             }  # fmt: skip
             for name, v in zip(analysis.objectives, c.values or ()):
                 row[name] = v
