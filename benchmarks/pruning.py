@@ -2,7 +2,8 @@
 
     python benchmarks/pruning.py [--trials 25] [--seeds 0,1,2] [--samplers tpe,random] [--pruners none,pareto]
                                  [--width W] [--epochs E] [--rerun 3] [--out benchmarks/results/pruning_digits.json]
-    python benchmarks/pruning.py --report A.json [B.json ...]
+    python benchmarks/pruning.py --report A.json [B.json ...]      # the table of one or more runs
+    python benchmarks/pruning.py --variants A.json [B.json ...]    # variants of the rule replayed on their curves
 
 On the digits quickstart (``studies/quickstart-digits.yaml``: MLP width 4 depth 3, 40 epochs) with the
 objectives accuracy,cost (FLOPs do not depend on the machine's load; training seconds are reported too):
@@ -98,7 +99,7 @@ def run_one(workdir: Path, label: str, *, seed: int, random: bool, pruner: str, 
     rec = Recorder()
     start = time.perf_counter()
     run_study(quickstart(name, sampler_seed=seed, random=random, pruner=pruner, trials=trials, storage=storage, train=train),
-              fit=rec, echo=None, worker=True)  # fmt: skip  (worker: no plots or report files, only the trials)
+              fit=rec, echo=None, worker=True)  # fmt: skip  # worker: no report files or plots, the trials only
     wall = time.perf_counter() - start
     study = optuna.load_study(study_name=name, storage=storage)
     rows = []
