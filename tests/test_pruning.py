@@ -273,3 +273,19 @@ def test_two_workers_prune_consistently(study_dir):
             assert (again.keep, again.n, again.ahead) == (d["keep"], d["n"], d["ahead"])
             judged += 1
     assert judged >= 6
+
+
+@pytest.mark.parametrize("argv", [["--pruner", "asha"], ["--pruner", "pareto", "--set", "epochs=2"]])
+def test_bad_pruner_input_is_one_line_and_writes_nothing(study_dir, capsys, argv):
+    from wus_tune._cli import run_main
+    from wus_tune.study import main
+
+    spec = {**SPEC, "pruner_options": {"eta": 1}} if argv[-1] == "epochs=2" else SPEC
+    (study_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    try:
+        code = run_main(main, ["--spec", "spec.yaml", *argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pruner" in err[0], err
+    assert not (study_dir / "studies").exists() and not (study_dir / "mlruns").exists()
