@@ -114,17 +114,25 @@ def run_study(
     spec = dataclasses.replace(spec, **options)
     for key, value in (overrides or {}).items():
         spec.set_train(key, value)
-    slots = w.plan_slots(devices, workers, workers_per_device)
+    ray_plan = None
+    if spec.ray is not None:  # Ray places the trials (wus_tune._study.ray_backend); this process drives
+        from wus_tune._study import ray_backend
+
+        ray_plan = ray_backend.plan(spec, devices=devices, workers=workers, workers_per_device=workers_per_device)
+        spec.set_train("device", "cpu")  # the driver only checks the data; the trials get the device Ray gives them
+    slots = [] if ray_plan else w.plan_slots(devices, workers, workers_per_device)
     if len(slots) == 1:  # one worker: this process, on that device
         spec.set_train("device", "cpu" if slots[0].device == "cpu" else f"cuda:{slots[0].device}")
     elif slots:
         spec.set_train("device", slots[0].train_device)  # what each worker gets (its GPU is its cuda:0)
     study_def = spec.resolve()
-    if len(slots) > 1 and study_def.default_storage:  # several local writers: a Journal file, not SQLite
+    if (len(slots) > 1 or ray_plan) and study_def.default_storage:  # several local writers: a Journal file, not SQLite
         study_def = dataclasses.replace(study_def, storage=default_journal(study_def.name))
     study_def = dataclasses.replace(study_def, spec=_public_spec(study_def.spec))
     conf = w.settings(study_def)
     device = _preflight(study_def)
+    if ray_plan:
+        device = ray_plan.label()  # the trials' devices are Ray's to give
     study_def = calibrated(spec, study_def, fit=fit, say=say)  # edge_of_chaos.growth_rate: auto: one short run
     if study_def.tracking_uri is not None:
         check_tracking_uri(study_def.tracking_uri)
@@ -132,6 +140,7 @@ def run_study(
         from wus_tune._study.storage import check_writable, safe_name
 
         check_writable(Path(report_dir) if report_dir else Path("studies") / safe_name(study_def.name), "report directory")
+    ray_slots = ray_backend.connect(ray_plan) if ray_plan else 0  # an unreachable cluster: exit 2, nothing written
 
     # ---- stores: nothing has been written before this point -----------------------------------------
     storage = open_storage(
@@ -189,8 +198,10 @@ def run_study(
     printer = _TrialPrinter(study_def, say, ran)
     status, lost = "FINISHED", False
     try:
-        if len(slots) > 1:
-            status = _launch(study, spec, study_def, slots, conf, ran, say)
+        if ray_plan:
+            status = ray_backend.run(study, spec, study_def, conf, tracker, ray_plan, ray_slots, fit=fit, on_trial=printer, say=say)
+        elif len(slots) > 1:
+            status = _launch(study, spec, study_def, slots, conf, ran, say, tracker)
         else:
             w.run_worker(
                 study,
@@ -231,7 +242,7 @@ def _public_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _launch(study: optuna.Study, spec: StudySpec, study_def: Study, slots: Sequence[Any], conf: Any,
-            ran: list[int], say: Callable[[str], None]) -> str:  # fmt: skip
+            ran: list[int], say: Callable[[str], None], tracker: Any) -> str:  # fmt: skip
     """Run the trials in one worker process per slot (``--devices`` / ``--workers``); returns the status.
 
     The workers share this invocation's ``n_trials`` through a study-wide budget (``max_trials``); each
@@ -261,12 +272,14 @@ def _launch(study: optuna.Study, spec: StudySpec, study_def: Study, slots: Seque
     if 3 in codes:
         raise ServiceLost("a worker lost the Optuna storage or the MLflow server (see its lines above); "
                           "everything recorded so far is kept: run the same command again to continue")  # fmt: skip
-    bad = [(s.label, c) for s, c in zip(slots, codes) if c not in (0, 1, 130)]
-    for label, code in bad:
-        say(f"worker {label} exited with status {code}")
-    if interrupted or 130 in codes:
-        return "KILLED"
-    return "FAILED" if bad else "FINISHED"
+    for slot, code in zip(slots, codes):
+        if code not in (0, 1, 130):
+            say(f"worker {slot.label} " + (f"was killed by {w.signal_name(-code)}" if code < 0 else f"exited with status {code}"))
+    done, _ = w.budget_used(study.get_trials(deepcopy=False))
+    status, lost = w.launch_status(codes, interrupted=interrupted, budget_complete=budget is not None and done >= budget)
+    if lost:
+        tracker.log_parent(tags={"lost_workers": lost})
+    return status
 
 
 # ---- steps ---------------------------------------------------------------------------------------------
@@ -555,7 +568,8 @@ def _deep_copy(d: Any) -> Any:
 
 _TRAIN_OPTIONS = {"model": "model.name", "dataset": "data.name", "data_dir": "data.data_dir", "epochs": "epochs", "device": "device"}
 _SPEC_OPTIONS = ("n_trials", "timeout", "storage", "tracking_uri", "sampler", "objectives", "constraint_delta", "select",
-                 "max_trials", "heartbeat_interval", "grace_period", "max_retry", "reconnect_timeout")  # fmt: skip
+                 "max_trials", "heartbeat_interval", "grace_period", "max_retry", "reconnect_timeout",
+                 "ray", "gpus_per_trial", "cpus_per_trial")  # fmt: skip
 _WORKER_OPTIONS = ("devices", "workers", "workers_per_device", "worker")
 
 
@@ -594,6 +608,9 @@ def build_parser() -> ArgumentParser:
     scale.add_argument("--reconnect-timeout", type=float,
                        help="seconds a lost storage or MLflow server is retried before the worker stops (default 120)")  # fmt: skip
     scale.add_argument("--worker", action="store_true", help="run as one of several workers: no final report")
+    scale.add_argument("--ray", metavar="ADDRESS", help="run the trials on a Ray cluster: auto | local | HOST:PORT (--workers N: at most N at once)")
+    scale.add_argument("--gpus-per-trial", type=float, help="with --ray: GPUs per trial; 0.25 puts four trials on one GPU (default 0)")
+    scale.add_argument("--cpus-per-trial", type=float, help="with --ray: CPUs per trial (default 1)")
     return p
 
 
