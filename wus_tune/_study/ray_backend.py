@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from wus_tune._study.spec import Study, StudySpec
 
 TOKEN_ATTR = "ray_task"  # the Ray task that ran a trial (how the driver finds the trial of a lost task)
+NODE_ATTR = "ray_node"  # the id of the Ray node it ran on
 INSTALL_HINT = "pip install 'wus_tune[ray]'"
 
 
@@ -123,6 +124,7 @@ def connect(ray_plan: RayPlan) -> int:
     address = ray_plan.address
     if address not in ("auto", "local"):
         _check_reachable(address)
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # not a C++ warning a second while it connects
     kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False}
     if address == "local":
         kwargs["num_cpus"] = os.cpu_count() or 1
@@ -133,7 +135,9 @@ def connect(ray_plan: RayPlan) -> int:
     except Exception as e:
         from wus_tune._study.storage import first_line
 
-        hint = " (no running cluster found: start one with `ray start --head`, or use --ray local)" if address == "auto" else ""
+        hint = (" (no running cluster found: start one with `ray start --head`, or use --ray local)" if address == "auto" else
+                " (a cluster with token authentication also needs RAY_AUTH_MODE=token and its token here)"
+                if not os.environ.get("RAY_AUTH_MODE") else "")  # fmt: skip
         raise UsageError(f"--ray {address}: cannot connect to the Ray cluster: {first_line(e)}{hint}") from None
     resources = ray.cluster_resources()
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
@@ -209,6 +213,9 @@ class _Runner:
         self.stale = w.StaleTrials(tracker, grace_period=conf.grace_period, max_retry=conf.max_retry)
         self.lock = lambda: study_lock(storage, study_def.name)
         self.poll_s = min(2.0, float(conf.heartbeat_interval or 2))
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id()
 
     def run_one(self, budget: int | None, token: str) -> int | None:
         """Run one trial if the study's budget allows; its number, or None when the budget was complete."""
@@ -218,6 +225,7 @@ class _Runner:
 
         def tagged(trial: optuna.Trial) -> Any:
             trial.set_user_attr(TOKEN_ATTR, token)
+            trial.set_user_attr(NODE_ATTR, self.node)
             return self.objective(trial)
 
         w.run_worker(
@@ -318,6 +326,7 @@ def run(
     )  # fmt: skip
     say(f"{ray_plan.label()}; {slots} trial(s) at once" + (f", {budget - finished} to run" if budget is not None else ""))
 
+    gcs = None if ray_plan.address == "local" else _gcs_address(ray)  # probed when a node dies: is it the head?
     result = RayResult(status="FINISHED", slots=slots)
     in_flight: dict[Any, tuple[str, float]] = {}  # ObjectRef -> (token, submitted at)
     start = time.monotonic()
@@ -374,6 +383,9 @@ def run(
                         had_trial = fail_trial_of(token, reason)
                         say(f"a Ray worker was lost ({type(e).__name__}: {first_line(e)[:160]})"
                             + ("; its trial is re-queued" if had_trial else ""))  # fmt: skip
+                        if gcs is not None and not _answers(gcs):
+                            raise ServiceLost(f"the Ray cluster's head {gcs} is gone; the trials it was running are "
+                                              "re-queued: start the cluster again and run the same command to continue") from None  # fmt: skip
                         lost_in_a_row += 1
                         if lost_in_a_row > 3 * slots:
                             raise ServiceLost(f"the Ray cluster keeps losing workers ({lost_in_a_row} in a row, the "
@@ -399,8 +411,7 @@ def run(
         _cancel(ray, in_flight, lambda token: fail_trial_of(token, "the driver stopped; re-queued"))
         raise
     finally:
-        with contextlib.suppress(Exception):
-            ray.shutdown()  # a driver that joined leaves the cluster running; "local" stops its own
+        _shutdown(ray)  # a driver that joined leaves the cluster running; "local" stops its own
     if result.lost_workers:
         tracker.log_parent(tags={"lost_workers": result.lost_workers})
     if result.dispatch_s:
@@ -411,6 +422,35 @@ def run(
     return result.status
 
 
+def _gcs_address(ray: Any) -> str | None:
+    try:
+        return str(ray.get_runtime_context().gcs_address)
+    except Exception:
+        return None
+
+
+def _answers(address: str, timeout: float = 3.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _shutdown(ray: Any, timeout: float = 10.0) -> None:
+    """``ray.shutdown()``, bounded: with the head gone it can wait for the cluster a minute."""
+    import threading
+
+    def stop() -> None:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+
+    t = threading.Thread(target=stop, daemon=True)
+    t.start()
+    t.join(timeout)
+
+
 def _cancel(ray: Any, in_flight: Mapping[Any, tuple[str, float]], fail: Callable[[str], Any]) -> None:
     """End the running tasks (their worker processes are killed) and fail + re-queue their trials."""
     refs = list(in_flight)
@@ -418,7 +458,7 @@ def _cancel(ray: Any, in_flight: Mapping[Any, tuple[str, float]], fail: Callable
         with contextlib.suppress(Exception):
             ray.cancel(ref, force=True)
     with contextlib.suppress(Exception):
-        ray.wait(refs, num_returns=len(refs), timeout=30)
+        ray.wait(refs, num_returns=len(refs), timeout=10)
     for token, _ in in_flight.values():
         with contextlib.suppress(Exception):
             fail(token)
