@@ -80,6 +80,13 @@ STUDY_CASES = [
     (["--reconnect-timeout", "-1"], "reconnect_timeout: expected seconds >= 0"),
     (["--workers", "0"], "--workers: expected an integer >= 1"),
     (["--devices", "cpu", "--workers-per-device", "0"], "--workers-per-device: expected an integer >= 1"),
+    (["--gpus-per-trial", "0.25"], "gpus_per_trial: needs ray (e.g. --ray auto)"),
+    (["--ray", "local", "--cpus-per-trial", "-1"], "cpus_per_trial: expected a number >= 0"),
+    (["--ray", "local", "--gpus-per-trial", "1.5"], "gpus_per_trial: a fraction must be below 1"),
+    (["--ray", "local", "--cpus-per-trial", "0"], "cpus_per_trial: 0 needs gpus_per_trial > 0"),
+    (["--ray", "local", "--devices", "cpu"], "--ray places trials itself"),
+    (["--ray", " "], "ray: expected auto, local or a cluster address"),
+    (["--ray", "nohostport"], "--ray nohostport: expected auto, local or HOST:PORT"),
     # unknown names
     (["--model", "vgg99"], "model.name: unknown value 'vgg99'"),
     (["--dataset", "mnist"], "data.name: unknown value 'mnist'"),
@@ -144,11 +151,13 @@ WRONG = {
     "constraint_delta": "x", "baseline_fractions": 0.5, "enqueue_wus_default": "yes", "enqueue": {"a": 1},
     "default_search_space": "no", "search_space": [1], "select": 5, "accuracy_margin": "x", "cost_factor": "x",
     "max_trials": "x", "heartbeat_interval": 0.5, "grace_period": "x", "max_retry": "x", "reconnect_timeout": "x",
+    "ray": 5, "gpus_per_trial": "x", "cpus_per_trial": "x",
 }  # fmt: skip
 OUT_OF_RANGE = {
     "seed": -1, "n_trials": 0, "timeout": 0, "constraint_delta": float("nan"), "baseline_fractions": [0.0],
     "accuracy_margin": -1, "cost_factor": 0.5, "max_trials": 0, "heartbeat_interval": 0, "grace_period": 0,
     "max_retry": -1, "reconnect_timeout": -1.0, "objectives": "accuracy", "select": "fastest-within:x",
+    "gpus_per_trial": -0.5, "cpus_per_trial": float("inf"),
 }  # fmt: skip
 
 

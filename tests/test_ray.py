@@ -170,7 +170,7 @@ def test_ctrl_c_stops_cleanly_and_requeues(tmp_path, cluster):
     done = trials("cut", journal(tmp_path, "cut"))
     assert not [t for t in done if t.state.name == "RUNNING"]
     cut = [t for t in done if t.state.name == "FAIL"]
-    assert cut and all("interrupted by SIGINT" in t.user_attrs["fail_reason"] for t in cut)
+    assert cut and all(t.user_attrs["fail_reason"] == "Interrupted: interrupted by SIGINT (Ctrl-C); re-queued" for t in cut)
     waiting = {t.user_attrs.get("retry_of") for t in done if t.state.name == "WAITING"}
     assert {t.number for t in cut} <= waiting
     _, _, by_trial = children_by_trial("sqlite:///" + str(tmp_path / "mlruns" / "mlflow.db"), "cut")

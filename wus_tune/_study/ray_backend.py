@@ -56,6 +56,10 @@ def check_settings(spec: Any) -> None:
     """Validate the spec keys ``ray``, ``gpus_per_trial``, ``cpus_per_trial`` (no Ray import)."""
     if spec.ray is not None and (not isinstance(spec.ray, str) or not spec.ray.strip()):
         raise UsageError(f"ray: expected auto, local or a cluster address such as 10.0.0.1:6379, got {spec.ray!r}")
+    if spec.ray is not None and spec.ray.strip() not in ("auto", "local"):
+        host, _, port = spec.ray.strip().removeprefix("ray://").rpartition(":")
+        if not host or not port.isdigit():
+            raise UsageError(f"--ray {spec.ray}: expected auto, local or HOST:PORT (e.g. 10.0.0.1:6379)")
     for key, low in (("gpus_per_trial", 0.0), ("cpus_per_trial", 0.0)):
         value = getattr(spec, key)
         if value is None:
@@ -158,10 +162,7 @@ def connect(ray_plan: RayPlan) -> int:
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """A TCP connect to the head's GCS port: ``ray.init`` would otherwise wait for a dead address a minute."""
-    target = address.removeprefix("ray://")
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--ray {address}: expected auto, local or HOST:PORT (e.g. 10.0.0.1:6379)")
+    host, _, port = address.removeprefix("ray://").rpartition(":")  # the form was checked by check_settings
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as e:
@@ -356,8 +357,9 @@ def run(
                 return stale.fail_running(study, t, reason)
         return False
 
-    try:
-        with w.interrupts():
+    signals: list[int] = []
+    with _interrupts(signals):  # a second Ctrl-C while the tasks are cancelled is ignored
+        try:
             while True:
                 while len(in_flight) < slots and room():
                     submit()
@@ -402,16 +404,17 @@ def run(
                     if setup_s > 0.05:
                         result.setup_s.append(setup_s)
                     on_trial(study, frozen)
-    except KeyboardInterrupt as e:
-        result.status = "KILLED"
-        reason = str(e) or "interrupted (Ctrl-C)"
-        say(f"{reason}: cancelling {len(in_flight)} running trial(s); they are re-queued; run the same command again to continue")
-        _cancel(ray, in_flight, lambda token: fail_trial_of(token, f"Interrupted: {reason}; re-queued"))
-    except BaseException:
-        _cancel(ray, in_flight, lambda token: fail_trial_of(token, "the driver stopped; re-queued"))
-        raise
-    finally:
-        _shutdown(ray)  # a driver that joined leaves the cluster running; "local" stops its own
+        except KeyboardInterrupt:
+            result.status = "KILLED"
+            name = w.signal_name(signals[0]) if signals else "SIGINT"
+            reason = f"interrupted by {name}" + (" (Ctrl-C)" if name == "SIGINT" else "")
+            say(f"{reason}: cancelling {len(in_flight)} running task(s); their trials are re-queued; run the same command again to continue")
+            _cancel(ray, in_flight, lambda token: fail_trial_of(token, f"Interrupted: {reason}; re-queued"))
+        except BaseException:
+            _cancel(ray, in_flight, lambda token: fail_trial_of(token, "the driver stopped; re-queued"))
+            raise
+        finally:
+            _shutdown(ray)  # a driver that joined leaves the cluster running; "local" stops its own
     if result.lost_workers:
         tracker.log_parent(tags={"lost_workers": result.lost_workers})
     if result.dispatch_s:
@@ -420,6 +423,31 @@ def run(
         say(f"ray: {result.tasks} tasks, {result.lost_workers} lost workers; per trial Ray added "
             f"{1000 * ordered[len(ordered) // 2]:.0f} ms (median task round trip minus the trial){setup}")  # fmt: skip
     return result.status
+
+
+@contextlib.contextmanager
+def _interrupts(fired: list[int]) -> Any:
+    """SIGINT / SIGTERM raise KeyboardInterrupt once, the signal kept in ``fired`` (Ray's ``wait`` turns
+    any exception raised in a signal handler into a plain KeyboardInterrupt); a second one is ignored
+    while the running tasks are cancelled."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        if not fired:
+            fired.append(signum)
+            raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _gcs_address(ray: Any) -> str | None:
