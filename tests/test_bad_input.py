@@ -304,3 +304,17 @@ def test_real_cuda_oom(workdir):
     outcome = run_study(spec, n_trials=3, tracking_uri="none", fit=fit_huge_first, echo=None)
     assert [c.state for c in outcome.analysis.candidates] == ["COMPLETE", "COMPLETE", "FAIL"]
     assert outcome.analysis.by_number(2).attrs["fail_reason"].startswith("out of memory")
+
+
+def test_ray_is_optional(workdir, capsys, monkeypatch):
+    """The base install does not need Ray: nothing imports it unless ``--ray`` is given, and then its
+    absence is one line and exit 2."""
+    import subprocess
+    import sys
+
+    code = "import sys, wus_tune.study, wus_tune._study.ray_backend; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent).returncode == 0
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where it is not installed
+    code, err = cli(study_main, BASE + ["--ray", "local"], capsys)
+    assert_one_line(code, err, "--ray: Ray is not installed; pip install 'wus_tune[ray]'")
+    nothing_written(workdir)

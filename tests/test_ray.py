@@ -24,6 +24,7 @@ from conftest import free_port, worker_env
 from test_distributed import children_by_trial, trials, wait_for, write_spec
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+pytestmark = pytest.mark.ray
 
 FAST = ["--heartbeat-interval", "1", "--grace-period", "3", "--reconnect-timeout", "4"]
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # a private loopback cluster: no token
