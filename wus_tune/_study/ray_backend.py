@@ -128,7 +128,6 @@ def connect(ray_plan: RayPlan) -> int:
     address = ray_plan.address
     if address not in ("auto", "local"):
         _check_reachable(address)
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # not a C++ warning a second while it connects
     kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False}
     if address == "local":
         kwargs["num_cpus"] = os.cpu_count() or 1
