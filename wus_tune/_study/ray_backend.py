@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from wus_tune.errors import ServiceLost, UsageError
+from wus_tune.errors import ServiceLost, UsageError, check_number, one_line
 
 if TYPE_CHECKING:
     import optuna
@@ -64,8 +64,7 @@ def check_settings(spec: Any) -> None:
         value = getattr(spec, key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
-            raise UsageError(f"{key}: expected a number >= 0 (fractions share a device), got {value!r}")
+        check_number(key, value, minimum=low)
         if spec.ray is None:
             raise UsageError(f"{key}: needs ray (e.g. --ray auto); without Ray use --devices / --workers")
         if value > 1 and value != int(value):
@@ -114,8 +113,16 @@ def plan(spec: StudySpec, *, devices: str | None, workers: int | None, workers_p
 # ---- connecting --------------------------------------------------------------------------------------
 
 
-def connect(ray_plan: RayPlan) -> int:
-    """Connect to (or, for ``local``, start) the cluster; returns the number of trials to run at once.
+@dataclass(frozen=True)
+class RaySession:
+    """A connected cluster: the plan and the number of trials to run at once."""
+
+    plan: RayPlan
+    slots: int
+
+
+def connect(ray_plan: RayPlan) -> RaySession:
+    """Connect to (or, for ``local``, start) the cluster and decide how many trials run at once.
 
     Raises :class:`UsageError` (one line) when Ray is missing, the cluster cannot be reached, or it has
     no room for one trial: before the study's stores are touched."""
@@ -136,12 +143,10 @@ def connect(ray_plan: RayPlan) -> int:
     try:
         ray.init(address=address, **kwargs)
     except Exception as e:
-        from wus_tune._study.storage import first_line
-
         hint = (" (no running cluster found: start one with `ray start --head`, or use --ray local)" if address == "auto" else
                 " (a cluster with token authentication also needs RAY_AUTH_MODE=token and its token here)"
                 if not os.environ.get("RAY_AUTH_MODE") else "")  # fmt: skip
-        raise UsageError(f"--ray {address}: cannot connect to the Ray cluster: {first_line(e)}{hint}") from None
+        raise UsageError(f"--ray {address}: cannot connect to the Ray cluster: {one_line(e)}{hint}") from None
     resources = ray.cluster_resources()
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     fits = [math.floor(cpus / ray_plan.cpus_per_trial + 1e-9)] if ray_plan.cpus_per_trial > 0 else []
@@ -149,14 +154,14 @@ def connect(ray_plan: RayPlan) -> int:
         fits.append(math.floor(gpus / ray_plan.gpus_per_trial + 1e-9))
     room = min(fits)
     if ray_plan.slots is not None:
-        return ray_plan.slots  # an autoscaling cluster may grow to fit them; Ray queues the rest
+        return RaySession(ray_plan, ray_plan.slots)  # an autoscaling cluster may grow to fit them; Ray queues the rest
     if room < 1:
         ray.shutdown()
         raise UsageError(
             f"--ray {address}: the cluster has {cpus:g} CPUs and {gpus:g} GPUs, no room for one trial of "
             f"{ray_plan.cpus_per_trial:g} CPU and {ray_plan.gpus_per_trial:g} GPU (an autoscaling cluster: pass --workers N)"
         )
-    return room
+    return RaySession(ray_plan, room)
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -283,14 +288,13 @@ def run(
     study_def: Study,
     conf: Any,
     tracker: Any,
-    ray_plan: RayPlan,
-    slots: int,
+    session: RaySession,
     *,
     fit: Callable[..., Any] | None,
     on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None],
     say: Callable[[str], None],
 ) -> str:
-    """Run this invocation's trials as Ray tasks, at most ``slots`` at once; returns the study's status
+    """Run this invocation's trials as Ray tasks, at most ``session.slots`` at once; returns the study's status
     (FINISHED, KILLED or FAILED) and tags the parent run with ``lost_workers`` when there were any.
 
     Raises :class:`ServiceLost` when a task lost the storage or the tracking server, or the cluster
@@ -301,8 +305,7 @@ def run(
     from ray.exceptions import RayError, RayTaskError
 
     from wus_tune._study import workers as w
-    from wus_tune._study.storage import first_line
-
+    ray_plan, slots = session.plan, session.slots
     finished, running = w.budget_used(study.get_trials(deepcopy=False))
     budget = None if study_def.n_trials is None else finished + running + study_def.n_trials
     if conf.max_trials is not None:
@@ -373,8 +376,8 @@ def run(
                         cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
                         if isinstance(cause, ServiceLost):
                             raise ServiceLost(str(cause)) from None
-                        fail_trial_of(token, f"ray task failed: {first_line(cause or e)}")
-                        stop_reason = stop_reason or first_line(cause or e)
+                        fail_trial_of(token, f"ray task failed: {one_line(cause or e, with_type=True)}")
+                        stop_reason = stop_reason or one_line(cause or e, with_type=True)
                         say(f"error: a Ray task failed: {stop_reason}; stopping")
                         result.status = "FAILED"
                         continue
@@ -382,7 +385,7 @@ def run(
                         result.lost_workers += 1
                         reason = f"Ray worker lost: {type(e).__name__}; re-queued"
                         had_trial = fail_trial_of(token, reason)
-                        say(f"a Ray worker was lost ({type(e).__name__}: {first_line(e)[:160]})"
+                        say(f"a Ray worker was lost ({one_line(e, with_type=True)[:200]})"
                             + ("; its trial is re-queued" if had_trial else ""))  # fmt: skip
                         if gcs is not None and not _answers(gcs):
                             raise ServiceLost(f"the Ray cluster's head {gcs} is gone; the trials it was running are "
