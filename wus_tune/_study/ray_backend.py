@@ -376,6 +376,10 @@ def run(
                         cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
                         if isinstance(cause, ServiceLost):
                             raise ServiceLost(str(cause)) from None
+                        if isinstance(cause, KeyboardInterrupt):  # SIGTERM to the task (a node drained): it
+                            result.lost_workers += 1  # failed and re-queued its own trial
+                            say(f"a Ray worker was stopped ({one_line(cause, with_type=True)}); its trial is re-queued")
+                            continue
                         fail_trial_of(token, f"ray task failed: {one_line(cause or e, with_type=True)}")
                         stop_reason = stop_reason or one_line(cause or e, with_type=True)
                         say(f"error: a Ray task failed: {stop_reason}; stopping")
