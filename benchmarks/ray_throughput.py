@@ -121,8 +121,8 @@ def main() -> int:
     for label, fmt in rows:
         print(f"| {label} | {fmt(figures['local'])} | {fmt(figures['ray'])} |")
     added = figures["ray"]["between_s"] - figures["local"]["between_s"]
-    print(f"\nRay adds {added:.3f} s per trial between trials (median), and "
-          f"{figures['ray']['startup_s'] - figures['local']['startup_s']:.1f} s of start-up")
+    print(f"\nRay adds {added:+.3f} s per trial between trials (median); start-up {figures['ray']['startup_s']:.1f} s "
+          f"with Ray against {figures['local']['startup_s']:.1f} s")
     for name, cmd in runs.items():
         print(f"  {name}: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}")
     return 0
