@@ -295,3 +295,12 @@ def test_a_local_worker_killed_mid_trial_leaves_the_study_finished(tmp_path):
     assert [r.info.status for r in by_trial[victim.number]] == ["KILLED"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags["lost_workers"] == "1"
+
+
+def test_launch_status_is_the_studys():
+    from wus_tune._study.workers import launch_status
+
+    assert launch_status([0, -9, 0], interrupted=False, budget_complete=True) == ("FINISHED", 1)
+    assert launch_status([0, -9, 0], interrupted=False, budget_complete=False) == ("FAILED", 1)
+    assert launch_status([0, 1], interrupted=False, budget_complete=False) == ("FINISHED", 0)
+    assert launch_status([130, -15], interrupted=True, budget_complete=True) == ("KILLED", 1)

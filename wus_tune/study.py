@@ -93,8 +93,10 @@ def run_study(
 
     ``devices`` (``"0,1,2,3"`` or ``"cpu"``), ``workers``, ``workers_per_device``: run the trials in that
     many worker processes on this machine (see ``wus_tune._study.workers``); ``worker``: this process is
-    one of them (no final report). Raises :class:`~wus_tune.errors.ServiceLost` if the storage or the
-    tracking server is lost mid-study for longer than ``reconnect_timeout``.
+    one of them (no final report). ``ray="auto"`` (``"local"``, ``"HOST:PORT"``; a spec field, with
+    ``gpus_per_trial`` / ``cpus_per_trial``): the trials run as Ray tasks (``wus_tune._study.ray_backend``),
+    ``workers`` then caps how many at once. Raises :class:`~wus_tune.errors.ServiceLost` if the storage or
+    the tracking server (or the Ray cluster) is lost mid-study for longer than ``reconnect_timeout``.
 
     The steps, each a function of this module: :func:`resolve_study`, :func:`open_study`,
     :func:`run_trials`, :func:`analyse_study`, :func:`report_study`. An exception while the trials run
