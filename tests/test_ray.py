@@ -11,6 +11,7 @@ loaded 2-core machine, most of it Ray worker processes importing torch and MLflo
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,7 @@ by default: two nodes give two trial slots, one on each, and only two worker pro
                 pass
         self.groups = []
         time.sleep(1)
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
