@@ -80,6 +80,13 @@ STUDY_CASES = [
     (["--reconnect-timeout", "-1"], "reconnect_timeout: expected seconds >= 0"),
     (["--workers", "0"], "--workers: expected an integer >= 1"),
     (["--devices", "cpu", "--workers-per-device", "0"], "--workers-per-device: expected an integer >= 1"),
+    (["--gpus-per-trial", "0.25"], "gpus_per_trial: needs ray (e.g. --ray auto)"),
+    (["--ray", "local", "--cpus-per-trial", "-1"], "cpus_per_trial: expected a number >= 0"),
+    (["--ray", "local", "--gpus-per-trial", "1.5"], "gpus_per_trial: a fraction must be below 1"),
+    (["--ray", "local", "--cpus-per-trial", "0"], "cpus_per_trial: 0 needs gpus_per_trial > 0"),
+    (["--ray", "local", "--devices", "cpu"], "--ray places trials itself"),
+    (["--ray", " "], "ray: expected auto, local or a cluster address"),
+    (["--ray", "nohostport"], "--ray nohostport: expected auto, local or HOST:PORT"),
     # unknown names
     (["--model", "vgg99"], "model.name: unknown value 'vgg99'"),
     (["--dataset", "mnist"], "data.name: unknown value 'mnist'"),
@@ -144,11 +151,13 @@ WRONG = {
     "constraint_delta": "x", "baseline_fractions": 0.5, "enqueue_wus_default": "yes", "enqueue": {"a": 1},
     "default_search_space": "no", "search_space": [1], "select": 5, "accuracy_margin": "x", "cost_factor": "x",
     "max_trials": "x", "heartbeat_interval": 0.5, "grace_period": "x", "max_retry": "x", "reconnect_timeout": "x",
+    "ray": 5, "gpus_per_trial": "x", "cpus_per_trial": "x",
 }  # fmt: skip
 OUT_OF_RANGE = {
     "seed": -1, "n_trials": 0, "timeout": 0, "constraint_delta": float("nan"), "baseline_fractions": [0.0],
     "accuracy_margin": -1, "cost_factor": 0.5, "max_trials": 0, "heartbeat_interval": 0, "grace_period": 0,
     "max_retry": -1, "reconnect_timeout": -1.0, "objectives": "accuracy", "select": "fastest-within:x",
+    "gpus_per_trial": -0.5, "cpus_per_trial": float("inf"),
 }  # fmt: skip
 
 
@@ -295,3 +304,17 @@ def test_real_cuda_oom(workdir):
     outcome = run_study(spec, n_trials=3, tracking_uri="none", fit=fit_huge_first, echo=None)
     assert [c.state for c in outcome.analysis.candidates] == ["COMPLETE", "COMPLETE", "FAIL"]
     assert outcome.analysis.by_number(2).attrs["fail_reason"].startswith("out of memory")
+
+
+def test_ray_is_optional(workdir, capsys, monkeypatch):
+    """The base install does not need Ray: nothing imports it unless ``--ray`` is given, and then its
+    absence is one line and exit 2."""
+    import subprocess
+    import sys
+
+    code = "import sys, wus_tune.study, wus_tune._study.ray_backend; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent).returncode == 0
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where it is not installed
+    code, err = cli(study_main, BASE + ["--ray", "local"], capsys)
+    assert_one_line(code, err, "--ray: Ray is not installed; pip install 'wus_tune[ray]'")
+    nothing_written(workdir)

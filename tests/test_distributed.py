@@ -261,3 +261,46 @@ def test_study_on_mysql(tmp_path, mysql_db):
     done = trials("dist", mysql_db)
     assert [t.state.name for t in done] == ["COMPLETE"] * 4
     assert [t.user_attrs["role"] for t in done][:3] == ["baseline", "wus-default", "baseline-frontier"]
+
+
+def test_a_local_worker_killed_mid_trial_leaves_the_study_finished(tmp_path):
+    """``--devices cpu --workers 3`` on the Journal file, one worker SIGKILLed mid-trial: its trial FAIL and
+    re-run, exactly 6 COMPLETE, the launcher exits 0, and the parent run tells the truth about the study:
+    FINISHED with ``lost_workers = 1`` (it used to end FAILED although the study had finished)."""
+    write_spec(tmp_path / "spec.yaml", train={**TINY, "epochs": 5})
+    p = start(tmp_path, "--spec", "spec.yaml", "--devices", "cpu", "--workers", "3", "--n-trials", "6", *FAST, log="out.log")
+    url = "journal:///" + str(tmp_path / "studies" / "dist.journal")
+
+    def mid_trial():
+        if not (tmp_path / "studies" / "dist.journal").exists():
+            return None
+        return next((t for t in trials("dist", url) if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs), None)
+
+    victim = wait_for(mid_trial, 240, "a worker inside a trial", [p])
+    pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+    assert pid != p.pid
+    import os
+
+    os.kill(pid, signal.SIGKILL)
+    assert p.wait(timeout=300) == 0, (tmp_path / "out.log").read_text()
+    assert "was killed by SIGKILL" in (tmp_path / "out.log").read_text()
+
+    done = trials("dist", url)
+    assert sum(t.state.name == "COMPLETE" for t in done) == 6
+    assert not [t for t in done if t.state.name in ("RUNNING", "WAITING")]
+    killed = next(t for t in done if t.number == victim.number)
+    assert killed.state.name == "FAIL" and killed.user_attrs["fail_reason"].startswith("worker lost")
+    assert [t.state.name for t in done if t.user_attrs.get("retry_of") == victim.number] == ["COMPLETE"]
+    _, parents, by_trial = children_by_trial("sqlite:///" + str(tmp_path / "mlruns" / "mlflow.db"), "dist")
+    assert [r.info.status for r in by_trial[victim.number]] == ["KILLED"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["lost_workers"] == "1"
+
+
+def test_launch_status_is_the_studys():
+    from wus_tune._study.workers import launch_status
+
+    assert launch_status([0, -9, 0], interrupted=False, budget_complete=True) == ("FINISHED", 1)
+    assert launch_status([0, -9, 0], interrupted=False, budget_complete=False) == ("FAILED", 1)
+    assert launch_status([0, 1], interrupted=False, budget_complete=False) == ("FINISHED", 0)
+    assert launch_status([130, -15], interrupted=True, budget_complete=True) == ("KILLED", 1)

@@ -93,8 +93,10 @@ def run_study(
 
     ``devices`` (``"0,1,2,3"`` or ``"cpu"``), ``workers``, ``workers_per_device``: run the trials in that
     many worker processes on this machine (see ``wus_tune._study.workers``); ``worker``: this process is
-    one of them (no final report). Raises :class:`~wus_tune.errors.ServiceLost` if the storage or the
-    tracking server is lost mid-study for longer than ``reconnect_timeout``.
+    one of them (no final report). ``ray="auto"`` (``"local"``, ``"HOST:PORT"``; a spec field, with
+    ``gpus_per_trial`` / ``cpus_per_trial``): the trials run as Ray tasks (``wus_tune._study.ray_backend``),
+    ``workers`` then caps how many at once. Raises :class:`~wus_tune.errors.ServiceLost` if the storage or
+    the tracking server (or the Ray cluster) is lost mid-study for longer than ``reconnect_timeout``.
 
     The steps, each a function of this module: :func:`resolve_study`, :func:`open_study`,
     :func:`run_trials`, :func:`analyse_study`, :func:`report_study`. An exception while the trials run
@@ -112,11 +114,19 @@ def run_study(
     fit = _with_inputs(fit, model=model, data=data)
     spec, study_def, device = resolve_study(spec, options=options, overrides=overrides, slots=slots, fit=fit,
                                             report_dir=report_dir, worker=worker, say=say)  # fmt: skip
+    ray = None
+    if spec.ray is not None:  # Ray places the trials (wus_tune._study.ray_backend); an unreachable cluster: exit 2
+        from wus_tune._study import ray_backend
+
+        if model is not None or data is not None:
+            raise UsageError("run_study: model= and data= run in this process only; drop ray")
+        ray = ray_backend.connect(ray_backend.plan(spec, devices=devices, workers=workers, workers_per_device=workers_per_device))
+        device = ray.plan.label()  # the trials' devices are Ray's to give
     opened = open_study(study_def=study_def, device=device, say=say)
     ran: list[int] = []
     status, error = "FINISHED", None
     try:
-        status = run_trials(opened=opened, spec=spec, study_def=study_def, slots=slots, fit=fit, ran=ran, say=say)
+        status = run_trials(opened=opened, spec=spec, study_def=study_def, slots=slots, fit=fit, ran=ran, say=say, ray=ray)
     except KeyboardInterrupt:
         status = "KILLED"
         say("interrupted: the current trial is marked failed and re-queued; run the same command again to continue")
@@ -185,12 +195,15 @@ def resolve_study(
     spec = dataclasses.replace(spec, **options)
     for key, value in (overrides or {}).items():
         spec.set_train(key, value)
+    if spec.ray is not None:  # Ray places the trials (wus_tune._study.ray_backend); this process only drives
+        spec.set_train("device", "cpu")  # the driver only checks the data; each trial gets the device Ray gives it
+        slots = []
     if len(slots) == 1:  # one worker: this process, on that device
         spec.set_train("device", "cpu" if slots[0].device == "cpu" else f"cuda:{slots[0].device}")
     elif slots:
         spec.set_train("device", slots[0].train_device)  # what each worker gets (its GPU is its cuda:0)
     study_def = spec.resolve()
-    if len(slots) > 1 and study_def.default_storage:  # several local writers: a Journal file, not SQLite
+    if (len(slots) > 1 or spec.ray is not None) and study_def.default_storage:  # several writers: a Journal file, not SQLite
         study_def = dataclasses.replace(study_def, storage=default_journal(study_def.name))
     study_def = dataclasses.replace(study_def, spec=_public_spec(study_def.spec))
     device = _preflight(study_def)
@@ -277,16 +290,23 @@ def run_trials(
     fit: Callable[..., TrainResult] | None,
     ran: list[int],
     say: Callable[[str], None],
+    ray: Any = None,
 ) -> str:
-    """Run this invocation's trials, in this process or in one worker process per slot; ``ran`` collects
-    the numbers of the trials that finished. Returns the status (FINISHED, KILLED or FAILED)."""
+    """Run this invocation's trials, in this process, in one worker process per slot, or as Ray tasks
+    (``ray``: the :class:`~wus_tune._study.ray_backend.RaySession` of ``--ray``); ``ran`` collects the
+    numbers of the trials that finished. Returns the status (FINISHED, KILLED or FAILED)."""
     from wus_tune._study import workers as w
     from wus_tune._study.objective import Objective
     from wus_tune._study.storage import study_lock
 
     conf = w.settings(study_def)
+    if ray is not None:
+        from wus_tune._study import ray_backend
+
+        return ray_backend.run(opened.study, spec, study_def, conf, opened.tracker, ray, fit=fit,
+                               on_trial=_TrialPrinter(study_def, say, ran), say=say)  # fmt: skip
     if len(slots) > 1:
-        return _launch(opened.study, spec, study_def, slots, conf, ran, say)
+        return _launch(opened.study, spec, study_def, slots, conf, ran, say, opened.tracker)
     w.run_worker(
         opened.study,
         Objective(study_def, opened.tracker, fit=fit),
@@ -313,7 +333,7 @@ def _public_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _launch(study: optuna.Study, spec: StudySpec, study_def: Study, slots: Sequence[Any], conf: Any,
-            ran: list[int], say: Callable[[str], None]) -> str:  # fmt: skip
+            ran: list[int], say: Callable[[str], None], tracker: Any) -> str:  # fmt: skip
     """Run the trials in one worker process per slot (``--devices`` / ``--workers``); returns the status.
 
     The workers share this invocation's ``n_trials`` through a study-wide budget (``max_trials``); each
@@ -343,12 +363,14 @@ def _launch(study: optuna.Study, spec: StudySpec, study_def: Study, slots: Seque
     if 3 in codes:
         raise ServiceLost("a worker lost the Optuna storage or the MLflow server (see its lines above); "
                           "everything recorded so far is kept: run the same command again to continue")  # fmt: skip
-    bad = [(s.label, c) for s, c in zip(slots, codes) if c not in (0, 1, 130)]
-    for label, code in bad:
-        say(f"worker {label} exited with status {code}")
-    if interrupted or 130 in codes:
-        return "KILLED"
-    return "FAILED" if bad else "FINISHED"
+    for slot, code in zip(slots, codes):
+        if code not in (0, 1, 130):
+            say(f"worker {slot.label} " + (f"was killed by {w.signal_name(-code)}" if code < 0 else f"exited with status {code}"))
+    done, _ = w.budget_used(study.get_trials(deepcopy=False))
+    status, lost = w.launch_status(codes, interrupted=interrupted, budget_complete=budget is not None and done >= budget)
+    if lost:
+        tracker.log_parent(tags={"lost_workers": lost})
+    return status
 
 
 # ---- steps ---------------------------------------------------------------------------------------------
@@ -674,7 +696,8 @@ def _timing(cands: Sequence[Candidate]) -> dict[str, float]:
 
 _TRAIN_OPTIONS = {"model": "model.name", "dataset": "data.name", "data_dir": "data.data_dir", "epochs": "epochs", "device": "device"}
 _SPEC_OPTIONS = ("n_trials", "timeout", "storage", "tracking_uri", "sampler", "objectives", "constraint_delta", "select", "pruner",
-                 "max_trials", "heartbeat_interval", "grace_period", "max_retry", "reconnect_timeout")  # fmt: skip
+                 "max_trials", "heartbeat_interval", "grace_period", "max_retry", "reconnect_timeout",
+                 "ray", "gpus_per_trial", "cpus_per_trial")  # fmt: skip
 _WORKER_OPTIONS = ("devices", "workers", "workers_per_device", "worker")
 
 
@@ -713,6 +736,9 @@ def build_parser() -> ArgumentParser:
     scale.add_argument("--reconnect-timeout", type=float,
                        help="seconds a lost storage or MLflow server is retried before the worker stops (default 120)")  # fmt: skip
     scale.add_argument("--worker", action="store_true", help="run as one of several workers: no final report")
+    scale.add_argument("--ray", metavar="ADDRESS", help="run the trials on a Ray cluster: auto | local | HOST:PORT (--workers N: at most N at once)")
+    scale.add_argument("--gpus-per-trial", type=float, help="with --ray: GPUs per trial; 0.25 puts four trials on one GPU (default 0)")
+    scale.add_argument("--cpus-per-trial", type=float, help="with --ray: CPUs per trial (default 1)")
     return p
 
 

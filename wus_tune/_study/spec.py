@@ -39,6 +39,9 @@ Format (every key optional; unknown keys are errors)::
     grace_period: null              # seconds without one before a trial is stale and re-queued (default 3 x interval)
     max_retry: 2                    # times a stale or interrupted trial is re-queued
     reconnect_timeout: 120          # seconds a lost storage or MLflow server is retried before the worker stops
+    ray: null                       # run the trials on a Ray cluster: auto | local | HOST:PORT (docs/study.md, "Ray")
+    gpus_per_trial: null            # with ray: GPUs per trial, fractions share a GPU (default 0)
+    cpus_per_trial: null            # with ray: CPUs per trial (default 1)
 """
 
 from __future__ import annotations
@@ -101,6 +104,9 @@ class StudySpec:
     grace_period: int | None = None
     max_retry: int | None = 2
     reconnect_timeout: float = 120.0
+    ray: str | None = None  # a Ray cluster runs the trials: auto | local | HOST:PORT (wus_tune._study.ray_backend)
+    gpus_per_trial: float | None = None  # with ray: GPUs each trial asks for (0.25: four trials share a GPU); default 0
+    cpus_per_trial: float | None = None  # with ray: CPUs each trial asks for; default 1
     source: str = field(default="", metadata={"internal": True})  # where it came from, for messages
 
     @classmethod
@@ -172,6 +178,9 @@ class StudySpec:
         from wus_tune._study.workers import check_settings
 
         check_settings(self)
+        from wus_tune._study.ray_backend import check_settings as check_ray_settings
+
+        check_ray_settings(self)
         for i, f in enumerate(self.baseline_fractions):
             if not 0 < f <= 1:
                 raise UsageError(f"baseline_fractions[{i}]: {f:g} is out of range (0, 1]")

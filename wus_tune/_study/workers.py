@@ -55,6 +55,13 @@ class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM in a worker: ends the current trial cleanly, then the worker (exit 130)."""
 
 
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def worker_id() -> str:
     """``host:pid``: stored on each trial (user attribute ``worker``) and on its MLflow run."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -160,6 +167,26 @@ class StaleTrials:
 
     def retry(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         self.requeue(study, frozen)
+
+    def fail_running(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> bool:
+        """Fail a RUNNING trial whose worker is known to be gone (a lost Ray task: no need to wait for its
+        heartbeat to stop), close its MLflow run KILLED and re-queue it. False if it had already ended
+        (another worker's stale check, or its own ``tell``, got there first)."""
+        import optuna
+        from optuna.trial import TrialState
+
+        storage = adapters.study_storage(study)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), trial.number)
+        try:
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                return False
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            return False
+        frozen = storage.get_trial(trial_id)
+        self.tracker.close_trial(frozen.number, frozen.user_attrs.get("mlflow_run_id"), reason)
+        self.retry(study, frozen)
+        return True
 
 
 def retried_numbers(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
@@ -441,6 +468,16 @@ def launch(
             signal.signal(s, h)
     host = socket.gethostname()
     return codes, [f"{host}:{p.pid}" for p in procs], bool(interrupted)
+
+
+def launch_status(codes: Sequence[int], *, interrupted: bool, budget_complete: bool) -> tuple[str, int]:
+    """The study's status after its local workers exited, and how many were lost (exited other than 0, 1
+    or 130: a signal such as SIGKILL, or an error). The status is the study's, not one worker's: lost
+    workers whose trials the others re-ran still leave a study that completed its budget FINISHED."""
+    lost = sum(1 for c in codes if c not in (0, 1, 130))
+    if interrupted or 130 in codes:
+        return "KILLED", lost
+    return ("FINISHED" if budget_complete or not lost else "FAILED"), lost
 
 
 def _pump(p: subprocess.Popen[str], prefix: str, say: Callable[[str], None], redact: Callable[[str], str]) -> None:
