@@ -7,6 +7,11 @@ on CPU, same code path); the timer measures exactly what is reported, with devic
 Time accounting is fair to the baseline: ``time_s`` is training time plus the evaluations a method
 *needs* (every check's validation pass for WUS on ``val_acc``; for every run the final evaluation).
 Evaluations made only to draw learning curves are timed but not charged.
+
+Beside the wall time, a run counts its work per kind (full steps, skip steps per bias scope, charged
+evaluation samples) and, when ``relative_to`` names a baseline config, prices each kind at its end by
+short interleaved measurements against the baseline's own step (:mod:`wus_tune.timing`):
+``relative_time`` is then the run's cost in units of one full-length baseline run on this device, now.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from wus_tune.config import TrainConfig
 from wus_tune.errors import ConfigError, TrainingDiverged
 from wus_tune.methods import Method, MethodContext, build_methods
 from wus_tune.schedules import lr_multiplier
+from wus_tune.timing import (
+    BASELINE_EVAL, BASELINE_STEP, EVAL, FULL_STEP, Probe, TimingOptions, costs_of, measure_interleaved,
+    relative_time, run_seconds, skip_kind,
+)  # fmt: skip
 from wus_tune.wus import WUSController, param_groups, skip_frozen_parameters
 
 __all__ = ["fit", "TrainResult", "EpochRecord", "resolve_device"]
@@ -77,6 +86,14 @@ class TrainResult:
     num_params: int
     device: str
     torch_version: str
+    # The ledger and its prices (wus_tune.timing): units of work per kind, seconds per unit measured at the
+    # end of the run; relative_time = this run / one baseline run at those prices (None without relative_to).
+    work_counts: dict[str, float] = field(default_factory=dict)
+    unit_costs: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> seconds, low, high, rounds
+    relative_time: float | None = None
+    reference_time_s: float | None = None  # one full-length baseline run at the measured prices
+    modelled_time_s: float | None = None  # this run's counted work at the measured prices (vs time_s)
+    timing_overhead_s: float = 0.0  # the measurement itself (not charged)
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,10 +139,17 @@ def fit(
     *,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     progress: bool = False,
+    relative_to: TrainConfig | None = None,
+    timing: TimingOptions | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train one model as ``config`` says and return its measurements.
 
     ``on_epoch`` is called after each epoch (a study logs it and may stop the run by raising).
+    ``relative_to``: the baseline config (same data; a plain run: its WUS settings are ignored) to express the
+    run's time in (``relative_time``); ``timing`` how its prices are measured. ``on_step(step)`` is called
+    after every training step, inside the timed part: time spent there counts as wall time, as any
+    disturbance would, but not as work (tests inject slowdowns through it).
     Raises :class:`~wus_tune.errors.TrainingDiverged` when the loss stops being finite, and
     :class:`~wus_tune.errors.UsageError` subclasses for bad input.
     """
@@ -199,6 +223,8 @@ def fit(
         return loss, acc, timer.now() - start
 
     records: list[EpochRecord] = []
+    work: dict[str, float] = {}  # kind -> units done (wus_tune.timing)
+    specimens: dict[str, Any] = {}  # kind -> copy of the training state at its first step, to price it
     train_time = eval_time = required_eval_time = 0.0
     eval_flops_required = 0.0
     skipped_steps = 0
@@ -216,6 +242,7 @@ def fit(
             eval_time += seconds
             required_eval_time += seconds
             eval_flops_required += flops_eval_per_sample * len(data.val_y)
+            work[EVAL] = work.get(EVAL, 0.0) + len(data.val_y)
             controller.observe(v_acc, progress)
             return v_loss, v_acc
         controller.observe(float(window_correct) / max(1, window_seen), progress)
@@ -240,18 +267,15 @@ def fit(
             for i, group in enumerate(optimizer.param_groups):
                 group["lr"] = peak_lrs[i] * schedule * (controller.lr_factor(i) if controller else 1.0)
             skipping = bool(controller and controller.skipping)
-            with autocast:
-                logits = train_model(x)
-                loss = loss_fn(logits.float(), y)
-            loss.backward()
-            ctx.extra["inputs"], ctx.extra["targets"] = x, y
-            for method in methods:
-                method.before_step(model, optimizer, ctx)
-            optimizer.step()
-            for method in methods:
-                method.after_step(model, optimizer, ctx)
-            optimizer.zero_grad(set_to_none=True)
-
+            kind = skip_kind(wus_cfg.bias_scope) if skipping else FULL_STEP
+            if relative_to is not None and kind not in specimens:  # untimed: outside the step
+                pause = timer.now()
+                specimens[kind] = copy.deepcopy((model, optimizer, methods, ctx))
+                epoch_eval_time += timer.now() - pause
+            work[kind] = work.get(kind, 0.0) + 1
+            loss, logits = _train_step(train_model, model, optimizer, methods, ctx, loss_fn, autocast, x, y)
+            if on_step is not None:
+                on_step(step)
             correct = (logits.detach().argmax(1) == y).sum()
             epoch_loss += loss.detach() * len(y)
             epoch_correct += correct
@@ -283,6 +307,7 @@ def fit(
             if last_epoch:  # every run needs its final evaluation
                 required_eval_time += seconds
                 eval_flops_required += flops_eval_per_sample * len(data.val_y)
+                work[EVAL] = work.get(EVAL, 0.0) + len(data.val_y)
             epoch_val = (v_loss, v_acc)
 
         extra: dict[str, float] = {}
@@ -321,6 +346,16 @@ def fit(
     if test_loader is not None:
         _, test_acc, seconds = evaluate(test_loader)
         eval_time += seconds
+    prices: dict[str, Any] = {}
+    if relative_to is not None:
+        start = time.perf_counter()
+        prices = _price_work(
+            relative_to, specimens, data=data, device=device, autocast=autocast, loss_fn=loss_fn,
+            batch=(sample_x, sample_y), val_loader=val_loader, options=timing or TimingOptions(),
+            sync=timer.sync, model=model,
+        )  # fmt: skip
+        specimens.clear()
+        prices["timing_overhead_s"] = time.perf_counter() - start
     train_flops = sum(r.flops for r in records)
     baseline_flops = total_steps * flops_full
     val_accs = [r.val_acc for r in records if r.val_acc is not None]
@@ -347,8 +382,119 @@ def fit(
         num_params=num_params,
         device=str(device),
         torch_version=torch.__version__,
+        work_counts=dict(work),
+        unit_costs={k: m.to_dict() for k, m in prices.get("measurements", {}).items()},
+        relative_time=prices["relative_time"](work) if prices else None,
+        reference_time_s=prices.get("reference_s"),
+        modelled_time_s=run_seconds(work, prices["costs"]) if prices else None,
+        timing_overhead_s=prices.get("timing_overhead_s", 0.0),
         model=model,
     )
+
+
+def _train_step(train_model: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, methods: list[Method],
+                ctx: MethodContext, loss_fn: Any, autocast: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step with the methods' hooks; the loop and the pricing probes run this same code."""
+    with autocast:
+        logits = train_model(x)
+        loss = loss_fn(logits.float(), y)
+    loss.backward()
+    ctx.extra["inputs"], ctx.extra["targets"] = x, y
+    for method in methods:
+        method.before_step(model, optimizer, ctx)
+    optimizer.step()
+    for method in methods:
+        method.after_step(model, optimizer, ctx)
+    optimizer.zero_grad(set_to_none=True)
+    return loss, logits
+
+
+def _same_optimizer_work(config: TrainConfig, reference: TrainConfig, n_train: int) -> bool:
+    """Whether a full step of ``config`` does the baseline's arithmetic: same batch, optimizer and update
+    terms (learning rates and decay values do not change the cost; momentum and decay on or off do)."""
+    a, b = config.optim, reference.optim
+    return (
+        min(a.batch_size, n_train) == min(b.batch_size, n_train) and a.name == b.name
+        and (a.momentum > 0) == (b.momentum > 0) and a.nesterov == b.nesterov
+        and (a.weight_decay > 0) == (b.weight_decay > 0)
+        and config.data.augment == reference.data.augment and config.compile == reference.compile
+    )  # fmt: skip
+
+
+def _price_work(reference: TrainConfig, specimens: dict[str, Any], *, data: Any, device: torch.device, autocast: Any,
+                loss_fn: Any, batch: tuple[torch.Tensor, torch.Tensor], val_loader: Any, options: TimingOptions,
+                sync: Callable[[], None], model: nn.Module) -> dict[str, Any]:
+    """Price each kind of work this run did, interleaved with the reference (baseline) run's step and
+    evaluation, on copies of the training state taken at each kind's first step (wus_tune.timing)."""
+    from wus_tune.models import build_model
+
+    cuda = device.type == "cuda"
+    x, y = batch
+    probes: dict[str, Probe] = {}
+    # Work identical to the baseline's (same network, batch size and optimizer, no method) is priced by the
+    # baseline's own probe: a plain run's relative time is then exactly its share of the baseline's steps.
+    config = specimens[next(iter(specimens))][3].config if specimens else reference
+    same_net = config.model == reference.model and config.methods == reference.methods
+    same_step = same_net and _same_optimizer_work(config, reference, len(data.train_y))
+    aliases = {FULL_STEP: BASELINE_STEP} if same_step else {}
+    if same_net:
+        aliases[EVAL] = BASELINE_EVAL
+    for kind, (m, opt, meths, ctx) in specimens.items():
+        if kind in aliases:
+            continue
+        m.train()
+        probes[kind] = Probe(
+            run=lambda m=m, opt=opt, meths=meths, ctx=ctx: (_train_step(m, m, opt, meths, ctx, loss_fn, autocast, x, y), 1)[1],
+            sync=sync,
+        )  # fmt: skip
+    # The baseline's step: its own model, optimizer and batch size, on the same data.
+    ref_model = build_model(reference.model, data.input_shape, data.num_classes).to(device)
+    if cuda:
+        ref_model = ref_model.to(memory_format=torch.channels_last)
+    ref_batch = min(reference.optim.batch_size, len(data.train_y))
+    ref_loader = data.loader("train", batch_size=ref_batch, device=device, augment=reference.data.augment,
+                             seed=reference.seed, channels_last=cuda)  # fmt: skip
+    rx, ry = next(iter(ref_loader))
+    ref_ctx = MethodContext(config=reference, device=device, steps_per_epoch=len(ref_loader),
+                            total_steps=len(ref_loader) * reference.epochs)  # fmt: skip
+    ref_methods = build_methods(reference.methods)  # e.g. a measurement every trial runs, the baseline too
+    for method in ref_methods:
+        ref_model = method.apply_model(ref_model, ref_ctx)
+    ref_opt = _make_optimizer(ref_model, reference, ref_methods, ref_ctx)
+    ref_loss = nn.CrossEntropyLoss(label_smoothing=reference.optim.label_smoothing)
+    probes[BASELINE_STEP] = Probe(
+        run=lambda: (_train_step(ref_model, ref_model, ref_opt, ref_methods, ref_ctx, ref_loss, autocast, rx, ry), 1)[1],
+        sync=sync,
+    )
+    ref_counts: dict[str, float] = {BASELINE_STEP: float(len(ref_loader) * reference.epochs)}
+    if val_loader is not None:
+        vx, _ = next(iter(val_loader))
+
+        def evaluating(net: nn.Module) -> Callable[[], float]:
+            @torch.no_grad()
+            def run() -> float:
+                was = net.training
+                net.eval()
+                with autocast:
+                    net(vx)
+                net.train(was)
+                return float(len(vx))
+
+            return run
+
+        if EVAL not in aliases:
+            probes[EVAL] = Probe(run=evaluating(model), sync=sync)
+        probes[BASELINE_EVAL] = Probe(run=evaluating(ref_model), sync=sync)
+        ref_counts[BASELINE_EVAL] = float(len(data.val_y))  # its final evaluation
+    measurements = measure_interleaved(probes, options, paired_with=BASELINE_STEP)
+    costs = costs_of(measurements)
+    costs.update({kind: costs[same] for kind, same in aliases.items() if same in costs})
+    return {
+        "measurements": measurements,
+        "costs": costs,
+        "reference_s": run_seconds(ref_counts, costs),
+        "relative_time": lambda work: relative_time(work, costs, ref_counts),
+    }
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig, methods: list[Method], ctx: MethodContext) -> torch.optim.Optimizer:
