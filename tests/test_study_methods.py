@@ -165,7 +165,7 @@ def test_guideline_trials_and_narrowed_decay():
         ({"methods": ["approx_ops"], "search_space": {"method": {"choices": ["wus"]}}}, "methods:"),
         ({"methods": ["approx_ops"], "search_space": {"methods.approx_ops.sample_ratio": {"low": 0.5, "high": 1.5}}},
          "not a valid config"),
-        ({"objectives": "accuracy,sparsity"}, "accuracy then time"),
+        ({"objectives": "accuracy,sparsity"}, "accuracy then one or two of relative_time"),
     ],
 )
 def test_bad_method_specs_name_the_problem(raw, match):

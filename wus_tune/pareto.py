@@ -84,6 +84,7 @@ __all__ = [
 OBJECTIVES: dict[str, tuple[str, str]] = {
     "accuracy": ("maximize", "val_acc"),
     "time": ("minimize", "time_s"),
+    "relative_time": ("minimize", "relative_time"),  # full-length baseline runs on this device (wus_tune.timing)
     "cost": ("minimize", "cost_flops"),
     "sparsity": ("maximize", "lp_sphere/sparsity"),
     "params": ("minimize", "lp_sphere/params_active"),
@@ -97,6 +98,8 @@ def objective_values(result: Any, names: Sequence[str]) -> dict[str, float]:
     out = {}
     for name in names:
         source = OBJECTIVES[name][1]
+        if name == "relative_time" and getattr(result, source, None) is None:
+            raise ValueError("objective relative_time: the run was not priced (fit(..., relative_to=baseline))")
         out[name] = float(last.get(source, dense[name])) if name in dense else float(getattr(result, source))
     return out
 
@@ -429,7 +432,7 @@ def analyse(
     cands = sorted(candidates, key=lambda c: c.number)
     done = [c for c in cands if c.ok]
     front = [done[i].number for i in pareto_front([c.values for c in done], directions)]
-    baseline = next((c for c in done if c.role == "baseline"), None)
+    baseline = pooled_baseline([c for c in done if c.role == "baseline"])
     if baseline is not None:
         reference = reference_point(
             baseline.values, objectives, accuracy_margin=accuracy_margin, cost_factor=cost_factor
@@ -452,6 +455,22 @@ def analyse(
         hv_history=[(c.number, h) for c, h in zip(done, hv)],
         advantages=advantages,
     )
+
+
+def pooled_baseline(baselines: Sequence[Candidate]) -> Candidate | None:
+    """The study's baseline as the comparisons see it: the first baseline trial, with each objective the
+    median over every completed baseline trial (``baseline_repeats``); ``attrs["baseline_trials"]`` lists them."""
+    if not baselines:
+        return None
+    first = baselines[0]
+    if len(baselines) == 1:
+        return first
+    import statistics
+
+    values = tuple(statistics.median(c.values[k] for c in baselines) for k in range(len(first.values)))
+    return Candidate(number=first.number, state=first.state, values=values, role=first.role, wus=first.wus,
+                     feasible=first.feasible, params=first.params, config=first.config,
+                     attrs={**first.attrs, "baseline_trials": [c.number for c in baselines]})  # fmt: skip
 
 
 def candidate_from_trial(trial: optuna.trial.FrozenTrial) -> Candidate:

@@ -349,6 +349,9 @@ def initial_trials(study_def: Study) -> list[tuple[str, dict[str, Any]]]:
         for n in ([] if schedule == base.schedule.name else [epochs]) + budgets:
             out.append(("baseline-frontier", plain | {"epochs": n, "schedule.name": schedule}))
     out += [(role, dict(values)) for role, values in study_def.method_trials]
+    # More baselines, with other seeds, measured later in the study: its accuracy and time are medians.
+    out += [("baseline", plain | {"epochs": epochs, "seed": base.seed + k})
+            for k in range(1, getattr(study_def, "baseline_repeats", 1))]  # fmt: skip
     out += [("enqueued", dict(e)) for e in study_def.enqueue]
     return out
 
@@ -357,6 +360,7 @@ def _init_study(study: optuna.Study, study_def: Study) -> None:
     from wus_tune import __version__
 
     study.set_user_attr("objectives", list(study_def.objectives))
+    study.set_metric_names(list(study_def.objectives))  # optuna-dashboard shows "accuracy", "relative_time"
     study.set_user_attr("base_config", study_def.base.to_dict())
     study.set_user_attr("search_space", study_def.space.to_json())
     study.set_user_attr("spec", study_def.spec)
@@ -578,7 +582,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study>.db)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlruns/mlflow.db; 'none' turns MLflow off)")
     p.add_argument("--sampler", help="tpe (default) | nsga2 | gp")
-    p.add_argument("--objectives", help="accuracy,time (default) | accuracy,cost | accuracy,time,cost; a last sparsity or params adds that")
+    p.add_argument("--objectives", help="accuracy,relative_time (default: time in baseline runs, priced per trial) | accuracy,time (wall s) | "
+                   "accuracy,cost (FLOPs) | two of them; a last sparsity or params adds that")
     p.add_argument("--methods", help="the methods compared, e.g. wus,approx_ops,lp_sphere+wus (default wus; docs/study.md)")
     p.add_argument("--seed", type=int, help="sampler seed and training seed (default 0)")
     p.add_argument("--constraint-delta", type=float, help="feasible only if accuracy >= baseline - DELTA points")

@@ -14,7 +14,9 @@ from typing import Any
 
 from wus_tune.pareto import Analysis, Candidate
 
-_UNITS = {"time": "s", "cost": " FLOPs"}
+_UNITS = {"time": "s", "cost": " FLOPs", "relative_time": " baseline runs"}
+_AXIS = {"time": "training time incl. required evaluations (s, wall)", "cost": "training cost (FLOPs)",
+         "relative_time": "time in full-length baseline runs (priced per trial on its device)"}
 _COLORS = {"none": "#7f7f7f", "wus": "#1f77b4", "wus+lr": "#ff7f0e", "approx_ops": "#9467bd",
            "lp_sphere": "#8c564b", "gauss_newton": "#e377c2", "edge_of_chaos": "#17becf",
            "edge_of_chaos (guideline)": "#d62728", "approx_ops+wus": "#bcbd22", "lp_sphere+wus": "#2ca02c",
@@ -53,6 +55,8 @@ def _legend(name: str) -> str:
 def _fmt_cost(name: str, v: float) -> str:
     if name == "sparsity":
         return f"{v:.1%}"
+    if name == "relative_time":
+        return f"{v:.3f}"
     return f"{v:.1f}s" if name == "time" else f"{v:.3g}"
 
 
@@ -210,7 +214,7 @@ def write_pareto_png(analysis: Analysis, path: Path, *, title: str, selected: in
         c = analysis.by_number(selected)
         ax.scatter(*_xy(analysis, [c]), s=140, facecolors="none", edgecolors="red", lw=1.8, zorder=6,
                    label=f"selected (trial {selected})")
-    ax.set_xlabel("training time incl. required evaluations (s)" if obj == "time" else "training cost (FLOPs)")
+    ax.set_xlabel(_AXIS.get(obj, obj))
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -278,7 +282,7 @@ def write_pareto_html(analysis: Analysis, path: Path, *, title: str, selected: i
                                  text=[hover(c)], hoverinfo="text"))  # fmt: skip
     fig.update_layout(
         title=title,
-        xaxis_title="training time incl. required evaluations (s)" if obj == "time" else "training cost (FLOPs)",
+        xaxis_title=_AXIS.get(obj, obj),
         yaxis_title="validation accuracy (%)",
         template="plotly_white",
     )
