@@ -59,6 +59,7 @@ class StudyOutcome:
     best_config: TrainConfig | None
     report_dir: Path | None  # where the report was written locally (MLflow off), else None
     timing: dict[str, float] = field(default_factory=dict)  # mean fit / overhead / mlflow seconds per trial
+    confirmation: Any = None  # a wus_tune.confirm.Confirmation when the spec asked for one (confirm: K)
 
     @property
     def best_config_uri(self) -> str | None:
@@ -216,6 +217,18 @@ def run_study(
         if not lost:
             outcome = _finish(study, study_def, tracker, status=status, ran=ran, say=say, report_dir=report_dir,
                               report=not worker)  # fmt: skip
+    if getattr(study_def, "confirm", 0) and not worker and status == "FINISHED" and outcome.selected is not None:
+        from wus_tune.confirm import confirm_study
+        from wus_tune.pareto import parse_rule
+
+        say("")
+        try:
+            outcome.confirmation = confirm_study(
+                study, outcome.analysis, rule=parse_rule(str(study_def.select)), repeats=study_def.confirm, fit=fit, say=say,
+                tracking_uri=study_def.tracking_uri, report_dir=outcome.report_dir,
+            )  # fmt: skip
+        except UsageError as e:
+            say(f"note: no confirmation: {e}")
     return outcome
 
 
@@ -357,10 +370,16 @@ def initial_trials(study_def: Study) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _init_study(study: optuna.Study, study_def: Study) -> None:
+    import optuna
+
     from wus_tune import __version__
 
     study.set_user_attr("objectives", list(study_def.objectives))
-    study.set_metric_names(list(study_def.objectives))  # optuna-dashboard shows "accuracy", "relative_time"
+    import warnings
+
+    with warnings.catch_warnings():  # experimental since Optuna 3.2, unchanged since
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(study_def.objectives))  # optuna-dashboard shows "accuracy", "relative_time"
     study.set_user_attr("base_config", study_def.base.to_dict())
     study.set_user_attr("search_space", study_def.space.to_json())
     study.set_user_attr("spec", study_def.spec)
@@ -477,7 +496,16 @@ def _finish(
         say(f"per trial: training {timing['fit_s']:.2f}s, study machinery {timing['overhead_s']:.3f}s "
             f"(of which MLflow {timing['mlflow_s']:.3f}s)")  # fmt: skip
     if selected is not None:
-        say(f"selected by {rule}: trial {selected.number} (<)")
+        test = (selected.attrs.get("result") or {}).get("test_acc")
+        say(f"selected by {rule}: trial {selected.number} (<)"
+            + (f"; validation {selected.values[0]:.2%}, held-out test {test:.2%} (reported only, never used to select)"
+               if test is not None else ""))  # fmt: skip
+    refs = [r for c in analysis.complete if (r := (c.attrs.get("result") or {}).get("reference_time_s"))]
+    if len(refs) > 1:
+        import statistics
+
+        say(f"one full-length baseline run, priced in each of {len(refs)} trials: median {statistics.median(refs):.2f}s "
+            f"(min {min(refs):.2f}s, max {max(refs):.2f}s): the unit of relative_time")  # fmt: skip
     if tracker.enabled:
         say(f"MLflow: {mask_url(study_def.tracking_uri)}, experiment {study_def.name!r}, parent run {tracker.parent_run_id}"
             + (f"; best config: runs:/{tracker.parent_run_id}/best_config.yaml" if best else ""))  # fmt: skip

@@ -112,7 +112,9 @@ def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) ->
     front = set(analysis.front)
     fields = ["trial", "state", "role", "variant", "feasible", *analysis.objectives, "pareto", "selected",
               "acc_delta_pts", "speedup", "frontier_acc_gain_pts", "frontier_time_saved", "frontier_time_saved_fraction",
-              "time_s", "cost_flops", "skip_fraction", "flops_fraction", "epochs", "mlflow_run_id", "fail_reason", "params", "method"]  # fmt: skip
+              "time_s", "relative_time", "reference_time_s", "test_acc", "cost_flops", "skip_fraction", "flops_fraction", "epochs",
+              "mlflow_run_id", "fail_reason", "params", "method"]  # fmt: skip
+    fields = list(dict.fromkeys(fields))  # an objective named like a result field (relative_time) once
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -123,13 +125,15 @@ def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) ->
                 "method": c.attrs.get("method", variant(c)), "feasible": c.feasible,
                 "pareto": c.number in front, "selected": c.number == selected,
                 "time_s": res.get("time_s"), "cost_flops": res.get("cost_flops"),
+                "relative_time": res.get("relative_time"), "reference_time_s": res.get("reference_time_s"),
+                "test_acc": res.get("test_acc"),
                 "skip_fraction": res.get("skip_fraction"), "flops_fraction": res.get("flops_fraction"),
                 "epochs": (c.config or {}).get("epochs"), "mlflow_run_id": c.attrs.get("mlflow_run_id"),
                 "fail_reason": c.attrs.get("fail_reason"), "params": json.dumps(c.params, sort_keys=True),
             }  # fmt: skip
+            row.update(relative(analysis, c))
             for name, v in zip(analysis.objectives, c.values or ()):
                 row[name] = v
-            row.update(relative(analysis, c))
             w.writerow(row)
     return path
 
