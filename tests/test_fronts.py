@@ -278,3 +278,33 @@ def test_test_accuracy_is_reported_and_never_used_to_select(study_dir, one_torch
     assert any("held-out test" in line and "never used to select" in line for line in held_lines)
     assert not any("held-out test" in line for line in plain_lines)
     assert "test_acc" in (study_dir / "rTrue" / "trials.csv").read_text().splitlines()[0]
+
+
+# ---- the tuned-plain yardstick ------------------------------------------------------------------------
+
+
+def test_methods_that_tune_the_optimizer_get_tuned_plain_trials_with_the_same_budget(study_dir, one_torch_thread):
+    from wus_tune.methods import registry
+
+    assert registry()["edge_of_chaos"].tunes_optimizer and not registry()["approx_ops"].tunes_optimizer
+    spec = StudySpec.from_dict({"name": "yardstick", "train": {**TINY, "epochs": 2}, "methods": ["edge_of_chaos", "wus"],
+                                "baseline_fractions": [], "enqueue_wus_default": False, "n_trials": 8,
+                                "sampler_options": {"n_startup_trials": 2}})  # fmt: skip
+    lines: list[str] = []
+    outcome = run_study(spec, tracking_uri="none", echo=lines.append, report_dir="report")
+    trials = outcome.analysis.candidates
+    tuned = [c for c in trials if c.role == "tuned-plain" and c.state == "COMPLETE"]
+    by_method = [c for c in trials if c.attrs.get("method") == "edge_of_chaos"]
+    assert tuned and len(by_method) >= len(tuned) >= len(by_method) - 1  # one per method trial (the last may wait)
+    study = optuna.load_study(study_name="yardstick", storage="sqlite:///studies/yardstick.db")
+    waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert len(tuned) + len(waiting) == len(by_method)
+    base = TrainConfig.from_dict(spec.train)
+    for c in tuned:
+        assert c.attrs["method"] == "none" and "edge_of_chaos" not in (c.config.get("methods") or {})
+        assert {"optim.lr", "optim.momentum", "optim.batch_size", "optim.weight_decay"} <= set(c.params)
+    assert any(c.config["optim"]["lr"] != base.optim.lr for c in tuned)  # searched, not the base recipe
+    frontier = {c.number for c in outcome.analysis.frontier}
+    assert not frontier & {c.number for c in tuned}  # not part of the fixed baseline frontier
+    assert any(line.startswith("tuned plain (the methods' optimizer knobs, no method)") for line in lines)
+    assert any(line.strip().startswith("edge_of_chaos:") for line in lines)

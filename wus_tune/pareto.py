@@ -402,7 +402,7 @@ class Analysis:
     @property
     def frontier(self) -> list[Candidate]:
         """The plain trials on the baseline frontier, by increasing time/cost."""
-        plain = [c for c in self.complete if not c.wus]
+        plain = [c for c in self.complete if on_frontier(c)]
         pts = [(c.values[1], c.values[0]) for c in plain]
         keep = set(_frontier(pts))
         return sorted((c for c in plain if (c.values[1], c.values[0]) in keep), key=lambda c: c.values[1])
@@ -444,7 +444,7 @@ def analyse(
     else:
         reference = None
     hv = hypervolume_history([c.values for c in done], directions, reference) if reference else []
-    plain = [(c.values[1], c.values[0]) for c in done if not c.wus]
+    plain = [(c.values[1], c.values[0]) for c in done if on_frontier(c)]
     advantages = {c.number: frontier_advantage(c.values[1], c.values[0], plain) for c in done}
     return Analysis(
         objectives=objectives,
@@ -455,6 +455,12 @@ def analyse(
         hv_history=[(c.number, h) for c, h in zip(done, hv)],
         advantages=advantages,
     )
+
+
+def on_frontier(c: Candidate) -> bool:
+    """A plain recipe at the base config's optimizer settings: not a method trial, not a tuned-plain one
+    (those search the optimizer's knobs: the yardstick of methods that do, wus_tune._study.yardstick)."""
+    return not c.wus and c.role != "tuned-plain"
 
 
 def pooled_baseline(baselines: Sequence[Candidate]) -> Candidate | None:
@@ -632,12 +638,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.format == "json":
             data = front_json(analysis, study_name=study.study_name, rule=rule, selected=by_rule, numbers=numbers)
             data["confirmation"] = study.user_attrs.get("confirmation")
+            from wus_tune._study.yardstick import compare
+
+            data["tuned_plain"] = compare(analysis)
             if args.trial is not None:
                 data["trial"] = args.trial
             print(json.dumps(data, indent=2))
         else:
             print(f"study {study.study_name}: {len(analysis.complete)} completed trials, {len(analysis.front)} on the front")
             print(format_table(analysis, numbers, mark=by_rule.number if by_rule else None))
+            from wus_tune._study.yardstick import compare, summary_lines
+
+            for line in summary_lines(compare(analysis), analysis.objectives[1]):
+                print(line)
         if chosen is None:
             raise UsageError(f"study {args.study!r} has no completed trials yet")
         say = print if args.format == "text" else (lambda text: print(text, file=sys.stderr))

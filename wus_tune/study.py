@@ -101,6 +101,7 @@ def run_study(
         RetryPolicy, check_tracking_uri, default_journal, mask_url, open_storage, redact, study_exists, study_lock,
     )  # fmt: skip
     from wus_tune._study.tracking import MlflowTracker, NullTracker
+    from wus_tune._study.yardstick import TunedPlainBalancer
     from wus_tune.errors import ServiceLost
 
     say = (lambda text: echo(redact(text))) if echo else (lambda _: None)
@@ -201,7 +202,7 @@ def run_study(
                 timeout=study_def.timeout,
                 stale=w.StaleTrials(tracker, grace_period=conf.grace_period, max_retry=conf.max_retry),
                 lock=lambda: study_lock(storage, study_def.name),
-                callbacks=[printer],
+                callbacks=[printer, TunedPlainBalancer(study_def)],
                 poll_s=min(2.0, float(conf.heartbeat_interval or 2)),
             )
     except KeyboardInterrupt:
@@ -500,6 +501,10 @@ def _finish(
         say(f"selected by {rule}: trial {selected.number} (<)"
             + (f"; validation {selected.values[0]:.2%}, held-out test {test:.2%} (reported only, never used to select)"
                if test is not None else ""))  # fmt: skip
+    from wus_tune._study.yardstick import compare, summary_lines
+
+    for line in summary_lines(compare(analysis), analysis.objectives[1]):
+        say(line)
     refs = [r for c in analysis.complete if (r := (c.attrs.get("result") or {}).get("reference_time_s"))]
     if len(refs) > 1:
         import statistics

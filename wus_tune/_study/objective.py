@@ -142,6 +142,8 @@ class Objective:
         t = time.perf_counter()
         values = self.study.space.sample(trial, fixed=fixed)
         self._sample_s = time.perf_counter() - t
+        if role == "tuned-plain":  # the method's optimizer knobs were sampled; train them without the method
+            values[METHOD_KEY] = "none"
         config = apply_values(self.study.base, values)
         config.meta = {**config.meta, "study": self.study.name, "trial": trial.number}
         chosen = VARIANT_KEY in self.study.space or VARIANT_KEY in fixed

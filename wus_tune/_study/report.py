@@ -20,7 +20,7 @@ _AXIS = {"time": "training time incl. required evaluations (s, wall)", "cost": "
 _COLORS = {"none": "#7f7f7f", "wus": "#1f77b4", "wus+lr": "#ff7f0e", "approx_ops": "#9467bd",
            "lp_sphere": "#8c564b", "gauss_newton": "#e377c2", "edge_of_chaos": "#17becf",
            "edge_of_chaos (guideline)": "#d62728", "approx_ops+wus": "#bcbd22", "lp_sphere+wus": "#2ca02c",
-           "edge_of_chaos+wus": "#aec7e8"}  # fmt: skip
+           "edge_of_chaos+wus": "#aec7e8", "none (tuned)": "#393b79"}  # fmt: skip
 _MARKERS = "oD^v<>Ph*Xd"
 
 
@@ -35,6 +35,8 @@ def label(c: Candidate) -> str:
     variant), else its WUS variant; guideline trials are marked."""
     method = c.attrs.get("method")
     name = str(method) if method not in (None, "wus") else variant(c)
+    if c.role == "tuned-plain":
+        return "none (tuned)"
     return f"{name} (guideline)" if c.role == "guideline" else name
 
 
@@ -49,6 +51,8 @@ def _color(name: str, i: int) -> str:
 
 
 def _legend(name: str) -> str:
+    if name == "none (tuned)":
+        return "plain, optimizer tuned (the yardstick of methods that tune it)"
     return "plain (no method)" if name == "none" else name
 
 

@@ -53,6 +53,9 @@ class Method:
     """Base class: override the hooks you need. ``name`` is the registry key and the metric prefix."""
 
     name: ClassVar[str] = ""
+    # True when a study's trials of this method search the optimizer's own knobs (lr, momentum, ...): the
+    # study then also runs plain trials searching the same knobs with the same budget, its fair yardstick.
+    tunes_optimizer: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.params = params

@@ -294,6 +294,7 @@ class EdgeOfChaos(Method):
     """
 
     name = "edge_of_chaos"
+    tunes_optimizer = True  # its trials search lr, momentum, batch size, weight decay: a study adds tuned-plain trials
 
     def __init__(self, *, log_layers: bool = False, j_target: float = 1.0) -> None:
         if not isinstance(log_layers, bool):
