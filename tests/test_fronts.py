@@ -130,9 +130,15 @@ def test_a_study_whose_trials_are_slowed_still_ranks_them_by_what_they_ran(study
     (as a busy machine would), so by wall time they look slowest. relative_time ranks them by their work."""
     from wus_tune import fit
 
-    def fit_slowed(config, **kw):
-        delay = 0.02 if config.epochs < TINY["epochs"] else 0.0
-        return fit(config, on_step=lambda step: time.sleep(delay), **kw)
+    baseline_wall: list[float] = []
+
+    def fit_slowed(config, **kw):  # the baseline runs first; the shorter runs then sleep twice its wall time
+        if config.epochs == TINY["epochs"]:
+            result = fit(config, **kw)
+            baseline_wall.append(result.time_s)
+            return result
+        steps = config.epochs * 11  # 1437 digits x 0.8 / 128 per batch, last partial batch dropped
+        return fit(config, on_step=lambda step: time.sleep(2 * baseline_wall[0] / steps), **kw)
 
     spec = StudySpec.from_dict({"name": "slowed", "train": TINY, "baseline_fractions": [0.5, 0.75],
                                 "enqueue_wus_default": False})  # fmt: skip

@@ -17,7 +17,11 @@ steps (epochs x steps per epoch) and its final evaluation's samples.
 The price of a kind is the median, over ``rounds`` interleaved rounds, of the time per unit of a short
 burst (at least ``min_burst_s`` long); each round visits every kind, in an order rotated from round to
 round. A load that lasts longer than a round slows the numerator and the denominator alike and cancels;
-a shorter spike hits one burst and the median drops it. What this model ignores: everything that is not
+a shorter spike hits one burst and the median drops it. On a CPU the trainer times the bursts in process
+CPU time (``time.process_time``), so the time the process spends descheduled while other jobs run is not
+charged to either side (on 2 shared cores at load 25 this keeps a WUS trial's relative time within +-2%
+across repeats, where wall-clock bursts scattered it over 0.5x-3.4x); on CUDA in wall time with device
+synchronisation. What this model ignores: everything that is not
 in a counted kind (set-up, warm-up, data shuffling between epochs, Python work in hooks outside a step),
 and any change of a kind's price along a run (caches warming, thermal throttling) -- docs/study.md.
 
