@@ -55,12 +55,19 @@ class BusyLoad:
             self.stopped = time.time()
 
 
-def run_mode(mode: str, spec_path: str, repeats: int, load_procs: int, verbose: bool) -> dict[str, Any]:
+def run_mode(mode: str, spec_path: str, repeats: int, load_procs: int, verbose: bool, n_trials: int | None,
+             overrides: dict[str, Any]) -> dict[str, Any]:
+    import dataclasses
+
     from wus_tune import fit as real_fit
     from wus_tune.confirm import confirm
     from wus_tune.study import StudySpec, run_study
 
     spec = StudySpec.load(spec_path)
+    if n_trials:
+        spec = dataclasses.replace(spec, n_trials=n_trials)
+    for key, value in overrides.items():
+        spec.set_train(key, value)
     n_total = spec.n_trials or 20
     load: BusyLoad | None = None
     finished = {"n": 0}
@@ -131,8 +138,13 @@ def main() -> int:
     p.add_argument("--load-procs", type=int, default=2)
     p.add_argument("--modes", default="quiet,loaded")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "front_truth_digits.json"))
+    p.add_argument("--n-trials", type=int, help="override the spec's n_trials (a shorter run)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base-config key")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     import optuna
     import torch
@@ -141,7 +153,7 @@ def main() -> int:
     rows = []
     for mode in args.modes.split(","):
         print(f"== {mode} ==", flush=True)
-        row = run_mode(mode, args.spec, args.repeats, args.load_procs, args.verbose)
+        row = run_mode(mode, args.spec, args.repeats, args.load_procs, args.verbose, args.n_trials, overrides)
         rows.append(row)
         print(f"{mode}: study {row['study_s']:.0f}s, pick trial {row['pick']} ({row['pick_label']}, skipped "
               f"{row['pick_skip_fraction'] or 0:.0%}); claimed {row['claimed_speedup']:.2f}x ({row['objective']}), "
@@ -149,7 +161,7 @@ def main() -> int:
               f"{row['measured_speedup']['median']:.2f}x (min {row['measured_speedup']['min']:.2f}, max "
               f"{row['measured_speedup']['max']:.2f}); error {row['claim_error']:+.1%}; {row['confirmation']}; "
               f"loadavg before {row['loadavg_before'][0]:.1f}, after {row['loadavg_after_study'][0]:.1f}", flush=True)  # fmt: skip
-    out = {"spec": args.spec, "repeats": args.repeats, "cpus": os.cpu_count(), "torch": torch.__version__,
+    out = {"spec": args.spec, "n_trials": args.n_trials, "overrides": overrides, "repeats": args.repeats, "cpus": os.cpu_count(), "torch": torch.__version__,
            "torch_threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
