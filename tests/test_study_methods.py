@@ -253,7 +253,8 @@ def test_guideline_study_calibrates_enqueues_and_logs_j(study_dir):
     c = study.user_attrs["spec"]["edge_of_chaos"]["growth_rate"]
     assert isinstance(c, float) and c > 0
     roles = [t.user_attrs["role"] for t in study.trials]
-    assert roles == ["baseline", "guideline"]
+    assert roles == ["baseline", "guideline", "tuned-plain"]  # the guideline trial's yardstick, waiting
+    assert study.trials[2].state == optuna.trial.TrialState.WAITING
     guide = study.trials[1].user_attrs["config"]["optim"]
     n = 1797 - round(1797 * 0.1)
     assert math.isclose(guide["weight_decay"], c / (2 * n))
