@@ -144,11 +144,13 @@ WRONG = {
     "constraint_delta": "x", "baseline_fractions": 0.5, "enqueue_wus_default": "yes", "enqueue": {"a": 1},
     "default_search_space": "no", "search_space": [1], "select": 5, "accuracy_margin": "x", "cost_factor": "x",
     "max_trials": "x", "heartbeat_interval": 0.5, "grace_period": "x", "max_retry": "x", "reconnect_timeout": "x",
+    "confirm": "yes", "baseline_repeats": 1.5,
 }  # fmt: skip
 OUT_OF_RANGE = {
     "seed": -1, "n_trials": 0, "timeout": 0, "constraint_delta": float("nan"), "baseline_fractions": [0.0],
     "accuracy_margin": -1, "cost_factor": 0.5, "max_trials": 0, "heartbeat_interval": 0, "grace_period": 0,
     "max_retry": -1, "reconnect_timeout": -1.0, "objectives": "accuracy", "select": "fastest-within:x",
+    "confirm": -1, "baseline_repeats": 0,
 }  # fmt: skip
 
 

@@ -261,7 +261,7 @@ def test_guideline_study_calibrates_enqueues_and_logs_j(study_dir):
     assert math.isclose(guide["lr"] / ((1 - guide["momentum"]) * guide["batch_size"]), 0.004)
     # J reaches MLflow every epoch, for the baseline too (log_j)
     client = MlflowClient(tracking)
-    for t in study.trials:
+    for t in study.trials[:2]:  # the finished ones
         run_id = t.user_attrs["mlflow_run_id"]
         history = client.get_metric_history(run_id, "edge_of_chaos/J_mean")
         assert [m.step for m in history] == [1, 2]
