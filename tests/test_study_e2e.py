@@ -71,7 +71,7 @@ def test_study_end_to_end(workdir, capsys):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
-    assert parent.data.tags["objectives"] == "accuracy,time" and "wus.threshold" in parent.data.tags["search_space"]
+    assert parent.data.tags["objectives"] == "accuracy,relative_time" and "wus.threshold" in parent.data.tags["search_space"]
     assert [r.data.tags["mlflow.parentRunId"] for r in children] == [parent.info.run_id] * 4
     assert [r.info.status for r in children] == ["FINISHED", "FINISHED", "FINISHED", "FAILED"]
     failed = children[3]
@@ -79,7 +79,8 @@ def test_study_end_to_end(workdir, capsys):
     assert "error.txt" in [a.path for a in client.list_artifacts(failed.info.run_id)]
     ok = children[0]
     assert ok.data.params["model.name"] == "mlp" and ok.data.tags["optuna.trial_state"] == "COMPLETE"
-    assert {"val_acc", "train_loss", "lr", "skipping", "flops", "epoch_time_s", "time_s", "cost_flops"} <= set(ok.data.metrics)
+    assert {"val_acc", "train_loss", "lr", "skipping", "flops", "epoch_time_s", "time_s", "cost_flops", "relative_time",
+            "timing/price/baseline:step", "timing/count/step:full"} <= set(ok.data.metrics)
     assert [m.step for m in client.get_metric_history(ok.info.run_id, "val_acc")] == [1, 2]
     assert {r.data.tags.get("pareto_optimal") for r in children[:3]} <= {"true", "false"}
     assert "true" in {r.data.tags.get("pareto_optimal") for r in children[:3]}
@@ -87,7 +88,7 @@ def test_study_end_to_end(workdir, capsys):
     assert {"pareto_front.png", "pareto_front.html", "trials.csv", "hypervolume_history.csv",
             "hypervolume_history.png", "best_config.yaml"} <= artifacts  # fmt: skip
     csv = Path(client.download_artifacts(parent.info.run_id, "trials.csv", str(workdir))).read_text()
-    assert csv.splitlines()[0].startswith("trial,state,role,variant,feasible,accuracy,time,pareto")
+    assert csv.splitlines()[0].startswith("trial,state,role,variant,feasible,accuracy,relative_time,pareto")
     assert len(csv.splitlines()) == 5
 
     # A second invocation continues the same study under the same parent run.

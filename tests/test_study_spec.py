@@ -25,7 +25,7 @@ def spec(**kw):
 def test_defaults_resolve():
     s = spec().resolve()
     assert s.name == "mlp-digits"
-    assert s.objectives == ("accuracy", "time") and s.directions == ["maximize", "minimize"]
+    assert s.objectives == ("accuracy", "relative_time") and s.directions == ["maximize", "minimize"]
     assert s.storage == default_storage("mlp-digits") == "sqlite:///studies/mlp-digits.db"
     assert s.space.keys() == [p.key for p in default_space()]
     assert str(s.select) == "fastest-within:1"
@@ -43,7 +43,7 @@ def test_shipped_specs_are_valid(path, monkeypatch):
     "raw, match",
     [
         ({"objectives": "accuracy,speed"}, "unknown objective 'speed'"),
-        ({"objectives": "time,accuracy"}, "accuracy then time"),
+        ({"objectives": "time,accuracy"}, "accuracy then one or two of relative_time"),
         ({"sampler": "cmaes"}, "unknown sampler 'cmaes'"),
         ({"train": {**TINY, "model": {"name": "vgg99"}}}, "model.name: unknown value 'vgg99'"),
         ({"trials": 3}, "trials: unknown key"),

@@ -84,6 +84,7 @@ __all__ = [
 OBJECTIVES: dict[str, tuple[str, str]] = {
     "accuracy": ("maximize", "val_acc"),
     "time": ("minimize", "time_s"),
+    "relative_time": ("minimize", "relative_time"),  # full-length baseline runs on this device (wus_tune.timing)
     "cost": ("minimize", "cost_flops"),
     "sparsity": ("maximize", "lp_sphere/sparsity"),
     "params": ("minimize", "lp_sphere/params_active"),
@@ -97,6 +98,8 @@ def objective_values(result: Any, names: Sequence[str]) -> dict[str, float]:
     out = {}
     for name in names:
         source = OBJECTIVES[name][1]
+        if name == "relative_time" and getattr(result, source, None) is None:
+            raise ValueError("objective relative_time: the run was not priced (fit(..., relative_to=baseline))")
         out[name] = float(last.get(source, dense[name])) if name in dense else float(getattr(result, source))
     return out
 
@@ -398,7 +401,7 @@ class Analysis:
     @property
     def frontier(self) -> list[Candidate]:
         """The plain trials on the baseline frontier, by increasing time/cost."""
-        plain = [c for c in self.complete if not c.uses_method]
+        plain = [c for c in self.complete if on_frontier(c)]
         pts = [(c.values[1], c.values[0]) for c in plain]
         keep = set(_frontier(pts))
         return sorted((c for c in plain if (c.values[1], c.values[0]) in keep), key=lambda c: c.values[1])
@@ -437,7 +440,7 @@ def analyse(
         cands = with_feasibility(cands, objectives, constraint_delta)
     done = [c for c in cands if c.ok]
     front = [done[i].number for i in pareto_front([c.values for c in done], directions)]
-    baseline = next((c for c in done if c.role == "baseline"), None)
+    baseline = pooled_baseline([c for c in done if c.role == "baseline"])
     if baseline is not None:
         reference = reference_point(
             baseline.values, objectives, accuracy_margin=accuracy_margin, cost_factor=cost_factor
@@ -449,7 +452,7 @@ def analyse(
     else:
         reference = None
     hv = hypervolume_history([c.values for c in done], directions, reference) if reference else []
-    plain = [(c.values[1], c.values[0]) for c in done if not c.uses_method]
+    plain = [(c.values[1], c.values[0]) for c in done if on_frontier(c)]
     advantages = {c.number: frontier_advantage(c.values[1], c.values[0], plain) for c in done}
     return Analysis(
         objectives=objectives,
@@ -460,6 +463,26 @@ def analyse(
         hv_history=[(c.number, h) for c, h in zip(done, hv)],
         advantages=advantages,
     )
+
+
+def on_frontier(c: Candidate) -> bool:
+    """A plain recipe at the base config's optimizer settings: not a method trial, not a tuned-plain one
+    (those search the optimizer's knobs: the yardstick of methods that do, wus_tune._study.yardstick)."""
+    return not c.uses_method and c.role != "tuned-plain"
+
+
+def pooled_baseline(baselines: Sequence[Candidate]) -> Candidate | None:
+    """The study's baseline as the comparisons see it: the first baseline trial, with each objective the
+    median over every completed baseline trial (``baseline_repeats``); ``attrs["baseline_trials"]`` lists them."""
+    if not baselines:
+        return None
+    first = baselines[0]
+    if len(baselines) == 1:
+        return first
+    import statistics
+
+    values = tuple(statistics.median(c.values[k] for c in baselines) for k in range(len(first.values)))
+    return replace(first, values=values, attrs={**first.attrs, "baseline_trials": [c.number for c in baselines]})
 
 
 def with_feasibility(cands: Sequence[Candidate], objectives: Sequence[str], constraint_delta: float) -> list[Candidate]:
@@ -550,38 +573,123 @@ def format_table(analysis: Analysis, numbers: Sequence[int] | None = None, *, ma
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def front_json(analysis: Analysis, *, study_name: str, rule: Rule | str, selected: Candidate | None,
+               numbers: Sequence[int] | None = None) -> dict[str, Any]:
+    """The front (or ``numbers``) and the baseline as JSON-ready data: each entry has ``number``, ``role``,
+    ``method``, ``accuracy``, the objective values by name, ``speedup`` (the baseline's value of the study's
+    time objective over the trial's), ``acc_delta_pts``, ``selected``, ``test_accuracy`` (None without a test
+    split; never used to select), ``time_s`` (wall) and the frontier figures."""
+    from wus_tune._study.report import label, relative
+
+    def entry(c: Candidate) -> dict[str, Any]:
+        r = relative(analysis, c)
+        res = c.attrs.get("result") or {}
+        out: dict[str, Any] = {"number": c.number, "role": c.role, "method": label(c), "accuracy": c.values[0]}
+        out.update({name: v for name, v in zip(analysis.objectives, c.values)})
+        out.update(speedup=r["speedup"], acc_delta_pts=r["acc_delta_pts"],
+                   selected=selected is not None and c.number == selected.number,
+                   test_accuracy=res.get("test_acc"), time_s=res.get("time_s"), relative_time=res.get("relative_time"),
+                   frontier_acc_gain_pts=r["frontier_acc_gain_pts"],
+                   frontier_time_saved_fraction=r["frontier_time_saved_fraction"], pareto=c.number in analysis.front)  # fmt: skip
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+    shown = [analysis.by_number(n) for n in (numbers if numbers is not None else analysis.front)]
+    base = analysis.baseline
+    baseline = None
+    if base is not None:
+        baseline = entry(base) | {"trials": base.attrs.get("baseline_trials", [base.number])}
+        baseline.update({name: v for name, v in zip(analysis.objectives, base.values)}, accuracy=base.values[0])
+    return {
+        "study": study_name,
+        "objectives": list(analysis.objectives),
+        "time_objective": analysis.objectives[1],
+        "rule": str(rule),
+        "selected": selected.number if selected is not None else None,
+        "baseline": baseline,
+        "front": [entry(c) for c in sorted(shown, key=lambda c: c.values[1]) if c.ok],
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m wus_tune.pareto --study NAME [--storage URL] [--select RULE] [--out best.yaml]``."""
+    """``python -m wus_tune.pareto --study NAME [--storage URL] [--select RULE | --trial N] [--out best.yaml]
+    [--format text|json] [--confirm K]``."""
+    import json
+
     from wus_tune._cli import ArgumentParser  # a bad option is one line and exit 2, like every CLI here
 
     p = ArgumentParser(
         prog="python -m wus_tune.pareto",
-        description="Print a study's Pareto front and export the config chosen by a rule.",
+        description="Print a study's Pareto front, export the config chosen by a rule (or any trial's), confirm the pick.",
     )
     p.add_argument("--study", required=True, help="study name")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<study>.db)")
     p.add_argument("--select", help="knee | fastest-within:D (points) | most-accurate-under:S (seconds, FLOPs or N%%); "
                    "default: the study's own rule (the one its best_config.yaml used)")
+    p.add_argument("--trial", type=int, help="export this trial's config instead (any trial with a config, the baseline too)")
     p.add_argument("--out", help="write the chosen config here (YAML or .json), for wus_tune.train --config")
     p.add_argument("--all", action="store_true", help="list every completed trial, not only the front")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="text table (default) or JSON on stdout")
+    p.add_argument("--confirm", type=int, metavar="K",
+                   help="re-run the pick, the baseline and the frontier point K times each (fresh seeds, interleaved) "
+                        "and say whether the study's claim holds (wus_tune.confirm)")  # fmt: skip
+    p.add_argument("--tracking-uri", help="MLflow URI to log a confirmation under the study's parent run "
+                   "(default: the study's own, when it holds no password)")  # fmt: skip
     args = p.parse_args(argv)
     try:
+        if args.trial is not None and args.select:
+            raise UsageError("--trial and --select: choose one")
+        if args.confirm is not None and args.confirm < 1:
+            raise UsageError(f"--confirm: expected a number of repeats >= 1, got {args.confirm}")
         rule = parse_rule(args.select) if args.select else None
         study, analysis = load_analysis(args.study, args.storage)
         rule = rule or parse_rule((study.user_attrs.get("spec") or {}).get("select") or "knee")
-        chosen = analysis.select(rule) if analysis.complete else None
+        by_rule = analysis.select(rule) if analysis.complete else None
+        chosen = by_rule
+        if args.trial is not None:
+            try:
+                chosen = analysis.by_number(args.trial)
+            except KeyError:
+                raise UsageError(f"--trial {args.trial}: study {args.study!r} has no such trial "
+                                 f"(trials 0..{len(analysis.candidates) - 1})") from None  # fmt: skip
         numbers = [c.number for c in analysis.complete] if args.all else analysis.front
-        print(f"study {study.study_name}: {len(analysis.complete)} completed trials, {len(analysis.front)} on the front")
-        print(format_table(analysis, numbers, mark=chosen.number if chosen else None))
+        if args.format == "json":
+            data = front_json(analysis, study_name=study.study_name, rule=rule, selected=by_rule, numbers=numbers)
+            data["confirmation"] = study.user_attrs.get("confirmation")
+            from wus_tune._study.yardstick import compare
+
+            data["tuned_plain"] = compare(analysis)
+            if args.trial is not None:
+                data["trial"] = args.trial
+            print(json.dumps(data, indent=2))
+        else:
+            print(f"study {study.study_name}: {len(analysis.complete)} completed trials, {len(analysis.front)} on the front")
+            print(format_table(analysis, numbers, mark=by_rule.number if by_rule else None))
+            from wus_tune._study.yardstick import compare, summary_lines
+
+            for line in summary_lines(compare(analysis), analysis.objectives[1]):
+                print(line)
         if chosen is None:
             raise UsageError(f"study {args.study!r} has no completed trials yet")
-        print(f"selected by {rule}: trial {chosen.number}")
+        say = print if args.format == "text" else (lambda text: print(text, file=sys.stderr))
+        if args.trial is None:
+            say(f"selected by {rule}: trial {chosen.number}")
         if args.out:
             try:
-                export_config(chosen, args.out, study_name=study.study_name, rule=rule)
+                export_config(chosen, args.out, study_name=study.study_name,
+                              rule=f"trial {chosen.number}" if args.trial is not None else rule)  # fmt: skip
             except OSError as e:
                 raise UsageError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
-            print(f"wrote {args.out}  (train it: python -m wus_tune.train --config {args.out})")
+            say(f"wrote {args.out}  (trial {chosen.number}; train it: python -m wus_tune.train --config {args.out})")
+        if args.confirm:
+            from wus_tune.confirm import confirm_study
+
+            confirm_study(study, analysis, rule=rule, repeats=args.confirm, say=say, tracking_uri=args.tracking_uri)
+        elif args.format == "text":
+            from wus_tune.confirm import stored_summary
+
+            text = stored_summary(study)
+            if text:
+                say("last " + text)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

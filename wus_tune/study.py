@@ -60,6 +60,7 @@ class StudyOutcome:
     best_config: TrainConfig | None
     report_dir: Path | None  # where the report was written locally (MLflow off), else None
     timing: dict[str, float] = field(default_factory=dict)  # mean fit / overhead / mlflow seconds per trial
+    confirmation: Any = None  # a wus_tune.confirm.Confirmation when the spec asked for one (confirm: K)
 
     @property
     def best_config_uri(self) -> str | None:
@@ -135,14 +136,32 @@ def run_study(
     except BaseException as e:
         status, error = "FAILED", e
     if error is None:
-        return report_study(opened=opened, study_def=study_def, status=status, ran=ran, say=say,
-                            report_dir=report_dir, report=not worker)  # fmt: skip
+        outcome = report_study(opened=opened, study_def=study_def, status=status, ran=ran, say=say,
+                               report_dir=report_dir, report=not worker)  # fmt: skip
+        if study_def.confirm and not worker and status == "FINISHED" and outcome.selected is not None:
+            outcome.confirmation = confirm_pick(opened.study, study_def, outcome, fit=fit, say=say)
+        return outcome
     try:
         report_study(opened=opened, study_def=study_def, status=status, ran=ran, say=say, report_dir=report_dir,
                      report=not worker)  # fmt: skip
     except Exception as report_error:  # the trials' error is the one the user must see
         say(f"note: the report could not be written either ({one_line(report_error, with_type=True)})")
     raise error
+
+
+def confirm_pick(study: optuna.Study, study_def: Study, outcome: StudyOutcome, *,
+                 fit: Callable[..., TrainResult] | None, say: Callable[[str], None]) -> Any:
+    """The spec's ``confirm: K``: re-run the pick, the baseline and the frontier point K times
+    (:mod:`wus_tune.confirm`); logged under the parent run, written into a local report directory."""
+    from wus_tune.confirm import confirm_study
+
+    say("")
+    try:
+        return confirm_study(study, outcome.analysis, rule=study_def.select, repeats=study_def.confirm, fit=fit,
+                             say=say, tracking_uri=study_def.tracking_uri, report_dir=outcome.report_dir)  # fmt: skip
+    except UsageError as e:
+        say(f"note: no confirmation: {e}")
+        return None
 
 
 def _with_inputs(fit: Callable[..., TrainResult] | None, *, model: Any, data: Any) -> Callable[..., TrainResult] | None:
@@ -298,6 +317,7 @@ def run_trials(
     from wus_tune._study import workers as w
     from wus_tune._study.objective import Objective
     from wus_tune._study.storage import study_lock
+    from wus_tune._study.yardstick import TunedPlainBalancer
 
     conf = w.settings(study_def)
     if ray is not None:
@@ -315,7 +335,7 @@ def run_trials(
         timeout=study_def.timeout,
         stale=w.StaleTrials(opened.tracker, grace_period=conf.grace_period, max_retry=conf.max_retry),
         lock=lambda: study_lock(opened.storage, study_def.name),
-        callbacks=[_TrialPrinter(study_def, say, ran)],
+        callbacks=[_TrialPrinter(study_def, say, ran), TunedPlainBalancer(study_def)],
         poll_s=min(2.0, float(conf.heartbeat_interval or 2)),
     )
     return "FINISHED"
@@ -458,14 +478,24 @@ def initial_trials(study_def: Study) -> list[tuple[str, dict[str, Any]]]:
         for n in ([] if schedule == base.schedule.name else [epochs]) + budgets:
             out.append(("baseline-frontier", plain | {"epochs": n, "schedule.name": schedule}))
     out += [(role, dict(values)) for role, values in study_def.method_trials]
+    # More baselines, with other seeds, measured later in the study: its accuracy and time are medians.
+    out += [("baseline", plain | {"epochs": epochs, "seed": base.seed + k})
+            for k in range(1, getattr(study_def, "baseline_repeats", 1))]  # fmt: skip
     out += [("enqueued", dict(e)) for e in study_def.enqueue]
     return out
 
 
 def _init_study(study: optuna.Study, study_def: Study) -> None:
+    import optuna
+
     from wus_tune import __version__
 
     study.set_user_attr("objectives", list(study_def.objectives))
+    import warnings
+
+    with warnings.catch_warnings():  # experimental since Optuna 3.2, unchanged since
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(study_def.objectives))  # optuna-dashboard shows "accuracy", "relative_time"
     study.set_user_attr("base_config", study_def.base.to_dict())
     study.set_user_attr("search_space", study_def.space.to_json())
     study.set_user_attr("spec", study_def.spec)
@@ -634,7 +664,20 @@ def _print_summary(*, analysis: Analysis, selected: Candidate | None, rule: Any,
         say(f"per trial: training {timing['fit_s']:.2f}s, study machinery {timing['overhead_s']:.3f}s "
             f"(of which MLflow {timing['mlflow_s']:.3f}s)")  # fmt: skip
     if selected is not None:
-        say(f"selected by {rule}: trial {selected.number} (<)")
+        test = (selected.attrs.get("result") or {}).get("test_acc")
+        say(f"selected by {rule}: trial {selected.number} (<)"
+            + (f"; validation {selected.values[0]:.2%}, held-out test {test:.2%} (reported only, never used to select)"
+               if test is not None else ""))  # fmt: skip
+    from wus_tune._study.yardstick import compare, summary_lines
+
+    for line in summary_lines(compare(analysis), analysis.objectives[1]):
+        say(line)
+    refs = [r for c in analysis.complete if (r := (c.attrs.get("result") or {}).get("reference_time_s"))]
+    if len(refs) > 1:
+        import statistics
+
+        say(f"one full-length baseline run, priced in each of {len(refs)} trials: median {statistics.median(refs):.2f}s "
+            f"(min {min(refs):.2f}s, max {max(refs):.2f}s): the unit of relative_time")  # fmt: skip
     if tracker.enabled:
         say(f"MLflow: {mask_url(study_def.tracking_uri)}, experiment {study_def.name!r}, parent run {tracker.parent_run_id}"
             + (f"; best config: runs:/{tracker.parent_run_id}/best_config.yaml" if best else ""))  # fmt: skip
@@ -719,7 +762,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///studies/<study>.db)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlruns/mlflow.db; 'none' turns MLflow off)")
     p.add_argument("--sampler", help="tpe (default) | nsga2 | gp")
-    p.add_argument("--objectives", help="accuracy,time (default) | accuracy,cost | accuracy,time,cost; a last sparsity or params adds that")
+    p.add_argument("--objectives", help="accuracy,relative_time (default: time in baseline runs, priced per trial) | accuracy,time (wall s) | "
+                   "accuracy,cost (FLOPs) | two of them; a last sparsity or params adds that")
     p.add_argument("--methods", help="the methods compared, e.g. wus,approx_ops,lp_sphere+wus (default wus; docs/study.md)")
     p.add_argument("--seed", type=int, help="sampler seed and training seed (default 0)")
     p.add_argument("--constraint-delta", type=float, help="feasible only if accuracy >= baseline - DELTA points")

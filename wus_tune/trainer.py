@@ -11,6 +11,12 @@ every step mode and the evaluation pass. One ledger (:class:`_Ledger`) keeps the
 *step kind* (``"full"``, ``"skip:last:1"``, named by the methods) the steps made and their FLOPs, counted
 by ``torch.utils.flop_counter`` around the real step the first time a kind occurs.
 
+Beside the wall time, with ``relative_to`` (a baseline config) the run prices its work: the ledger's
+counts per step kind and of charged evaluation samples, each kind priced at the end of the run by short
+interleaved measurements against the baseline's own step (:mod:`wus_tune.timing`, on copies of the
+training state taken just before each kind's first step). ``relative_time`` is the run's cost in units of
+one full-length baseline run on this device, now.
+
 ``fit`` knows no method by name: every method, WUS included, acts through the hooks of
 :class:`wus_tune.methods.Method` (the contract is that module's docstring).
 """
@@ -38,6 +44,9 @@ from wus_tune.errors import ConfigError, TrainingDiverged
 from wus_tune.layers import param_groups
 from wus_tune.methods import Method, RunInfo, StepContext, build_methods
 from wus_tune.schedules import lr_multiplier
+from wus_tune.timing import (
+    BASELINE_EVAL, BASELINE_STEP, EVAL, Probe, TimingOptions, costs_of, measure_interleaved, relative_time, run_seconds,
+)  # fmt: skip
 
 __all__ = ["fit", "TrainResult", "EpochRecord", "resolve_device"]
 
@@ -85,6 +94,15 @@ class TrainResult:
     num_params: int
     device: str
     torch_version: str
+    # The ledger's work and its prices (wus_tune.timing): units per kind ("step:full", "step:skip:last:1",
+    # "eval" samples of charged evaluations), seconds per unit measured at the end of the run; relative_time
+    # = this run / one full-length baseline run at those prices (None without relative_to).
+    work_counts: dict[str, float] = field(default_factory=dict)
+    unit_costs: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> seconds, low, high, rounds
+    relative_time: float | None = None
+    reference_time_s: float | None = None  # one full-length baseline run at the measured prices
+    modelled_time_s: float | None = None  # this run's counted work at the measured prices (compare time_s)
+    timing_overhead_s: float = 0.0  # the pricing itself (not charged)
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,10 +148,17 @@ def fit(
     *,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     progress: bool = False,
+    relative_to: TrainConfig | None = None,
+    timing: TimingOptions | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train one model as ``config`` says and return its measurements.
 
     ``on_epoch`` is called after each epoch (a study logs it and may stop the run by raising).
+    ``relative_to``: the baseline config (same data; a plain run) to express the run's time in
+    (``relative_time``); ``timing``: how its prices are measured. ``on_step(step)`` is called after every
+    training step, inside the timed part: time spent there counts as wall time, as any disturbance would,
+    but it is no work of the run (tests inject slowdowns through it).
     Raises :class:`~wus_tune.errors.TrainingDiverged` when the loss stops being finite, and
     :class:`~wus_tune.errors.UsageError` subclasses for bad input.
     """
@@ -156,13 +181,14 @@ def fit(
     eval_flops_per_sample = _warm_up(train_model, model, optimizer, loaders, autocast, methods)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule scales each group's own peak
-    ledger = _Ledger(_Timer(device), eval_flops_per_sample * loaders.val_size)
+    ledger = _Ledger(_Timer(device), eval_flops_per_sample * loaders.val_size, loaders.val_size)
 
     def validate(charged: bool) -> tuple[float, float]:
         return ledger.evaluate(lambda: _evaluate(train_model, loaders.val, autocast), charged=charged)
 
     # ---- epochs ----
     records: list[EpochRecord] = []
+    specimens: dict[str, Any] = {}  # step kind -> copy of the training state before its first step, to price it
     step = 0
     for epoch in range(config.epochs):
         model.train()
@@ -174,10 +200,15 @@ def fit(
             kind = "+".join(k for k in (m.step_kind() for m in methods) if k) or "full"
             ctx = StepContext(run=run, model=model, optimizer=optimizer, inputs=x, targets=y, step=step, epoch=epoch,
                               forward=_autocast_forward(train_model, autocast), loss_fn=loss_fn)
+            if relative_to is not None and kind not in ledger.kinds:
+                with ledger.check_time():  # untimed: not part of any step
+                    specimens[kind] = copy.deepcopy((model, optimizer, methods, run))
             with ledger.step(kind) as counting:
                 if counting:  # FLOPs follow autograd on the eager model, which a compiled graph hides
                     ctx.forward = _autocast_forward(model, autocast)
                 loss, logits = _train_step(ctx, methods, owner)
+            if on_step is not None:
+                on_step(step)
             correct = (logits.detach().argmax(1) == y).sum()
             sums.add(loss, correct, len(y), kind)
             checks.add(correct, len(y))
@@ -207,11 +238,23 @@ def fit(
         if on_epoch is not None:
             on_epoch(record)
 
-    # ---- final evaluation ----
+    # ---- final evaluation, pricing ----
     test_acc = None
     if loaders.test is not None:
         _, test_acc = ledger.evaluate(lambda: _evaluate(train_model, loaders.test, autocast), charged=False)
-    return _result(config, records, ledger, run, model, test_acc, device)
+    result = _result(config, records, ledger, run, model, test_acc, device)
+    result.work_counts = ledger.work_counts()
+    if relative_to is not None:
+        start = time.perf_counter()
+        prices = _price_work(relative_to, specimens, data=data, loaders=loaders, device=device, autocast=autocast,
+                             loss_fn=loss_fn, model=model, options=timing or TimingOptions())  # fmt: skip
+        specimens.clear()
+        result.unit_costs = {k: m.to_dict() for k, m in prices["measurements"].items()}
+        result.relative_time = relative_time(result.work_counts, prices["costs"], prices["baseline_counts"])
+        result.reference_time_s = run_seconds(prices["baseline_counts"], prices["costs"])
+        result.modelled_time_s = run_seconds(result.work_counts, prices["costs"])
+        result.timing_overhead_s = time.perf_counter() - start
+    return result
 
 
 # ---- set-up helpers ------------------------------------------------------------------------------
@@ -417,9 +460,11 @@ class _Ledger:
     (charged: time and FLOPs), the other evaluations and the FLOP counting (uncharged), and per step kind
     the number of steps and their FLOPs."""
 
-    def __init__(self, timer: _Timer, flops_per_validation: float) -> None:
+    def __init__(self, timer: _Timer, flops_per_validation: float, samples_per_validation: int = 0) -> None:
         self.timer = timer
         self.flops_per_validation = flops_per_validation
+        self.samples_per_validation = samples_per_validation
+        self.charged_eval_samples = 0
         self.kinds: dict[str, _Kind] = {}
         self.train_time = self.eval_time = self.required_eval_time = self.uncharged_time = 0.0
         self.required_eval_flops = 0.0
@@ -475,7 +520,15 @@ class _Ledger:
         if charged:
             self.required_eval_time += seconds
             self.required_eval_flops += self.flops_per_validation
+            self.charged_eval_samples += self.samples_per_validation
         return result
+
+    def work_counts(self) -> dict[str, float]:
+        """Units of work per kind, as wus_tune.timing prices them: steps per step kind, charged eval samples."""
+        counts: dict[str, float] = {f"step:{name}": float(k.steps) for name, k in self.kinds.items()}
+        if self.charged_eval_samples:
+            counts[EVAL] = float(self.charged_eval_samples)
+        return counts
 
     @property
     def epoch_eval_time(self) -> float:
@@ -535,6 +588,90 @@ def _result(config: TrainConfig, records: list[EpochRecord], ledger: _Ledger, ru
         num_params=sum(p.numel() for p in model.parameters()), device=str(device), torch_version=torch.__version__,
         model=model,
     )
+
+
+def _same_optimizer_work(config: TrainConfig, reference: TrainConfig, n_train: int) -> bool:
+    """Whether a full step of ``config`` does the baseline's arithmetic: same batch, optimizer and update
+    terms (learning rates and decay values do not change the cost; momentum and decay on or off do)."""
+    a, b = config.optim, reference.optim
+    return (
+        min(a.batch_size, n_train) == min(b.batch_size, n_train) and a.name == b.name
+        and (a.momentum > 0) == (b.momentum > 0) and a.nesterov == b.nesterov
+        and (a.weight_decay > 0) == (b.weight_decay > 0)
+        and config.data.augment == reference.data.augment and config.compile == reference.compile
+    )  # fmt: skip
+
+
+def _price_work(reference: TrainConfig, specimens: dict[str, Any], *, data: Any, loaders: _Loaders,
+                device: torch.device, autocast: Any, loss_fn: Any, model: nn.Module, options: TimingOptions) -> dict[str, Any]:
+    """Price each kind of work this run did, interleaved with the baseline run's step and evaluation, on
+    the copies of the training state taken before each kind's first step (wus_tune.timing)."""
+    sync = _Timer(device).sync
+    x, y = next(iter(loaders.train))
+    probes: dict[str, Probe] = {}
+    # Work identical to the baseline's (same network, batch size and optimizer, no method but WUS, whose
+    # full step is a plain one) is priced by the baseline's own probe: a plain run's relative time is then
+    # exactly its share of the baseline's steps and evaluation.
+    config = next(iter(specimens.values()))[3].config if specimens else reference
+    same_net = config.model == reference.model and config.methods == reference.methods
+    aliases = {"step:full": BASELINE_STEP} if same_net and _same_optimizer_work(config, reference, len(data.train_y)) else {}
+    if same_net:
+        aliases[EVAL] = BASELINE_EVAL
+
+    def step_probe(net: nn.Module, opt: torch.optim.Optimizer, meths: list[Method], run: RunInfo, inputs: torch.Tensor,
+                   targets: torch.Tensor, loss: Any) -> Probe:
+        owner = _step_owner(meths)
+        net.train()
+
+        def one() -> float:
+            ctx = StepContext(run=run, model=net, optimizer=opt, inputs=inputs, targets=targets, step=0, epoch=0,
+                              forward=_autocast_forward(net, autocast), loss_fn=loss)
+            _train_step(ctx, meths, owner)
+            return 1.0
+
+        return Probe(run=one, sync=sync)
+
+    for kind, (net, opt, meths, run) in specimens.items():
+        if f"step:{kind}" not in aliases:
+            probes[f"step:{kind}"] = step_probe(net, opt, meths, run, x, y, loss_fn)
+    # The baseline's step: its own model, methods, optimizer and batch size, on the same data.
+    ref_batch = min(reference.optim.batch_size, len(data.train_y))
+    ref_loader = data.loader("train", batch_size=ref_batch, device=device, augment=reference.data.augment,
+                             seed=reference.seed, channels_last=device.type == "cuda")  # fmt: skip
+    ref_run = RunInfo(config=reference, device=device, steps_per_epoch=len(ref_loader),
+                      total_steps=len(ref_loader) * reference.epochs, batch_size=ref_batch)  # fmt: skip
+    ref_model = _build_model(reference, data, device)
+    ref_methods = build_methods(reference)
+    for method in ref_methods:
+        ref_model = method.setup(ref_model, ref_run)
+    ref_opt = _make_optimizer(ref_model, reference, ref_methods, ref_run)
+    for method in ref_methods:
+        method.attach(ref_model, ref_opt, ref_run)
+    rx, ry = next(iter(ref_loader))
+    ref_loss = nn.CrossEntropyLoss(label_smoothing=reference.optim.label_smoothing)
+    probes[BASELINE_STEP] = step_probe(ref_model, ref_opt, ref_methods, ref_run, rx, ry, ref_loss)
+    baseline_counts: dict[str, float] = {BASELINE_STEP: float(ref_run.total_steps)}
+    if loaders.val is not None:
+        vx, _ = next(iter(loaders.val))
+
+        def eval_probe(net: nn.Module) -> Probe:
+            def one() -> float:
+                _forward_eval(net, vx, autocast)
+                return float(len(vx))
+
+            return Probe(run=one, sync=sync)
+
+        if EVAL not in aliases:
+            probes[EVAL] = eval_probe(model)
+        probes[BASELINE_EVAL] = eval_probe(ref_model)
+        baseline_counts[BASELINE_EVAL] = float(loaders.val_size)  # its final evaluation
+    # On a CPU the bursts are timed in process CPU time: a process descheduled by other work on the machine
+    # is not charged for the wait (on CUDA, wall time with synchronisation: the work is the device's).
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    measurements = measure_interleaved(probes, options, paired_with=BASELINE_STEP, clock=clock)
+    costs = costs_of(measurements)
+    costs.update({kind: costs[same] for kind, same in aliases.items() if same in costs})
+    return {"measurements": measurements, "costs": costs, "baseline_counts": baseline_counts}
 
 
 @torch.no_grad()

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     from wus_tune.trainer import TrainResult
 
 CONSTRAINT_KEY = "accuracy_floor"  # value = (baseline accuracy - delta) - accuracy; feasible when <= 0
-RESULT_FIELDS = ("val_acc", "best_val_acc", "time_s", "train_time_s", "eval_time_s", "cost_flops",
-                 "skip_fraction", "flops_fraction", "total_steps", "skipped_steps")  # fmt: skip
+RESULT_FIELDS = ("val_acc", "best_val_acc", "test_acc", "time_s", "train_time_s", "eval_time_s", "cost_flops",
+                 "skip_fraction", "flops_fraction", "total_steps", "skipped_steps", "relative_time",
+                 "reference_time_s", "modelled_time_s", "timing_overhead_s", "work_counts")  # fmt: skip
 
 
 def one_line(e: BaseException) -> str:
@@ -88,6 +89,7 @@ class Objective:
             from wus_tune._study.pruning import ParetoPruner
 
             self.pruner = ParetoPruner(study.pruner, study.objectives)
+        self.reference = baseline_config(study)  # every trial's time is also priced in units of this run
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         from wus_tune._study.tracking import NullTrialRun
@@ -111,7 +113,7 @@ class Objective:
                 on_epoch = _both(run.log_epoch, self.pruner.for_trial(trial, role=role, epochs=config.epochs))
             fit_start = time.perf_counter()
             try:
-                result = self.fit(config, on_epoch=on_epoch)
+                result = self.fit(config, on_epoch=on_epoch, relative_to=self.reference)
             finally:  # a pruned trial's training time counts as training too
                 fit_s = time.perf_counter() - fit_start - run.epoch_overhead_s
             objective = objective_values(result, self.study.objectives)
@@ -120,10 +122,11 @@ class Objective:
                 raise TrainingDiverged(f"objective {bad[0]} is {objective[bad[0]]}")
             if self.study.constraint_delta is not None:
                 trial.set_constraint(CONSTRAINT_KEY, self._constraint(trial, role, objective["accuracy"]))
-            summary = {k: getattr(result, k) for k in RESULT_FIELDS} | {"epochs": len(result.epochs)}
+            summary = {k: getattr(result, k, None) for k in RESULT_FIELDS} | {"epochs": len(result.epochs)}
+            summary["unit_costs"] = {k: v["seconds"] for k, v in (getattr(result, "unit_costs", None) or {}).items()}
             # One attribute write for all of it: each is a storage transaction (milliseconds on SQLite).
             trial.set_user_attr("result", summary | self._timing(start, fit_s, run))
-            run.finish(result, objective)  # last: the run is FINISHED only once everything is recorded
+            run.finish(result, objective, timing_metrics(result))  # last: the run is FINISHED only once everything is recorded
         except BaseException as e:
             if _is_pruned(e):  # stopped by the pruner: PRUNED in Optuna, KILLED in MLflow (not a failure)
                 trial.set_user_attr("timing", self._timing(start, fit_s, run))
@@ -157,6 +160,8 @@ class Objective:
         t = time.perf_counter()
         values = self.study.space.sample(trial, fixed=fixed)
         self._sample_s = time.perf_counter() - t
+        if role == "tuned-plain":  # the method's optimizer knobs were sampled; train them without the method
+            values[METHOD_KEY] = "none"
         config = apply_values(self.study.base, values)
         config.meta = {**config.meta, "study": self.study.name, "trial": trial.number}
         label = partner_label(config, values, chosen=lambda key: key in self.study.space or key in fixed)
@@ -193,6 +198,25 @@ def _is_pruned(e: BaseException) -> bool:
 
     optuna = sys.modules.get("optuna")
     return optuna is not None and isinstance(e, optuna.TrialPruned)
+def baseline_config(study: Study) -> TrainConfig:
+    """The config of the study's full-length baseline trial (the first of :func:`initial_trials`)."""
+    from wus_tune._study.space import apply_values
+    from wus_tune.study import initial_trials
+
+    role, values = initial_trials(study)[0]
+    assert role == "baseline", role
+    return apply_values(study.base, values)
+
+
+def timing_metrics(result: TrainResult) -> dict[str, float]:
+    """The relative-time figures of a result, as MLflow metrics (``timing/price/step:full`` & co)."""
+    out = {k: v for k in ("relative_time", "reference_time_s", "modelled_time_s", "timing_overhead_s")
+           if isinstance(v := getattr(result, k, None), (int, float))}  # fmt: skip
+    for kind, cost in (getattr(result, "unit_costs", None) or {}).items():
+        out[f"timing/price/{kind}"] = cost["seconds"]
+    for kind, n in (getattr(result, "work_counts", None) or {}).items():
+        out[f"timing/count/{kind}"] = n
+    return out
 
 
 def baseline_accuracy(study: optuna.Study) -> float | None:

@@ -232,7 +232,9 @@ class ParetoPruner:
 
     def __init__(self, settings: PrunerSettings, objectives: Sequence[str]) -> None:
         self.settings = settings
-        self.cost_name = objectives[1]  # "time" or "cost": the first cost-like objective
+        # "time" compares wall seconds so far; "cost" and "relative_time" compare FLOPs so far, because a
+        # trial's relative time is priced only when it ends (wus_tune.timing), not at a rung.
+        self.cost_name = objectives[1]
         default_tol = 0.05 if self.cost_name == "time" else 0.0
         self.relative_tolerance = default_tol if settings.cost_tolerance is None else settings.cost_tolerance
 

@@ -14,7 +14,9 @@ from typing import Any
 
 from wus_tune.pareto import Analysis, Candidate
 
-_UNITS = {"time": "s", "cost": " FLOPs"}
+_UNITS = {"time": "s", "cost": " FLOPs", "relative_time": " baseline runs"}
+_AXIS = {"time": "training time incl. required evaluations (s, wall)", "cost": "training cost (FLOPs)",
+         "relative_time": "time in full-length baseline runs (priced per trial on its device)"}
 _MARKERS = "oD^v<>Ph*Xd"
 
 
@@ -35,6 +37,8 @@ def label(c: Candidate) -> str:
 
     method = c.attrs.get("method")
     name = str(method) if method not in (None, partner_name()) else variant(c)
+    if c.role == "tuned-plain":
+        return "none (tuned)"
     return f"{name} (guideline)" if c.role == "guideline" else name
 
 
@@ -62,12 +66,16 @@ def _colors(names: Sequence[str]) -> dict[str, str]:
 
 
 def _legend(name: str) -> str:
+    if name == "none (tuned)":
+        return "plain, optimizer tuned (the yardstick of methods that tune it)"
     return "plain (no method)" if name == "none" else name
 
 
 def _fmt_cost(name: str, v: float) -> str:
     if name == "sparsity":
         return f"{v:.1%}"
+    if name == "relative_time":
+        return f"{v:.3f}"
     return f"{v:.1f}s" if name == "time" else f"{v:.3g}"
 
 
@@ -123,7 +131,9 @@ def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) ->
     front = set(analysis.front)
     fields = ["trial", "state", "role", "variant", "feasible", *analysis.objectives, "pareto", "selected",
               "acc_delta_pts", "speedup", "frontier_acc_gain_pts", "frontier_time_saved", "frontier_time_saved_fraction",
-              "time_s", "cost_flops", "skip_fraction", "flops_fraction", "epochs", "mlflow_run_id", "fail_reason", "pruned_at_epoch", "params", "method"]  # fmt: skip
+              "time_s", "relative_time", "reference_time_s", "test_acc", "cost_flops", "skip_fraction", "flops_fraction", "epochs",
+              "mlflow_run_id", "fail_reason", "pruned_at_epoch", "params", "method"]  # fmt: skip
+    fields = list(dict.fromkeys(fields))  # an objective named like a result field (relative_time) once
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -134,14 +144,16 @@ def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) ->
                 "method": c.attrs.get("method", variant(c)), "feasible": c.feasible,
                 "pareto": c.number in front, "selected": c.number == selected,
                 "time_s": res.get("time_s"), "cost_flops": res.get("cost_flops"),
+                "relative_time": res.get("relative_time"), "reference_time_s": res.get("reference_time_s"),
+                "test_acc": res.get("test_acc"),
                 "skip_fraction": res.get("skip_fraction"), "flops_fraction": res.get("flops_fraction"),
                 "epochs": (c.config or {}).get("epochs"), "mlflow_run_id": c.attrs.get("mlflow_run_id"),
                 "fail_reason": c.attrs.get("fail_reason"), "params": json.dumps(c.params, sort_keys=True),
                 "pruned_at_epoch": (c.attrs.get("pruned") or {}).get("epoch"),  # state PRUNED: stopped by the pruner
             }  # fmt: skip
+            row.update(relative(analysis, c))
             for name, v in zip(analysis.objectives, c.values or ()):
                 row[name] = v
-            row.update(relative(analysis, c))
             w.writerow(row)
     return path
 
@@ -228,7 +240,7 @@ def write_pareto_png(analysis: Analysis, path: Path, *, title: str, selected: in
         c = analysis.by_number(selected)
         ax.scatter(*_xy(analysis, [c]), s=140, facecolors="none", edgecolors="red", lw=1.8, zorder=6,
                    label=f"selected (trial {selected})")
-    ax.set_xlabel("training time incl. required evaluations (s)" if obj == "time" else "training cost (FLOPs)")
+    ax.set_xlabel(_AXIS.get(obj, obj))
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -298,7 +310,7 @@ def write_pareto_html(analysis: Analysis, path: Path, *, title: str, selected: i
                                  text=[hover(c)], hoverinfo="text"))  # fmt: skip
     fig.update_layout(
         title=title,
-        xaxis_title="training time incl. required evaluations (s)" if obj == "time" else "training cost (FLOPs)",
+        xaxis_title=_AXIS.get(obj, obj),
         yaxis_title="validation accuracy (%)",
         template="plotly_white",
     )

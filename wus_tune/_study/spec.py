@@ -9,7 +9,11 @@ Format (every key optional; unknown keys are errors)::
       data: {name: cifar10, subset: 10000}
       schedule: {name: step, milestones: [0.5, 0.75]}
       epochs: 16
-    objectives: [accuracy, time]    # or "accuracy,cost", "accuracy,time,cost"; a last "sparsity" or "params" adds Lp-sphere sparsity
+    objectives: [accuracy, relative_time]  # time in full-length baseline runs (the default; wus_tune.timing), or
+                                    # "accuracy,time" (wall seconds), "accuracy,cost" (FLOPs), "accuracy,relative_time,cost";
+                                    # a last "sparsity" or "params" adds Lp-sphere sparsity
+    confirm: 0                      # after the trials, re-run the pick, the baseline and a frontier point this
+                                    # many times each (wus_tune.confirm); 0: no confirmation
     methods: [wus]                  # the methods compared (default [wus]): none, wus, approx_ops, lp_sphere,
                                     # gauss_newton (2-layer mlp), edge_of_chaos, approx_ops+wus, lp_sphere+wus, edge_of_chaos+wus
     edge_of_chaos: null             # the effective-ratio space and the guideline prior (wus_tune._study.guideline)
@@ -22,6 +26,8 @@ Format (every key optional; unknown keys are errors)::
     tracking_uri: null              # MLflow (default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db; "none": off)
     constraint_delta: null          # points: feasible iff accuracy >= baseline - delta
     baseline_fractions: [0.5, 0.7, 0.85]   # plain runs at these fractions of the epochs: the baseline frontier
+    baseline_repeats: 1             # full-length baselines (seeds seed, seed+1, ...; the last ones after the
+                                    # other first trials); comparisons use their median
     enqueue_wus_default: true       # enqueue WUS with its default knobs
     enqueue: [{wus.variant: wus, wus.threshold: 0.02}]   # more trials to run first (dotted keys)
     default_search_space: true      # start from the default space (wus_tune._study.space)
@@ -78,7 +84,7 @@ class StudySpec:
     name: str | None = None
     description: str = ""
     train: dict[str, Any] = field(default_factory=dict)
-    objectives: Any = "accuracy,time"  # "accuracy,time" or a list
+    objectives: Any = "accuracy,relative_time"  # "accuracy,relative_time" or a list
     methods: list[str] = field(default_factory=lambda: [_partner_name()])  # the compared methods (default: the partner)
     edge_of_chaos: EdgeOfChaosSpec | None = None  # the effective-ratio space and the guideline prior
     sampler: str = "tpe"
@@ -90,6 +96,7 @@ class StudySpec:
     tracking_uri: str | None = None
     constraint_delta: float | None = None
     baseline_fractions: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85])
+    baseline_repeats: int = 1
     enqueue_wus_default: bool = True
     enqueue: list[dict[str, Any]] = field(default_factory=list)
     default_search_space: bool = True
@@ -97,6 +104,7 @@ class StudySpec:
     select: str = "fastest-within:1.0"
     pruner: str = "none"  # none | pareto (wus_tune._study.pruning)
     pruner_options: dict[str, Any] = field(default_factory=dict)
+    confirm: int = 0  # confirmation repeats of the pick at the end of the study (wus_tune.confirm)
     accuracy_margin: float = 0.05
     cost_factor: float = 1.25
     max_trials: int | None = None  # workers and faults: read through wus_tune._study.workers.settings
@@ -166,6 +174,8 @@ class StudySpec:
         if self.sampler not in SAMPLERS:
             raise UsageError(f"sampler: unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         _check_int("seed", self.seed, 0)
+        _check_int("confirm", self.confirm, 0)
+        _check_int("baseline_repeats", self.baseline_repeats, 1)
         if self.n_trials is not None:
             _check_int("n_trials", self.n_trials, 1)
         for key in ("timeout", "constraint_delta", "accuracy_margin", "cost_factor"):
@@ -237,9 +247,11 @@ class StudySpec:
             tracking_uri=None if tracking.lower() == "none" else tracking,
             constraint_delta=self.constraint_delta,
             baseline_fractions=tuple(self.baseline_fractions),
+            baseline_repeats=self.baseline_repeats,
             enqueue_wus_default=self.enqueue_wus_default,
             enqueue=tuple(dict(e) for e in self.enqueue),
             select=rule,
+            confirm=self.confirm,
             accuracy_margin=self.accuracy_margin,
             cost_factor=self.cost_factor,
             spec=self.to_dict(),
@@ -274,6 +286,8 @@ class Study:
     accuracy_margin: float
     cost_factor: float
     spec: dict[str, Any]
+    confirm: int = 0
+    baseline_repeats: int = 1
     methods: tuple[str, ...] = ()  # resolve() always sets it; a spec's default is the partner method alone
     # (role, fixed values) enqueued after the baseline frontier: one default per method, guideline trials
     method_trials: tuple[tuple[str, dict[str, Any]], ...] = ()
@@ -286,7 +300,8 @@ class Study:
 
 
 def parse_objectives(value: Any) -> tuple[str, ...]:
-    """``"accuracy,time"`` or ``["accuracy", "cost"]`` -> a tuple; accuracy first, then time and/or cost,
+    """``"accuracy,relative_time"`` or ``["accuracy", "cost"]`` -> a tuple; accuracy first, then one or two
+    of relative_time, time and cost,
     then optionally one of sparsity (maximised) or params (active parameters, minimised)."""
     names = [s.strip() for s in value.split(",")] if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
@@ -294,11 +309,12 @@ def parse_objectives(value: Any) -> tuple[str, ...]:
     for n in names:
         if n not in OBJECTIVES:
             raise UsageError(f"objectives: unknown objective {n!r}; choose from {', '.join(OBJECTIVES)}")
-    kinds = ["a" if n == "accuracy" else "c" if n in ("time", "cost") else "s" for n in names]
+    kinds = ["a" if n == "accuracy" else "c" if n in ("time", "relative_time", "cost") else "s" for n in names]
     shape = "".join(kinds)
     if shape not in ("ac", "acc", "acs", "accs") or len(set(names)) != len(names):
         raise UsageError(
-            f"objectives: expected accuracy then time and/or cost, then optionally sparsity or params; got {','.join(names)}"
+            f"objectives: expected accuracy then one or two of relative_time, time, cost, then optionally sparsity "
+            f"or params; got {','.join(names)}"
         )
     return tuple(names)
 

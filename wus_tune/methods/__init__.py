@@ -135,7 +135,9 @@ class Method:
 
     name: ClassVar[str] = ""
     combines_with_wus: ClassVar[bool] = False  # may run beside WUS in one trial ("approx_ops+wus")
-    tunes_optimizer: ClassVar[bool] = False  # its search space has optim.* knobs (edge_of_chaos)
+    # its search space has optim.* knobs (edge_of_chaos): a study then also runs tuned-plain trials searching
+    # the same knobs with the same budget, its fair yardstick (wus_tune._study.yardstick)
+    tunes_optimizer: ClassVar[bool] = False
     measure_only: ClassVar[bool] = False  # changes nothing in training: a base config's entry stays in every trial
     # The method the others combine with ("approx_ops+wus") and the one a study without a ``methods:`` list
     # tunes (on in its trials unless a virtual key turns it off): WUS.
