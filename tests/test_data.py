@@ -385,7 +385,7 @@ def test_loader_augmentation_is_a_shifted_copy(flip: bool) -> None:
 
 def test_dataset_flip_defaults_reach_the_loader() -> None:
     ds = load_dataset(DataConfig(name="digits"))
-    assert not ds.loader("train", batch_size=32, augment=True).flip
+    assert not ds.loader("train", batch_size=32, augment=True).batches.flip
     with pytest.raises(DataError, match="no test split"):
         ds.loader("test", batch_size=32)
 

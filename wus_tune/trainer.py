@@ -122,16 +122,23 @@ def fit(
     *,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     progress: bool = False,
+    model: nn.Module | Callable[..., nn.Module] | None = None,
+    data: Any = None,
 ) -> TrainResult:
     """Train one model as ``config`` says and return its measurements.
+
+    ``model``: an ``nn.Module`` (a copy is trained; ``result.model`` is it) or a factory
+    ``f(input_shape, num_classes) -> nn.Module``; ``data``: ``(x, y)`` tensors or a mapping of splits, as a
+    data factory returns (:func:`wus_tune.data.load_dataset`). Given, they replace ``config.model`` /
+    ``config.data``'s source, and ``result.config`` records where they came from.
 
     ``on_epoch`` is called after each epoch (a study logs it and may stop the run by raising).
     Raises :class:`~wus_tune.errors.TrainingDiverged` when the loss stops being finite, and
     :class:`~wus_tune.errors.UsageError` subclasses for bad input.
     """
-    from wus_tune.data import load_dataset
-    from wus_tune.models import build_model
+    from wus_tune.plugins import prepare, record_sources
 
+    config = record_sources(config, model=model, data=data)
     config.validate()
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -141,17 +148,13 @@ def fit(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    data = load_dataset(config.data)
-    batch_size = min(config.optim.batch_size, len(data.train_y))
+    data, model = prepare(config, model=model, data=data, device=device)  # the one way models and data enter
+    batch_size = min(config.optim.batch_size, data.size("train"))
     eval_batch = max(batch_size, 512)
     train_loader = data.loader("train", batch_size=batch_size, device=device, augment=config.data.augment,
                                seed=config.seed, channels_last=cuda)
-    val_loader = data.loader("val", batch_size=eval_batch, device=device, channels_last=cuda) if len(data.val_y) else None
-    test_loader = (
-        data.loader("test", batch_size=eval_batch, device=device, channels_last=cuda) if data.test_x is not None else None
-    )
-
-    model = build_model(config.model, data.input_shape, data.num_classes).to(device)
+    val_loader = data.loader("val", batch_size=eval_batch, device=device, channels_last=cuda) if data.size("val") else None
+    test_loader = data.loader("test", batch_size=eval_batch, device=device, channels_last=cuda) if data.has("test") else None
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     steps_per_epoch = len(train_loader)
@@ -215,7 +218,7 @@ def fit(
             v_loss, v_acc, seconds = evaluate(val_loader)
             eval_time += seconds
             required_eval_time += seconds
-            eval_flops_required += flops_eval_per_sample * len(data.val_y)
+            eval_flops_required += flops_eval_per_sample * data.size("val")
             controller.observe(v_acc, progress)
             return v_loss, v_acc
         controller.observe(float(window_correct) / max(1, window_seen), progress)
@@ -282,7 +285,7 @@ def fit(
             eval_time += seconds
             if last_epoch:  # every run needs its final evaluation
                 required_eval_time += seconds
-                eval_flops_required += flops_eval_per_sample * len(data.val_y)
+                eval_flops_required += flops_eval_per_sample * data.size("val")
             epoch_val = (v_loss, v_acc)
 
         extra: dict[str, float] = {}
