@@ -177,7 +177,7 @@ def call_factory(
         try:
             signature.bind(*args, **call_kwargs)
         except TypeError as e:
-            raise ConfigError(f"{key}.kwargs: {name}() does not take these arguments ({e})") from None
+            raise ConfigError(f"{key.split('.')[0]}.kwargs: {name}() does not take these arguments ({e})") from None
     try:
         return factory(*args, **call_kwargs)
     except ConfigError:
@@ -204,6 +204,41 @@ def record_sources(config: Any, *, model: Any = None, data: Any = None) -> Any:
     if data is not None:
         config.data = _recorded(config.data, data, "cifar10")
     return config
+
+
+def source_entries(train: Mapping[str, Any], *, model: Any = None, data: Any = None) -> dict[str, Any]:
+    """The dotted base-config keys that record objects handed to a study (``run_study(model=, data=)``)."""
+    out: dict[str, Any] = {}
+    for section, obj in (("model", model), ("data", data)):
+        if obj is None:
+            continue
+        path = import_path_of(obj) if callable(obj) and not _is_module(obj) else f"{OBJECT_PREFIX}{type(obj).__qualname__}"
+        out[f"{section}.factory"] = path
+        out[f"{section}.factory_version"] = package_version(path)
+        if "name" not in (train.get(section) or {}):
+            out[f"{section}.name"] = path.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+    return out
+
+
+def check_methods_apply(methods: Any, model: Any, config: Any) -> None:
+    """Each compared method's ``check_model(model, config)`` on the model built once before any trial:
+    a method that cannot apply is one UsageError line naming it and saying why."""
+    from wus_tune.errors import UsageError
+    from wus_tune.methods import registry
+
+    known = registry()
+    parts: list[str] = []
+    for entry in methods:
+        for part in str(entry).split("+"):
+            if part not in parts and part != "none":
+                parts.append(part)
+    for part in parts:
+        check = getattr(known.get(part), "check_model", None)
+        if check is None:
+            continue
+        why = check(model, config)
+        if why:
+            raise UsageError(f"methods: {part} cannot apply to this model ({type(model).__name__}): {why}")
 
 
 def _recorded(section: Any, obj: Any, default_name: str) -> Any:

@@ -19,6 +19,7 @@ Python API: :func:`run_study`. See ``docs/study.md``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -77,6 +78,8 @@ def run_study(
     workers: int | None = None,
     workers_per_device: int | None = None,
     worker: bool = False,
+    model: Any = None,
+    data: Any = None,
     **options: Any,
 ) -> StudyOutcome:
     """Run (or continue) a study.
@@ -90,6 +93,11 @@ def run_study(
     many worker processes on this machine (see ``wus_tune._study.workers``); ``worker``: this process is
     one of them (no final report). Raises :class:`~wus_tune.errors.ServiceLost` if the storage or the
     tracking server is lost mid-study for longer than ``reconnect_timeout``.
+
+    ``model``: a factory ``f(input_shape, num_classes, **kwargs) -> nn.Module`` (called once per trial);
+    ``data``: ``(x, y)`` tensors or a mapping of splits, as a data factory returns. They replace the spec's
+    model and data sources; the configs record their import paths (``"<python>:<name>"`` for objects
+    defined in a notebook or ``__main__``, which ``python -m wus_tune.train`` cannot rebuild).
     """
     import optuna
 
@@ -114,7 +122,17 @@ def run_study(
     spec = dataclasses.replace(spec, **options)
     for key, value in (overrides or {}).items():
         spec.set_train(key, value)
+    if model is not None or data is not None:  # objects: the configs record where they came from
+        from wus_tune.plugins import source_entries
+        from wus_tune.trainer import fit as train_fit
+
+        for key, value in source_entries(spec.train, model=model, data=data).items():
+            spec.set_train(key, value)
+        fit = functools.partial(fit or train_fit, model=model, data=data)
     slots = w.plan_slots(devices, workers, workers_per_device)
+    if len(slots) > 1 and (model is not None or data is not None):
+        raise UsageError("run_study: model= and data= objects train in this process only; "
+                         "give import paths (model.factory, data.factory) to run several workers")
     if len(slots) == 1:  # one worker: this process, on that device
         spec.set_train("device", "cpu" if slots[0].device == "cpu" else f"cuda:{slots[0].device}")
     elif slots:
@@ -124,7 +142,7 @@ def run_study(
         study_def = dataclasses.replace(study_def, storage=default_journal(study_def.name))
     study_def = dataclasses.replace(study_def, spec=_public_spec(study_def.spec))
     conf = w.settings(study_def)
-    device = _preflight(study_def)
+    device = _preflight(study_def, model=model, data=data)
     study_def = calibrated(spec, study_def, fit=fit, say=say)  # edge_of_chaos.growth_rate: auto: one short run
     if study_def.tracking_uri is not None:
         check_tracking_uri(study_def.tracking_uri)
@@ -272,17 +290,21 @@ def _launch(study: optuna.Study, spec: StudySpec, study_def: Study, slots: Seque
 # ---- steps ---------------------------------------------------------------------------------------------
 
 
-def _preflight(study_def: Study) -> str:
-    """Check the device and load the data once (decoded and cached for the trials). Returns the device."""
-    from wus_tune.data import load_dataset
+def _preflight(study_def: Study, *, model: Any = None, data: Any = None) -> str:
+    """Check the device, load the data once (decoded and cached for the trials) and build the model once:
+    a bad factory, bad data, or a method that cannot apply to this model is one line before any trial.
+    Returns the device."""
+    from wus_tune.plugins import check_methods_apply, prepare
     from wus_tune.trainer import resolve_device
 
     device = resolve_device(study_def.base.device)
     try:
-        load_dataset(study_def.base.data)
+        _, net = prepare(study_def.base, model=model, data=data)
     except DataError as e:
-        hint = "" if "--dataset digits" in str(e) else "; point --data-dir at the data, or use --dataset digits"
+        hint = "" if ("--dataset digits" in str(e) or study_def.base.data.factory or data is not None) else (
+            "; point --data-dir at the data, or use --dataset digits")  # fmt: skip
         raise DataError(f"{e}{hint}") from None
+    check_methods_apply(study_def.methods, net, study_def.base)
     return str(device)
 
 
@@ -564,9 +586,10 @@ def build_parser() -> ArgumentParser:
         prog="python -m wus_tune.study",
         description="Search weight-update-skipping settings with Optuna; every trial in MLflow; export the Pareto-best config.",
     )
+    p.add_argument("--list", action="store_true", help="list the registered models, datasets and methods, then exit")
     p.add_argument("--spec", help="a study spec (YAML), e.g. studies/vgg11-cifar10.yaml; options below override it")
-    p.add_argument("--model", help="alexnet | vgg11 | vgg16 | resnet18 | mlp")
-    p.add_argument("--dataset", help="cifar10 (default) | cifar100 | digits | imagefolder")
+    p.add_argument("--model", help="alexnet | vgg11 | vgg16 | resnet18 | mlp | a plugin (--list) | an import path pkg.mod:build")
+    p.add_argument("--dataset", help="cifar10 (default) | cifar100 | digits | imagefolder | a plugin | pkg.mod:load")
     p.add_argument("--data-dir", help="local dataset: torchvision's CIFAR folder, an ImageFolder directory or .tar.gz")
     p.add_argument("--epochs", type=int, help="full-length epoch budget (the baseline's)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
@@ -627,6 +650,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import os
 
     args = build_parser().parse_args(argv)
+    if args.list:
+        from wus_tune.plugins import describe
+
+        print("\n".join(describe()))
+        return 0
     spec = spec_from_args(args)
     # Our per-trial lines replace Optuna's (its failed-trial warning carries a full traceback; the
     # reason is in our line and the traceback in the run's error.txt). MLflow's INFO lines are noise.
