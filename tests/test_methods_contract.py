@@ -30,7 +30,7 @@ def test_the_four_literature_methods_are_registered():
     assert {"approx_ops", "edge_of_chaos", "lp_sphere", "gauss_newton"} <= set(registry())
 
 
-@pytest.mark.parametrize("name", sorted(registry()))
+@pytest.mark.parametrize("name", sorted(set(registry()) - {"wus"}))
 def test_method_trains_two_batches_and_reports_prefixed_metrics(name):
     result = fit(_config(name))
     assert result.total_steps == 2
@@ -40,14 +40,14 @@ def test_method_trains_two_batches_and_reports_prefixed_metrics(name):
         assert isinstance(value, float)
 
 
-@pytest.mark.parametrize("name", sorted(set(registry()) - {"gauss_newton"}))
+@pytest.mark.parametrize("name", sorted(set(registry()) - {"gauss_newton", "wus"}))
 def test_method_combines_with_wus(name):
     result = fit(_config(name, **{"epochs": 3, "wus.enabled": True, "wus.threshold": 1.0, "wus.warmup": 1,
                                   "wus.window": 1, "wus.schedule_window": [0.0, 1.0]}))
     assert result.skipped_steps > 0
 
 
-@pytest.mark.parametrize("name", sorted(registry()))
+@pytest.mark.parametrize("name", sorted(set(registry()) - {"wus"}))
 def test_constructor_round_trips_params(name):
     method = build_methods({name: {}})[0]
     again = type(method)(**method.params)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from wus_tune.config import ModelConfig
-from wus_tune.errors import ConfigError
+from wus_tune.errors import ConfigError, one_line
 
 __all__ = ["build_model", "check_output", "parameterised_layers", "mlp", "alexnet", "vgg11", "vgg16", "resnet18"]
 
@@ -241,7 +241,7 @@ def check_output(model: nn.Module, sample: torch.Tensor, num_classes: int, key: 
             out = model(sample)
     except Exception as e:
         raise ConfigError(f"{key}: the model fails on a batch of shape {tuple(sample.shape)} ({sample.dtype}): "
-                          f"{type(e).__name__}: {_first_line(e)}") from None  # fmt: skip
+                          f"{one_line(e, with_type=True)}") from None  # fmt: skip
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.shape != (len(sample), num_classes):
@@ -249,10 +249,6 @@ def check_output(model: nn.Module, sample: torch.Tensor, num_classes: int, key: 
         raise ConfigError(f"{key}: the model returns {got} for a batch of {len(sample)}; expected logits "
                           f"({len(sample)}, {num_classes}), one per class")  # fmt: skip
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def parameterised_layers(model: nn.Module) -> list[nn.Module]:

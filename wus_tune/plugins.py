@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from wus_tune.errors import ConfigError
+from wus_tune.errors import ConfigError, one_line
 
 __all__ = [
     "MODEL_GROUP",
@@ -104,7 +104,7 @@ def load_object(path: str, key: str) -> Any:
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as e:  # ImportError, or whatever the module raises at import time
-        raise ConfigError(f"{key}: cannot import {module_name!r} ({type(e).__name__}: {_first_line(e)})") from None
+        raise ConfigError(f"{key}: cannot import {module_name!r} ({one_line(e, with_type=True)})") from None
     for attr in attrs.split("."):
         try:
             obj = getattr(obj, attr)
@@ -187,7 +187,7 @@ def call_factory(
 
         if isinstance(e, UsageError):
             raise
-        raise ConfigError(f"{key}: {name}() raised {type(e).__name__}: {_first_line(e)}") from None
+        raise ConfigError(f"{key}: {name}() raised {one_line(e, with_type=True)}") from None
 
 
 def record_sources(config: Any, *, model: Any = None, data: Any = None) -> Any:
@@ -218,27 +218,6 @@ def source_entries(train: Mapping[str, Any], *, model: Any = None, data: Any = N
         if "name" not in (train.get(section) or {}):
             out[f"{section}.name"] = path.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
     return out
-
-
-def check_methods_apply(methods: Any, model: Any, config: Any) -> None:
-    """Each compared method's ``check_model(model, config)`` on the model built once before any trial:
-    a method that cannot apply is one UsageError line naming it and saying why."""
-    from wus_tune.errors import UsageError
-    from wus_tune.methods import registry
-
-    known = registry()
-    parts: list[str] = []
-    for entry in methods:
-        for part in str(entry).split("+"):
-            if part not in parts and part != "none":
-                parts.append(part)
-    for part in parts:
-        check = getattr(known.get(part), "check_model", None)
-        if check is None:
-            continue
-        why = check(model, config)
-        if why:
-            raise UsageError(f"methods: {part} cannot apply to this model ({type(model).__name__}): {why}")
 
 
 def _recorded(section: Any, obj: Any, default_name: str) -> Any:
@@ -290,7 +269,3 @@ def describe() -> list[str]:
         lines.append(f"  {name:<14} {cls.__module__}:{cls.__qualname__}")
     return lines
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

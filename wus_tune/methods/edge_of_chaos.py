@@ -294,6 +294,18 @@ class EdgeOfChaos(Method):
     """
 
     name = "edge_of_chaos"
+    combines_with_wus = True
+    tunes_optimizer = True
+    measure_only = True
+    # Its "knobs" are the optimizer's; a study searches either optim.lr or the virtual optim.ratio.
+    SEARCH_SPACE = {
+        "optim.lr": {"type": "float", "low": 0.005, "high": 0.5, "log": True, "doc": "peak learning rate"},
+        "optim.ratio": {"type": "float", "low": 3e-4, "high": 3e-2, "log": True,
+                        "doc": "effective ratio lr / ((1 - momentum) * batch_size)"},
+        "optim.momentum": {"type": "float", "low": 0.5, "high": 0.95, "doc": "SGD momentum"},
+        "optim.batch_size": {"type": "categorical", "choices": [32, 64, 128, 256], "doc": "batch size"},
+        "optim.weight_decay": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True, "doc": "SGD (coupled) weight decay"},
+    }
 
     def __init__(self, *, log_layers: bool = False, j_target: float = 1.0) -> None:
         if not isinstance(log_layers, bool):

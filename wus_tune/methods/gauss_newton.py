@@ -519,6 +519,18 @@ class GaussNewton(Method):
     """
 
     name = "gauss_newton"
+    SEARCH_SPACE = {
+        "methods.gauss_newton.step_size": {"type": "float", "low": 0.1, "high": 1.0, "log": True, "doc": "GN step length"},
+        "methods.gauss_newton.damping": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True, "doc": "relative damping"},
+    }
+    DEFAULT_TRIAL = {"step_size": 0.3, "damping": 1e-3}
+
+    @classmethod
+    def check_model(cls, model: Any, config: Any) -> str | None:
+        if model.name != "mlp" or model.depth != 2:
+            return (f"gauss_newton needs a two-layer mlp (model.name: mlp, model.depth: 2), "
+                    f"not {model.name} with depth {model.depth}")
+        return None
 
     def __init__(
         self,

@@ -268,6 +268,13 @@ class LpSphere(Method):
     """
 
     name = "lp_sphere"
+    combines_with_wus = True
+    SEARCH_SPACE = {
+        "methods.lp_sphere.p": {"type": "float", "low": 1.2, "high": 2.0, "doc": "Lp exponent: smaller, sparser"},
+        "methods.lp_sphere.target_sparsity": {"type": "float", "low": 0.3, "high": 0.9, "doc": "masked fraction aimed at"},
+        "methods.lp_sphere.eta": {"type": "float", "low": 0.005, "high": 0.1, "log": True, "doc": "step on the sphere"},
+    }
+    DEFAULT_TRIAL = {"p": 1.5, "target_sparsity": 0.5, "eta": 0.01}
 
     def __init__(
         self,
