@@ -305,3 +305,26 @@ def test_fit_raises_the_same_errors(package):
         fit(config, data=(torch.randn(40, 6), torch.rand(40)))
     with pytest.raises(ConfigError, match="expected an nn.Module or a factory callable, got str"):
         fit(config, model="resnet", data=make_data())
+
+
+def test_entry_point_plugins_are_listed_and_used_by_name(package, tmp_path, monkeypatch, capsys):
+    """A package that registers names (entry points ``wus_tune.models`` / ``wus_tune.datasets``): the
+    metadata of an installed distribution, written here as its .dist-info directory on sys.path."""
+    pkg, _ = package
+    site = tmp_path / "site"
+    info = site / "acme_plugin-0.4.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-plugin\nVersion: 0.4.0\n")
+    (info / "entry_points.txt").write_text(
+        f"[wus_tune.models]\nacme-net = {pkg}.nets:build\n\n[wus_tune.datasets]\nacme-data = {pkg}.data:load\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    assert cli(study_main, ["--list"]) == 0
+    listing = capsys.readouterr().out
+    assert f"acme-net       {pkg}.nets:build  (entry point wus_tune.models)" in listing
+    assert f"acme-data      {pkg}.data:load  (entry point wus_tune.datasets)" in listing
+    assert "vgg11          wus_tune.models:vgg11  (built-in)" in listing and "digits" in listing
+    config = TrainConfig.from_dict({"model": {"name": "acme-net", "kwargs": {"hidden": 4, "blocks": 1}},
+                                    "data": {"name": "acme-data"}, "epochs": 1, "device": "cpu"})  # fmt: skip
+    result = fit(config)
+    assert result.num_params == 6 * 4 + 2 * 4 + 4 * 3 + 3  # Linear(6, 4, bias=False), LayerNorm(4), Linear(4, 3)

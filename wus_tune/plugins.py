@@ -254,13 +254,13 @@ def prepare(config: Any, *, model: Any = None, data: Any = None, device: Any = "
 def describe() -> list[str]:
     """Lines for ``--list``: every registered model, dataset and method, with where it comes from."""
     lines = []
-    for title, table, builtin in (
-        ("models", model_registry(), BUILTIN_MODELS),
-        ("datasets", dataset_registry(), BUILTIN_DATASETS),
+    for title, section, table, builtin, group in (
+        ("models", "model", model_registry(), BUILTIN_MODELS, MODEL_GROUP),
+        ("datasets", "data", dataset_registry(), BUILTIN_DATASETS, DATASET_GROUP),
     ):
-        lines.append(f"{title} (model.name / data.name, or any import path as {title[:-1] if title == 'models' else 'data'}.factory):")
+        lines.append(f"{title} ({section}.name; or any import path as {section}.factory):")
         for name, path in table.items():
-            origin = "built-in" if builtin.get(name) == path else f"entry point {MODEL_GROUP if title == 'models' else DATASET_GROUP}"
+            origin = "built-in" if builtin.get(name) == path else f"entry point {group}"
             lines.append(f"  {name:<14} {path}  ({origin})")
     from wus_tune.methods import registry
 
