@@ -80,7 +80,7 @@ def features(n=96):
 
 
 MODELS = {"vit": (TinyViT, images), "tied": (Tied, features), "frozen": (FrozenBackbone, images)}
-# WUS that skips from the first check on, so skip windows really happen in a two-epoch run.
+# WUS that skips once two checks are seen (window 1), so skip windows really happen in a three-epoch run.
 EAGER_WUS = {"enabled": True, "warmup": 0, "threshold": 1.0, "window": 1, "skip_length": 1,
              "schedule_window": [0.0, 1.0]}  # fmt: skip
 
@@ -90,7 +90,7 @@ def method_names():
 
 
 def config_for(method: str) -> TrainConfig:
-    raw = {"epochs": 2, "device": "cpu", "optim": {"batch_size": 16, "lr": 0.02}, "data": {"val_fraction": 0.25}}
+    raw = {"epochs": 3, "device": "cpu", "optim": {"batch_size": 16, "lr": 0.02}, "data": {"val_fraction": 0.25}}
     if method == "wus":
         raw["wus"] = EAGER_WUS
     else:
