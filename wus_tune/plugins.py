@@ -20,6 +20,7 @@ factory does not take, a factory that raises) is a :class:`~wus_tune.errors.Conf
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import re
@@ -64,15 +65,22 @@ BUILTIN_DATASETS: dict[str, str] = {
 _PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
+@functools.lru_cache(maxsize=None)
 def _entry_points(group: str) -> dict[str, str]:
     from importlib.metadata import entry_points
 
     return {ep.name: ep.value for ep in entry_points(group=group)}
 
 
+def refresh() -> None:
+    """Forget the entry points and versions read so far (after installing a plugin in a running process)."""
+    _entry_points.cache_clear()
+    package_version.cache_clear()
+
+
 def model_registry() -> dict[str, str]:
     """Registered model names -> import paths: the built-ins, then the ``wus_tune.models`` entry points."""
-    return {**BUILTIN_MODELS, **_entry_points(MODEL_GROUP)}
+    return {**BUILTIN_MODELS, **_entry_points(MODEL_GROUP)}  # read once per process: see refresh()
 
 
 def dataset_registry() -> dict[str, str]:
@@ -130,22 +138,26 @@ def import_path_of(obj: Any) -> str:
     return f"{OBJECT_PREFIX}{qualname}"
 
 
+@functools.lru_cache(maxsize=256)
 def package_version(path: str) -> str | None:
-    """The installed version of the distribution that provides ``path``'s top-level package, or its
-    ``__version__``; None for a plain module on ``PYTHONPATH`` without either."""
+    """The version of ``path``'s top-level package: the installed distribution of that name, else the
+    package's ``__version__``; None for a plain module on ``PYTHONPATH`` without either. (Not
+    ``packages_distributions()``: it reads every installed file list, seconds on a large environment.)"""
     if not is_import_path(path):
         return None
-    top = path.split(":")[0].split(".")[0]
-    try:
-        from importlib.metadata import packages_distributions, version
+    from importlib.metadata import PackageNotFoundError, version
 
-        dists = packages_distributions().get(top)
-        if dists:
-            return version(dists[0])
+    top = path.split(":")[0].split(".")[0]
+    for name in dict.fromkeys((top, top.replace("_", "-"))):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            pass
+    try:
+        module = importlib.import_module(top)
     except Exception:
-        pass
-    module = importlib.sys.modules.get(top)  # type: ignore[attr-defined]
-    found = getattr(module, "__version__", None) if module is not None else None
+        return None
+    found = getattr(module, "__version__", None)
     return str(found) if found is not None else None
 
 
