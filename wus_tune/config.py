@@ -13,6 +13,11 @@ files. The file format (YAML or JSON) is the nested dict of :meth:`TrainConfig.t
     epochs: 15
     seed: 0
 
+A user's own model and data are factories named by import path (see :mod:`wus_tune.plugins`)::
+
+    model: {factory: "my_pkg.nets:build", kwargs: {hidden: 64}, factory_version: "1.2.0"}
+    data: {factory: "my_pkg.data:load", kwargs: {fold: 0}}
+
 Unknown keys and out-of-range values raise :class:`~wus_tune.errors.ConfigError` naming the key path.
 """
 
