@@ -211,7 +211,9 @@ def load_dataset(cfg: DataConfig, data: Any = None) -> Dataset:
         if path is None:
             raise DataError(f"data.name: unknown dataset {cfg.name!r}; choose one of {', '.join(plugins.dataset_registry())}")
         factory = plugins.load_object(path, key)
-        fields = {"data_dir": cfg.data_dir, "cache_dir": cfg.cache_dir, "download": cfg.download}
+        # Like a model's fields: only those set to other than their defaults (the built-ins' own defaults).
+        fields = {k: v for k, v in (("data_dir", cfg.data_dir), ("cache_dir", cfg.cache_dir), ("download", cfg.download))
+                  if v != getattr(DataConfig, k)}  # fmt: skip
         data = plugins.call_factory(factory, key, (), cfg.kwargs, fields)
         where = f"{key}: {path}" if cfg.factory else f"data.name: {cfg.name}"
     else:

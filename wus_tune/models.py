@@ -192,7 +192,9 @@ def _image_shape(input_shape: tuple[int, ...], name: str) -> tuple[int, int]:
     return input_shape[0], min(input_shape[1:])
 
 
-# What a config passes to a factory that names it in its signature (built-ins do; user factories may).
+# Config fields a factory gets when its signature names them and the config sets them to something other
+# than their default (the built-ins' own defaults are those, so they behave the same either way; a user's
+# factory with its own `hidden=32` keeps it unless model.hidden is set).
 MODEL_FIELDS = ("width", "hidden", "depth", "batch_norm")
 
 
@@ -207,7 +209,8 @@ def build_model(
     One path for every model: ``model`` (an ``nn.Module``, deep-copied so each run starts from the same
     weights, or a factory callable), else the factory at ``cfg.factory``, else the registered name
     ``cfg.name`` (built-ins and ``wus_tune.models`` entry points). A factory is called as
-    ``factory(input_shape, num_classes, **cfg.kwargs)`` (plus the :data:`MODEL_FIELDS` it names) and must
+    ``factory(input_shape, num_classes, **cfg.kwargs)`` (plus the :data:`MODEL_FIELDS` it names that the
+    config sets to other than their defaults) and must
     return an ``nn.Module``; anything else is a one-line ConfigError.
     """
     from wus_tune import plugins
@@ -222,7 +225,8 @@ def build_model(
         if path is None:
             raise ConfigError(f"model.name: unknown model {cfg.name!r}; choose one of {', '.join(plugins.model_registry())}")
         model = plugins.load_object(path, key)
-    fields = {name: getattr(cfg, name) for name in MODEL_FIELDS}
+    defaults = ModelConfig()
+    fields = {name: getattr(cfg, name) for name in MODEL_FIELDS if getattr(cfg, name) != getattr(defaults, name)}
     built = plugins.call_factory(model, key, (tuple(input_shape), num_classes), cfg.kwargs, fields)
     if not isinstance(built, nn.Module):
         name = getattr(model, "__qualname__", repr(model))

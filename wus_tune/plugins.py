@@ -11,8 +11,9 @@ A model or dataset enters the trainer one way: a *factory*, named by an import p
 A model factory is called ``factory(input_shape, num_classes, **kwargs)`` and returns an ``nn.Module``;
 a data factory ``factory(**kwargs)`` returns ``(x, y)`` or a mapping of splits (:mod:`wus_tune.data`).
 ``kwargs`` are ``model.kwargs`` / ``data.kwargs``, plus the config fields the factory's signature names
-(``width``, ``hidden``, ``depth``, ``batch_norm`` for a model; ``data_dir``, ``cache_dir``, ``download``
-for data): that is how the built-ins get their settings, through the same call as a user's factory.
+and the config sets to other than their defaults (``width``, ``hidden``, ``depth``, ``batch_norm`` for a
+model; ``data_dir``, ``cache_dir``, ``download`` for data): that is how the built-ins get their settings,
+through the same call as a user's factory (their own defaults are the config's).
 
 Everything that can go wrong here (an import that fails, an attribute that is missing, a keyword the
 factory does not take, a factory that raises) is a :class:`~wus_tune.errors.ConfigError` of one line.
