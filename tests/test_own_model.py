@@ -318,10 +318,7 @@ def test_entry_point_plugins_are_listed_and_used_by_name(package, tmp_path, monk
     (info / "entry_points.txt").write_text(
         f"[wus_tune.models]\nacme-net = {pkg}.nets:build\n\n[wus_tune.datasets]\nacme-data = {pkg}.data:load\n"
     )
-    from wus_tune import plugins
-
-    monkeypatch.syspath_prepend(str(site))
-    plugins.refresh()  # installed while this process runs
+    monkeypatch.syspath_prepend(str(site))  # a changed sys.path: the registry scans the entry points again
     assert cli(study_main, ["--list"]) == 0
     listing = capsys.readouterr().out
     assert f"acme-net       {pkg}.nets:build  (entry point wus_tune.models)" in listing
@@ -332,4 +329,3 @@ def test_entry_point_plugins_are_listed_and_used_by_name(package, tmp_path, monk
     result = fit(config)
     assert result.num_params == 6 * 4 + 2 * 4 + 4 * 3 + 3  # Linear(6, 4, bias=False), LayerNorm(4), Linear(4, 3)
     assert result.config["model"]["factory"] is None and result.config["model"]["name"] == "acme-net"
-    plugins.refresh()

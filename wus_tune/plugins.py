@@ -25,6 +25,7 @@ import functools
 import importlib
 import inspect
 import re
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -66,22 +67,28 @@ BUILTIN_DATASETS: dict[str, str] = {
 _PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
-@functools.lru_cache(maxsize=None)
 def _entry_points(group: str) -> dict[str, str]:
+    # A scan of the installed distributions costs tens of milliseconds and configs validate often: scan
+    # again only when sys.path changed (as wus_tune.methods does), so a package put on it is found.
+    return _scan(group, tuple(sys.path))
+
+
+@functools.lru_cache(maxsize=8)
+def _scan(group: str, _path: tuple[str, ...]) -> dict[str, str]:
     from importlib.metadata import entry_points
 
     return {ep.name: ep.value for ep in entry_points(group=group)}
 
 
 def refresh() -> None:
-    """Forget the entry points and versions read so far (after installing a plugin in a running process)."""
-    _entry_points.cache_clear()
+    """Forget the entry points and versions read so far (a plugin installed into a running process)."""
+    _scan.cache_clear()
     package_version.cache_clear()
 
 
 def model_registry() -> dict[str, str]:
     """Registered model names -> import paths: the built-ins, then the ``wus_tune.models`` entry points."""
-    return {**BUILTIN_MODELS, **_entry_points(MODEL_GROUP)}  # read once per process: see refresh()
+    return {**BUILTIN_MODELS, **_entry_points(MODEL_GROUP)}
 
 
 def dataset_registry() -> dict[str, str]:
