@@ -28,7 +28,7 @@ from torch import nn
 from wus_tune.config import ModelConfig
 from wus_tune.errors import ConfigError, one_line
 
-__all__ = ["build_model", "check_output", "parameterised_layers", "mlp", "alexnet", "vgg11", "vgg16", "resnet18"]
+__all__ = ["build_model", "check_output", "mlp", "alexnet", "vgg11", "vgg16", "resnet18"]
 
 InputShape = tuple[int, int, int]
 
@@ -122,7 +122,7 @@ class BasicBlock(nn.Module):
     """Two 3x3 convs with an identity shortcut, or a 1x1 projection when the shape changes.
 
     Submodules are registered in forward order (main path, then shortcut) so that
-    :func:`parameterised_layers` can rely on registration order.
+    :func:`wus_tune.layers.parameterised_layers` can rely on registration order.
     """
 
     def __init__(self, c_in: int, c_out: int, stride: int, batch_norm: bool) -> None:
@@ -254,12 +254,3 @@ def check_output(model: nn.Module, sample: torch.Tensor, num_classes: int, key: 
                           f"({len(sample)}, {num_classes}), one per class")  # fmt: skip
 
 
-
-def parameterised_layers(model: nn.Module) -> list[nn.Module]:
-    """Modules that own parameters directly (Conv, Linear, BatchNorm), from input to output.
-
-    WUS's ``bias_scope: last:K`` keeps the biases of the last K of these training, so the order matters;
-    the models above register their submodules in forward order (a ResNet block's shortcut after its main
-    path), which makes registration order the forward order. The classifier Linear comes last.
-    """
-    return [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]

@@ -42,8 +42,13 @@ def _labels(cands: Sequence[Candidate]) -> list[str]:
     return [x for x in order if x in found] + sorted(found - set(order))
 
 
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
 def _color(name: str, i: int) -> str:
-    return _COLORS.get(name) or f"C{i % 10}"
+    """A label's colour: the built-ins' fixed ones, else the i-th of matplotlib's tab10 (as hex: plotly
+    reads no ``C0`` names), so a plug-in method from an entry point gets one too."""
+    return _COLORS.get(name) or _PALETTE[i % len(_PALETTE)]
 
 
 def _legend(name: str) -> str:

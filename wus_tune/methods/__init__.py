@@ -1,53 +1,127 @@
-"""Plug-in speed-up methods.
+"""Plug-in speed-up methods: one contract, :class:`Method`, that WUS and every other method implement.
 
-A method is a set of pure functions (the maths, usable in any training loop) plus a thin
-:class:`Method` subclass that the trainer calls at a handful of hook points. A config names methods
-and their keyword arguments (``methods: {approx_ops: {sample_ratio: 0.5}}``); ``Method(**params)``
-round-trips a tuned config, because ``__init__`` only stores keyword arguments.
+A method is a set of pure functions (the maths, usable in any training loop) plus a thin :class:`Method`
+subclass. The class carries the method's *study data* (classmethods: read without building a run); an
+instance carries one run's state, and :func:`wus_tune.fit` calls its *run-time hooks*. The trainer has
+no method-specific branch: whatever a method does, it does through the hooks below.
 
-Hook order inside :func:`wus_tune.train` (each hook is optional)::
+Study data (classmethods and class attributes)::
 
-    model = method.apply_model(model, ctx)          # once, before the optimizer is built
-    opt = method.make_optimizer(model, ctx)         # once; the first method returning one wins
+    name                      registry key and metric prefix ("wus/skip_windows")
+    combines_with_wus         may run beside WUS in one trial ("approx_ops+wus")
+    tunes_optimizer           its search space has optim.* knobs (edge_of_chaos)
+    measure_only              changes nothing in training (a base config's entry stays in every trial)
+    enabled(config)           is it on in this TrainConfig? (default: name in config.methods; WUS: wus.enabled)
+    from_config(config)       the instance (default: cls(**config.methods[name]); WUS: from config.wus)
+    switch(on)                dotted-key overrides turning it on ({"methods.<name>": {}}; WUS: {"wus.enabled": on})
+    search_space()            {dotted key: spec search_space entry (type/low/high/log/choices/when/doc)}
+    default_trials()          [dotted-key overrides of each default trial]
+    expand_virtual(values)    pops its virtual keys (WUS: wus.variant) and returns the overrides they imply
+    check_model(model, cfg)   None, or a one-line reason why it cannot act on this ModelConfig
+
+Run-time hooks (each optional), in the order :func:`wus_tune.fit` calls them::
+
+    model = method.setup(model, run)                # once; run is a RunInfo
+    opt = method.make_optimizer(model, run)         # once; two methods returning one -> ConfigError
+    method.attach(model, optimizer, run)            # once the optimizer exists (WUS builds its controller)
+    plan = method.check_plan(run)                   # CheckPlan(every_steps, signal) or None: when it checks
+                                                    # and on what; a val_acc check's validation pass is
+                                                    # charged to the run (time and FLOPs)
+    modes = method.warm_up_modes(model)             # context managers putting the model in each other step
+                                                    # kind, so the untimed warm-up covers them (WUS: skip)
     for epoch:
-        for step:
-            loss.backward()
-            method.before_step(model, optimizer, ctx)   # e.g. rewrite gradients
-            optimizer.step()
-            method.after_step(model, optimizer, ctx)    # e.g. project weights back to a constraint
-        metrics = method.end_epoch(model, ctx)      # logged with the method's prefix: "lp_sphere/sparsity"
+        for step:                                   # step: a StepContext (batch, model, optimizer, progress)
+            factors = method.lr_factors(optimizer, run)   # per param-group LR factors; several multiply
+            kind = method.step_kind()               # "" for an ordinary step, e.g. "skip:last:1"; the
+                                                    # ledger keeps steps, time and FLOPs per kind
+            cost = method.train_step(step)          # optional: OWNS the step (forward, update) and returns
+                                                    # StepCost(loss, logits); two owners -> ConfigError.
+                                                    # Without an owner the trainer runs forward, backward,
+                                                    # before_step, optimizer.step(), after_step. With one,
+                                                    # the others' before_step/after_step run around it.
+                                                    # FLOPs are counted around the real step
+                                                    # (torch.utils.flop_counter), once per step kind.
+            method.on_check(metrics, progress)      # when its CheckPlan is due: {"val_acc", "val_loss"} or
+                                                    # {"train_acc"} (running accuracy since its last check)
+        metrics = method.end_epoch(model, run)      # logged with the method's prefix: "lp_sphere/sparsity"
+
+A config names methods and their keyword arguments (``methods: {approx_ops: {sample_ratio: 0.5}}``);
+``Method(**params)`` round-trips a tuned config, because ``__init__`` only stores keyword arguments.
+Installed packages add methods through the entry-point group ``wus_tune.methods``
+(``my_method = my_package.module:MyMethod``): :func:`registry` finds them.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, ContextManager
 
 from wus_tune.errors import ConfigError, one_line
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Method", "MethodContext", "register", "registry", "build_methods", "validate_methods"]
+    from wus_tune.config import TrainConfig
+
+__all__ = [
+    "Method", "RunInfo", "StepContext", "StepCost", "CheckPlan", "register", "registry", "build_methods",
+    "validate_methods", "ENTRY_POINT_GROUP",
+]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a method may read about the run, fixed before training starts."""
+
+    config: TrainConfig
+    device: torch.device
+    steps_per_epoch: int
+    total_steps: int
+    batch_size: int  # the training batch size actually used (optim.batch_size, capped by the dataset)
 
 
 @dataclass
-class MethodContext:
-    """What a method may read about the run. ``step`` and ``epoch`` count from 0."""
+class StepContext:
+    """One training step as a method sees it. ``step`` and ``epoch`` count from 0. ``loss`` and ``logits``
+    are set once the forward has run (before ``before_step``; from the owner's StepCost otherwise)."""
 
-    config: Any  # the TrainConfig
-    device: "torch.device"
-    steps_per_epoch: int
-    total_steps: int
-    step: int = 0
-    epoch: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    run: RunInfo
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    step: int
+    epoch: int
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the trainer's forward (compiled model, autocast)
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
     @property
     def progress(self) -> float:
-        return self.step / max(1, self.total_steps)
+        """Fraction of training done before this step."""
+        return self.step / max(1, self.run.total_steps)
+
+
+@dataclass
+class StepCost:
+    """What an owned step reports: its loss and logits (for the curves and the divergence check)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    """When a method checks (every ``every_steps`` optimizer steps; 0: at each epoch's end) and on what:
+    ``"val_acc"`` (a validation pass, charged to the run) or ``"train_acc"`` (the running training accuracy)."""
+
+    every_steps: int
+    signal: str
 
 
 class Method:
@@ -115,20 +189,46 @@ class Method:
 
     # ---- run-time hooks (see the module docstring) -------------------------------------------------
 
-    def apply_model(self, model: "torch.nn.Module", ctx: MethodContext) -> "torch.nn.Module":
+    def setup(self, model: torch.nn.Module, run: RunInfo) -> torch.nn.Module:
         return model
 
-    def make_optimizer(self, model: "torch.nn.Module", ctx: MethodContext) -> "torch.optim.Optimizer | None":
+    def make_optimizer(self, model: torch.nn.Module, run: RunInfo) -> torch.optim.Optimizer | None:
         return None
 
-    def before_step(self, model: "torch.nn.Module", optimizer: "torch.optim.Optimizer", ctx: MethodContext) -> None:
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: RunInfo) -> None:
         pass
 
-    def after_step(self, model: "torch.nn.Module", optimizer: "torch.optim.Optimizer", ctx: MethodContext) -> None:
+    def check_plan(self, run: RunInfo) -> CheckPlan | None:
+        return None
+
+    def on_check(self, metrics: dict[str, float], progress: float) -> None:
         pass
 
-    def end_epoch(self, model: "torch.nn.Module", ctx: MethodContext) -> dict[str, float]:
+    def warm_up_modes(self, model: torch.nn.Module) -> list[ContextManager[Any]]:
+        return []
+
+    def lr_factors(self, optimizer: torch.optim.Optimizer, run: RunInfo) -> list[float] | None:
+        return None
+
+    def step_kind(self) -> str:
+        return ""
+
+    def train_step(self, step: StepContext) -> StepCost | None:
+        """Override to own the step; the trainer then neither runs the forward nor the backward."""
+        return None
+
+    def before_step(self, step: StepContext) -> None:
+        pass
+
+    def after_step(self, step: StepContext) -> None:
+        pass
+
+    def end_epoch(self, model: torch.nn.Module, run: RunInfo) -> dict[str, float]:
         return {}
+
+    @classmethod
+    def owns_step(cls) -> bool:
+        return cls.train_step is not Method.train_step
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -206,13 +306,21 @@ _BUILTIN_MODULES: list[str] = [
 ]
 ENTRY_POINT_GROUP = "wus_tune.methods"
 _entry_points_seen: set[tuple[str, str]] = set()
+_scanned_path: tuple[str, ...] | None = None
 
 
 def _load_entry_points() -> None:
-    """Register the methods that installed packages declare. Looked up on every call (cheap), so a package
-    put on ``sys.path`` during the process is found; each entry point is loaded once."""
+    """Register the methods that installed packages declare; each entry point is loaded once.
+
+    Scanning the installed distributions takes tens of milliseconds and configs are validated often, so
+    the scan is repeated only when ``sys.path`` changed (a package put on it during the process is found).
+    """
+    global _scanned_path
     from importlib.metadata import entry_points
 
+    if _scanned_path == tuple(sys.path):
+        return
+    _scanned_path = tuple(sys.path)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if (ep.name, ep.value) in _entry_points_seen:
             continue

@@ -12,10 +12,14 @@ Its configuration is the ``wus:`` section of a TrainConfig (:class:`~wus_tune.co
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
+from torch import nn
+
 from wus_tune.errors import ConfigError
-from wus_tune.methods import Method, register
+from wus_tune.methods import CheckPlan, Method, RunInfo, register
 
 VARIANT_KEY = "wus.variant"
 VARIANTS = ("none", "wus", "wus+lr")
@@ -90,3 +94,44 @@ class WUS(Method):
     def expand_virtual(cls, values: dict[str, Any]) -> dict[str, Any]:
         variant = values.pop(VARIANT_KEY, None)
         return {} if variant is None else variant_overrides(variant)
+
+    # ---- run-time hooks --------------------------------------------------------------------------
+
+    def attach(self, model: nn.Module, optimizer: Any, run: RunInfo) -> None:
+        from wus_tune.wus import WUSController
+
+        cfg = self.config
+        total_checks = run.config.epochs if cfg.check_every == 0 else run.total_steps // cfg.check_every
+        # The trainer sets every group's lr each step, so the controller gives factors (lr_factors) instead.
+        self.controller = WUSController(model, optimizer, cfg, total_checks=total_checks, manage_lr=False)
+
+    def check_plan(self, run: RunInfo) -> CheckPlan:
+        return CheckPlan(every_steps=self.config.check_every, signal=self.config.signal)
+
+    def on_check(self, metrics: dict[str, float], progress: float) -> None:
+        accuracy = metrics["val_acc"] if "val_acc" in metrics else metrics["train_acc"]
+        self.controller.observe(accuracy, progress)
+
+    def lr_factors(self, optimizer: Any, run: RunInfo) -> list[float]:
+        return [self.controller.lr_factor(i) for i in range(len(optimizer.param_groups))]
+
+    def step_kind(self) -> str:
+        return f"skip:{self.config.bias_scope}" if self.controller.skipping else ""
+
+    def warm_up_modes(self, model: nn.Module) -> list[contextlib.AbstractContextManager[Any]]:
+        return [self._skip_mode(model)]
+
+    @contextlib.contextmanager
+    def _skip_mode(self, model: nn.Module) -> Iterator[None]:
+        """The model as a skip window leaves it (weights frozen), for the untimed warm-up."""
+        frozen = self.controller.frozen_parameters
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def end_epoch(self, model: nn.Module, run: RunInfo) -> dict[str, float]:
+        return self.controller.metrics()
