@@ -66,6 +66,22 @@ class FrozenBackbone(nn.Module):
         return self.head(self.backbone(x))
 
 
+class ConvBN(nn.Module):
+    """Nested blocks of conv without bias then BatchNorm (its shift is the only bias), all trainable."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        block = lambda c_in, c_out: nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),  # noqa: E731
+                                                  nn.BatchNorm2d(c_out), nn.ReLU())  # fmt: skip
+        self.blocks = nn.ModuleList([block(input_shape[0], 8), block(8, 8)])
+        self.head = nn.Linear(8, num_classes, bias=False)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.mean((2, 3)))
+
+
 def images(n=96):
     g = torch.Generator().manual_seed(0)
     y = torch.arange(n) % 2
@@ -79,7 +95,8 @@ def features(n=96):
     return x, (x[:, 0] > 0).long()
 
 
-MODELS = {"vit": (TinyViT, images), "tied": (Tied, features), "frozen": (FrozenBackbone, images)}
+MODELS = {"vit": (TinyViT, images), "tied": (Tied, features), "frozen": (FrozenBackbone, images),
+          "convbn": (ConvBN, images)}  # fmt: skip
 # WUS that skips once two checks are seen (window 1), so skip windows really happen in a three-epoch run.
 EAGER_WUS = {"enabled": True, "warmup": 0, "threshold": 1.0, "window": 1, "skip_length": 1,
              "schedule_window": [0.0, 1.0]}  # fmt: skip
