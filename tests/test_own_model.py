@@ -174,7 +174,7 @@ def test_a_spec_with_the_users_package_runs_a_study_fills_mlflow_and_reproduces(
 
     from mlflow import MlflowClient
 
-    client = MlflowClient("sqlite:///mlruns/mlflow.db")
+    client = MlflowClient(f"sqlite:///{study_dir}/mlruns/mlflow.db")  # absolute: MLflow caches stores by URI
     exp = client.get_experiment_by_name("own")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("wus_tune.role") == "study"]
