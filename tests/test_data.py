@@ -385,7 +385,7 @@ def test_loader_augmentation_is_a_shifted_copy(flip: bool) -> None:
 
 def test_dataset_flip_defaults_reach_the_loader() -> None:
     ds = load_dataset(DataConfig(name="digits"))
-    assert not ds.loader("train", batch_size=32, augment=True).flip
+    assert not ds.loader("train", batch_size=32, augment=True).batches.flip
     with pytest.raises(DataError, match="no test split"):
         ds.loader("test", batch_size=32)
 
@@ -411,3 +411,102 @@ def test_real_cifar10_archive(tmp_path: Path) -> None:
     assert torch.equal(ds.val_y, cached.val_y)
     mean, _ = channel_stats(torch.cat([ds.train_x, ds.val_x]))
     assert mean == pytest.approx((0.4913, 0.4821, 0.4465), abs=0.01)
+
+
+# ---- any kind of data: float features, Datasets materialised or streamed, augmentation settings ----------
+
+
+class _Items(torch.utils.data.Dataset):
+    """uint8 images (1, 8, 8) made on the fly; ``delay`` seconds of "decoding" per item."""
+
+    def __init__(self, n: int = 96, delay: float = 0.0) -> None:
+        self.n, self.delay, self.reads = n, delay, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        self.reads += 1
+        if self.delay:
+            time.sleep(self.delay)
+        label = i % 2
+        return torch.full((1, 8, 8), 60 + 120 * label, dtype=torch.uint8) + (i % 7), label
+
+
+def test_float_features_are_standardised_and_never_augmented() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g) * torch.tensor([1.0, 10, 100, 0.1, 3]) + 7
+    y = (x[:, 0] > 7).long()
+    ds = load_dataset(DataConfig(val_fraction=0.2), data=(x, y))
+    assert ds.input_shape == (5,) and not ds.is_image and ds.size("train") == 160 and ds.size("val") == 40
+    batch, labels = next(iter(ds.loader("train", batch_size=160, augment=True)))
+    assert batch.shape == (160, 5) and batch.mean(0).abs().max() < 1e-4 and (batch.std(0, unbiased=False) - 1).abs().max() < 1e-4
+    ordered = ds.loader("train", batch_size=160, augment=True).batches(ds.train_x)  # the transform alone: no crop/flip
+    mean, std = ds.mean_std
+    assert torch.allclose(ordered, (ds.train_x - torch.tensor(mean)) / torch.tensor(std), atol=1e-5)
+    raw = load_dataset(DataConfig(val_fraction=0.2, normalize=False), data=(x, y))
+    assert torch.equal(next(iter(raw.loader("val", batch_size=40)))[0], raw.val_x)
+
+
+def test_a_given_val_split_is_used_as_given_and_subset_cuts_train_only() -> None:
+    x, y = torch.randn(100, 3), torch.arange(100) % 3
+    ds = load_dataset(DataConfig(subset=40), data={"train": (x, y), "val": (x[:10], y[:10]), "classes": ["a", "b", "c"]})
+    assert ds.size("train") == 40 and torch.equal(ds.val_x, x[:10]) and ds.classes == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("crop, flip", [(False, True), (True, False), (False, False)])
+def test_crop_and_flip_are_separate_settings(crop: bool, flip: bool) -> None:
+    x, y = _toy(64, size=8)
+    ds = load_dataset(DataConfig(crop=crop, flip=flip, val_fraction=0.0, normalize=False), data=(x, y))
+    loader = ds.loader("train", batch_size=64, augment=True)
+    out = (loader.batches(ds.train_x) * 255).round().to(torch.uint8)
+    mirrored = [torch.equal(out[i], ds.train_x[i].flip(-1)) for i in range(64)]
+    same = [torch.equal(out[i], ds.train_x[i]) for i in range(64)]
+    if not crop:
+        assert all(s or m for s, m in zip(same, mirrored)) and (any(mirrored) == flip)
+    else:
+        assert not any(mirrored) and not all(same)
+
+
+def test_a_dataset_within_the_budget_is_materialised_once() -> None:
+    items = _Items(96)
+    cfg = DataConfig(val_fraction=0.25)
+    ds = load_dataset(cfg, data={"train": items})
+    first = items.reads
+    again = load_dataset(cfg, data={"train": items})
+    assert not ds.streamed and ds.train_x.dtype == torch.uint8 and ds.input_shape == (1, 8, 8)
+    assert ds.size("train") == 72 and ds.num_classes == 2 and torch.equal(again.train_x, ds.train_x)
+    assert first >= 96 and items.reads - first < 5  # the second load read only the first item (its checks)
+
+
+def test_a_dataset_over_the_budget_is_streamed_with_workers() -> None:
+    from wus_tune.data import StreamLoader
+
+    cfg = DataConfig(val_fraction=0.25, memory_budget_mb=0.001, num_workers=1)
+    ds = load_dataset(cfg, data={"train": _Items(96)})
+    assert set(ds.streamed) == {"train", "val"} and ds.train_x is None and ds.size("train") == 72
+    loader = ds.loader("train", batch_size=16, augment=True, seed=0)
+    assert isinstance(loader, StreamLoader) and loader.loader.persistent_workers and len(loader) == 4
+    batches = list(loader)
+    assert len(batches) == 4 and batches[0][0].shape == (16, 1, 8, 8) and batches[0][0].dtype == torch.float32
+    mean, std = ds.mean_std  # estimated from the streamed training items: the same as exact here
+    assert mean[0] == pytest.approx(float(torch.stack([_Items(96)[int(i)][0] for i in ds.streamed["train"].indices]).double().mean() / 255), abs=1e-6)
+    assert loader.wait_s > 0
+
+
+def test_streamed_data_time_is_charged_to_baseline_and_wus_alike(one_torch_thread) -> None:
+    """Every item takes 2 ms to "decode" and no worker hides it: each run's training time holds at least
+    that, skip steps or not, so WUS is not credited with loading time it does not save."""
+    from wus_tune import TrainConfig, fit
+
+    delay, n = 0.002, 96
+    raw = {"epochs": 3, "device": "cpu", "optim": {"batch_size": 16},
+           "data": {"val_fraction": 0.25, "memory_budget_mb": 0.001, "num_workers": 0}}  # fmt: skip
+    wus = {**raw, "wus": {"enabled": True, "warmup": 0, "threshold": 1.0, "window": 1, "skip_length": 1,
+                          "schedule_window": [0.0, 1.0]}}  # fmt: skip
+    model = lambda shape, k: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, k))  # noqa: E731
+    base = fit(TrainConfig.from_dict(raw), model=model, data={"train": _Items(n, delay)})
+    skip = fit(TrainConfig.from_dict(wus), model=model, data={"train": _Items(n, delay)})
+    loaded = 3 * 72 * delay  # three epochs of the 72 training items
+    assert skip.skipped_steps > 0
+    assert base.train_time_s >= loaded and skip.train_time_s >= loaded

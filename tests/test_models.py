@@ -9,13 +9,15 @@ from torch import nn
 from wus_tune.config import MODEL_NAMES, ModelConfig
 from wus_tune.errors import ConfigError
 from wus_tune.layers import parameterised_layers
-from wus_tune.models import MODEL_BUILDERS, build_model
+from wus_tune.models import build_model
+from wus_tune.plugins import BUILTIN_MODELS, model_registry
 
 SHAPES = [(3, 32, 32), (1, 8, 8)]
 
 
 def test_registry_matches_config() -> None:
-    assert set(MODEL_BUILDERS) == set(MODEL_NAMES)
+    assert set(BUILTIN_MODELS) == set(MODEL_NAMES)
+    assert all(model_registry()[name] == path for name, path in BUILTIN_MODELS.items())
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["cifar", "digits"])

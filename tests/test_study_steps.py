@@ -3,8 +3,11 @@ and feasibility is decided by the analysis from the stored values."""
 
 from __future__ import annotations
 
+import math
+
 import optuna
 import pytest
+import torch
 
 import wus_tune.study as study_module
 from wus_tune._study.spec import StudySpec
@@ -68,11 +71,14 @@ def test_model_and_data_are_passed_to_every_fit(study_dir, one_torch_thread):
     from wus_tune.trainer import fit
 
     seen = []
-    model, data = object(), object()
+    # Real objects: the study builds them once before any trial (a bad model or data is one line then).
+    model = lambda shape, k: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(shape), k))  # noqa: E731
+    x = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8)
+    data = (x, (x.float().mean((1, 2, 3)) > 127).long())
 
     def recording_fit(config, *, model=None, data=None, **kw):
         seen.append((model, data))
-        return fit(config, **kw)
+        return fit(config, model=model, data=data, **kw)
 
     outcome = run_study(tiny("inputs"), n_trials=2, tracking_uri="none", echo=None, fit=recording_fit,
                         model=model, data=data)  # fmt: skip

@@ -13,6 +13,11 @@ files. The file format (YAML or JSON) is the nested dict of :meth:`TrainConfig.t
     epochs: 15
     seed: 0
 
+A user's own model and data are factories named by import path (see :mod:`wus_tune.plugins`)::
+
+    model: {factory: "my_pkg.nets:build", kwargs: {hidden: 64}, factory_version: "1.2.0"}
+    data: {factory: "my_pkg.data:load", kwargs: {fold: 0}}
+
 Unknown keys and out-of-range values raise :class:`~wus_tune.errors.ConfigError` naming the key path.
 """
 
@@ -31,20 +36,29 @@ from wus_tune.errors import ConfigError
 
 CONFIG_VERSION = 1
 
+# The built-ins; the registry (wus_tune.plugins) adds the entry points of installed packages.
 MODEL_NAMES = ("mlp", "alexnet", "vgg11", "vgg16", "resnet18")
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "vgg11"  # one of MODEL_NAMES
+    name: str = "vgg11"  # a registered model (`python -m wus_tune.study --list`); with `factory`: a label
+    # An import path "package.module:function", called as function(input_shape, num_classes, **kwargs) -> nn.Module.
+    # A name holding ":" is taken as a factory (`--model my_pkg.nets:build`).
+    factory: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
+    factory_version: str | None = None  # the factory's package version, recorded when the config is checked
     width: float = 1.0  # channel multiplier; 0.25 makes VGG-11 trainable on a laptop CPU
     hidden: int = 256  # mlp only: hidden units (scaled by width)
     depth: int = 2  # mlp only: number of linear layers (2 = one hidden layer)
     batch_norm: bool = True  # vgg/resnet: BatchNorm after each conv (alexnet has none, as in the paper)
 
+    def __post_init__(self) -> None:
+        _factory_from_name(self, "vgg11")
+
     def validate(self) -> None:
-        _check_choice("model.name", self.name, MODEL_NAMES)
+        _check_source("model", self, _model_names)
         _check_range("model.width", self.width, low=1 / 64, high=16)
         _check_range("model.hidden", self.hidden, low=1, high=1 << 16)
         _check_range("model.depth", self.depth, low=1, high=16)
@@ -52,7 +66,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "cifar10"  # one of DATASET_NAMES
+    name: str = "cifar10"  # a registered dataset (`python -m wus_tune.study --list`); with `factory`: a label
+    # An import path "package.module:function", called as function(**kwargs); it returns (x, y) tensors or a
+    # mapping {train, val, test: (x, y) or a torch Dataset} (docs/data.md). A name holding ":" is a factory.
+    factory: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
+    factory_version: str | None = None  # the factory's package version, recorded when the config is checked
     # cifar10/100: torchvision's root (downloaded there if `download`), an ImageFolder directory, or a
     # .tar.gz of one; imagefolder: the directory or archive (required). None: a per-user cache directory.
     data_dir: str | None = None
@@ -61,15 +80,70 @@ class DataConfig:
     val_fraction: float = 0.1  # held out of the training split; drives WUS and the search
     subset: int | None = None  # use only this many training images (before the validation split)
     split_seed: int = 0  # the train/val split and subset depend on this seed only, not on `seed`
-    augment: bool = True  # random crop (pad 4, or 1 for images under 16 px) and horizontal flip
+    augment: bool = True  # images (N, C, H, W) only: random crop and/or flip below; never for features (N, D)
+    crop: bool = True  # random crop with zero padding (4 px, or 1 px for images under 16 px)
+    flip: bool = True  # random horizontal flip (also off for datasets that say mirroring changes the label)
+    normalize: bool = True  # standardise with the training split's per-channel (per-feature) mean and std
+    memory_budget_mb: float = 4096.0  # a torch Dataset up to this size is materialised once onto the device
+    num_workers: int = 2  # DataLoader workers for a Dataset streamed because it exceeds the budget
+
+    def __post_init__(self) -> None:
+        _factory_from_name(self, "cifar10")
 
     def validate(self) -> None:
-        _check_choice("data.name", self.name, DATASET_NAMES)
+        _check_source("data", self, _dataset_names)
         _check_range("data.val_fraction", self.val_fraction, low=0.0, high=0.9)
         if self.subset is not None:
             _check_range("data.subset", self.subset, low=20, high=10**9)
-        if self.name == "imagefolder" and not self.data_dir:
+        _check_range("data.memory_budget_mb", self.memory_budget_mb, low=0.0, high=1e9)
+        _check_range("data.num_workers", self.num_workers, low=0, high=256)
+        if self.factory is None and self.name == "imagefolder" and not self.data_dir:
             raise ConfigError("data.data_dir: dataset 'imagefolder' needs a directory or .tar.gz")
+
+
+def _factory_from_name(cfg: Any, default_name: str) -> None:
+    """``name: "pkg.mod:build"`` means ``factory: "pkg.mod:build"``; with a factory, the name is a label."""
+    if isinstance(cfg.name, str) and ":" in cfg.name and cfg.factory is None:
+        cfg.factory = cfg.name
+    if isinstance(cfg.factory, str) and (cfg.name == default_name or (isinstance(cfg.name, str) and ":" in cfg.name)):
+        cfg.name = cfg.factory.rsplit(":", 1)[-1].rsplit(".", 1)[-1] or cfg.factory
+
+
+def _model_names() -> dict[str, str]:
+    from wus_tune.plugins import model_registry
+
+    return model_registry()
+
+
+def _dataset_names() -> dict[str, str]:
+    from wus_tune.plugins import dataset_registry
+
+    return dataset_registry()
+
+
+def _check_source(section: str, cfg: Any, registry: Any) -> None:
+    """A registered name, or a factory that imports; records (or checks) the factory package's version."""
+    from wus_tune import plugins
+
+    if cfg.factory is None:
+        known = registry()
+        if cfg.name not in known:
+            raise ConfigError(f"{section}.name: unknown value {cfg.name!r}; choose one of {', '.join(known)} "
+                              f"or give an import path as {section}.factory")  # fmt: skip
+        return
+    key = f"{section}.factory"
+    plugins.check_path(key, cfg.factory)
+    if cfg.factory.startswith(plugins.OBJECT_PREFIX):
+        return  # handed over as a Python object: nothing to import
+    plugins.load_object(cfg.factory, key)
+    installed = plugins.package_version(cfg.factory)
+    if cfg.factory_version is None:
+        cfg.factory_version = installed
+    elif installed is not None and installed != cfg.factory_version:
+        import warnings
+
+        warnings.warn(f"{key}: {cfg.factory} is version {installed}, the config was made with {cfg.factory_version}",
+                      stacklevel=3)  # fmt: skip
 
 
 @dataclass

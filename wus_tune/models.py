@@ -1,11 +1,15 @@
-"""CIFAR-sized networks of the Weight Update Skipping paper, scalable by a channel multiplier.
+"""Models: :func:`build_model`, the one way a network enters the trainer, and the built-in CIFAR-sized
+networks of the Weight Update Skipping paper, scalable by a channel multiplier.
+
+The built-ins are factories like a user's (``factory(input_shape, num_classes, **kwargs)``), registered
+by import path in :mod:`wus_tune.plugins`.
 
 Every model takes normalised float images ``(B, C, H, W)`` and returns logits ``(B, num_classes)``. The
 layouts follow the usual CIFAR variants (3x3 stems, no ImageNet-style stride-4 entry), so 32x32 inputs keep
 enough resolution; pooling is skipped once the feature map is 1 pixel wide, so the same builders also
 work on 8x8 ``digits`` images, which keeps the tests and CPU smoke runs small.
 
-``cfg.width`` scales every hidden channel count (``max(1, round(c * width))``); ``width=0.25`` makes
+``width`` scales every hidden channel count (``max(1, round(c * width))``); ``width=0.25`` makes
 VGG-11 trainable on a laptop CPU. Weights use PyTorch's default initialisation. The models hold no
 precision or memory-format assumptions: the trainer may convert them to ``channels_last`` and run them
 under bf16 autocast.
@@ -13,6 +17,8 @@ under bf16 autocast.
 
 from __future__ import annotations
 
+import copy
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -20,12 +26,11 @@ import torch
 from torch import nn
 
 from wus_tune.config import ModelConfig
-from wus_tune.errors import ConfigError
+from wus_tune.errors import ConfigError, one_line
 
-__all__ = ["MODEL_BUILDERS", "build_model"]
+__all__ = ["build_model", "check_output", "mlp", "alexnet", "vgg11", "vgg16", "resnet18"]
 
 InputShape = tuple[int, int, int]
-Builder = Callable[[ModelConfig, InputShape, int], nn.Module]
 
 _VGG_LAYOUTS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -57,25 +62,32 @@ def _features_and_head(features: list[nn.Module], head: list[nn.Module]) -> nn.S
     return nn.Sequential(OrderedDict(features=nn.Sequential(*features), head=nn.Sequential(*head)))
 
 
-def _vgg(layout: Sequence[int | str]) -> Builder:
-    def build(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> nn.Module:
+def _vgg(layout: Sequence[int | str], input_shape: InputShape, num_classes: int, width: float, batch_norm: bool) -> nn.Module:
         """VGG for CIFAR: 3x3 convs (+BN) and 2x2 max-pools, then global average pooling and one Linear."""
-        c, size = input_shape[0], min(input_shape[1:])
+        c, size = _image_shape(input_shape, "vgg")
         layers: list[nn.Module] = []
         for item in layout:
             if item == "M":
                 pool, size = _pool_if_possible(size)
                 layers += pool
             else:
-                c_out = _scaled(int(item), cfg.width)
-                layers += _conv_bn_relu(c, c_out, cfg.batch_norm)
+                c_out = _scaled(int(item), width)
+                layers += _conv_bn_relu(c, c_out, batch_norm)
                 c = c_out
         return _features_and_head(layers, _head(c, num_classes))
 
-    return build
+
+def vgg11(input_shape: InputShape, num_classes: int, *, width: float = 1.0, batch_norm: bool = True) -> nn.Module:
+    """VGG-11 for CIFAR (8 convs), see :func:`_vgg`."""
+    return _vgg(_VGG_LAYOUTS["vgg11"], input_shape, num_classes, width, batch_norm)
 
 
-def build_alexnet(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> nn.Module:
+def vgg16(input_shape: InputShape, num_classes: int, *, width: float = 1.0, batch_norm: bool = True) -> nn.Module:
+    """VGG-16 for CIFAR (13 convs), see :func:`_vgg`."""
+    return _vgg(_VGG_LAYOUTS["vgg16"], input_shape, num_classes, width, batch_norm)
+
+
+def alexnet(input_shape: InputShape, num_classes: int, *, width: float = 1.0) -> nn.Module:
     """CIFAR AlexNet, no BatchNorm (as in the paper), every conv and Linear with a bias.
 
     Layout (channels before ``width`` scaling)::
@@ -89,18 +101,18 @@ def build_alexnet(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -
     layer without dropout: the ImageNet 4096-wide head would dominate the parameter count on 10 classes,
     and dropout would add noise to the validation accuracy that WUS watches for plateaus.
     """
-    c, size = input_shape[0], min(input_shape[1:])
+    c, size = _image_shape(input_shape, "alexnet")
     big = 3 if size < 16 else 5
     plan = [(64, big, True), (192, big, True), (384, 3, False), (256, 3, False), (256, 3, True)]  # (c, k, pool)
     layers: list[nn.Module] = []
     for channels, kernel, pool_after in plan:
-        c_out = _scaled(channels, cfg.width)
+        c_out = _scaled(channels, width)
         layers += _conv_bn_relu(c, c_out, batch_norm=False, kernel=kernel)
         c = c_out
         if pool_after:
             pool, size = _pool_if_possible(size)
             layers += pool
-    hidden = _scaled(256, cfg.width)
+    hidden = _scaled(256, width)
     head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, hidden), nn.ReLU(inplace=True)]
     head.append(nn.Linear(hidden, num_classes))
     return _features_and_head(layers, head)
@@ -153,37 +165,92 @@ class ResNet(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
-def build_resnet18(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> nn.Module:
+def resnet18(input_shape: InputShape, num_classes: int, *, width: float = 1.0, batch_norm: bool = True) -> nn.Module:
     """CIFAR ResNet-18: BasicBlocks [2, 2, 2, 2] with 64/128/256/512 channels and strides 1, 2, 2, 2."""
-    return ResNet([2, 2, 2, 2], input_shape, num_classes, cfg.width, cfg.batch_norm)
+    _image_shape(input_shape, "resnet18")
+    return ResNet([2, 2, 2, 2], input_shape, num_classes, width, batch_norm)
 
 
-def build_mlp(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> nn.Module:
-    """``cfg.depth`` Linear layers with ReLU between; ``depth=1`` is multinomial logistic regression."""
-    c, h, w = input_shape
-    hidden = _scaled(cfg.hidden, cfg.width)
-    dims = [c * h * w] + [hidden] * (cfg.depth - 1) + [num_classes]
+def mlp(
+    input_shape: tuple[int, ...], num_classes: int, *, width: float = 1.0, hidden: int = 256, depth: int = 2
+) -> nn.Module:
+    """``depth`` Linear layers with ReLU between; ``depth=1`` is multinomial logistic regression.
+
+    Any input shape: images are flattened, so the same network takes (C, H, W) images and (D,) features."""
+    hidden = _scaled(hidden, width)
+    dims = [math.prod(input_shape)] + [hidden] * (depth - 1) + [num_classes]
     layers: list[nn.Module] = [nn.Flatten()]
     for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
         layers += [nn.Linear(d_in, d_out)] + ([nn.ReLU(inplace=True)] if i < len(dims) - 2 else [])
     return nn.Sequential(*layers)
 
 
-MODEL_BUILDERS: dict[str, Builder] = {
-    "mlp": build_mlp,
-    "alexnet": build_alexnet,
-    "vgg11": _vgg(_VGG_LAYOUTS["vgg11"]),
-    "vgg16": _vgg(_VGG_LAYOUTS["vgg16"]),
-    "resnet18": build_resnet18,
-}
+def _image_shape(input_shape: tuple[int, ...], name: str) -> tuple[int, int]:
+    if len(input_shape) != 3:
+        raise ConfigError(f"model.name: {name} takes images (C, H, W), not inputs of shape {tuple(input_shape)}; "
+                          "use model.name: mlp, or your own model.factory")  # fmt: skip
+    return input_shape[0], min(input_shape[1:])
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """The network ``cfg.name`` for images of ``input_shape`` (C, H, W); unknown names are a ConfigError."""
+# Config fields a factory gets when its signature names them and the config sets them to something other
+# than their default (the built-ins' own defaults are those, so they behave the same either way; a user's
+# factory with its own `hidden=32` keeps it unless model.hidden is set).
+MODEL_FIELDS = ("width", "hidden", "depth", "batch_norm")
+
+
+def build_model(
+    cfg: ModelConfig,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    model: nn.Module | Callable[..., nn.Module] | None = None,
+) -> nn.Module:
+    """The network of ``cfg`` for inputs of ``input_shape`` (without the batch dimension).
+
+    One path for every model: ``model`` (an ``nn.Module``, deep-copied so each run starts from the same
+    weights, or a factory callable), else the factory at ``cfg.factory``, else the registered name
+    ``cfg.name`` (built-ins and ``wus_tune.models`` entry points). A factory is called as
+    ``factory(input_shape, num_classes, **cfg.kwargs)`` (plus the :data:`MODEL_FIELDS` it names that the
+    config sets to other than their defaults) and must
+    return an ``nn.Module``; anything else is a one-line ConfigError.
+    """
+    from wus_tune import plugins
+
+    if isinstance(model, nn.Module):
+        return copy.deepcopy(model)
+    if model is not None and not callable(model):
+        raise ConfigError(f"model: expected an nn.Module or a factory callable, got {type(model).__name__}")
+    key = "model.factory" if (model is not None or cfg.factory) else "model.name"
+    if model is None:
+        path = cfg.factory or plugins.model_registry().get(cfg.name)
+        if path is None:
+            raise ConfigError(f"model.name: unknown model {cfg.name!r}; choose one of {', '.join(plugins.model_registry())}")
+        model = plugins.load_object(path, key)
+    defaults = ModelConfig()
+    fields = {name: getattr(cfg, name) for name in MODEL_FIELDS if getattr(cfg, name) != getattr(defaults, name)}
+    built = plugins.call_factory(model, key, (tuple(input_shape), num_classes), cfg.kwargs, fields)
+    if not isinstance(built, nn.Module):
+        name = getattr(model, "__qualname__", repr(model))
+        raise ConfigError(f"{key}: {name}() returned {type(built).__name__}, not a torch.nn.Module")
+    if next(built.parameters(), None) is None:
+        raise ConfigError(f"{key}: the model has no parameters to train")
+    return built
+
+
+def check_output(model: nn.Module, sample: torch.Tensor, num_classes: int, key: str = "model") -> None:
+    """One forward pass on a small sample (no gradient, eval mode): logits must be (B, num_classes)."""
+    was_training = model.training
+    model.eval()
     try:
-        builder = MODEL_BUILDERS[cfg.name]
-    except KeyError:
-        known = ", ".join(MODEL_BUILDERS)
-        raise ConfigError(f"model.name: unknown model {cfg.name!r}; choose one of {known}") from None
-    return builder(cfg, tuple(input_shape), num_classes)  # type: ignore[arg-type]
+        with torch.no_grad():
+            out = model(sample)
+    except Exception as e:
+        raise ConfigError(f"{key}: the model fails on a batch of shape {tuple(sample.shape)} ({sample.dtype}): "
+                          f"{one_line(e, with_type=True)}") from None  # fmt: skip
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.shape != (len(sample), num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{key}: the model returns {got} for a batch of {len(sample)}; expected logits "
+                          f"({len(sample)}, {num_classes}), one per class")  # fmt: skip
+
 

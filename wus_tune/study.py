@@ -99,6 +99,11 @@ def run_study(
     ``workers`` then caps how many at once. Raises :class:`~wus_tune.errors.ServiceLost` if the storage or
     the tracking server (or the Ray cluster) is lost mid-study for longer than ``reconnect_timeout``.
 
+    ``model``: a factory ``f(input_shape, num_classes, **kwargs) -> nn.Module`` (called once per trial);
+    ``data``: ``(x, y)`` tensors or a mapping of splits, as a data factory returns. They replace the spec's
+    model and data sources; the configs record their import paths (``"<python>:<name>"`` for objects
+    defined in a notebook or ``__main__``, which ``python -m wus_tune.train`` cannot rebuild).
+
     The steps, each a function of this module: :func:`resolve_study`, :func:`open_study`,
     :func:`run_trials`, :func:`analyse_study`, :func:`report_study`. An exception while the trials run
     reaches the caller as itself, after the report of what was recorded (a failure of that report is
@@ -114,7 +119,7 @@ def run_study(
         raise UsageError("run_study: model= and data= run in this process only; drop devices/workers")
     fit = _with_inputs(fit, model=model, data=data)
     spec, study_def, device = resolve_study(spec, options=options, overrides=overrides, slots=slots, fit=fit,
-                                            report_dir=report_dir, worker=worker, say=say)  # fmt: skip
+                                            report_dir=report_dir, worker=worker, say=say, model=model, data=data)  # fmt: skip
     ray = None
     if spec.ray is not None:  # Ray places the trials (wus_tune._study.ray_backend); an unreachable cluster: exit 2
         from wus_tune._study import ray_backend
@@ -194,6 +199,8 @@ def resolve_study(
     report_dir: str | Path | None,
     worker: bool,
     say: Callable[[str], None],
+    model: Any = None,
+    data: Any = None,
 ) -> tuple[StudySpec, Study, str]:
     """Every check before anything is written: the spec with ``options`` and ``overrides`` applied and
     resolved, the device and data loaded once, the URLs and the report directory. Returns the spec, the
@@ -217,6 +224,11 @@ def resolve_study(
     if spec.ray is not None:  # Ray places the trials (wus_tune._study.ray_backend); this process only drives
         spec.set_train("device", "cpu")  # the driver only checks the data; each trial gets the device Ray gives it
         slots = []
+    if model is not None or data is not None:  # objects handed over: the configs record where they came from
+        from wus_tune.plugins import source_entries
+
+        for key, value in source_entries(spec.train, model=model, data=data).items():
+            spec.set_train(key, value)
     if len(slots) == 1:  # one worker: this process, on that device
         spec.set_train("device", "cpu" if slots[0].device == "cpu" else f"cuda:{slots[0].device}")
     elif slots:
@@ -225,7 +237,7 @@ def resolve_study(
     if (len(slots) > 1 or spec.ray is not None) and study_def.default_storage:  # several writers: a Journal file, not SQLite
         study_def = dataclasses.replace(study_def, storage=default_journal(study_def.name))
     study_def = dataclasses.replace(study_def, spec=_public_spec(study_def.spec))
-    device = _preflight(study_def)
+    device = _preflight(study_def, model=model, data=data)
     study_def = calibrated(spec, study_def, fit=fit, say=say)  # edge_of_chaos.growth_rate: auto: one short run
     if study_def.tracking_uri is not None:
         check_tracking_uri(study_def.tracking_uri)
@@ -396,17 +408,21 @@ def _launch(study: optuna.Study, spec: StudySpec, study_def: Study, slots: Seque
 # ---- steps ---------------------------------------------------------------------------------------------
 
 
-def _preflight(study_def: Study) -> str:
-    """Check the device and load the data once (decoded and cached for the trials). Returns the device."""
-    from wus_tune.data import load_dataset
+def _preflight(study_def: Study, *, model: Any = None, data: Any = None) -> str:
+    """Check the device, load the data once (decoded and cached for the trials) and build the model once:
+    a bad factory or bad data is one line before any trial (methods that cannot apply to the model were
+    refused when the spec was resolved: ``check_model``). Returns the device."""
+    from wus_tune.plugins import prepare
     from wus_tune.trainer import resolve_device
 
     device = resolve_device(study_def.base.device)
     try:
-        load_dataset(study_def.base.data)
+        _, net = prepare(study_def.base, model=model, data=data)  # the one path fit takes
     except DataError as e:
-        hint = "" if "--dataset digits" in str(e) else "; point --data-dir at the data, or use --dataset digits"
+        hint = "" if ("--dataset digits" in str(e) or study_def.base.data.factory or data is not None) else (
+            "; point --data-dir at the data, or use --dataset digits")  # fmt: skip
         raise DataError(f"{e}{hint}") from None
+    del net
     return str(device)
 
 
@@ -749,9 +765,10 @@ def build_parser() -> ArgumentParser:
         prog="python -m wus_tune.study",
         description="Search weight-update-skipping settings with Optuna; every trial in MLflow; export the Pareto-best config.",
     )
+    p.add_argument("--list", action="store_true", help="list the registered models, datasets and methods, then exit")
     p.add_argument("--spec", help="a study spec (YAML), e.g. studies/vgg11-cifar10.yaml; options below override it")
-    p.add_argument("--model", help="alexnet | vgg11 | vgg16 | resnet18 | mlp")
-    p.add_argument("--dataset", help="cifar10 (default) | cifar100 | digits | imagefolder")
+    p.add_argument("--model", help="alexnet | vgg11 | vgg16 | resnet18 | mlp | a plugin (--list) | an import path pkg.mod:build")
+    p.add_argument("--dataset", help="cifar10 (default) | cifar100 | digits | imagefolder | a plugin | pkg.mod:load")
     p.add_argument("--data-dir", help="local dataset: torchvision's CIFAR folder, an ImageFolder directory or .tar.gz")
     p.add_argument("--epochs", type=int, help="full-length epoch budget (the baseline's)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
@@ -814,6 +831,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args, dotted = build_parser().parse_known_args(argv)
     args.dotted = dotted  # --KEY VALUE: a base-config key, as in python -m wus_tune.train
+    if args.list:
+        from wus_tune.plugins import describe
+
+        print("\n".join(describe()))
+        return 0
     spec = spec_from_args(args)
     # Our per-trial lines replace Optuna's (its failed-trial warning carries a full traceback; the
     # reason is in our line and the traceback in the run's error.txt). MLflow's INFO lines are noise.

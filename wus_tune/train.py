@@ -77,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(args, unknown)
 
     out = Path(args.out or f"runs/{config.model.name}-{config.data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         config.save(out / "config.yaml")
@@ -85,7 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from wus_tune.trainer import fit
 
-    result = fit(config, progress=not args.quiet)
+    try:
+        result = fit(config, progress=not args.quiet)
+    except UsageError:  # bad model or data, found when building them: leave nothing behind
+        (out / "config.yaml").unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
     save_checkpoint(out / "model.pt", result.model, config)
     result.save_json(out / "result.json")
     test = f", test {result.test_acc:.2%}" if result.test_acc is not None else ""

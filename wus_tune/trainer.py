@@ -151,8 +151,15 @@ def fit(
     relative_to: TrainConfig | None = None,
     timing: TimingOptions | None = None,
     on_step: Callable[[int], None] | None = None,
+    model: nn.Module | Callable[..., nn.Module] | None = None,
+    data: Any = None,
 ) -> TrainResult:
     """Train one model as ``config`` says and return its measurements.
+
+    ``model``: an ``nn.Module`` (a copy is trained; ``result.model`` is it) or a factory
+    ``f(input_shape, num_classes) -> nn.Module``; ``data``: ``(x, y)`` tensors or a mapping of splits, as a
+    data factory returns (:func:`wus_tune.data.load_dataset`). Given, they replace ``config.model`` /
+    ``config.data``'s source, and ``result.config`` records where they came from.
 
     ``on_epoch`` is called after each epoch (a study logs it and may stop the run by raising).
     ``relative_to``: the baseline config (same data; a plain run) to express the run's time in
@@ -163,11 +170,14 @@ def fit(
     :class:`~wus_tune.errors.UsageError` subclasses for bad input.
     """
     # ---- set-up: data, model, methods, optimizer, warm-up ----
+    from wus_tune.plugins import record_sources
+
+    config = record_sources(config, model=model, data=data)  # objects handed over: say where they came from
     config.validate()
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    run, data, loaders = _prepare(config, device)
-    model = _build_model(config, data, device)
+    given_model = model  # what the baseline's pricing copy is built from, too
+    run, data, loaders, model = _prepare(config, device, model=model, data=data)
     methods = build_methods(config)
     for method in methods:
         model = method.setup(model, run)
@@ -247,7 +257,8 @@ def fit(
     if relative_to is not None:
         start = time.perf_counter()
         prices = _price_work(relative_to, specimens, data=data, loaders=loaders, device=device, autocast=autocast,
-                             loss_fn=loss_fn, model=model, options=timing or TimingOptions())  # fmt: skip
+                             loss_fn=loss_fn, model=model, given_model=given_model,
+                             options=timing or TimingOptions())  # fmt: skip
         specimens.clear()
         result.unit_costs = {k: m.to_dict() for k, m in prices["measurements"].items()}
         result.relative_time = relative_time(result.work_counts, prices["costs"], prices["baseline_counts"])
@@ -268,31 +279,29 @@ class _Loaders:
     val_size: int
 
 
-def _prepare(config: TrainConfig, device: torch.device) -> tuple[RunInfo, Any, _Loaders]:
-    from wus_tune.data import load_dataset
+def _prepare(config: TrainConfig, device: torch.device, *, model: Any = None,
+             data: Any = None) -> tuple[RunInfo, Any, _Loaders, nn.Module]:  # fmt: skip
+    """Data, loaders and model: through :func:`wus_tune.plugins.prepare`, the one way models and data
+    enter (a config's names and factories, or the objects given to :func:`fit`)."""
+    from wus_tune.plugins import prepare
 
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    data = load_dataset(config.data)
-    batch_size = min(config.optim.batch_size, len(data.train_y))
+    data, model = prepare(config, model=model, data=data, device=device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    batch_size = min(config.optim.batch_size, data.size("train"))
     eval_batch = max(batch_size, 512)
     train = data.loader("train", batch_size=batch_size, device=device, augment=config.data.augment,
                         seed=config.seed, channels_last=cuda)
-    val = data.loader("val", batch_size=eval_batch, device=device, channels_last=cuda) if len(data.val_y) else None
-    test = data.loader("test", batch_size=eval_batch, device=device, channels_last=cuda) if data.test_x is not None else None
+    val = data.loader("val", batch_size=eval_batch, device=device, channels_last=cuda) if data.size("val") else None
+    test = data.loader("test", batch_size=eval_batch, device=device, channels_last=cuda) if data.has("test") else None
     run = RunInfo(config=config, device=device, steps_per_epoch=len(train), total_steps=len(train) * config.epochs,
                   batch_size=batch_size)
-    return run, data, _Loaders(train, val, test, len(data.val_y))
-
-
-def _build_model(config: TrainConfig, data: Any, device: torch.device) -> nn.Module:
-    from wus_tune.models import build_model
-
-    model = build_model(config.model, data.input_shape, data.num_classes).to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    return run, data, _Loaders(train, val, test, data.size("val")), model
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig, methods: list[Method], run: RunInfo) -> torch.optim.Optimizer:
@@ -603,7 +612,8 @@ def _same_optimizer_work(config: TrainConfig, reference: TrainConfig, n_train: i
 
 
 def _price_work(reference: TrainConfig, specimens: dict[str, Any], *, data: Any, loaders: _Loaders,
-                device: torch.device, autocast: Any, loss_fn: Any, model: nn.Module, options: TimingOptions) -> dict[str, Any]:
+                device: torch.device, autocast: Any, loss_fn: Any, model: nn.Module, given_model: Any,
+                options: TimingOptions) -> dict[str, Any]:
     """Price each kind of work this run did, interleaved with the baseline run's step and evaluation, on
     the copies of the training state taken before each kind's first step (wus_tune.timing)."""
     sync = _Timer(device).sync
@@ -614,7 +624,7 @@ def _price_work(reference: TrainConfig, specimens: dict[str, Any], *, data: Any,
     # exactly its share of the baseline's steps and evaluation.
     config = next(iter(specimens.values()))[3].config if specimens else reference
     same_net = config.model == reference.model and config.methods == reference.methods
-    aliases = {"step:full": BASELINE_STEP} if same_net and _same_optimizer_work(config, reference, len(data.train_y)) else {}
+    aliases = {"step:full": BASELINE_STEP} if same_net and _same_optimizer_work(config, reference, data.size("train")) else {}
     if same_net:
         aliases[EVAL] = BASELINE_EVAL
 
@@ -635,12 +645,16 @@ def _price_work(reference: TrainConfig, specimens: dict[str, Any], *, data: Any,
         if f"step:{kind}" not in aliases:
             probes[f"step:{kind}"] = step_probe(net, opt, meths, run, x, y, loss_fn)
     # The baseline's step: its own model, methods, optimizer and batch size, on the same data.
-    ref_batch = min(reference.optim.batch_size, len(data.train_y))
+    ref_batch = min(reference.optim.batch_size, data.size("train"))
     ref_loader = data.loader("train", batch_size=ref_batch, device=device, augment=reference.data.augment,
                              seed=reference.seed, channels_last=device.type == "cuda")  # fmt: skip
     ref_run = RunInfo(config=reference, device=device, steps_per_epoch=len(ref_loader),
                       total_steps=len(ref_loader) * reference.epochs, batch_size=ref_batch)  # fmt: skip
-    ref_model = _build_model(reference, data, device)
+    from wus_tune.models import build_model
+
+    ref_model = build_model(reference.model, data.input_shape, data.num_classes, model=given_model).to(device)
+    if device.type == "cuda":
+        ref_model = ref_model.to(memory_format=torch.channels_last)
     ref_methods = build_methods(reference)
     for method in ref_methods:
         ref_model = method.setup(ref_model, ref_run)

@@ -215,7 +215,7 @@ def write_pareto_png(analysis: Analysis, path: Path, *, title: str, selected: in
         cs = [c for c in done if label(c) == name]
         marker = "s" if name == "none" else _MARKERS[i % len(_MARKERS)]
         if third:
-            sc = ax.scatter(*_xy(analysis, cs), s=30, c=[c.values[2] for c in cs], cmap="viridis", norm=norm,
+            ax.scatter(*_xy(analysis, cs), s=30, c=[c.values[2] for c in cs], cmap="viridis", norm=norm,
                             marker=marker, edgecolors="#333", linewidths=0.4, label=_legend(name))  # fmt: skip
         else:
             ax.scatter(*_xy(analysis, cs), s=22, color=colors[name], alpha=0.75, label=_legend(name), marker=marker)

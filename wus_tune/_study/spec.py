@@ -53,7 +53,6 @@ Format (every key optional; unknown keys are errors)::
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
