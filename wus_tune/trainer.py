@@ -30,6 +30,7 @@ from torch import nn
 from wus_tune.config import TrainConfig
 from wus_tune.errors import ConfigError, TrainingDiverged
 from wus_tune.methods import Method, MethodContext, build_methods
+from wus_tune.run_state import ProbeRecord, Probes, RunState, snapshot_path
 from wus_tune.schedules import lr_multiplier
 from wus_tune.wus import WUSController, param_groups, skip_frozen_parameters
 
@@ -77,6 +78,8 @@ class TrainResult:
     num_params: int
     device: str
     torch_version: str
+    probes: list[ProbeRecord] = field(default_factory=list)  # the signals at each probe point (fit's ``probes``)
+    resumed_from: dict[str, Any] | None = None  # point, step, epoch of the RunState the run went on from
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,10 +125,16 @@ def fit(
     *,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     progress: bool = False,
+    probes: Probes | None = None,
+    resume_from: RunState | str | Path | None = None,
 ) -> TrainResult:
     """Train one model as ``config`` says and return its measurements.
 
     ``on_epoch`` is called after each epoch (a study logs it and may stop the run by raising).
+    ``probes``: record the signals at these points (``TrainResult.probes``) and snapshot the run at some
+    of them (:mod:`wus_tune.run_state`). ``resume_from``: go on from a snapshot (or its path) instead of
+    training its prefix; the snapshot's records are passed to ``on_epoch`` first, its time and FLOPs
+    counted as this run's.
     Raises :class:`~wus_tune.errors.TrainingDiverged` when the loss stops being finite, and
     :class:`~wus_tune.errors.UsageError` subclasses for bad input.
     """
@@ -206,16 +215,53 @@ def fit(
     # running train accuracy since the last check: the cheap WUS signal
     window_correct = torch.zeros((), device=device)
     window_seen = 0
+    probe_records: list[ProbeRecord] = []
+    probe_correct = torch.zeros((), device=device)  # running train accuracy since the last probe point
+    probe_seen = 0
+    eval_flops_val = flops_eval_per_sample * len(data.val_y)
+
+    start_epoch, start_batch, partial = 0, 0, {}
+    resumed_from = None
+    if resume_from is not None:
+        state = resume_from if isinstance(resume_from, RunState) else RunState.load(resume_from)
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        torch.set_rng_state(state.torch_rng)
+        if cuda and state.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(state.cuda_rng)
+        train_loader.generator.set_state(state.loader_rng.to(train_loader.generator.device))
+        c = state.counters
+        train_time, eval_time = float(c["train_time_s"]), float(c["eval_time_s"])
+        required_eval_time, eval_flops_required = float(c["required_eval_time_s"]), float(c["required_eval_flops"])
+        skipped_steps, step = int(c["skipped_steps"]), state.step
+        records = [EpochRecord(**r) for r in state.records]
+        probe_records = [ProbeRecord.from_dict(p) for p in state.probes]
+        start_epoch, start_batch, partial = state.epoch, state.batch, dict(state.epoch_partial)
+        if controller and "wus" in state.method_states:
+            controller.load_state_dict(state.method_states["wus"])
+        resumed_from = {"point": state.point, "step": state.step, "epoch": state.epoch, "batch": state.batch,
+                        "train_time_s": train_time, "required_eval_time_s": required_eval_time}  # fmt: skip
+        if on_epoch is not None:
+            for record in records:
+                on_epoch(record)
+    epoch_rng = train_loader.generator.get_state()  # the data order of the epoch in progress
+
+    last_eval_s = 0.0  # the latest validation pass, for a probe point that shares it
+
+    def evaluate_val() -> tuple[float, float]:
+        nonlocal eval_time, last_eval_s
+        v_loss, v_acc, last_eval_s = evaluate(val_loader)
+        eval_time += last_eval_s
+        return v_loss, v_acc
 
     def check(progress: float) -> tuple[float | None, float | None]:
         """One WUS check. Returns the validation (loss, acc) if it evaluated, to reuse for the curves."""
-        nonlocal eval_time, required_eval_time, eval_flops_required, window_correct, window_seen
+        nonlocal required_eval_time, eval_flops_required, window_correct, window_seen
         assert controller is not None
         if wus_cfg.signal == "val_acc" and val_loader is not None:
-            v_loss, v_acc, seconds = evaluate(val_loader)
-            eval_time += seconds
-            required_eval_time += seconds
-            eval_flops_required += flops_eval_per_sample * len(data.val_y)
+            v_loss, v_acc = evaluate_val()
+            required_eval_time += last_eval_s
+            eval_flops_required += eval_flops_val
             controller.observe(v_acc, progress)
             return v_loss, v_acc
         controller.observe(float(window_correct) / max(1, window_seen), progress)
@@ -223,7 +269,35 @@ def fit(
         window_seen = 0
         return None, None
 
-    for epoch in range(config.epochs):
+    def probe(progress: float, val: tuple[float | None, float | None], train_so_far: float, flops_so_far: float) -> None:
+        """Record one probe point; ``val`` is this point's validation pass if one was made."""
+        nonlocal probe_correct, probe_seen
+        evaluated = val[1] is not None
+        probe_records.append(ProbeRecord(
+            index=len(probe_records) + 1, step=step, progress=progress, val_acc=val[1], val_loss=val[0],
+            train_acc=float(probe_correct) / max(1, probe_seen), train_time_s=train_so_far,
+            eval_time_s=last_eval_s if evaluated else 0.0, eval_flops=eval_flops_val if evaluated else 0.0,
+            train_flops=flops_so_far,
+        ))  # fmt: skip
+        probe_correct = torch.zeros((), device=device)
+        probe_seen = 0
+
+    def snapshot(epoch: int, batch: int, epoch_partial: dict[str, float], loader_rng: torch.Tensor) -> None:
+        point = len(probe_records)
+        if probes is None or point not in probes.save_at:
+            return
+        RunState(
+            point=point, step=step, epoch=epoch, batch=batch,
+            model={k: v.detach().clone() for k, v in model.state_dict().items()},
+            optimizer=copy.deepcopy(optimizer.state_dict()), torch_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if cuda else None, loader_rng=loader_rng.clone(),
+            counters={"train_time_s": train_time, "eval_time_s": eval_time, "required_eval_time_s": required_eval_time,
+                      "required_eval_flops": eval_flops_required, "skipped_steps": skipped_steps},
+            epoch_partial=epoch_partial, records=[asdict(r) for r in records],
+            probes=[asdict(p) for p in probe_records], config=config.to_dict(),
+        ).save(snapshot_path(probes.save_dir, point))  # fmt: skip
+
+    for epoch in range(start_epoch, config.epochs):
         ctx.epoch = epoch
         model.train()
         epoch_loss = torch.zeros((), device=device)
@@ -231,10 +305,21 @@ def fit(
         epoch_seen = 0
         epoch_skipped = 0
         epoch_eval_time = 0.0  # WUS checks inside the epoch, taken out of its training time
+        epoch_train_before = 0.0  # training time of this epoch before a resumed point
         eval_time_before = eval_time
+        skip_batches = 0
+        if epoch == start_epoch and start_batch:  # resumed in the middle of this epoch
+            epoch_loss += partial["loss"]
+            epoch_correct += partial["correct"]
+            epoch_seen, epoch_skipped = int(partial["seen"]), int(partial["skipped"])
+            epoch_train_before, eval_time_before = partial["train_time_s"], eval_time - partial["eval_time_s"]
+            skip_batches = start_batch
+        epoch_rng = train_loader.generator.get_state()
         epoch_val: tuple[float | None, float | None] = (None, None)
         start = timer.now()
         for batch_index, (x, y) in enumerate(train_loader):
+            if batch_index < skip_batches:  # drawn for the data order and augmentation RNG, trained by the snapshot's run
+                continue
             ctx.step = step
             schedule = lr_multiplier(config.schedule, step, total_steps)
             for i, group in enumerate(optimizer.param_groups):
@@ -258,6 +343,8 @@ def fit(
             epoch_seen += len(y)
             window_correct += correct
             window_seen += len(y)
+            probe_correct += correct
+            probe_seen += len(y)
             epoch_skipped += skipping
             step += 1
             if not cuda and not torch.isfinite(loss):
@@ -266,9 +353,21 @@ def fit(
                 before = timer.now()
                 check(step / total_steps)
                 epoch_eval_time += timer.now() - before
+            if probes is not None and probes.every and step % probes.every == 0:
+                before = timer.now()
+                point_val = evaluate_val() if probes.val and val_loader is not None else (None, None)
+                done = batch_index + 1
+                probe(step / total_steps, point_val, train_time + epoch_train_before + before - start - epoch_eval_time,
+                      sum(r.flops for r in records) + (done - epoch_skipped) * flops_full + epoch_skipped * flops_skip)
+                epoch_eval_time += timer.now() - before
+                snapshot(epoch, done, {
+                    "loss": float(epoch_loss), "correct": float(epoch_correct), "seen": epoch_seen,
+                    "skipped": epoch_skipped, "train_time_s": epoch_train_before + timer.now() - start - epoch_eval_time,
+                    "eval_time_s": eval_time - eval_time_before,
+                }, epoch_rng)  # fmt: skip
             if progress and sys.stderr.isatty():
                 _print_bar(epoch, config.epochs, batch_index + 1, steps_per_epoch)
-        train_seconds = timer.now() - start - epoch_eval_time
+        train_seconds = epoch_train_before + timer.now() - start - epoch_eval_time
         train_time += train_seconds
         mean_loss = float(epoch_loss) / max(1, epoch_seen)
         if not math.isfinite(mean_loss):
@@ -277,14 +376,15 @@ def fit(
         if controller and wus_cfg.check_every == 0:
             epoch_val = check((epoch + 1) / config.epochs)
         last_epoch = epoch == config.epochs - 1
-        if epoch_val[0] is None and val_loader is not None and (config.eval_every_epoch or last_epoch):
-            v_loss, v_acc, seconds = evaluate(val_loader)
-            eval_time += seconds
+        wants_val = config.eval_every_epoch or last_epoch or (probes is not None and probes.every == 0 and probes.val)
+        if epoch_val[0] is None and val_loader is not None and wants_val:
+            epoch_val = evaluate_val()
             if last_epoch:  # every run needs its final evaluation
-                required_eval_time += seconds
-                eval_flops_required += flops_eval_per_sample * len(data.val_y)
-            epoch_val = (v_loss, v_acc)
-
+                required_eval_time += last_eval_s
+                eval_flops_required += eval_flops_val
+        epoch_flops = (steps_per_epoch - epoch_skipped) * flops_full + epoch_skipped * flops_skip
+        if probes is not None and probes.every == 0:
+            probe((epoch + 1) / config.epochs, epoch_val, train_time, sum(r.flops for r in records) + epoch_flops)
         extra: dict[str, float] = {}
         if controller:
             extra.update(controller.metrics())
@@ -302,13 +402,15 @@ def fit(
             steps=steps_per_epoch,
             train_time_s=train_seconds,
             eval_time_s=eval_time - eval_time_before,
-            flops=(steps_per_epoch - epoch_skipped) * flops_full + epoch_skipped * flops_skip,
+            flops=epoch_flops,
             extra=extra,
         )
         skipped_steps += epoch_skipped
         records.append(record)
         if progress:
             _print_epoch(record, config.epochs)
+        if probes is not None and probes.every == 0:
+            snapshot(epoch + 1, 0, {}, train_loader.generator.get_state())
         if on_epoch is not None:
             on_epoch(record)
 
@@ -347,6 +449,8 @@ def fit(
         num_params=num_params,
         device=str(device),
         torch_version=torch.__version__,
+        probes=probe_records,
+        resumed_from=resumed_from,
         model=model,
     )
 
