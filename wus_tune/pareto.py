@@ -428,7 +428,9 @@ def analyse(
     directions = [OBJECTIVES[o][0] for o in objectives]
     cands = sorted(candidates, key=lambda c: c.number)
     done = [c for c in cands if c.ok]
-    front = [done[i].number for i in pareto_front([c.values for c in done], directions)]
+    # A trial completed with the baseline's values (``reused``) is the baseline's point, not a new one.
+    fresh = [c for c in done if not c.attrs.get("reused")]
+    front = [fresh[i].number for i in pareto_front([c.values for c in fresh], directions)]
     baseline = next((c for c in done if c.role == "baseline"), None)
     if baseline is not None:
         reference = reference_point(

@@ -192,13 +192,14 @@ def run_study(
         if len(slots) > 1:
             status = _launch(study, spec, study_def, slots, conf, ran, say)
         else:
+            stale = w.StaleTrials(tracker, grace_period=conf.grace_period, max_retry=conf.max_retry)
             w.run_worker(
                 study,
-                Objective(study_def, tracker, fit=fit),
+                Objective(study_def, tracker, fit=fit, say=say, while_waiting=stale.check),
                 n_trials=study_def.n_trials,
                 max_trials=conf.max_trials,
                 timeout=study_def.timeout,
-                stale=w.StaleTrials(tracker, grace_period=conf.grace_period, max_retry=conf.max_retry),
+                stale=stale,
                 lock=lambda: study_lock(storage, study_def.name),
                 callbacks=[printer],
                 poll_s=min(2.0, float(conf.heartbeat_interval or 2)),
@@ -403,6 +404,10 @@ class _TrialPrinter:
                 text += f"  {name} {value:.1%}" if name == "sparsity" else f"  {name} {value:,.0f}"
         if any(v > 0 for v in trial.constraints.values()):
             text += "  (infeasible)"
+        if a.get("reused"):
+            text += f"  (reused: {a['reused']}, not trained)"
+        elif a.get("forked"):
+            text += f"  (forked from trial {a['forked']['trial']} at check {a['forked']['point']})"
         text += f"  [overhead {res.get('overhead_s', 0.0):.2f}s]"
         self.say(text)
 
@@ -469,6 +474,14 @@ def _finish(
         f"Pareto front (*); hypervolume {analysis.hv_history[-1][1]:.4g}" if analysis.hv_history else
         f"{len(analysis.complete)} completed ({len(ran)} this run), {failed} failed"
     )  # fmt: skip
+    from wus_tune._study.reuse import remove_checkpoints, summary_lines
+
+    for line in summary_lines(analysis.candidates):
+        say(line)
+    if report and not study_def.reuse.keep_checkpoints:
+        freed = remove_checkpoints(study_def.reuse, study_def.name)
+        if freed:
+            say(f"reuse: removed the baseline's snapshots ({freed / 1e6:.1f} MB)")
     if timing:
         say(f"per trial: training {timing['fit_s']:.2f}s, study machinery {timing['overhead_s']:.3f}s "
             f"(of which MLflow {timing['mlflow_s']:.3f}s)")  # fmt: skip

@@ -75,6 +75,15 @@ def relative(analysis: Analysis, c: Candidate) -> dict[str, float | None]:
     return out
 
 
+def reuse_mark(c: Candidate) -> str:
+    """`` =baseline`` for a trial completed with the baseline's values (not trained), `` forked@k`` for one
+    resumed from the baseline's snapshot at check k (:mod:`wus_tune._study.reuse`)."""
+    if c.attrs.get("reused"):
+        return f" ={c.attrs['reused']}"
+    forked = c.attrs.get("forked")
+    return f" forked@{forked['point']}" if isinstance(forked, dict) else ""
+
+
 def table_rows(analysis: Analysis, numbers: Sequence[int], *, mark: int | None = None) -> list[list[str]]:
     """Header plus one row per trial number, ordered by time/cost."""
     obj = analysis.objectives[1]
@@ -89,7 +98,7 @@ def table_rows(analysis: Analysis, numbers: Sequence[int], *, mark: int | None =
         r = relative(analysis, c)
         rows.append([
             str(c.number) + ("<" if c.number == mark else ""),
-            c.role,
+            c.role + reuse_mark(c),
             label(c).removesuffix(" (guideline)"),
             f"{c.values[0] * 100:.2f}%",
             "" if r["acc_delta_pts"] is None else f"{r['acc_delta_pts']:+.2f}",
@@ -108,7 +117,8 @@ def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) ->
     front = set(analysis.front)
     fields = ["trial", "state", "role", "variant", "feasible", *analysis.objectives, "pareto", "selected",
               "acc_delta_pts", "speedup", "frontier_acc_gain_pts", "frontier_time_saved", "frontier_time_saved_fraction",
-              "time_s", "cost_flops", "skip_fraction", "flops_fraction", "epochs", "mlflow_run_id", "fail_reason", "params", "method"]  # fmt: skip
+              "time_s", "cost_flops", "skip_fraction", "flops_fraction", "epochs", "mlflow_run_id", "fail_reason", "params", "method",
+              "reused", "forked_at_check", "not_forked"]  # fmt: skip
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -122,6 +132,8 @@ def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) ->
                 "skip_fraction": res.get("skip_fraction"), "flops_fraction": res.get("flops_fraction"),
                 "epochs": (c.config or {}).get("epochs"), "mlflow_run_id": c.attrs.get("mlflow_run_id"),
                 "fail_reason": c.attrs.get("fail_reason"), "params": json.dumps(c.params, sort_keys=True),
+                "reused": c.attrs.get("reused"), "forked_at_check": (c.attrs.get("forked") or {}).get("point"),
+                "not_forked": c.attrs.get("reuse_skipped"),
             }  # fmt: skip
             for name, v in zip(analysis.objectives, c.values or ()):
                 row[name] = v

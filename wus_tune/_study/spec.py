@@ -37,6 +37,7 @@ Format (every key optional; unknown keys are errors)::
     grace_period: null              # seconds without one before a trial is stale and re-queued (default 3 x interval)
     max_retry: 2                    # times a stale or interrupted trial is re-queued
     reconnect_timeout: 120          # seconds a lost storage or MLflow server is retried before the worker stops
+    reuse: {replay: true, fork: true, calibrate: true, max_checkpoints: 8}   # learn from the baseline (wus_tune._study.reuse)
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from wus_tune.errors import ConfigError, UsageError
 from wus_tune._study.catalog import check_method_model, check_methods, method_default_trials
 from wus_tune._study.guideline import EdgeOfChaosSpec, Guideline, with_j_logging
 from wus_tune._study.guideline import resolve as resolve_guideline
+from wus_tune._study.reuse import ReuseSpec
 from wus_tune._study.space import SearchSpace, apply_values
 from wus_tune._study.storage import DEFAULT_TRACKING_URI, default_storage
 from wus_tune.pareto import OBJECTIVES, Rule, parse_rule
@@ -96,6 +98,7 @@ class StudySpec:
     grace_period: int | None = None
     max_retry: int | None = 2
     reconnect_timeout: float = 120.0
+    reuse: ReuseSpec = field(default_factory=ReuseSpec)  # replay / fork / calibrate on the baseline's run
     source: str = field(default="", metadata={"internal": True})  # where it came from, for messages
 
     @classmethod
@@ -172,6 +175,7 @@ class StudySpec:
             if not 0 < f <= 1:
                 raise UsageError(f"baseline_fractions[{i}]: {f:g} is out of range (0, 1]")
         rule = parse_rule(self.select)
+        reuse = self.reuse.validate()
         base = TrainConfig.from_dict(self.train)
         methods = check_methods(self.methods)
         check_method_model(methods, base)
@@ -230,6 +234,7 @@ class StudySpec:
             methods=methods,
             method_trials=tuple(method_trials),
             guideline=guide,
+            reuse=reuse,
         )
 
 
@@ -261,6 +266,7 @@ class Study:
     # (role, fixed values) enqueued after the baseline frontier: one default per method, guideline trials
     method_trials: tuple[tuple[str, dict[str, Any]], ...] = ()
     guideline: Guideline | None = None
+    reuse: ReuseSpec = field(default_factory=ReuseSpec)
 
     @property
     def directions(self) -> list[str]:
