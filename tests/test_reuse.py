@@ -89,7 +89,7 @@ def recorded(tmp_path_factory):
     return out
 
 
-@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(knobs, st.sampled_from([("val_acc", 0), ("train_acc", 0), ("val_acc", 5), ("train_acc", 7)]))
 def test_replay_matches_the_live_controller_in_the_trainer(recorded, monkeypatch, k, cadence):
     """The decision replayed on the baseline's recorded signal is the one the trainer's own controller
@@ -141,6 +141,12 @@ def test_a_forked_trial_is_bit_identical_to_its_from_scratch_twin(tmp_path, sign
         for name in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "skipped_steps", "flops", "skipping"):
             assert getattr(e1, name) == getattr(e2, name), (e1.epoch, name)
         assert e1.extra == e2.extra, e1.epoch  # the controller's metrics, replayed on the prefix
+    # forking earlier (the check itself not kept) trains the checks in between as WUS: the same result
+    earlier = reuse.Baseline(**{**b.__dict__, "checkpoints": {"dir": str(tmp_path), "points": [plan.first_skip - 1]}})
+    plan_earlier = reuse.decide(wus, earlier, reuse.ReuseSpec())
+    assert plan_earlier.kind == "fork" and plan_earlier.point == plan.first_skip - 1
+    again = fit(wus, resume_from=reuse.fork_state(plan_earlier, earlier, wus)).model.state_dict()
+    assert all(torch.equal(a[n], again[n]) for n in a)
     # the prefix is charged at the baseline's measured cost: its training time and, on val_acc, its checks
     state = RunState.load(snapshot_path(tmp_path, plan.point))
     charged = state.counters["train_time_s"]
