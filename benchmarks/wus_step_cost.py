@@ -22,8 +22,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wus_tune.config import ModelConfig, WUSConfig  # noqa: E402
 from wus_tune.models import build_model  # noqa: E402
-from wus_tune.trainer import _step_flops  # noqa: E402
 from wus_tune.wus import layer_groups, param_groups, skip_frozen_parameters  # noqa: E402
+
+
+def _step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, frozen: list) -> float:
+    """FLOPs of one forward + backward with ``frozen`` not requiring grad (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    saved = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            F.cross_entropy(model(x.float()), y).backward()
+    finally:
+        for p, flag in zip(frozen, saved):
+            p.requires_grad_(flag)
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
 
 
 def main() -> None:

@@ -144,11 +144,13 @@ WRONG = {
     "constraint_delta": "x", "baseline_fractions": 0.5, "enqueue_wus_default": "yes", "enqueue": {"a": 1},
     "default_search_space": "no", "search_space": [1], "select": 5, "accuracy_margin": "x", "cost_factor": "x",
     "max_trials": "x", "heartbeat_interval": 0.5, "grace_period": "x", "max_retry": "x", "reconnect_timeout": "x",
+    "reuse": 5,
 }  # fmt: skip
 OUT_OF_RANGE = {
     "seed": -1, "n_trials": 0, "timeout": 0, "constraint_delta": float("nan"), "baseline_fractions": [0.0],
     "accuracy_margin": -1, "cost_factor": 0.5, "max_trials": 0, "heartbeat_interval": 0, "grace_period": 0,
     "max_retry": -1, "reconnect_timeout": -1.0, "objectives": "accuracy", "select": "fastest-within:x",
+    "reuse": {"max_checkpoints": -1},
 }  # fmt: skip
 
 
@@ -222,7 +224,7 @@ def test_pareto_cli(finished_study, capsys, argv, message):
         (["--schedule", "bogus"], "schedule.name: unknown value 'bogus'"),
         (["--wus.bias_scope", "last:0"], "wus.bias_scope"),
         (["--methods.warp.x", "1"], "methods.warp: unknown method"),
-        (["--methods.approx_ops", "1"], "unrecognized argument"),
+        (["--methods.approx_ops", "1"], "methods.approx_ops: expected a mapping"),
         (["--config", "afile"], "expected a mapping at the top level"),
         (["--config", "bad.yaml"], "not valid YAML"),
         (["--dataset", "imagefolder", "--data-dir", "corrupt.tar.gz", "--device", "cpu"], "cannot read the archive"),

@@ -18,7 +18,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,10 @@ from torch import nn
 
 from wus_tune.config import TrainConfig
 from wus_tune.errors import ConfigError, TrainingDiverged
-from wus_tune.methods import Method, MethodContext, build_methods
+from wus_tune.layers import param_groups
+from wus_tune.methods import Method, RunInfo, StepContext, build_methods
 from wus_tune.run_state import ProbeRecord, Probes, RunState, snapshot_path
 from wus_tune.schedules import lr_multiplier
-from wus_tune.wus import WUSController, param_groups, skip_frozen_parameters
 
 __all__ = ["fit", "TrainResult", "EpochRecord", "resolve_device"]
 
@@ -66,6 +66,7 @@ class TrainResult:
     eval_time_s: float  # every evaluation made
     required_eval_time_s: float  # the evaluations the method needed (final + WUS checks on val_acc)
     time_s: float  # the time objective: train_time_s + required_eval_time_s
+    uncharged_time_s: float  # measurement overhead left out of time_s (FLOP counting on a kind's first step)
     total_steps: int
     skipped_steps: int
     skip_fraction: float
@@ -75,6 +76,7 @@ class TrainResult:
     baseline_train_flops: float  # the same steps, none skipped
     flops_fraction: float  # train_flops / baseline_train_flops
     cost_flops: float  # the cost objective: train_flops + FLOPs of the required evaluations
+    step_kinds: dict[str, dict[str, float]]  # per step kind ("full", "skip:last:1"): steps and flops_per_step
     num_params: int
     device: str
     torch_version: str
@@ -133,339 +135,565 @@ def fit(
     ``on_epoch`` is called after each epoch (a study logs it and may stop the run by raising).
     ``probes``: record the signals at these points (``TrainResult.probes``) and snapshot the run at some
     of them (:mod:`wus_tune.run_state`). ``resume_from``: go on from a snapshot (or its path) instead of
-    training its prefix; the snapshot's records are passed to ``on_epoch`` first, its time and FLOPs
-    counted as this run's.
+    training its prefix; the snapshot's epoch records are passed to ``on_epoch`` first, and its time and
+    FLOPs are this run's (each method in its ``method_states`` takes up its state).
     Raises :class:`~wus_tune.errors.TrainingDiverged` when the loss stops being finite, and
     :class:`~wus_tune.errors.UsageError` subclasses for bad input.
     """
-    from wus_tune.data import load_dataset
-    from wus_tune.models import build_model
-
+    # ---- set-up: data, model, methods, optimizer, warm-up ----
     config.validate()
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
+    run, data, loaders = _prepare(config, device)
+    model = _build_model(config, data, device)
+    methods = build_methods(config)
+    for method in methods:
+        model = method.setup(model, run)
+    optimizer = _make_optimizer(model, config, methods, run)
+    for method in methods:
+        method.attach(model, optimizer, run)
+    owner = _step_owner(methods)
+    checks = _Checks(methods, run, loaders.val is not None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    train_model = _maybe_compile(model, config, device, methods)
+    eval_flops_per_sample = _warm_up(train_model, model, optimizer, loaders, autocast, methods)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
+    peak_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule scales each group's own peak
+    ledger = _Ledger(_Timer(device), eval_flops_per_sample * loaders.val_size)
+
+    def validate(charged: bool) -> tuple[float, float]:
+        loss, acc = ledger.evaluate(lambda: _evaluate(train_model, loaders.val, autocast), charged=charged)
+        return loss, acc
+
+    # ---- probe points and snapshots; resuming from one ----
+    records: list[EpochRecord] = []
+    step = 0
+    tracer = _Probes(probes, run, ledger)
+    start_epoch, start_batch, resumed_from, partial = 0, 0, None, None
+    if resume_from is not None:
+        state = resume_from if isinstance(resume_from, RunState) else RunState.load(resume_from)
+        records, step, start_epoch, start_batch, partial = _resume(state, model, optimizer, methods, loaders, ledger,
+                                                                   tracer, device)  # fmt: skip
+        resumed_from = {"point": state.point, "step": state.step, "epoch": state.epoch, "batch": state.batch,
+                        "train_time_s": ledger.train_time, "required_eval_time_s": ledger.required_eval_time}  # fmt: skip
+        for record in records if on_epoch is not None else ():
+            on_epoch(record)
+
+    def snapshot(epoch: int, batch: int, sums: _EpochSums | None, loader_rng: torch.Tensor) -> None:
+        if not tracer.saves_now():
+            return
+        RunState(
+            point=len(tracer.records), step=step, epoch=epoch, batch=batch,
+            model={k: v.detach().clone() for k, v in model.state_dict().items()},
+            optimizer=copy.deepcopy(optimizer.state_dict()), torch_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if device.type == "cuda" else None, loader_rng=loader_rng.clone(),
+            counters=ledger.snapshot(mid_epoch=sums is not None), epoch_partial=sums.state() if sums else {},
+            records=[asdict(r) for r in records], probes=[asdict(p) for p in tracer.records], config=config.to_dict(),
+            method_states={m.name: st for m in methods if (st := m.state_dict()) is not None},
+        ).save(snapshot_path(probes.save_dir, len(tracer.records)))  # fmt: skip
+
+    # ---- epochs ----
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        loader_rng = loaders.train.generator.get_state()  # this epoch's data order, for a mid-epoch snapshot
+        ledger.start_epoch()
+        sums = _EpochSums(device)
+        skip_batches = 0
+        if partial is not None:  # resumed inside this epoch
+            ledger.resume_epoch(partial[0])
+            sums.restore(partial[1])
+            skip_batches, partial = start_batch, None
+        for batch_index, (x, y) in enumerate(loaders.train):
+            if batch_index < skip_batches:  # drawn for the data order and the augmentation RNG; the snapshot's run trained it
+                continue
+            _set_learning_rates(optimizer, peak_lrs, lr_multiplier(config.schedule, step, run.total_steps),
+                                methods, run)
+            kind = "+".join(k for k in (m.step_kind() for m in methods) if k) or "full"
+            ctx = StepContext(run=run, model=model, optimizer=optimizer, inputs=x, targets=y, step=step, epoch=epoch,
+                              forward=_autocast_forward(train_model, autocast), loss_fn=loss_fn)
+            with ledger.step(kind) as counting:
+                if counting:  # FLOPs follow autograd on the eager model, which a compiled graph hides
+                    ctx.forward = _autocast_forward(model, autocast)
+                loss, logits = _train_step(ctx, methods, owner)
+            correct = (logits.detach().argmax(1) == y).sum()
+            sums.add(loss, correct, len(y), kind)
+            checks.add(correct, len(y))
+            tracer.add(correct, len(y))
+            step += 1
+            if device.type != "cuda" and not torch.isfinite(loss):
+                raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {batch_index + 1}")
+            with ledger.check_time():
+                checks.after_step(step, validate)
+                if tracer.due(step):
+                    val = validate(False) if tracer.plan.val and loaders.val is not None else None
+                    tracer.record(step, step / run.total_steps, val, sum(r.flops for r in records))
+                    snapshot(epoch, batch_index + 1, sums, loader_rng)
+            if progress and sys.stderr.isatty():
+                _print_bar(epoch, config.epochs, batch_index + 1, run.steps_per_epoch)
+        train_seconds = ledger.end_epoch()
+        mean_loss = sums.mean_loss()
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(f"training loss is {mean_loss} in epoch {epoch + 1}")
+
+        tracer.mark()
+        epoch_val = checks.end_epoch((epoch + 1) / config.epochs, validate)
+        last_epoch = epoch == config.epochs - 1
+        wants_val = config.eval_every_epoch or last_epoch or tracer.wants_epoch_val()
+        if epoch_val is None and loaders.val is not None and wants_val:
+            epoch_val = validate(charged=last_epoch)  # every run needs its final evaluation
+        if tracer.at_epoch_end():
+            tracer.record(step, (epoch + 1) / config.epochs, epoch_val, sum(r.flops for r in records))
+        extra: dict[str, float] = {}
+        for method in methods:
+            extra.update(method.end_epoch(model, run))
+        record = sums.record(epoch, epoch_val, optimizer, run.steps_per_epoch, train_seconds, ledger, extra)
+        records.append(record)
+        if tracer.at_epoch_end():
+            snapshot(epoch + 1, 0, None, loaders.train.generator.get_state())
+        if progress:
+            _print_epoch(record, config.epochs)
+        if on_epoch is not None:
+            on_epoch(record)
+
+    # ---- final evaluation ----
+    test_acc = None
+    if loaders.test is not None:
+        _, test_acc = ledger.evaluate(lambda: _evaluate(train_model, loaders.test, autocast), charged=False)
+    result = _result(config, records, ledger, run, model, test_acc, device)
+    result.probes, result.resumed_from = tracer.records, resumed_from
+    return result
+
+
+# ---- set-up helpers ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Loaders:
+    train: Any
+    val: Any  # None when data.val_fraction == 0
+    test: Any  # None when the dataset has no test split
+    val_size: int
+
+
+def _prepare(config: TrainConfig, device: torch.device) -> tuple[RunInfo, Any, _Loaders]:
+    from wus_tune.data import load_dataset
+
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
     data = load_dataset(config.data)
     batch_size = min(config.optim.batch_size, len(data.train_y))
     eval_batch = max(batch_size, 512)
-    train_loader = data.loader("train", batch_size=batch_size, device=device, augment=config.data.augment,
-                               seed=config.seed, channels_last=cuda)
-    val_loader = data.loader("val", batch_size=eval_batch, device=device, channels_last=cuda) if len(data.val_y) else None
-    test_loader = (
-        data.loader("test", batch_size=eval_batch, device=device, channels_last=cuda) if data.test_x is not None else None
-    )
+    train = data.loader("train", batch_size=batch_size, device=device, augment=config.data.augment,
+                        seed=config.seed, channels_last=cuda)
+    val = data.loader("val", batch_size=eval_batch, device=device, channels_last=cuda) if len(data.val_y) else None
+    test = data.loader("test", batch_size=eval_batch, device=device, channels_last=cuda) if data.test_x is not None else None
+    run = RunInfo(config=config, device=device, steps_per_epoch=len(train), total_steps=len(train) * config.epochs,
+                  batch_size=batch_size)
+    return run, data, _Loaders(train, val, test, len(data.val_y))
+
+
+def _build_model(config: TrainConfig, data: Any, device: torch.device) -> nn.Module:
+    from wus_tune.models import build_model
 
     model = build_model(config.model, data.input_shape, data.num_classes).to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * config.epochs
-    ctx = MethodContext(config=config, device=device, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    methods = build_methods(config.methods)
-    for method in methods:
-        model = method.apply_model(model, ctx)
-    optimizer = _make_optimizer(model, config, methods, ctx)
-
-    wus_cfg = config.wus
-    checks_total = config.epochs if wus_cfg.check_every == 0 else total_steps // wus_cfg.check_every
-    controller = (
-        WUSController(model, optimizer, wus_cfg, total_checks=checks_total, manage_lr=False)
-        if wus_cfg.enabled else None
-    )
-
-    sample_x, sample_y = next(iter(train_loader))
-    frozen_in_skip = skip_frozen_parameters(model, wus_cfg) if controller else []
-    flops_full = _step_flops(model, sample_x, sample_y, frozen=[])
-    flops_skip = _step_flops(model, sample_x, sample_y, frozen=frozen_in_skip) if controller else flops_full
-    flops_eval_per_sample = _forward_flops(model, sample_x) / len(sample_x)
-    num_params = sum(p.numel() for p in model.parameters())
-
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    )
-    train_model = model
-    if config.compile and cuda:
-        if controller:
-            # Measured on torch 2.11 (docs/benchmarks.md): the compiled graph does not re-specialise when
-            # requires_grad flips, so skip steps still run the full backward and save no time.
-            warnings.warn("compile with WUS: torch.compile keeps computing frozen weights' gradients, "
-                          "so skip steps save no time; train eagerly to benefit from WUS", stacklevel=2)
-        train_model = torch.compile(model)
-    _warm_up(train_model, optimizer, sample_x, sample_y, autocast, frozen_in_skip)
-
-    timer = _Timer(device)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
-    peak_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule scales each group's own peak
-
-    def evaluate(loader: Any) -> tuple[float, float, float]:
-        start = timer.now()
-        loss, acc = _evaluate(train_model, loader, autocast)
-        return loss, acc, timer.now() - start
-
-    records: list[EpochRecord] = []
-    train_time = eval_time = required_eval_time = 0.0
-    eval_flops_required = 0.0
-    skipped_steps = 0
-    step = 0
-    # running train accuracy since the last check: the cheap WUS signal
-    window_correct = torch.zeros((), device=device)
-    window_seen = 0
-    probe_records: list[ProbeRecord] = []
-    probe_correct = torch.zeros((), device=device)  # running train accuracy since the last probe point
-    probe_seen = 0
-    eval_flops_val = flops_eval_per_sample * len(data.val_y)
-
-    start_epoch, start_batch, partial = 0, 0, {}
-    resumed_from = None
-    if resume_from is not None:
-        state = resume_from if isinstance(resume_from, RunState) else RunState.load(resume_from)
-        model.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
-        torch.set_rng_state(state.torch_rng)
-        if cuda and state.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(state.cuda_rng)
-        train_loader.generator.set_state(state.loader_rng.to(train_loader.generator.device))
-        c = state.counters
-        train_time, eval_time = float(c["train_time_s"]), float(c["eval_time_s"])
-        required_eval_time, eval_flops_required = float(c["required_eval_time_s"]), float(c["required_eval_flops"])
-        skipped_steps, step = int(c["skipped_steps"]), state.step
-        records = [EpochRecord(**r) for r in state.records]
-        probe_records = [ProbeRecord.from_dict(p) for p in state.probes]
-        start_epoch, start_batch, partial = state.epoch, state.batch, dict(state.epoch_partial)
-        if controller and "wus" in state.method_states:
-            controller.load_state_dict(state.method_states["wus"])
-        resumed_from = {"point": state.point, "step": state.step, "epoch": state.epoch, "batch": state.batch,
-                        "train_time_s": train_time, "required_eval_time_s": required_eval_time}  # fmt: skip
-        if on_epoch is not None:
-            for record in records:
-                on_epoch(record)
-    epoch_rng = train_loader.generator.get_state()  # the data order of the epoch in progress
-
-    last_eval_s = 0.0  # the latest validation pass, for a probe point that shares it
-
-    def evaluate_val() -> tuple[float, float]:
-        nonlocal eval_time, last_eval_s
-        v_loss, v_acc, last_eval_s = evaluate(val_loader)
-        eval_time += last_eval_s
-        return v_loss, v_acc
-
-    def check(progress: float) -> tuple[float | None, float | None]:
-        """One WUS check. Returns the validation (loss, acc) if it evaluated, to reuse for the curves."""
-        nonlocal required_eval_time, eval_flops_required, window_correct, window_seen
-        assert controller is not None
-        if wus_cfg.signal == "val_acc" and val_loader is not None:
-            v_loss, v_acc = evaluate_val()
-            required_eval_time += last_eval_s
-            eval_flops_required += eval_flops_val
-            controller.observe(v_acc, progress)
-            return v_loss, v_acc
-        controller.observe(float(window_correct) / max(1, window_seen), progress)
-        window_correct = torch.zeros((), device=device)
-        window_seen = 0
-        return None, None
-
-    def probe(progress: float, val: tuple[float | None, float | None], train_so_far: float, flops_so_far: float) -> None:
-        """Record one probe point; ``val`` is this point's validation pass if one was made."""
-        nonlocal probe_correct, probe_seen
-        evaluated = val[1] is not None
-        probe_records.append(ProbeRecord(
-            index=len(probe_records) + 1, step=step, progress=progress, val_acc=val[1], val_loss=val[0],
-            train_acc=float(probe_correct) / max(1, probe_seen), train_time_s=train_so_far,
-            eval_time_s=last_eval_s if evaluated else 0.0, eval_flops=eval_flops_val if evaluated else 0.0,
-            train_flops=flops_so_far,
-        ))  # fmt: skip
-        probe_correct = torch.zeros((), device=device)
-        probe_seen = 0
-
-    def snapshot(epoch: int, batch: int, epoch_partial: dict[str, float], loader_rng: torch.Tensor) -> None:
-        point = len(probe_records)
-        if probes is None or point not in probes.save_at:
-            return
-        RunState(
-            point=point, step=step, epoch=epoch, batch=batch,
-            model={k: v.detach().clone() for k, v in model.state_dict().items()},
-            optimizer=copy.deepcopy(optimizer.state_dict()), torch_rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state_all() if cuda else None, loader_rng=loader_rng.clone(),
-            counters={"train_time_s": train_time, "eval_time_s": eval_time, "required_eval_time_s": required_eval_time,
-                      "required_eval_flops": eval_flops_required, "skipped_steps": skipped_steps},
-            epoch_partial=epoch_partial, records=[asdict(r) for r in records],
-            probes=[asdict(p) for p in probe_records], config=config.to_dict(),
-        ).save(snapshot_path(probes.save_dir, point))  # fmt: skip
-
-    for epoch in range(start_epoch, config.epochs):
-        ctx.epoch = epoch
-        model.train()
-        epoch_loss = torch.zeros((), device=device)
-        epoch_correct = torch.zeros((), device=device)
-        epoch_seen = 0
-        epoch_skipped = 0
-        epoch_eval_time = 0.0  # WUS checks inside the epoch, taken out of its training time
-        epoch_train_before = 0.0  # training time of this epoch before a resumed point
-        eval_time_before = eval_time
-        skip_batches = 0
-        if epoch == start_epoch and start_batch:  # resumed in the middle of this epoch
-            epoch_loss += partial["loss"]
-            epoch_correct += partial["correct"]
-            epoch_seen, epoch_skipped = int(partial["seen"]), int(partial["skipped"])
-            epoch_train_before, eval_time_before = partial["train_time_s"], eval_time - partial["eval_time_s"]
-            skip_batches = start_batch
-        epoch_rng = train_loader.generator.get_state()
-        epoch_val: tuple[float | None, float | None] = (None, None)
-        start = timer.now()
-        for batch_index, (x, y) in enumerate(train_loader):
-            if batch_index < skip_batches:  # drawn for the data order and augmentation RNG, trained by the snapshot's run
-                continue
-            ctx.step = step
-            schedule = lr_multiplier(config.schedule, step, total_steps)
-            for i, group in enumerate(optimizer.param_groups):
-                group["lr"] = peak_lrs[i] * schedule * (controller.lr_factor(i) if controller else 1.0)
-            skipping = bool(controller and controller.skipping)
-            with autocast:
-                logits = train_model(x)
-                loss = loss_fn(logits.float(), y)
-            loss.backward()
-            ctx.extra["inputs"], ctx.extra["targets"] = x, y
-            for method in methods:
-                method.before_step(model, optimizer, ctx)
-            optimizer.step()
-            for method in methods:
-                method.after_step(model, optimizer, ctx)
-            optimizer.zero_grad(set_to_none=True)
-
-            correct = (logits.detach().argmax(1) == y).sum()
-            epoch_loss += loss.detach() * len(y)
-            epoch_correct += correct
-            epoch_seen += len(y)
-            window_correct += correct
-            window_seen += len(y)
-            probe_correct += correct
-            probe_seen += len(y)
-            epoch_skipped += skipping
-            step += 1
-            if not cuda and not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {batch_index + 1}")
-            if controller and wus_cfg.check_every and step % wus_cfg.check_every == 0:
-                before = timer.now()
-                check(step / total_steps)
-                epoch_eval_time += timer.now() - before
-            if probes is not None and probes.every and step % probes.every == 0:
-                before = timer.now()
-                point_val = evaluate_val() if probes.val and val_loader is not None else (None, None)
-                done = batch_index + 1
-                probe(step / total_steps, point_val, train_time + epoch_train_before + before - start - epoch_eval_time,
-                      sum(r.flops for r in records) + (done - epoch_skipped) * flops_full + epoch_skipped * flops_skip)
-                epoch_eval_time += timer.now() - before
-                snapshot(epoch, done, {
-                    "loss": float(epoch_loss), "correct": float(epoch_correct), "seen": epoch_seen,
-                    "skipped": epoch_skipped, "train_time_s": epoch_train_before + timer.now() - start - epoch_eval_time,
-                    "eval_time_s": eval_time - eval_time_before,
-                }, epoch_rng)  # fmt: skip
-            if progress and sys.stderr.isatty():
-                _print_bar(epoch, config.epochs, batch_index + 1, steps_per_epoch)
-        train_seconds = epoch_train_before + timer.now() - start - epoch_eval_time
-        train_time += train_seconds
-        mean_loss = float(epoch_loss) / max(1, epoch_seen)
-        if not math.isfinite(mean_loss):
-            raise TrainingDiverged(f"training loss is {mean_loss} in epoch {epoch + 1}")
-
-        if controller and wus_cfg.check_every == 0:
-            epoch_val = check((epoch + 1) / config.epochs)
-        last_epoch = epoch == config.epochs - 1
-        wants_val = config.eval_every_epoch or last_epoch or (probes is not None and probes.every == 0 and probes.val)
-        if epoch_val[0] is None and val_loader is not None and wants_val:
-            epoch_val = evaluate_val()
-            if last_epoch:  # every run needs its final evaluation
-                required_eval_time += last_eval_s
-                eval_flops_required += eval_flops_val
-        epoch_flops = (steps_per_epoch - epoch_skipped) * flops_full + epoch_skipped * flops_skip
-        if probes is not None and probes.every == 0:
-            probe((epoch + 1) / config.epochs, epoch_val, train_time, sum(r.flops for r in records) + epoch_flops)
-        extra: dict[str, float] = {}
-        if controller:
-            extra.update(controller.metrics())
-        for method in methods:
-            extra.update(method.end_epoch(model, ctx))
-        record = EpochRecord(
-            epoch=epoch + 1,
-            train_loss=mean_loss,
-            train_acc=float(epoch_correct) / max(1, epoch_seen),
-            val_loss=epoch_val[0],
-            val_acc=epoch_val[1],
-            lr=optimizer.param_groups[0]["lr"],
-            skipping=epoch_skipped * 2 > steps_per_epoch,
-            skipped_steps=epoch_skipped,
-            steps=steps_per_epoch,
-            train_time_s=train_seconds,
-            eval_time_s=eval_time - eval_time_before,
-            flops=epoch_flops,
-            extra=extra,
-        )
-        skipped_steps += epoch_skipped
-        records.append(record)
-        if progress:
-            _print_epoch(record, config.epochs)
-        if probes is not None and probes.every == 0:
-            snapshot(epoch + 1, 0, {}, train_loader.generator.get_state())
-        if on_epoch is not None:
-            on_epoch(record)
-
-    final_val = records[-1]
-    if val_loader is None:  # val_fraction == 0: report training accuracy, say so in the curves
-        val_loss, val_acc = final_val.train_loss, final_val.train_acc
-    else:
-        val_loss, val_acc = final_val.val_loss, final_val.val_acc
-    test_acc = None
-    if test_loader is not None:
-        _, test_acc, seconds = evaluate(test_loader)
-        eval_time += seconds
-    train_flops = sum(r.flops for r in records)
-    baseline_flops = total_steps * flops_full
-    val_accs = [r.val_acc for r in records if r.val_acc is not None]
-    return TrainResult(
-        config=config.to_dict(),
-        epochs=records,
-        val_acc=val_acc,
-        val_loss=val_loss,
-        test_acc=test_acc,
-        best_val_acc=max(val_accs, default=val_acc),
-        train_time_s=train_time,
-        eval_time_s=eval_time,
-        required_eval_time_s=required_eval_time,
-        time_s=train_time + required_eval_time,
-        total_steps=total_steps,
-        skipped_steps=skipped_steps,
-        skip_fraction=skipped_steps / max(1, total_steps),
-        flops_per_step=flops_full,
-        flops_per_skip_step=flops_skip,
-        train_flops=train_flops,
-        baseline_train_flops=baseline_flops,
-        flops_fraction=train_flops / baseline_flops if baseline_flops else 1.0,
-        cost_flops=train_flops + eval_flops_required,
-        num_params=num_params,
-        device=str(device),
-        torch_version=torch.__version__,
-        probes=probe_records,
-        resumed_from=resumed_from,
-        model=model,
-    )
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
-def _make_optimizer(model: nn.Module, config: TrainConfig, methods: list[Method], ctx: MethodContext) -> torch.optim.Optimizer:
-    for method in methods:
-        optimizer = method.make_optimizer(model, ctx)
-        if optimizer is not None:
-            return optimizer
+def _make_optimizer(model: nn.Module, config: TrainConfig, methods: list[Method], run: RunInfo) -> torch.optim.Optimizer:
+    built = [(m, opt) for m in methods if (opt := m.make_optimizer(model, run)) is not None]
+    if len(built) > 1:
+        raise ConfigError(f"methods: {built[0][0].name} and {built[1][0].name} both build the optimizer; "
+                          "combine at most one of them")
+    if built:
+        return built[0][1]
     opt = config.optim
     groups = param_groups(model, weight_decay=opt.weight_decay, bias_weight_decay=opt.bias_weight_decay)
     groups = [g for g in groups if g["params"]]
     if opt.name == "adamw":
         return torch.optim.AdamW(groups, lr=opt.lr)
     return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov)
+
+
+def _step_owner(methods: list[Method]) -> Method | None:
+    owners = [m for m in methods if m.owns_step()]
+    if len(owners) > 1:
+        raise ConfigError(f"methods: {owners[0].name} and {owners[1].name} both own the training step; "
+                          "combine at most one of them")
+    return owners[0] if owners else None
+
+
+def _maybe_compile(model: nn.Module, config: TrainConfig, device: torch.device, methods: list[Method]) -> nn.Module:
+    if not (config.compile and device.type == "cuda"):
+        return model
+    if any(m.warm_up_modes(model) for m in methods):
+        # Measured on torch 2.11 (docs/benchmarks.md): the compiled graph does not re-specialise when
+        # requires_grad flips, so a mode that freezes weights still runs the full backward.
+        warnings.warn("compile with a method that freezes weights (WUS): torch.compile keeps computing frozen "
+                      "weights' gradients, so those steps save no time; train eagerly to benefit", stacklevel=3)
+    return torch.compile(model)
+
+
+def _warm_up(train_model: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, loaders: _Loaders,
+             autocast: Any, methods: list[Method]) -> float:
+    """Run a few untimed passes so autotuning, compilation and allocator growth are charged to no run:
+    forward/backward in every step mode the methods use (WUS: full and skip), and the evaluation forward
+    at its batch size, so the first validation pass costs what the others do. Parameters and buffers are
+    restored afterwards. Returns the evaluation's forward FLOPs per sample (counted on the eager model)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    saved = copy.deepcopy(model.state_dict())
+    x, y = next(iter(loaders.train))
+    modes = [contextlib.nullcontext()] + [mode for m in methods for mode in m.warm_up_modes(model)]
+    for mode in modes:
+        with mode:
+            for _ in range(2):
+                with autocast:
+                    loss = F.cross_entropy(train_model(x).float(), y)
+                loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    if loaders.val is None:
+        model.load_state_dict(saved)
+        return 0.0
+    val_x, _ = next(iter(loaders.val))
+    for _ in range(2):
+        _forward_eval(train_model, val_x, autocast)
+    with FlopCounterMode(display=False) as counter:
+        _forward_eval(model, val_x, autocast)
+    model.load_state_dict(saved)
+    return float(counter.get_total_flops()) / len(val_x)
+
+
+@torch.no_grad()
+def _forward_eval(model: nn.Module, x: torch.Tensor, autocast: Any) -> None:
+    was_training = model.training
+    model.eval()
+    with autocast:
+        model(x)
+    model.train(was_training)
+
+
+# ---- step helpers --------------------------------------------------------------------------------
+
+
+def _set_learning_rates(optimizer: torch.optim.Optimizer, peak_lrs: list[float], schedule: float,
+                        methods: list[Method], run: RunInfo) -> None:
+    factors = [1.0] * len(peak_lrs)
+    for method in methods:
+        for i, f in enumerate(method.lr_factors(optimizer, run) or ()):
+            factors[i] *= f
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = peak_lrs[i] * schedule * factors[i]
+
+
+def _autocast_forward(model: nn.Module, autocast: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            return model(x)
+
+    return forward
+
+
+def _train_step(ctx: StepContext, methods: list[Method], owner: Method | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: the owner's, or forward, backward, ``optimizer.step()``; others' hooks around it."""
+    others = [m for m in methods if m is not owner]
+    if owner is None:
+        ctx.logits = ctx.forward(ctx.inputs)
+        ctx.loss = ctx.loss_fn(ctx.logits.float(), ctx.targets)
+        ctx.loss.backward()
+    for method in others:
+        method.before_step(ctx)
+    if owner is None:
+        ctx.optimizer.step()
+    else:
+        cost = owner.train_step(ctx)
+        ctx.loss, ctx.logits = cost.loss, cost.logits
+    for method in others:
+        method.after_step(ctx)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return ctx.loss, ctx.logits
+
+
+def _is_skip(kind: str) -> bool:
+    """Step kinds with a part starting ``skip`` skip weight updates (the contract's naming)."""
+    return any(part.startswith("skip") for part in kind.split("+"))
+
+
+class _Checks:
+    """The methods' checks (:class:`~wus_tune.methods.CheckPlan`): when they fall due, on what signal."""
+
+    def __init__(self, methods: list[Method], run: RunInfo, has_val: bool) -> None:
+        self.plans = [(m, plan) for m in methods if (plan := m.check_plan(run)) is not None]
+        self.run, self.has_val = run, has_val
+        # running training accuracy since each method's last check: the cheap signal
+        self.windows = {id(m): [torch.zeros((), device=run.device), 0] for m, _ in self.plans}
+
+    def add(self, correct: torch.Tensor, seen: int) -> None:
+        for window in self.windows.values():
+            window[0] += correct
+            window[1] += seen
+
+    def after_step(self, step: int, validate: Callable[[bool], tuple[float, float]]) -> None:
+        due = [(m, p) for m, p in self.plans if p.every_steps and step % p.every_steps == 0]
+        self._run(due, step / self.run.total_steps, validate)
+
+    def end_epoch(self, progress: float, validate: Callable[[bool], tuple[float, float]]) -> tuple[float, float] | None:
+        """The epoch-end checks; returns the validation (loss, acc) if one was made, for the curves."""
+        return self._run([(m, p) for m, p in self.plans if not p.every_steps], progress, validate)
+
+    def _run(self, due: list, progress: float, validate: Callable[[bool], tuple[float, float]]) -> tuple[float, float] | None:
+        val = None
+        for method, plan in due:
+            if plan.signal == "val_acc" and self.has_val:
+                val = val or validate(True)  # the method needs it: charged to the run
+                method.on_check({"val_loss": val[0], "val_acc": val[1]}, progress)
+            else:
+                window = self.windows[id(method)]
+                method.on_check({"train_acc": float(window[0]) / max(1, window[1])}, progress)
+                self.windows[id(method)] = [torch.zeros((), device=self.run.device), 0]
+        return val
+
+
+class _Probes:
+    """The probe points of :class:`~wus_tune.run_state.Probes`: the signals there, with their cost."""
+
+    def __init__(self, plan: Probes | None, run: RunInfo, ledger: _Ledger) -> None:
+        self.plan, self.run, self.ledger = plan, run, ledger
+        self.records: list[ProbeRecord] = []
+        self.window = [torch.zeros((), device=run.device), 0]  # running training accuracy since the last point
+        self._eval_before = 0.0
+
+    def add(self, correct: torch.Tensor, seen: int) -> None:
+        if self.plan is not None:
+            self.window[0] += correct
+            self.window[1] += seen
+
+    def mark(self) -> None:
+        """Before a point's evaluation: its time is what the ledger's evaluation time grows by."""
+        self._eval_before = self.ledger.eval_time
+
+    def due(self, step: int) -> bool:
+        if self.plan is not None and self.plan.every and step % self.plan.every == 0:
+            self.mark()
+            return True
+        return False
+
+    def at_epoch_end(self) -> bool:
+        return self.plan is not None and self.plan.every == 0
+
+    def wants_epoch_val(self) -> bool:
+        return self.at_epoch_end() and self.plan.val
+
+    def record(self, step: int, progress: float, val: tuple[float, float] | None, flops_before_epoch: float) -> None:
+        """A point; ``val`` is its validation pass (the last one the ledger timed), if one was made."""
+        evaluated = val is not None
+        self.records.append(ProbeRecord(
+            index=len(self.records) + 1, step=step, progress=progress, val_acc=val[1] if val else None,
+            val_loss=val[0] if val else None, train_acc=float(self.window[0]) / max(1, self.window[1]),
+            train_time_s=self.ledger.train_time + (self.ledger.epoch_elapsed() if self.plan.every else 0.0),
+            eval_time_s=self.ledger.eval_time - self._eval_before if evaluated else 0.0,
+            eval_flops=self.ledger.flops_per_validation if evaluated else 0.0,
+            train_flops=flops_before_epoch + self.ledger.epoch_flops,
+        ))  # fmt: skip
+        self.window = [torch.zeros((), device=self.run.device), 0]
+
+    def saves_now(self) -> bool:
+        return self.plan is not None and len(self.records) in self.plan.save_at
+
+
+def _resume(state: RunState, model: nn.Module, optimizer: torch.optim.Optimizer, methods: list[Method],
+            loaders: _Loaders, ledger: _Ledger, tracer: _Probes, device: torch.device) -> tuple:
+    """Put the run where ``state`` was taken. Returns (records, step, epoch, batch, partial epoch or None)."""
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    torch.set_rng_state(state.torch_rng)
+    if device.type == "cuda" and state.cuda_rng is not None:
+        torch.cuda.set_rng_state_all(state.cuda_rng)
+    loaders.train.generator.set_state(state.loader_rng.to(loaders.train.generator.device))
+    ledger.restore(state.counters)
+    tracer.records = [ProbeRecord.from_dict(p) for p in state.probes]
+    for method in methods:
+        if method.name in state.method_states:
+            method.load_state_dict(state.method_states[method.name])
+    partial = (state.counters["epoch"], state.epoch_partial) if state.batch else None
+    return [EpochRecord(**r) for r in state.records], state.step, state.epoch, state.batch, partial
+
+
+@dataclass
+class _Kind:
+    flops_per_step: float  # counted by torch.utils.flop_counter on the kind's first step
+    steps: int = 0
+
+
+class _Ledger:
+    """The run's one account of time and FLOPs: training time (charged), the evaluations methods need
+    (charged: time and FLOPs), the other evaluations and the FLOP counting (uncharged), and per step kind
+    the number of steps and their FLOPs."""
+
+    def __init__(self, timer: _Timer, flops_per_validation: float) -> None:
+        self.timer = timer
+        self.flops_per_validation = flops_per_validation
+        self.kinds: dict[str, _Kind] = {}
+        self.train_time = self.eval_time = self.required_eval_time = self.uncharged_time = 0.0
+        self.required_eval_flops = 0.0
+        self._check_start: float | None = None
+
+    def start_epoch(self) -> None:
+        self.epoch_flops = 0.0
+        self._eval_before = self.eval_time
+        self._checks = self._counting = 0.0
+        self._counted_steps = self._steps = 0
+        self._start = self.timer.now()
+
+    @contextlib.contextmanager
+    def step(self, kind: str) -> Iterator[bool]:
+        """Around one training step; yields whether its FLOPs are being counted (the first of its kind)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        if kind not in self.kinds:
+            start = self.timer.now()
+            with FlopCounterMode(display=False) as counter:
+                yield True
+            self.kinds[kind] = _Kind(float(counter.get_total_flops()))
+            self._counting += self.timer.now() - start
+            self._counted_steps += 1
+        else:
+            yield False
+        self.kinds[kind].steps += 1
+        self.epoch_flops += self.kinds[kind].flops_per_step
+        self._steps += 1
+
+    @contextlib.contextmanager
+    def check_time(self) -> Iterator[None]:
+        start = self._check_start = self.timer.now()
+        try:
+            yield
+        finally:
+            self._checks += self.timer.now() - start
+            self._check_start = None
+
+    def epoch_elapsed(self) -> float:
+        """Training time of the epoch so far (checks, including one in progress, left out)."""
+        now = self._check_start if self._check_start is not None else self.timer.now()
+        return now - self._start - self._checks
+
+    def end_epoch(self) -> float:
+        """Close the epoch's training time; a step slowed by FLOP counting is charged as an average step."""
+        elapsed = self.timer.now() - self._start - self._checks
+        plain_steps = self._steps - self._counted_steps
+        charged = elapsed
+        if self._counted_steps and plain_steps:
+            per_step = (elapsed - self._counting) / plain_steps
+            charged = elapsed - self._counting + self._counted_steps * per_step
+        self.uncharged_time += elapsed - charged
+        self.train_time += charged
+        return charged
+
+    def evaluate(self, run_eval: Callable[[], tuple[float, float]], *, charged: bool) -> tuple[float, float]:
+        start = self.timer.now()
+        result = run_eval()
+        seconds = self.timer.now() - start
+        self.eval_time += seconds
+        if charged:
+            self.required_eval_time += seconds
+            self.required_eval_flops += self.flops_per_validation
+        return result
+
+    @property
+    def epoch_eval_time(self) -> float:
+        return self.eval_time - self._eval_before
+
+    def snapshot(self, *, mid_epoch: bool) -> dict[str, Any]:
+        """The account so far, for a RunState; ``mid_epoch``: with the epoch in progress."""
+        out: dict[str, Any] = {
+            "train_time_s": self.train_time, "eval_time_s": self.eval_time, "required_eval_time_s": self.required_eval_time,
+            "required_eval_flops": self.required_eval_flops, "uncharged_time_s": self.uncharged_time,
+            "kinds": {name: {"flops_per_step": k.flops_per_step, "steps": k.steps} for name, k in self.kinds.items()},
+        }  # fmt: skip
+        if mid_epoch:
+            out["epoch"] = {"elapsed_s": self.epoch_elapsed(), "flops": self.epoch_flops,
+                            "eval_s": self.epoch_eval_time, "counting_s": self._counting,
+                            "counted_steps": self._counted_steps, "steps": self._steps}  # fmt: skip
+        return out
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.train_time, self.eval_time = float(state["train_time_s"]), float(state["eval_time_s"])
+        self.required_eval_time = float(state["required_eval_time_s"])
+        self.required_eval_flops = float(state["required_eval_flops"])
+        self.uncharged_time = float(state["uncharged_time_s"])
+        self.kinds = {name: _Kind(float(k["flops_per_step"]), int(k["steps"])) for name, k in state["kinds"].items()}
+
+    def resume_epoch(self, epoch: dict[str, Any]) -> None:
+        """After :meth:`start_epoch`: the epoch in progress when the snapshot was taken."""
+        self._start -= float(epoch["elapsed_s"])
+        self._eval_before -= float(epoch["eval_s"])
+        self.epoch_flops = float(epoch["flops"])
+        self._counting, self._counted_steps, self._steps = float(epoch["counting_s"]), int(epoch["counted_steps"]), int(epoch["steps"])
+
+
+class _EpochSums:
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self.seen = 0
+        self.skipped = 0
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, seen: int, kind: str) -> None:
+        self.loss += loss.detach() * seen
+        self.correct += correct
+        self.seen += seen
+        self.skipped += _is_skip(kind)
+
+    def mean_loss(self) -> float:
+        return float(self.loss) / max(1, self.seen)
+
+    def state(self) -> dict[str, float]:
+        return {"loss": float(self.loss), "correct": float(self.correct), "seen": self.seen, "skipped": self.skipped}
+
+    def restore(self, state: dict[str, float]) -> None:
+        self.loss += state["loss"]  # float32 -> float -> float32 is exact
+        self.correct += state["correct"]
+        self.seen, self.skipped = int(state["seen"]), int(state["skipped"])
+
+    def record(self, epoch: int, val: tuple[float, float] | None, optimizer: torch.optim.Optimizer, steps: int,
+               train_seconds: float, ledger: _Ledger, extra: dict[str, float]) -> EpochRecord:
+        return EpochRecord(
+            epoch=epoch + 1, train_loss=self.mean_loss(), train_acc=float(self.correct) / max(1, self.seen),
+            val_loss=val[0] if val else None, val_acc=val[1] if val else None, lr=optimizer.param_groups[0]["lr"],
+            skipping=self.skipped * 2 > steps, skipped_steps=self.skipped, steps=steps, train_time_s=train_seconds,
+            eval_time_s=ledger.epoch_eval_time, flops=ledger.epoch_flops, extra=extra,
+        )
+
+
+def _result(config: TrainConfig, records: list[EpochRecord], ledger: _Ledger, run: RunInfo, model: nn.Module,
+            test_acc: float | None, device: torch.device) -> TrainResult:
+    final = records[-1]
+    if final.val_acc is None:  # val_fraction == 0: report training accuracy, say so in the curves
+        val_loss, val_acc = final.train_loss, final.train_acc
+    else:
+        val_loss, val_acc = final.val_loss, final.val_acc
+    kinds = list(ledger.kinds.items())
+    flops_full = kinds[0][1].flops_per_step  # the first step's kind: the run's ordinary step
+    flops_skip = next((k.flops_per_step for name, k in kinds if _is_skip(name)), flops_full)
+    train_flops = sum(r.flops for r in records)
+    baseline_flops = run.total_steps * flops_full
+    skipped = sum(r.skipped_steps for r in records)
+    val_accs = [r.val_acc for r in records if r.val_acc is not None]
+    return TrainResult(
+        config=config.to_dict(), epochs=records, val_acc=val_acc, val_loss=val_loss, test_acc=test_acc,
+        best_val_acc=max(val_accs, default=val_acc), train_time_s=ledger.train_time, eval_time_s=ledger.eval_time,
+        required_eval_time_s=ledger.required_eval_time, time_s=ledger.train_time + ledger.required_eval_time,
+        uncharged_time_s=ledger.uncharged_time, total_steps=run.total_steps, skipped_steps=skipped,
+        skip_fraction=skipped / max(1, run.total_steps), flops_per_step=flops_full, flops_per_skip_step=flops_skip,
+        train_flops=train_flops, baseline_train_flops=baseline_flops,
+        flops_fraction=train_flops / baseline_flops if baseline_flops else 1.0,
+        cost_flops=train_flops + ledger.required_eval_flops,
+        step_kinds={name: {"steps": k.steps, "flops_per_step": k.flops_per_step} for name, k in kinds},
+        num_params=sum(p.numel() for p in model.parameters()), device=str(device), torch_version=torch.__version__,
+        model=model,
+    )
 
 
 @torch.no_grad()
@@ -483,52 +711,6 @@ def _evaluate(model: nn.Module, loader: Any, autocast: Any) -> tuple[float, floa
         seen += len(y)
     model.train(was_training)
     return float(loss_sum) / max(1, seen), float(correct) / max(1, seen)
-
-
-def _step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, frozen: list[nn.Parameter]) -> float:
-    """FLOPs of one forward + backward at this batch size, on a copy, with ``frozen`` not requiring grad.
-
-    Counted by torch.utils.flop_counter, which follows autograd: a weight that needs no gradient costs
-    no weight-gradient product, so this is the machine-independent price of a (skip) step.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    frozen_ids = {id(p) for p in frozen}
-    names = [n for n, p in model.named_parameters() if id(p) in frozen_ids]
-    clone = copy.deepcopy(model).float()
-    for name, p in clone.named_parameters():
-        if name in names:
-            p.requires_grad_(False)
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(clone(x.float()), y).backward()
-    return float(counter.get_total_flops())
-
-
-def _forward_flops(model: nn.Module, x: torch.Tensor) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    clone = copy.deepcopy(model).float().eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        clone(x.float())
-    return float(counter.get_total_flops())
-
-
-def _warm_up(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-             autocast: Any, frozen_in_skip: list[nn.Parameter]) -> None:
-    """Run a few untimed forward/backward passes (full and skip mode) so autotuning and compilation
-    are not charged to the first epoch; the model's parameters and buffers are restored afterwards."""
-    saved = copy.deepcopy(model.state_dict())
-    for frozen in ([], frozen_in_skip) if frozen_in_skip else ([],):
-        for p in frozen:
-            p.requires_grad_(False)
-        for _ in range(2):
-            with autocast:
-                loss = F.cross_entropy(model(x).float(), y)
-            loss.backward()
-        for p in frozen:
-            p.requires_grad_(True)
-    optimizer.zero_grad(set_to_none=True)
-    model.load_state_dict(saved)
 
 
 def _print_bar(epoch: int, epochs: int, done: int, total: int) -> None:

@@ -182,8 +182,13 @@ def baseline_probes(study_def: Any, base: TrainConfig) -> Probes:
     from wus_tune.run_state import Probes
 
     reuse: ReuseSpec = study_def.reuse
-    progress = check_progress(base, steps_per_epoch(base))
-    save = spread(candidate_points(study_def.space, base, progress), reuse.max_checkpoints) if reuse.fork else []
+    save: list[int] = []
+    if reuse.fork:
+        try:  # epoch-end checks need no data; per-step ones need the steps per epoch
+            progress = check_progress(base, steps_per_epoch(base) if base.wus.check_every else 1)
+        except Exception:  # a user's own data the registry cannot load here: record the signal, keep no snapshot
+            progress = []
+        save = spread(candidate_points(study_def.space, base, progress), reuse.max_checkpoints)
     return Probes(every=base.wus.check_every, val=base.wus.signal == "val_acc", save_at=tuple(save),
                   save_dir=str(checkpoint_dir(reuse, study_def.name)) if save else None)  # fmt: skip
 
