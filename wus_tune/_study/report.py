@@ -122,8 +122,8 @@ def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) ->
     front = set(analysis.front)
     fields = ["trial", "state", "role", "variant", "feasible", *analysis.objectives, "pareto", "selected",
               "acc_delta_pts", "speedup", "frontier_acc_gain_pts", "frontier_time_saved", "frontier_time_saved_fraction",
-              "time_s", "cost_flops", "skip_fraction", "flops_fraction", "epochs", "mlflow_run_id", "fail_reason", "params", "method",
-              "reused", "forked_at_check", "not_forked"]  # fmt: skip
+              "time_s", "cost_flops", "skip_fraction", "flops_fraction", "epochs", "mlflow_run_id", "fail_reason", "params",
+              "reused", "forked_at_check", "not_forked", "method"]  # fmt: skip
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
