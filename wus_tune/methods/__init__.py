@@ -9,6 +9,8 @@ Study data (classmethods and class attributes)::
 
     name                      registry key and metric prefix ("wus/skip_windows")
     combines_with_wus         may run beside WUS in one trial ("approx_ops+wus")
+    partner                   the method others combine with, tuned by a study without `methods:` (WUS)
+    VIRTUAL_KEYS              {virtual key: values}, first = off, last = on as configured (WUS: wus.variant)
     tunes_optimizer           its search space has optim.* knobs (edge_of_chaos)
     measure_only              changes nothing in training (a base config's entry stays in every trial)
     enabled(config)           is it on in this TrainConfig? (default: name in config.methods; WUS: wus.enabled)
@@ -55,6 +57,7 @@ Installed packages add methods through the entry-point group ``wus_tune.methods`
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,6 +138,12 @@ class Method:
     combines_with_wus: ClassVar[bool] = False  # may run beside WUS in one trial ("approx_ops+wus")
     tunes_optimizer: ClassVar[bool] = False  # its search space has optim.* knobs (edge_of_chaos)
     measure_only: ClassVar[bool] = False  # changes nothing in training: a base config's entry stays in every trial
+    # The method the others combine with ("approx_ops+wus") and the one a study without a ``methods:`` list
+    # tunes (on in its trials unless a virtual key turns it off): WUS.
+    partner: ClassVar[bool] = False
+    # Its virtual keys (popped by ``expand_virtual``) and their values: the first turns it off, the last
+    # turns it on as configured (the value a study assumes when the key is neither searched nor fixed).
+    VIRTUAL_KEYS: ClassVar[dict[str, tuple[Any, ...]]] = {}
     # The searched knobs, as a spec's ``search_space:`` entries (type/low/high/log/choices/when/doc), keyed by
     # dotted TrainConfig key; the study adds ``when: {method: [choices naming this method]}``.
     SEARCH_SPACE: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -315,13 +324,21 @@ _BUILTIN_MODULES: list[str] = [
 ]
 ENTRY_POINT_GROUP = "wus_tune.methods"
 _entry_points_seen: set[tuple[str, str]] = set()
+_scanned_path: tuple[str, ...] | None = None
 
 
 def _load_entry_points() -> None:
-    """Register the methods that installed packages declare. Looked up on every call (cheap), so a package
-    put on ``sys.path`` during the process is found; each entry point is loaded once."""
+    """Register the methods that installed packages declare; each entry point is loaded once.
+
+    Scanning the installed distributions takes tens of milliseconds and configs are validated often, so
+    the scan is repeated only when ``sys.path`` changed (a package put on it during the process is found).
+    """
+    global _scanned_path
     from importlib.metadata import entry_points
 
+    if _scanned_path == tuple(sys.path):
+        return
+    _scanned_path = tuple(sys.path)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if (ep.name, ep.value) in _entry_points_seen:
             continue
