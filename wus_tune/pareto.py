@@ -439,7 +439,9 @@ def analyse(
     if constraint_delta is not None:
         cands = with_feasibility(cands, objectives, constraint_delta)
     done = [c for c in cands if c.ok]
-    front = [done[i].number for i in pareto_front([c.values for c in done], directions)]
+    # A trial completed with the baseline's values (``reused``) is the baseline's point, not a new one.
+    fresh = [c for c in done if not c.attrs.get("reused")]
+    front = [fresh[i].number for i in pareto_front([c.values for c in fresh], directions)]
     baseline = pooled_baseline([c for c in done if c.role == "baseline"])
     if baseline is not None:
         reference = reference_point(

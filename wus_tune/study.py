@@ -339,13 +339,15 @@ def run_trials(
                                on_trial=_TrialPrinter(study_def, say, ran), say=say)  # fmt: skip
     if len(slots) > 1:
         return _launch(opened.study, spec, study_def, slots, conf, ran, say, opened.tracker)
+    stale = w.StaleTrials(opened.tracker, grace_period=conf.grace_period, max_retry=conf.max_retry)
     w.run_worker(
         opened.study,
-        Objective(study_def, opened.tracker, fit=fit),
+        # while a forkable trial waits for a baseline another worker trains, the stale sweep runs
+        Objective(study_def, opened.tracker, fit=fit, say=say, while_waiting=stale.check),
         n_trials=study_def.n_trials,
         max_trials=conf.max_trials,
         timeout=study_def.timeout,
-        stale=w.StaleTrials(opened.tracker, grace_period=conf.grace_period, max_retry=conf.max_retry),
+        stale=stale,
         lock=lambda: study_lock(opened.storage, study_def.name),
         callbacks=[_TrialPrinter(study_def, say, ran), TunedPlainBalancer(study_def)],
         poll_s=min(2.0, float(conf.heartbeat_interval or 2)),
@@ -562,6 +564,10 @@ class _TrialPrinter:
                 text += f"  {name} {value:.1%}" if name == "sparsity" else f"  {name} {value:,.0f}"
         if any(v > 0 for v in trial.constraints.values()):
             text += "  (infeasible)"
+        if a.get("reused"):
+            text += f"  (reused: {a['reused']}, not trained)"
+        elif a.get("forked"):
+            text += f"  (forked from trial {a['forked']['trial']} at check {a['forked']['point']})"
         text += f"  [overhead {res.get('overhead_s', 0.0):.2f}s]"
         self.say(text)
 
@@ -619,6 +625,12 @@ def report_study(
     timing = _timing(mine)
     _print_summary(analysis=analysis, selected=selected, rule=rule, best=best, study_def=study_def, tracker=tracker,
                    ran=ran, timing=timing, local=local, table=report, say=say)  # fmt: skip
+    if report and not study_def.reuse.keep_checkpoints:
+        from wus_tune._study.reuse import remove_checkpoints
+
+        freed = remove_checkpoints(study_def.reuse, study_def.name)
+        if freed:
+            say(f"reuse: removed the baseline's snapshots ({freed / 1e6:.1f} MB)")
     from wus_tune._study.storage import mask_url
 
     return StudyOutcome(
@@ -676,6 +688,10 @@ def _print_summary(*, analysis: Analysis, selected: Candidate | None, rule: Any,
         f"{done}, {len(analysis.front)} on the Pareto front (*); hypervolume {analysis.hv_history[-1][1]:.4g}"
         if analysis.hv_history else done
     )  # fmt: skip
+    from wus_tune._study.reuse import summary_lines
+
+    for line in summary_lines(analysis.candidates):
+        say(line)
     if timing:
         say(f"per trial: training {timing['fit_s']:.2f}s, study machinery {timing['overhead_s']:.3f}s "
             f"(of which MLflow {timing['mlflow_s']:.3f}s)")  # fmt: skip

@@ -43,6 +43,7 @@ from wus_tune.config import TrainConfig
 from wus_tune.errors import ConfigError, TrainingDiverged
 from wus_tune.layers import param_groups
 from wus_tune.methods import Method, RunInfo, StepContext, build_methods
+from wus_tune.run_state import ProbeRecord, Probes, RunState, snapshot_path
 from wus_tune.schedules import lr_multiplier
 from wus_tune.timing import (
     BASELINE_EVAL, BASELINE_STEP, EVAL, Probe, TimingOptions, costs_of, measure_interleaved, relative_time, run_seconds,
@@ -103,6 +104,8 @@ class TrainResult:
     reference_time_s: float | None = None  # one full-length baseline run at the measured prices
     modelled_time_s: float | None = None  # this run's counted work at the measured prices (compare time_s)
     timing_overhead_s: float = 0.0  # the pricing itself (not charged)
+    probes: list[ProbeRecord] = field(default_factory=list)  # the signals at each probe point (fit's ``probes``)
+    resumed_from: dict[str, Any] | None = None  # point, step, epoch of the RunState the run went on from
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,6 +156,8 @@ def fit(
     on_step: Callable[[int], None] | None = None,
     model: nn.Module | Callable[..., nn.Module] | None = None,
     data: Any = None,
+    probes: Probes | None = None,
+    resume_from: RunState | str | Path | None = None,
 ) -> TrainResult:
     """Train one model as ``config`` says and return its measurements.
 
@@ -166,6 +171,10 @@ def fit(
     (``relative_time``); ``timing``: how its prices are measured. ``on_step(step)`` is called after every
     training step, inside the timed part: time spent there counts as wall time, as any disturbance would,
     but it is no work of the run (tests inject slowdowns through it).
+    ``probes``: record the signals at these points (``TrainResult.probes``) and snapshot the run at some
+    of them (:mod:`wus_tune.run_state`). ``resume_from``: go on from a snapshot (or its path) instead of
+    training its prefix; the snapshot's epoch records are passed to ``on_epoch`` first, and its time and
+    FLOPs are this run's (each method in its ``method_states`` takes up its state).
     Raises :class:`~wus_tune.errors.TrainingDiverged` when the loss stops being finite, and
     :class:`~wus_tune.errors.UsageError` subclasses for bad input.
     """
@@ -196,15 +205,48 @@ def fit(
     def validate(charged: bool) -> tuple[float, float]:
         return ledger.evaluate(lambda: _evaluate(train_model, loaders.val, autocast), charged=charged)
 
-    # ---- epochs ----
+    # ---- probe points and snapshots; resuming from one ----
     records: list[EpochRecord] = []
     specimens: dict[str, Any] = {}  # step kind -> copy of the training state before its first step, to price it
     step = 0
-    for epoch in range(config.epochs):
+    tracer = _Probes(probes, run, ledger)
+    start_epoch, start_batch, resumed_from, partial = 0, 0, None, None
+    if resume_from is not None:
+        state = resume_from if isinstance(resume_from, RunState) else RunState.load(resume_from)
+        records, step, start_epoch, start_batch, partial = _resume(state, model, optimizer, methods, loaders, ledger,
+                                                                   tracer, device)  # fmt: skip
+        resumed_from = {"point": state.point, "step": state.step, "epoch": state.epoch, "batch": state.batch,
+                        "train_time_s": ledger.train_time, "required_eval_time_s": ledger.required_eval_time}  # fmt: skip
+        for record in records if on_epoch is not None else ():
+            on_epoch(record)
+
+    def snapshot(epoch: int, batch: int, sums: _EpochSums | None, loader_rng: torch.Tensor) -> None:
+        if not tracer.saves_now():
+            return
+        RunState(
+            point=len(tracer.records), step=step, epoch=epoch, batch=batch,
+            model={k: v.detach().clone() for k, v in model.state_dict().items()},
+            optimizer=copy.deepcopy(optimizer.state_dict()), torch_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if device.type == "cuda" else None, loader_rng=loader_rng.clone(),
+            counters=ledger.snapshot(mid_epoch=sums is not None), epoch_partial=sums.state() if sums else {},
+            records=[asdict(r) for r in records], probes=[asdict(p) for p in tracer.records], config=config.to_dict(),
+            method_states={m.name: st for m in methods if (st := m.state_dict()) is not None},
+        ).save(snapshot_path(probes.save_dir, len(tracer.records)))  # fmt: skip
+
+    # ---- epochs ----
+    for epoch in range(start_epoch, config.epochs):
         model.train()
+        loader_rng = loaders.train.generator.get_state()  # this epoch's data order, for a mid-epoch snapshot
         ledger.start_epoch()
         sums = _EpochSums(device)
+        skip_batches = 0
+        if partial is not None:  # resumed inside this epoch
+            ledger.resume_epoch(partial[0])
+            sums.restore(partial[1])
+            skip_batches, partial = start_batch, None
         for batch_index, (x, y) in enumerate(loaders.train):
+            if batch_index < skip_batches:  # drawn for the data order and the augmentation RNG; the snapshot's run trained it
+                continue
             _set_learning_rates(optimizer, peak_lrs, lr_multiplier(config.schedule, step, run.total_steps),
                                 methods, run)
             kind = "+".join(k for k in (m.step_kind() for m in methods) if k) or "full"
@@ -222,11 +264,16 @@ def fit(
             correct = (logits.detach().argmax(1) == y).sum()
             sums.add(loss, correct, len(y), kind)
             checks.add(correct, len(y))
+            tracer.add(correct, len(y))
             step += 1
             if device.type != "cuda" and not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {batch_index + 1}")
             with ledger.check_time():
                 checks.after_step(step, validate)
+                if tracer.due(step):
+                    val = validate(False) if tracer.plan.val and loaders.val is not None else None
+                    tracer.record(step, step / run.total_steps, val, sum(r.flops for r in records))
+                    snapshot(epoch, batch_index + 1, sums, loader_rng)
             if progress and sys.stderr.isatty():
                 _print_bar(epoch, config.epochs, batch_index + 1, run.steps_per_epoch)
         train_seconds = ledger.end_epoch()
@@ -234,15 +281,21 @@ def fit(
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"training loss is {mean_loss} in epoch {epoch + 1}")
 
+        tracer.mark()
         epoch_val = checks.end_epoch((epoch + 1) / config.epochs, validate)
         last_epoch = epoch == config.epochs - 1
-        if epoch_val is None and loaders.val is not None and (config.eval_every_epoch or last_epoch):
+        wants_val = config.eval_every_epoch or last_epoch or tracer.wants_epoch_val()
+        if epoch_val is None and loaders.val is not None and wants_val:
             epoch_val = validate(charged=last_epoch)  # every run needs its final evaluation
+        if tracer.at_epoch_end():
+            tracer.record(step, (epoch + 1) / config.epochs, epoch_val, sum(r.flops for r in records))
         extra: dict[str, float] = {}
         for method in methods:
             extra.update(method.end_epoch(model, run))
         record = sums.record(epoch, epoch_val, optimizer, run.steps_per_epoch, train_seconds, ledger, extra)
         records.append(record)
+        if tracer.at_epoch_end():
+            snapshot(epoch + 1, 0, None, loaders.train.generator.get_state())
         if progress:
             _print_epoch(record, config.epochs)
         if on_epoch is not None:
@@ -265,6 +318,7 @@ def fit(
         result.reference_time_s = run_seconds(prices["baseline_counts"], prices["costs"])
         result.modelled_time_s = run_seconds(result.work_counts, prices["costs"])
         result.timing_overhead_s = time.perf_counter() - start
+    result.probes, result.resumed_from = tracer.records, resumed_from
     return result
 
 
@@ -458,6 +512,71 @@ class _Checks:
         return val
 
 
+class _Probes:
+    """The probe points of :class:`~wus_tune.run_state.Probes`: the signals there, with their cost."""
+
+    def __init__(self, plan: Probes | None, run: RunInfo, ledger: _Ledger) -> None:
+        self.plan, self.run, self.ledger = plan, run, ledger
+        self.records: list[ProbeRecord] = []
+        self.window = [torch.zeros((), device=run.device), 0]  # running training accuracy since the last point
+        self._eval_before = 0.0
+
+    def add(self, correct: torch.Tensor, seen: int) -> None:
+        if self.plan is not None:
+            self.window[0] += correct
+            self.window[1] += seen
+
+    def mark(self) -> None:
+        """Before a point's evaluation: its time is what the ledger's evaluation time grows by."""
+        self._eval_before = self.ledger.eval_time
+
+    def due(self, step: int) -> bool:
+        if self.plan is not None and self.plan.every and step % self.plan.every == 0:
+            self.mark()
+            return True
+        return False
+
+    def at_epoch_end(self) -> bool:
+        return self.plan is not None and self.plan.every == 0
+
+    def wants_epoch_val(self) -> bool:
+        return self.at_epoch_end() and self.plan.val
+
+    def record(self, step: int, progress: float, val: tuple[float, float] | None, flops_before_epoch: float) -> None:
+        """A point; ``val`` is its validation pass (the last one the ledger timed), if one was made."""
+        evaluated = val is not None
+        self.records.append(ProbeRecord(
+            index=len(self.records) + 1, step=step, progress=progress, val_acc=val[1] if val else None,
+            val_loss=val[0] if val else None, train_acc=float(self.window[0]) / max(1, self.window[1]),
+            train_time_s=self.ledger.train_time + (self.ledger.epoch_elapsed() if self.plan.every else 0.0),
+            eval_time_s=self.ledger.eval_time - self._eval_before if evaluated else 0.0,
+            eval_flops=self.ledger.flops_per_validation if evaluated else 0.0,
+            train_flops=flops_before_epoch + self.ledger.epoch_flops,
+        ))  # fmt: skip
+        self.window = [torch.zeros((), device=self.run.device), 0]
+
+    def saves_now(self) -> bool:
+        return self.plan is not None and len(self.records) in self.plan.save_at
+
+
+def _resume(state: RunState, model: nn.Module, optimizer: torch.optim.Optimizer, methods: list[Method],
+            loaders: _Loaders, ledger: _Ledger, tracer: _Probes, device: torch.device) -> tuple:
+    """Put the run where ``state`` was taken. Returns (records, step, epoch, batch, partial epoch or None)."""
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    torch.set_rng_state(state.torch_rng)
+    if device.type == "cuda" and state.cuda_rng is not None:
+        torch.cuda.set_rng_state_all(state.cuda_rng)
+    loaders.train.generator.set_state(state.loader_rng.to(loaders.train.generator.device))
+    ledger.restore(state.counters)
+    tracer.records = [ProbeRecord.from_dict(p) for p in state.probes]
+    for method in methods:
+        if method.name in state.method_states:
+            method.load_state_dict(state.method_states[method.name])
+    partial = (state.counters["epoch"], state.epoch_partial) if state.batch else None
+    return [EpochRecord(**r) for r in state.records], state.step, state.epoch, state.batch, partial
+
+
 @dataclass
 class _Kind:
     flops_per_step: float  # counted by torch.utils.flop_counter on the kind's first step
@@ -477,6 +596,7 @@ class _Ledger:
         self.kinds: dict[str, _Kind] = {}
         self.train_time = self.eval_time = self.required_eval_time = self.uncharged_time = 0.0
         self.required_eval_flops = 0.0
+        self._check_start: float | None = None
 
     def start_epoch(self) -> None:
         self.epoch_flops = 0.0
@@ -505,9 +625,17 @@ class _Ledger:
 
     @contextlib.contextmanager
     def check_time(self) -> Iterator[None]:
-        start = self.timer.now()
-        yield
-        self._checks += self.timer.now() - start
+        start = self._check_start = self.timer.now()
+        try:
+            yield
+        finally:
+            self._checks += self.timer.now() - start
+            self._check_start = None
+
+    def epoch_elapsed(self) -> float:
+        """Training time of the epoch so far (checks, including one in progress, left out)."""
+        now = self._check_start if self._check_start is not None else self.timer.now()
+        return now - self._start - self._checks
 
     def end_epoch(self) -> float:
         """Close the epoch's training time; a step slowed by FLOP counting is charged as an average step."""
@@ -543,6 +671,33 @@ class _Ledger:
     def epoch_eval_time(self) -> float:
         return self.eval_time - self._eval_before
 
+    def snapshot(self, *, mid_epoch: bool) -> dict[str, Any]:
+        """The account so far, for a RunState; ``mid_epoch``: with the epoch in progress."""
+        out: dict[str, Any] = {
+            "train_time_s": self.train_time, "eval_time_s": self.eval_time, "required_eval_time_s": self.required_eval_time,
+            "required_eval_flops": self.required_eval_flops, "uncharged_time_s": self.uncharged_time,
+            "kinds": {name: {"flops_per_step": k.flops_per_step, "steps": k.steps} for name, k in self.kinds.items()},
+        }  # fmt: skip
+        if mid_epoch:
+            out["epoch"] = {"elapsed_s": self.epoch_elapsed(), "flops": self.epoch_flops,
+                            "eval_s": self.epoch_eval_time, "counting_s": self._counting,
+                            "counted_steps": self._counted_steps, "steps": self._steps}  # fmt: skip
+        return out
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.train_time, self.eval_time = float(state["train_time_s"]), float(state["eval_time_s"])
+        self.required_eval_time = float(state["required_eval_time_s"])
+        self.required_eval_flops = float(state["required_eval_flops"])
+        self.uncharged_time = float(state["uncharged_time_s"])
+        self.kinds = {name: _Kind(float(k["flops_per_step"]), int(k["steps"])) for name, k in state["kinds"].items()}
+
+    def resume_epoch(self, epoch: dict[str, Any]) -> None:
+        """After :meth:`start_epoch`: the epoch in progress when the snapshot was taken."""
+        self._start -= float(epoch["elapsed_s"])
+        self._eval_before -= float(epoch["eval_s"])
+        self.epoch_flops = float(epoch["flops"])
+        self._counting, self._counted_steps, self._steps = float(epoch["counting_s"]), int(epoch["counted_steps"]), int(epoch["steps"])
+
 
 class _EpochSums:
     def __init__(self, device: torch.device) -> None:
@@ -559,6 +714,14 @@ class _EpochSums:
 
     def mean_loss(self) -> float:
         return float(self.loss) / max(1, self.seen)
+
+    def state(self) -> dict[str, float]:
+        return {"loss": float(self.loss), "correct": float(self.correct), "seen": self.seen, "skipped": self.skipped}
+
+    def restore(self, state: dict[str, float]) -> None:
+        self.loss += state["loss"]  # float32 -> float -> float32 is exact
+        self.correct += state["correct"]
+        self.seen, self.skipped = int(state["seen"]), int(state["skipped"])
 
     def record(self, epoch: int, val: tuple[float, float] | None, optimizer: torch.optim.Optimizer, steps: int,
                train_seconds: float, ledger: _Ledger, extra: dict[str, float]) -> EpochRecord:

@@ -48,6 +48,8 @@ __all__ = [
     "layer_groups",
     "skip_frozen_parameters",
     "param_groups",
+    "Replay",
+    "replay",
 ]
 
 def accuracy_variation(history: Sequence[float], window: int) -> float | None:
@@ -255,3 +257,35 @@ class WUSController:
         self.state = WUSState(**state["state"])
         self.history = [float(a) for a in state["history"]]
         self._intervals_left = int(state["intervals_left"])
+
+
+@dataclass
+class Replay:
+    """What the controller would decide on a recorded signal (:func:`replay`)."""
+
+    first_skip: int | None  # the 1-based check after which the first skip window starts; None: never skips
+    states: list[dict]  # the controller's state_dict after each check, up to and including first_skip
+    metrics: list[dict[str, float]]  # its metrics() after each of those checks
+
+
+def replay(signal: Sequence[float], config: WUSConfig, *, progress: Sequence[float | None] | None = None,
+           total_checks: int | None = None) -> Replay:
+    """Run the real :class:`WUSController` over a recorded signal (one accuracy per check, e.g. a plain
+    run's validation accuracy at each epoch) and find where its first skip window starts.
+
+    Until that check a WUS run *is* the plain run (same updates, same accuracies), so the decision on
+    the plain run's signal is the decision the WUS run would make. ``progress`` is the training fraction
+    at each check (as the trainer passes it); ``total_checks`` the run's number of checks (needed for
+    ``max_skip_fraction < 1``; default ``len(signal)``).
+    """
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(param_groups(model, weight_decay=0.0), lr=0.1)
+    controller = WUSController(model, optimizer, config, total_checks=total_checks or len(signal), manage_lr=False)
+    states, metrics = [], []
+    for i, accuracy in enumerate(signal):
+        skipping = controller.observe(float(accuracy), None if progress is None else progress[i])
+        states.append(controller.state_dict())
+        metrics.append(controller.metrics())
+        if skipping:
+            return Replay(i + 1, states, metrics)
+    return Replay(None, states, metrics)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from wus_tune._study import reuse
 from wus_tune._study.space import METHOD_KEY, apply_values, flat_config
 from wus_tune.errors import TrainingDiverged
 from wus_tune.pareto import objective_values
@@ -79,6 +80,8 @@ class Objective:
         tracker: MlflowTracker | NullTracker,
         *,
         fit: Callable[..., TrainResult] | None = None,
+        say: Callable[[str], None] | None = None,
+        while_waiting: Callable[[optuna.Study], Any] | None = None,
     ) -> None:
         if fit is None:
             from wus_tune.trainer import fit
@@ -90,6 +93,9 @@ class Objective:
 
             self.pruner = ParetoPruner(study.pruner, study.objectives)
         self.reference = baseline_config(study)  # every trial's time is also priced in units of this run
+        self.say = say or (lambda _: None)
+        self.while_waiting = while_waiting  # the stale-trial sweep, run while waiting for the baseline
+        self._calibrated: Any = None  # the search space calibrated on the baseline's signal, once known
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         from wus_tune._study.tracking import NullTrialRun
@@ -105,15 +111,24 @@ class Objective:
             tags = {"optuna.study_name": self.study.name, "wus_tune.role": role, "wus_tune.variant": variant}
             if METHOD_KEY in self.study.space:  # the compared method, a param and a tag to filter on
                 params[METHOD_KEY] = tags["wus_tune.method"] = trial.user_attrs.get("method", "none")
+            plan = self._plan(trial, config, role)
+            tags.update(reuse.plan_tags(plan))
             run = self.tracker.start_trial(trial.number, params=params, tags=tags)
             if run.run_id:
                 trial.set_user_attr("mlflow_run_id", run.run_id)
+            if plan.kind == "reuse":
+                return self._reuse(trial, role, run, plan, start)
+            kwargs: dict[str, Any] = {}
+            if role == "baseline" and self.study.reuse.any:
+                kwargs["probes"] = reuse.baseline_probes(self.study, config)
+            elif plan.kind == "fork":
+                kwargs["resume_from"] = reuse.fork_state(plan, plan.baseline, config)
             on_epoch = run.log_epoch
             if self.pruner is not None:  # may raise optuna.TrialPruned at a rung (wus_tune._study.pruning)
                 on_epoch = _both(run.log_epoch, self.pruner.for_trial(trial, role=role, epochs=config.epochs))
             fit_start = time.perf_counter()
             try:
-                result = self.fit(config, on_epoch=on_epoch, relative_to=self.reference)
+                result = self.fit(config, on_epoch=on_epoch, relative_to=self.reference, **kwargs)
             finally:  # a pruned trial's training time counts as training too
                 fit_s = time.perf_counter() - fit_start - run.epoch_overhead_s
             objective = objective_values(result, self.study.objectives)
@@ -124,6 +139,7 @@ class Objective:
                 trial.set_constraint(CONSTRAINT_KEY, self._constraint(trial, role, objective["accuracy"]))
             summary = {k: getattr(result, k, None) for k in RESULT_FIELDS} | {"epochs": len(result.epochs)}
             summary["unit_costs"] = {k: v["seconds"] for k, v in (getattr(result, "unit_costs", None) or {}).items()}
+            summary |= reuse.record_run(trial, plan, result, kwargs)
             # One attribute write for all of it: each is a storage transaction (milliseconds on SQLite).
             trial.set_user_attr("result", summary | self._timing(start, fit_s, run))
             run.finish(result, objective, timing_metrics(result))  # last: the run is FINISHED only once everything is recorded
@@ -142,6 +158,52 @@ class Objective:
             raise
         return tuple(objective[name] for name in self.study.objectives)
 
+    def _plan(self, trial: optuna.Trial, config: TrainConfig, role: str) -> reuse.Decision:
+        """Replay / fork / train for a WUS trial (waiting for a baseline another worker is training)."""
+        spec = self.study.reuse
+        if role == "baseline" or not config.wus.enabled or not (spec.replay or spec.fork):
+            return reuse.Decision("train")
+        base_config = self.study.base.to_dict() | {"wus": {**self.study.base.to_dict()["wus"], "enabled": False}}
+        blocker = reuse.fork_blocker(config.to_dict(), base_config)
+        if blocker is None:
+            baseline, why = reuse.wait_for_baseline(trial.study, timeout_s=spec.baseline_wait_s,
+                                                    while_waiting=self.while_waiting)  # fmt: skip
+            plan = reuse.decide(config, baseline, spec, why_no_baseline=why)
+        else:
+            plan = reuse.Decision("train", blocker)
+        if plan.kind == "train" and plan.reason:
+            trial.set_user_attr(reuse.NOT_FORKED_ATTR, plan.reason)
+        return plan
+
+    def _reuse(self, trial: optuna.Trial, role: str, run: Any, plan: reuse.Decision, start: float) -> tuple[float, ...]:
+        """A trial that never skips on the baseline's signal: the baseline's values, not trained."""
+        from types import SimpleNamespace
+
+        b = plan.baseline
+        objective = dict(zip(self.study.objectives, b.values))
+        if self.study.constraint_delta is not None:
+            trial.set_constraint(CONSTRAINT_KEY, self._constraint(trial, role, objective["accuracy"]))
+        summary = reuse.reused_summary(b)
+        trial.set_user_attr(reuse.REUSED_ATTR, "baseline")
+        trial.set_user_attr("result", summary | {"reused_from": b.number} | self._timing(start, 0.0, run))
+        run.finish(SimpleNamespace(**(summary | {"epochs": []})), objective)
+        return tuple(objective[name] for name in self.study.objectives)
+
+    def _space(self, study: optuna.Study) -> Any:
+        """The search space: calibrated on the baseline's signal once that is known (``reuse.calibrate``)."""
+        if self._calibrated is not None or not self.study.reuse.calibrate:
+            return self._calibrated or self.study.space
+        baseline, _, _ = reuse.find_baseline(study)
+        if baseline is None:
+            return self.study.space
+        explicit = tuple((self.study.spec.get("search_space") or {}).keys())
+        self._calibrated, notes = reuse.calibrate_space(self.study.space, self.study.base, baseline.probes, explicit=explicit)
+        if reuse.CALIBRATED_ATTR not in study.user_attrs:
+            study.set_user_attr(reuse.CALIBRATED_ATTR, self._calibrated.to_json())
+            for note in notes:
+                self.say(note)
+        return self._calibrated
+
     def _timing(self, start: float, fit_s: float, run: Any) -> dict[str, float]:
         """Seconds of training (``fit`` minus its MLflow logging) and of everything else in the trial; of
         the latter, ``sample_s`` went to sampling the parameters (the sampler plus one storage write per
@@ -158,7 +220,8 @@ class Objective:
         role = str(attrs.get("role", "search"))
         fixed = attrs.get("overrides") or {}
         t = time.perf_counter()
-        values = self.study.space.sample(trial, fixed=fixed)
+        space = self.study.space if attrs.get("role") else self._space(trial.study)  # enqueued trials: their own values
+        values = space.sample(trial, fixed=fixed)
         self._sample_s = time.perf_counter() - t
         if role == "tuned-plain":  # the method's optimizer knobs were sampled; train them without the method
             values[METHOD_KEY] = "none"

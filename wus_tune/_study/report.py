@@ -98,6 +98,15 @@ def relative(analysis: Analysis, c: Candidate) -> dict[str, float | None]:
     return out
 
 
+def reuse_mark(c: Candidate) -> str:
+    """`` =baseline`` for a trial completed with the baseline's values (not trained), `` forked@k`` for one
+    resumed from the baseline's snapshot at check k (:mod:`wus_tune._study.reuse`)."""
+    if c.attrs.get("reused"):
+        return f" ={c.attrs['reused']}"
+    forked = c.attrs.get("forked")
+    return f" forked@{forked['point']}" if isinstance(forked, dict) else ""
+
+
 def table_rows(analysis: Analysis, numbers: Sequence[int], *, mark: int | None = None) -> list[list[str]]:
     """Header plus one row per trial number, ordered by time/cost."""
     obj = analysis.objectives[1]
@@ -112,7 +121,7 @@ def table_rows(analysis: Analysis, numbers: Sequence[int], *, mark: int | None =
         r = relative(analysis, c)
         rows.append([
             str(c.number) + ("<" if c.number == mark else ""),
-            c.role,
+            c.role + reuse_mark(c),
             label(c).removesuffix(" (guideline)"),
             f"{c.values[0] * 100:.2f}%",
             "" if r["acc_delta_pts"] is None else f"{r['acc_delta_pts']:+.2f}",
@@ -132,7 +141,7 @@ def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) ->
     fields = ["trial", "state", "role", "variant", "feasible", *analysis.objectives, "pareto", "selected",
               "acc_delta_pts", "speedup", "frontier_acc_gain_pts", "frontier_time_saved", "frontier_time_saved_fraction",
               "time_s", "relative_time", "reference_time_s", "test_acc", "cost_flops", "skip_fraction", "flops_fraction", "epochs",
-              "mlflow_run_id", "fail_reason", "pruned_at_epoch", "params", "method"]  # fmt: skip
+              "mlflow_run_id", "fail_reason", "pruned_at_epoch", "params", "reused", "forked_at_check", "not_forked", "method"]  # fmt: skip
     fields = list(dict.fromkeys(fields))  # an objective named like a result field (relative_time) once
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -150,6 +159,8 @@ def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) ->
                 "epochs": (c.config or {}).get("epochs"), "mlflow_run_id": c.attrs.get("mlflow_run_id"),
                 "fail_reason": c.attrs.get("fail_reason"), "params": json.dumps(c.params, sort_keys=True),
                 "pruned_at_epoch": (c.attrs.get("pruned") or {}).get("epoch"),  # state PRUNED: stopped by the pruner
+                "reused": c.attrs.get("reused"), "forked_at_check": (c.attrs.get("forked") or {}).get("point"),
+                "not_forked": c.attrs.get("reuse_skipped"),
             }  # fmt: skip
             row.update(relative(analysis, c))
             for name, v in zip(analysis.objectives, c.values or ()):

@@ -48,6 +48,7 @@ Format (every key optional; unknown keys are errors)::
     ray: null                       # run the trials on a Ray cluster: auto | local | HOST:PORT (docs/study.md, "Ray")
     gpus_per_trial: null            # with ray: GPUs per trial, fractions share a GPU (default 0)
     cpus_per_trial: null            # with ray: CPUs per trial (default 1)
+    reuse: {replay: true, fork: true, calibrate: true, max_checkpoints: 8}   # learn from the baseline (wus_tune._study.reuse)
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from wus_tune.errors import ConfigError, UsageError, check_number
 from wus_tune._study.catalog import check_method_model, check_methods, method_default_trials
 from wus_tune._study.guideline import EdgeOfChaosSpec, Guideline, with_j_logging
 from wus_tune._study.guideline import resolve as resolve_guideline
+from wus_tune._study.reuse import ReuseSpec
 from wus_tune._study.space import SearchSpace, apply_values
 from wus_tune._study.storage import DEFAULT_TRACKING_URI, default_storage
 from wus_tune.pareto import OBJECTIVES, Rule, parse_rule
@@ -114,6 +116,7 @@ class StudySpec:
     ray: str | None = None  # a Ray cluster runs the trials: auto | local | HOST:PORT (wus_tune._study.ray_backend)
     gpus_per_trial: float | None = None  # with ray: GPUs each trial asks for (0.25: four trials share a GPU); default 0
     cpus_per_trial: float | None = None  # with ray: CPUs each trial asks for; default 1
+    reuse: ReuseSpec = field(default_factory=ReuseSpec)  # replay / fork / calibrate on the baseline's run
     source: str = field(default="", metadata={"internal": True})  # where it came from, for messages
 
     @classmethod
@@ -197,6 +200,7 @@ class StudySpec:
         from wus_tune._study.pruning import parse_settings
 
         pruner = parse_settings(self.pruner, self.pruner_options)
+        reuse = self.reuse.validate()
         base = TrainConfig.from_dict(self.train)
         methods = check_methods(self.methods)
         check_method_model(methods, base)
@@ -258,6 +262,7 @@ class StudySpec:
             method_trials=tuple(method_trials),
             guideline=guide,
             pruner=pruner,
+            reuse=reuse,
         )
 
 
@@ -292,6 +297,7 @@ class Study:
     method_trials: tuple[tuple[str, dict[str, Any]], ...] = ()
     guideline: Guideline | None = None
     pruner: PrunerSettings | None = None  # None: every trial runs to its last epoch
+    reuse: ReuseSpec = field(default_factory=ReuseSpec)
 
     @property
     def directions(self) -> list[str]:

@@ -46,6 +46,7 @@ Run-time hooks (each optional), in the order :func:`wus_tune.fit` calls them::
             method.on_check(metrics, progress)      # when its CheckPlan is due: {"val_acc", "val_loss"} or
                                                     # {"train_acc"} (running accuracy since its last check)
         metrics = method.end_epoch(model, run)      # logged with the method's prefix: "lp_sphere/sparsity"
+    state = method.state_dict()                     # at a snapshot (fit's probes); load_state_dict(state) on resume
 
 A config names methods and their keyword arguments (``methods: {approx_ops: {sample_ratio: 0.5}}``);
 ``Method(**params)`` round-trips a tuned config, because ``__init__`` only stores keyword arguments.
@@ -235,6 +236,15 @@ class Method:
 
     def end_epoch(self, model: torch.nn.Module, run: RunInfo) -> dict[str, float]:
         return {}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The method's run state for a snapshot (:class:`wus_tune.run_state.RunState`); None: it keeps none
+        beyond the model and the optimizer."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take up :meth:`state_dict` (or a state the study derived, e.g. WUS's controller replayed on a
+        plain run's signal) when a run resumes from a snapshot."""
 
     @classmethod
     def owns_step(cls) -> bool:

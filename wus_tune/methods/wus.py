@@ -137,3 +137,9 @@ class WUS(Method):
 
     def end_epoch(self, model: nn.Module, run: RunInfo) -> dict[str, float]:
         return self.controller.metrics()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state)
