@@ -575,6 +575,14 @@ class DeviceLoader:
                 x = self._augment(x)
             yield self._normalise(x), y
 
+    def batches_in_order(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every image of the split once, in stored order, normalised and never augmented (e.g. to cache
+        a frozen prefix's features); the shuffling generator is not touched."""
+        size = batch_size or self.batch_size
+        for start in range(0, len(self.y), size):
+            window = slice(start, start + size)
+            yield self._normalise(self.x[window]), self.y[window]
+
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         b = len(x)
         dy, dx = torch.randint(0, 2 * self.pad + 1, (2, b), device=self.device, generator=self.generator)

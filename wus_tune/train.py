@@ -31,9 +31,9 @@ SHORT_OPTIONS = {
 }
 
 
-_TOP_LEVEL_FIELDS = ("epochs", "seed", "device", "compile", "eval_every_epoch")
+_TOP_LEVEL_FIELDS = ("epochs", "seed", "device", "compile", "compile_mode", "eval_every_epoch")
 # Paths and names stay text even when they look like numbers (a directory called "2024").
-_TEXT_FIELDS = ("device", "data.data_dir", "data.cache_dir", "model.name", "data.name", "wus.bias_scope")
+_TEXT_FIELDS = ("device", "compile_mode", "data.data_dir", "data.cache_dir", "model.name", "data.name", "wus.bias_scope")
 
 
 def add_config_options(parser: ArgumentParser) -> None:

@@ -17,7 +17,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wus_tune.compile_step import ModeCompiledLoss
 from wus_tune.config import TrainConfig
 from wus_tune.errors import ConfigError, TrainingDiverged
+from wus_tune.frozen_prefix import PrefixCacheSession, split_frozen_prefix
 from wus_tune.methods import Method, MethodContext, build_methods
 from wus_tune.schedules import lr_multiplier
 from wus_tune.wus import WUSController, param_groups, skip_frozen_parameters
@@ -65,6 +66,7 @@ class TrainResult:
     eval_time_s: float  # every evaluation made
     required_eval_time_s: float  # the evaluations the method needed (final + WUS checks on val_acc)
     time_s: float  # the time objective: train_time_s + required_eval_time_s
+    compile_time_s: float  # compiling every training mode (untimed warm-up), not part of time_s; 0 eagerly
     total_steps: int
     skipped_steps: int
     skip_fraction: float
@@ -179,23 +181,39 @@ def fit(
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     )
-    train_model = model
-    if config.compile and cuda:
-        if controller:
-            # Measured on torch 2.11 (docs/benchmarks.md): the compiled graph does not re-specialise when
-            # requires_grad flips, so skip steps still run the full backward and save no time.
-            warnings.warn("compile with WUS: torch.compile keeps computing frozen weights' gradients, "
-                          "so skip steps save no time; train eagerly to benefit from WUS", stacklevel=2)
-        train_model = torch.compile(model)
-    _warm_up(train_model, optimizer, sample_x, sample_y, autocast, frozen_in_skip)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
+    if config.compile:
+        if config.compile_mode == "reduce-overhead" and not cuda:
+            raise ConfigError("compile_mode: reduce-overhead (CUDA graphs) needs a CUDA device")
+        # one graph per training mode, chosen by which parameters require grad (wus_tune.compile_step)
+        step_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = ModeCompiledLoss(
+            model, loss_fn, autocast_dtype=torch.bfloat16 if cuda else None,
+            cuda_graphs=config.compile_mode == "reduce-overhead")
+    else:
+        def step_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with autocast:
+                logits = model(x)
+            return loss_fn(logits.float(), y), logits
+
+    cache_session = None
+    flops_cached = flops_prefix_per_image = 0.0
+    if controller and wus_cfg.cache_frozen_prefix:
+        cache_session = PrefixCacheSession(model, max_bytes=int(wus_cfg.cache_max_mb * 2**20), batch_size=batch_size,
+                                           seed=config.seed, autocast_dtype=torch.bfloat16 if cuda else None)
+        flops_cached, flops_prefix_per_image = _cached_step_flops(model, sample_x, sample_y, frozen_in_skip)
 
     timer = _Timer(device)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
+    warm_start = timer.now()
+    _warm_up(step_loss, sample_x, sample_y, model, optimizer, frozen_in_skip)
+    compile_time = timer.now() - warm_start if config.compile else 0.0
+    if progress and isinstance(step_loss, ModeCompiledLoss):
+        print(f"compiled {step_loss.compilations} training mode(s) in {compile_time:.1f}s "
+              "(not counted as training time)", flush=True)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule scales each group's own peak
 
     def evaluate(loader: Any) -> tuple[float, float, float]:
         start = timer.now()
-        loss, acc = _evaluate(train_model, loader, autocast)
+        loss, acc = _evaluate(model, loader, autocast)
         return loss, acc, timer.now() - start
 
     records: list[EpochRecord] = []
@@ -230,6 +248,8 @@ def fit(
         epoch_correct = torch.zeros((), device=device)
         epoch_seen = 0
         epoch_skipped = 0
+        epoch_cached = 0
+        epoch_cache_flops = 0.0
         epoch_eval_time = 0.0  # WUS checks inside the epoch, taken out of its training time
         eval_time_before = eval_time
         epoch_val: tuple[float | None, float | None] = (None, None)
@@ -240,9 +260,20 @@ def fit(
             for i, group in enumerate(optimizer.param_groups):
                 group["lr"] = peak_lrs[i] * schedule * (controller.lr_factor(i) if controller else 1.0)
             skipping = bool(controller and controller.skipping)
-            with autocast:
-                logits = train_model(x)
-                loss = loss_fn(logits.float(), y)
+            cached = False
+            if cache_session is not None:
+                if skipping:
+                    if not cache_session.in_period:
+                        n_train = len(train_loader.y)
+                        cached = cache_session.begin(train_loader.batches_in_order(eval_batch), n_train)
+                        epoch_cache_flops += flops_prefix_per_image * n_train if cached else 0.0
+                    cached = cache_session.active
+                elif cache_session.in_period:
+                    cache_session.end()
+            if cached:
+                loss, logits, y = cache_session.step_loss(loss_fn)
+            else:
+                loss, logits = step_loss(x, y)
             loss.backward()
             ctx.extra["inputs"], ctx.extra["targets"] = x, y
             for method in methods:
@@ -259,6 +290,7 @@ def fit(
             window_correct += correct
             window_seen += len(y)
             epoch_skipped += skipping
+            epoch_cached += cached
             step += 1
             if not cuda and not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {batch_index + 1}")
@@ -288,6 +320,10 @@ def fit(
         extra: dict[str, float] = {}
         if controller:
             extra.update(controller.metrics())
+        if cache_session is not None:
+            extra.update({"wus/cached_steps": float(epoch_cached), "wus/cache_builds": float(cache_session.builds),
+                          "wus/cache_fallbacks": float(cache_session.fallbacks),
+                          "wus/cache_peak_mb": cache_session.peak_bytes / 2**20})
         for method in methods:
             extra.update(method.end_epoch(model, ctx))
         record = EpochRecord(
@@ -302,7 +338,8 @@ def fit(
             steps=steps_per_epoch,
             train_time_s=train_seconds,
             eval_time_s=eval_time - eval_time_before,
-            flops=(steps_per_epoch - epoch_skipped) * flops_full + epoch_skipped * flops_skip,
+            flops=((steps_per_epoch - epoch_skipped) * flops_full + (epoch_skipped - epoch_cached) * flops_skip
+                   + epoch_cached * flops_cached + epoch_cache_flops),
             extra=extra,
         )
         skipped_steps += epoch_skipped
@@ -312,6 +349,8 @@ def fit(
         if on_epoch is not None:
             on_epoch(record)
 
+    if cache_session is not None:
+        cache_session.end()
     final_val = records[-1]
     if val_loader is None:  # val_fraction == 0: report training accuracy, say so in the curves
         val_loss, val_acc = final_val.train_loss, final_val.train_acc
@@ -335,6 +374,7 @@ def fit(
         eval_time_s=eval_time,
         required_eval_time_s=required_eval_time,
         time_s=train_time + required_eval_time,
+        compile_time_s=compile_time,
         total_steps=total_steps,
         skipped_steps=skipped_steps,
         skip_fraction=skipped_steps / max(1, total_steps),
@@ -409,17 +449,35 @@ def _forward_flops(model: nn.Module, x: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def _warm_up(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-             autocast: Any, frozen_in_skip: list[nn.Parameter]) -> None:
-    """Run a few untimed forward/backward passes (full and skip mode) so autotuning and compilation
-    are not charged to the first epoch; the model's parameters and buffers are restored afterwards."""
+def _cached_step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       frozen: list[nn.Parameter]) -> tuple[float, float]:
+    """FLOPs of one step of the top on cached features, and of the frozen prefix's forward per image."""
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        split = split_frozen_prefix(model)
+        if split is None:
+            return 0.0, 0.0
+        prefix, top = split
+        with torch.no_grad():
+            features = copy.deepcopy(prefix).float().eval()(x.float())
+        return _step_flops(top, features, y, frozen=[]), _forward_flops(prefix, x) / len(x)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _warm_up(step_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+             x: torch.Tensor, y: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+             frozen_in_skip: list[nn.Parameter]) -> None:
+    """Run a few untimed forward/backward passes (full and skip mode) so autotuning and compilation (one
+    graph per mode) are not charged to the first epoch; parameters and buffers are restored afterwards."""
     saved = copy.deepcopy(model.state_dict())
     for frozen in ([], frozen_in_skip) if frozen_in_skip else ([],):
         for p in frozen:
             p.requires_grad_(False)
         for _ in range(2):
-            with autocast:
-                loss = F.cross_entropy(model(x).float(), y)
+            loss, _ = step_loss(x, y)
             loss.backward()
         for p in frozen:
             p.requires_grad_(True)
