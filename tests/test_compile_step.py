@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from wus_tune.compile_step import ModeCompiledLoss, dynamo_graph_count
+from wus_tune.compile_step import ModeCompiled, dynamo_graph_count
 from wus_tune.config import WUSConfig
 from wus_tune.wus import WUSController, param_groups
 
@@ -25,10 +25,12 @@ def _setup(backend: str | None):
     cfg = WUSConfig(enabled=True, window=1, threshold=0.05, warmup=0, skip_length=100, bias_scope="last:1")
     ctl = WUSController(model, opt, cfg)
     loss_fn = nn.CrossEntropyLoss()
-    if backend is None:
-        step_loss = lambda x, y: (loss_fn(model(x), y), None)  # noqa: E731 - the eager reference
-    else:
-        step_loss = ModeCompiledLoss(model, loss_fn, backend=backend)
+    forward = model if backend is None else ModeCompiled(model, backend=backend)
+
+    def step_loss(x, y):
+        return loss_fn(forward(x), y), forward
+
+    step_loss.forward = forward
     return model, opt, ctl, step_loss
 
 
@@ -48,7 +50,7 @@ def _batches(n: int, seed: int):
     return [(torch.randn(16, 1, 4, 4, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
 
 
-def _check_skip_window_matches_eager(backend: str) -> ModeCompiledLoss:
+def _check_skip_window_matches_eager(backend: str) -> None:
     eager_model, eager_opt, eager_ctl, eager_step = _setup(None)
     model, opt, ctl, step_loss = _setup(backend)
     for m, o, c, s in ((eager_model, eager_opt, eager_ctl, eager_step), (model, opt, ctl, step_loss)):
@@ -75,7 +77,6 @@ def _check_skip_window_matches_eager(backend: str) -> ModeCompiledLoss:
     assert not torch.equal(before["0.weight"], model.state_dict()["0.weight"])
     for name, value in eager_model.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
-    return step_loss
 
 
 def test_compiled_skip_steps_freeze_weights_train_biases_and_match_eager():
@@ -94,12 +95,12 @@ def test_switching_modes_reuses_one_graph_per_mode():
     ctl._set_skipping(True)
     _train(model, opt, step_loss, batches)
     ctl._set_skipping(False)
-    assert step_loss.compilations == 2
+    assert step_loss.forward.compilations == 2
     graphs = dynamo_graph_count()
     with torch.compiler.set_stance("fail_on_recompile"):  # raises if a switch recompiles
         for skipping in (True, False) * 4:
             ctl._set_skipping(skipping)
             _train(model, opt, step_loss, batches)
     assert dynamo_graph_count() == graphs
-    assert step_loss.compilations == 2
+    assert step_loss.forward.compilations == 2
 

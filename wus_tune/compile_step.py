@@ -1,5 +1,5 @@
-"""One compiled graph per training mode: the forward + loss of a model, compiled once for each set of
-parameters that trains.
+"""One compiled graph per training mode: a model's forward (and, through AOTAutograd, its backward),
+compiled once for each set of parameters that trains.
 
 Why not ``torch.compile(model)``: a compiled graph is traced for the parameters that require a gradient
 *when it is traced*; whether Dynamo re-traces when a parameter's ``requires_grad`` flips afterwards has
@@ -24,7 +24,6 @@ it is implemented but not yet measured on a GPU.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -32,68 +31,53 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["ModeCompiledLoss", "dynamo_graph_count"]
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["ModeCompiled", "dynamo_graph_count"]
 
 
 def dynamo_graph_count() -> int:
     """Graphs Dynamo has compiled in this process so far (all callers, for tests and benchmarks).
 
-    The one place wus_tune reads Dynamo's private counters; :attr:`ModeCompiledLoss.compilations` is the
-    public count of one helper.
+    The one place wus_tune reads Dynamo's private counters; :attr:`ModeCompiled.compilations` is the
+    public count of one wrapper.
     """
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
 
 
-class ModeCompiledLoss:
-    """``loss, logits = step_loss(x, y)``: the model's forward and loss, compiled once per training mode.
+class ModeCompiled(nn.Module):
+    """``ModeCompiled(model)(x)``: the model's forward, compiled once per training mode.
 
-    Call ``loss.backward()`` and the optimizer as usual. A mode's first call compiles it (and its first
-    backward compiles the backward graph): run every mode once, untimed, before timing training
-    (``wus_tune.fit`` does, and reports that warm-up as compile time, apart from training time).
+    Use it where the model would be called (training and evaluation: ``.train()``/``.eval()`` reach the
+    wrapped model, and evaluation under ``no_grad`` is one more graph). A mode's first call compiles its
+    forward, its first backward the backward graph: run every mode once, untimed, before timing training
+    (``wus_tune.fit``'s warm-up does, and reports that time as ``compile_time_s``, not as training time).
 
     Args:
         model: the model; its parameters' ``requires_grad`` decides the mode at each call.
-        loss_fn: ``loss_fn(logits, targets)``; the logits are cast to float32 first.
-        autocast_dtype: run the forward under ``torch.autocast`` with this dtype (``None``: no autocast).
-        cuda_graphs: compile with ``mode="reduce-overhead"`` (CUDA graphs). CUDA only.
+        cuda_graphs: compile with ``mode="reduce-overhead"`` (CUDA graphs, one per mode). CUDA only;
+            not yet measured.
         backend: the ``torch.compile`` backend (``"aot_eager"`` traces the same per-mode graphs without
             generating code: fast, for tests).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, *, autocast_dtype: torch.dtype | None = None,
-                 cuda_graphs: bool = False, backend: str = "inductor") -> None:
+    def __init__(self, model: nn.Module, *, cuda_graphs: bool = False, backend: str = "inductor") -> None:
+        super().__init__()
         self.model = model
-        self.loss_fn = loss_fn
-        self.autocast_dtype = autocast_dtype
         self.cuda_graphs = cuda_graphs
         self.backend = backend
-        self._graphs: dict[tuple[str, ...], Callable[..., Any]] = {}
-        self._device_type = next(model.parameters()).device.type
+        self._graphs: dict[tuple[bool, bool, tuple[str, ...]], Callable[..., Any]] = {}
 
     @property
     def compilations(self) -> int:
-        """Modes compiled so far (one graph each)."""
+        """Modes compiled so far (training modes, plus evaluation if it ran)."""
         return len(self._graphs)
 
-    @property
-    def modes(self) -> list[tuple[str, ...]]:
-        """The frozen-parameter names of each compiled mode, in the order they were first seen."""
-        return list(self._graphs)
+    def _functional_forward(self, trainable: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor],
+                            buffers: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, (trainable, frozen, buffers), (x,))
 
-    def _forward_loss(self, trainable: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor],
-                      buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        autocast = (torch.autocast(self._device_type, dtype=self.autocast_dtype) if self.autocast_dtype
-                    else contextlib.nullcontext())
-        with autocast:
-            logits = functional_call(self.model, (trainable, frozen, buffers), (x,))
-        return self.loss_fn(logits.float(), y), logits
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         trainable: dict[str, torch.Tensor] = {}
         frozen: dict[str, torch.Tensor] = {}
         for name, p in self.model.named_parameters():
@@ -101,12 +85,12 @@ class ModeCompiledLoss:
                 trainable[name] = p
             else:
                 frozen[name] = p.detach()
-        key = tuple(frozen)
+        key = (self.model.training, torch.is_grad_enabled(), tuple(frozen))
         graph = self._graphs.get(key)
         if graph is None:
-            graph = torch.compile(self._forward_loss, backend=self.backend,
+            graph = torch.compile(self._functional_forward, backend=self.backend,
                                   mode="reduce-overhead" if self.cuda_graphs else None)
             self._graphs[key] = graph
         if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
-        return graph(trainable, frozen, dict(self.model.named_buffers()), x, y)
+            torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs may be overwritten now
+        return graph(trainable, frozen, dict(self.model.named_buffers()), x)

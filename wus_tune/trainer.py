@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wus_tune.compile_step import ModeCompiledLoss
+from wus_tune.compile_step import ModeCompiled
 from wus_tune.config import TrainConfig
 from wus_tune.errors import ConfigError, TrainingDiverged
 from wus_tune.frozen_prefix import PrefixCacheSession, split_frozen_prefix
@@ -182,18 +182,17 @@ def fit(
         torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
+    train_model: nn.Module = model
     if config.compile:
         if config.compile_mode == "reduce-overhead" and not cuda:
             raise ConfigError("compile_mode: reduce-overhead (CUDA graphs) needs a CUDA device")
         # one graph per training mode, chosen by which parameters require grad (wus_tune.compile_step)
-        step_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = ModeCompiledLoss(
-            model, loss_fn, autocast_dtype=torch.bfloat16 if cuda else None,
-            cuda_graphs=config.compile_mode == "reduce-overhead")
-    else:
-        def step_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            with autocast:
-                logits = model(x)
-            return loss_fn(logits.float(), y), logits
+        train_model = ModeCompiled(model, cuda_graphs=config.compile_mode == "reduce-overhead")
+
+    def step_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast:
+            logits = train_model(x)
+        return loss_fn(logits.float(), y), logits
 
     cache_session = None
     flops_cached = flops_prefix_per_image = 0.0
@@ -206,14 +205,14 @@ def fit(
     warm_start = timer.now()
     _warm_up(step_loss, sample_x, sample_y, model, optimizer, frozen_in_skip)
     compile_time = timer.now() - warm_start if config.compile else 0.0
-    if progress and isinstance(step_loss, ModeCompiledLoss):
-        print(f"compiled {step_loss.compilations} training mode(s) in {compile_time:.1f}s "
+    if progress and isinstance(train_model, ModeCompiled):
+        print(f"compiled {train_model.compilations} training mode(s) in {compile_time:.1f}s "
               "(not counted as training time)", flush=True)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule scales each group's own peak
 
     def evaluate(loader: Any) -> tuple[float, float, float]:
         start = timer.now()
-        loss, acc = _evaluate(model, loader, autocast)
+        loss, acc = _evaluate(train_model, loader, autocast)
         return loss, acc, timer.now() - start
 
     records: list[EpochRecord] = []
