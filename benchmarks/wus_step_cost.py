@@ -30,8 +30,24 @@ from wus_tune.compile_step import ModeCompiled  # noqa: E402
 from wus_tune.config import ModelConfig, WUSConfig  # noqa: E402
 from wus_tune.frozen_prefix import split_frozen_prefix  # noqa: E402
 from wus_tune.models import build_model  # noqa: E402
-from wus_tune.trainer import _step_flops  # noqa: E402
 from wus_tune.wus import layer_groups, param_groups, skip_frozen_parameters  # noqa: E402
+
+
+def _step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, frozen: list) -> float:
+    """FLOPs of one forward + backward with ``frozen`` not requiring grad (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    saved = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            F.cross_entropy(model(x.float()), y).backward()
+    finally:
+        for p, flag in zip(frozen, saved):
+            p.requires_grad_(flag)
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
 
 
 def main() -> None:
@@ -43,6 +59,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time compiled steps (one graph per mode)")
     parser.add_argument("--cuda-graphs", action="store_true", help="compile with mode=reduce-overhead (CUDA)")
+    parser.add_argument("--full-only", action="store_true", help="time the full step only (the trainer's speed)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -60,6 +77,8 @@ def main() -> None:
     n_layers = len(layer_groups(model))
     scopes = {"full step": None, "skip, all biases": "all", f"skip, top half (last:{n_layers // 2})": f"last:{n_layers // 2}",
               "skip, head only (last:1)": "last:1"}
+    if args.full_only:
+        scopes = {"full step": None}
     frozen = {name: skip_frozen_parameters(model, WUSConfig(bias_scope=scope)) if scope else [] for name, scope in scopes.items()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -75,13 +94,16 @@ def main() -> None:
             return F.cross_entropy(compiled(x).float(), y)
 
     # the cached-prefix head step: features of the frozen prefix computed once, untimed
-    for p in frozen["skip, head only (last:1)"]:
+    head_frozen = skip_frozen_parameters(model, WUSConfig(bias_scope="last:1"))
+    for p in head_frozen:
         p.requires_grad_(False)
-    prefix, top = split_frozen_prefix(model)
-    with torch.no_grad(), autocast:
-        features = prefix.eval()(x)
-    prefix.train()
-    for p in frozen["skip, head only (last:1)"]:
+    split = split_frozen_prefix(model)  # None for a model that is not a chain of modules (ResNet)
+    if split is not None:
+        prefix, top = split
+        with torch.no_grad(), autocast:
+            features = prefix.eval()(x)
+        prefix.train()
+    for p in head_frozen:
         p.requires_grad_(True)
 
     def cached_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -104,7 +126,8 @@ def main() -> None:
         return elapsed
 
     kinds: dict[str, tuple[list[torch.nn.Parameter], object]] = {f"eager {n}": (frozen[n], eager_loss) for n in scopes}
-    kinds["eager skip, head only, cached prefix"] = (frozen["skip, head only (last:1)"], cached_loss)
+    if split is not None and not args.full_only:
+        kinds["eager skip, head only, cached prefix"] = (head_frozen, cached_loss)
     compile_times: dict[str, float] = {}
     if args.compile:
         for name in scopes:  # each mode's first step compiles its forward and backward graphs
@@ -120,11 +143,8 @@ def main() -> None:
 
     full_flops = _step_flops(model, x, y, frozen=[])
     flops = {name: _step_flops(model, x, y, frozen=frozen[name]) / full_flops for name in scopes}
-    for p in frozen["skip, head only (last:1)"]:
-        p.requires_grad_(False)
-    flops["cached"] = _step_flops(top, features, y, frozen=[]) / full_flops
-    for p in frozen["skip, head only (last:1)"]:
-        p.requires_grad_(True)
+    if split is not None:
+        flops["cached"] = _step_flops(top, features, y, frozen=head_frozen) / full_flops
     print(f"{args.model} width {args.width}, batch {args.batch_size}, {device}, torch {torch.__version__}, "
           f"median of {args.repeats} interleaved repeats\n")
     print("| step | ms | time vs full (same mode) | FLOPs vs full |")
@@ -135,6 +155,7 @@ def main() -> None:
             t = statistics.median(times[name])
             share = flops["cached"] if "cached" in name else flops[name.split(" ", 1)[1]]
             print(f"| {name} | {t * 1000:.1f} | {t / full:.2f}x | {share:.3f}x |")
+        print(f"| {mode} full step, images/s | {args.batch_size / full:.0f} | | |")
     if args.compile:
         eager_full = statistics.median(times["eager full step"])
         compiled_full = statistics.median(times["compiled full step"])
@@ -142,8 +163,9 @@ def main() -> None:
         print("compile time per mode (first step, not in the table): "
               + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in compile_times.items())
               + f"; {sum(compile_times.values()):.1f}s in all, {compiled.compilations} graphs")
-        ratios = [s / f for s, f in zip(times["compiled skip, head only (last:1)"], times["compiled full step"])]
-        print(f"compiled last:1 skip/full ratio {statistics.median(ratios):.2f}")
+        if not args.full_only:
+            ratios = [s / f for s, f in zip(times["compiled skip, head only (last:1)"], times["compiled full step"])]
+            print(f"compiled last:1 skip/full ratio {statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ def test_pareto_cli(finished_study, capsys, argv, message):
         (["--schedule", "bogus"], "schedule.name: unknown value 'bogus'"),
         (["--wus.bias_scope", "last:0"], "wus.bias_scope"),
         (["--methods.warp.x", "1"], "methods.warp: unknown method"),
-        (["--methods.approx_ops", "1"], "unrecognized argument"),
+        (["--methods.approx_ops", "1"], "methods.approx_ops: expected a mapping"),
         (["--config", "afile"], "expected a mapping at the top level"),
         (["--config", "bad.yaml"], "not valid YAML"),
         (["--dataset", "imagefolder", "--data-dir", "corrupt.tar.gz", "--device", "cpu"], "cannot read the archive"),

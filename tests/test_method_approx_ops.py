@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wus_tune.errors import ConfigError
-from wus_tune.methods import MethodContext, build_methods, registry
+from wus_tune.methods import RunInfo, StepContext, build_methods, registry
 from wus_tune.methods.approx_ops import (
     SAMPLERS,
     ApproxConv2d,
@@ -41,8 +41,14 @@ def small_cnn() -> nn.Sequential:
     )
 
 
-def ctx() -> MethodContext:
-    return MethodContext(config=None, device=torch.device("cpu"), steps_per_epoch=2, total_steps=4)
+def ctx() -> RunInfo:
+    return RunInfo(config=None, device=torch.device("cpu"), steps_per_epoch=2, total_steps=4, batch_size=16)
+
+def step_of(run, model, opt, x, y, step=0):
+    """The trainer's StepContext for one hand-driven step."""
+    return StepContext(run=run, model=model, optimizer=opt, inputs=x, targets=y, step=step, epoch=0, forward=model,
+                       loss_fn=F.cross_entropy)
+
 
 
 # ---- k and pair selection ----------------------------------------------------------------------
@@ -346,21 +352,19 @@ def test_method_in_a_hand_written_loop(sampler):
     model = small_cnn()
     method = ApproxOps(sample_ratio=0.5, sampler=sampler)
     c = ctx()
-    model = method.apply_model(model, c)
+    model = method.setup(model, c)
     opt = method.make_optimizer(model, c) or torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
     losses = []
     for epoch in range(2):
-        c.epoch = epoch
         model.train()
         for step in range(2):
-            c.step = epoch * 2 + step
+            s = step_of(c, model, opt, x, y, epoch * 2 + step)
             loss = F.cross_entropy(model(x), y)
             loss.backward()
-            c.extra["inputs"], c.extra["targets"] = x, y
-            method.before_step(model, opt, c)
+            method.before_step(s)
             opt.step()
-            method.after_step(model, opt, c)
+            method.after_step(s)
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
         metrics = method.end_epoch(model, c)
@@ -376,23 +380,25 @@ def test_method_recalibrates_batchnorm_at_each_epoch_end_and_stops_at_until():
     torch.manual_seed(0)
     model = small_cnn()
     method = ApproxOps(sample_ratio=0.5, bn_batches=2, until=0.75)
-    c = MethodContext(config=None, device=torch.device("cpu"), steps_per_epoch=2, total_steps=4)
-    model = method.apply_model(model, c)
+    c = ctx()
+    model = method.setup(model, c)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     calls = []
     import wus_tune.methods.approx_ops as ao
 
     original = ao.recalibrate_batchnorm
-    ao.recalibrate_batchnorm = lambda m, batches: calls.append((c.step, len(batches))) or original(m, batches)
+    current = [0]
+    ao.recalibrate_batchnorm = lambda m, batches: calls.append((current[0], len(batches))) or original(m, batches)
     try:
         for step in range(4):
-            c.step = step
+            current[0] = step
             x = torch.randn(8, 3, 8, 8)
-            F.cross_entropy(model(x), torch.randint(0, 10, (8,))).backward()
-            c.extra["inputs"] = x
-            method.before_step(model, opt, c)
+            y = torch.randint(0, 10, (8,))
+            F.cross_entropy(model(x), y).backward()
+            s = step_of(c, model, opt, x, y, step)
+            method.before_step(s)
             opt.step()
-            method.after_step(model, opt, c)
+            method.after_step(s)
             opt.zero_grad(set_to_none=True)
             if step == 2:
                 assert not any(isinstance(m, (ApproxLinear, ApproxConv2d)) for m in model.modules())

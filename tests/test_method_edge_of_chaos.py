@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from wus_tune.methods import MethodContext, build_methods, registry
+from wus_tune.methods import RunInfo, StepContext, build_methods, registry
 from wus_tune.methods.edge_of_chaos import (
     EdgeOfChaos,
     balancing_weight_decay,
@@ -141,9 +141,15 @@ def test_guideline_configs_are_valid_train_config_overrides():
     assert cfg.optim.batch_size == 64 and cfg.optim.weight_decay == pytest.approx(20.0 / 3200)
 
 
-def _ctx(steps_per_epoch: int, batch: int) -> MethodContext:
-    return MethodContext(config=None, device=torch.device("cpu"), steps_per_epoch=steps_per_epoch,
-                         total_steps=10 * steps_per_epoch, extra={"inputs": torch.zeros(batch, 4)})
+def _ctx(steps_per_epoch: int, batch: int) -> RunInfo:
+    return RunInfo(config=None, device=torch.device("cpu"), steps_per_epoch=steps_per_epoch,
+                   total_steps=10 * steps_per_epoch, batch_size=batch)
+
+
+def _after_step(method, model, opt, run):
+    x = torch.zeros(run.batch_size, 4)
+    method.after_step(StepContext(run=run, model=model, optimizer=opt, inputs=x, targets=x[:, 0].long(), step=0,
+                                  epoch=0, forward=model, loss_fn=nn.functional.cross_entropy))
 
 
 def test_method_is_registered_and_measures_without_changing_weights():
@@ -153,10 +159,10 @@ def test_method_is_registered_and_measures_without_changing_weights():
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ctx = _ctx(steps_per_epoch=2, batch=8)
-    model = method.apply_model(model, ctx)
+    model = method.setup(model, ctx)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for _ in range(2):
-        method.after_step(model, opt, ctx)  # no optimizer.step: the weights must stay put
+        _after_step(method, model, opt, ctx)  # no optimizer.step: the weights must stay put
     metrics = method.end_epoch(model, ctx)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -174,14 +180,14 @@ def test_method_growth_rate_recovers_decay_only_shrinkage():
     method = EdgeOfChaos()
     steps, batch, lam = 5, 10, 1e-3
     ctx = _ctx(steps_per_epoch=steps, batch=batch)
-    method.apply_model(model, ctx)
+    method.setup(model, ctx)
     j2_start = order_summary(model_order_parameters(model))["J2_mean"]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.0, weight_decay=lam)
     for _ in range(steps):
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         opt.step()
-        method.after_step(model, opt, ctx)
+        _after_step(method, model, opt, ctx)
     metrics = method.end_epoch(model, ctx)
     j2 = metrics["edge_of_chaos/J2_mean"]
     assert j2 < j2_start

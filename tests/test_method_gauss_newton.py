@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from wus_tune.methods import MethodContext, build_methods, registry
+from wus_tune.methods import RunInfo, StepContext, build_methods, registry
 from wus_tune.methods.gauss_newton import (
     GaussNewton,
     SketchedGaussNewton,
@@ -141,8 +141,7 @@ def test_optimizer_step_uses_the_batch_and_trains_the_bias():
 
 
 def _ctx(x, y):
-    return MethodContext(config=None, device=torch.device("cpu"), steps_per_epoch=1, total_steps=3,
-                         extra={"inputs": x, "targets": y})
+    return RunInfo(config=None, device=torch.device("cpu"), steps_per_epoch=1, total_steps=3, batch_size=24)
 
 
 def test_method_trains_a_two_layer_mlp_with_frozen_output_layer():
@@ -153,20 +152,19 @@ def test_method_trains_a_two_layer_mlp_with_frozen_output_layer():
     x = torch.randn(24, 1, 4, 4)
     y = torch.randint(0, 4, (24,))
     ctx = _ctx(x, y)
-    model = method.apply_model(model, ctx)
+    model = method.setup(model, ctx)
     out_layer = model[3]
     assert not out_layer.weight.requires_grad and not out_layer.bias.requires_grad
     assert set(out_layer.weight.detach().abs().flatten().tolist()) == {1 / math.sqrt(256)}
     frozen = out_layer.weight.detach().clone()
     opt = method.make_optimizer(model, ctx)
     accs = []
-    for _ in range(3):
-        loss = nn.functional.cross_entropy(model(x), y)  # the trainer's backward: ignored by the GN step
-        loss.backward()
-        method.before_step(model, opt, ctx)
-        opt.step()
-        method.after_step(model, opt, ctx)
-        opt.zero_grad()
+    assert method.owns_step()
+    for step in range(3):
+        cost = method.train_step(StepContext(run=ctx, model=model, optimizer=opt, inputs=x, targets=y, step=step,
+                                             epoch=0, forward=model, loss_fn=nn.functional.cross_entropy))
+        assert cost.logits.shape == (24, 4) and torch.isfinite(cost.loss)
+        assert model[1].weight.grad is None  # no backward: the GN solve needs no gradient
         accs.append(float((model(x).argmax(1) == y).float().mean()))
     assert accs[-1] == 1.0
     assert torch.equal(out_layer.weight, frozen)
@@ -188,7 +186,7 @@ def test_method_trains_a_two_layer_mlp_with_frozen_output_layer():
 def test_method_rejects_other_models(model):
     (method,) = build_methods({"gauss_newton": {}})
     with pytest.raises(ValueError, match="two-layer|ReLU"):
-        method.apply_model(model, _ctx(None, None))
+        method.setup(model, _ctx(None, None))
     assert two_layer_parts(nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
 
 

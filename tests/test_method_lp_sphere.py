@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wus_tune.errors import ConfigError
-from wus_tune.methods import MethodContext, build_methods, registry
+from wus_tune.methods import RunInfo, build_methods, registry
 from wus_tune.methods.lp_sphere import (
     LpSphere,
     _from_dual,
@@ -56,19 +56,16 @@ def train(model, method, steps, *, x=None, y=None, lr=0.05, config=None, check=N
     """A hand-written loop calling the hooks in the trainer's order."""
     if x is None:
         x, y = toy_data()
-    ctx = MethodContext(config=config, device=torch.device("cpu"), steps_per_epoch=steps, total_steps=steps)
-    model = method.apply_model(model, ctx)
+    ctx = RunInfo(config=config, device=torch.device("cpu"), steps_per_epoch=steps, total_steps=steps, batch_size=64)
+    model = method.setup(model, ctx)
     opt = method.make_optimizer(model, ctx) or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     for step in range(steps):
-        ctx.step = step
         idx = torch.randint(0, len(y), (64,), generator=g)
         loss = F.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
-        ctx.extra["inputs"], ctx.extra["targets"] = x[idx], y[idx]
-        method.before_step(model, opt, ctx)
+        method.update(opt, progress=step / steps, total_steps=steps, peak_lr=config.optim.lr if config else None)
         opt.step()
-        method.after_step(model, opt, ctx)
         opt.zero_grad(set_to_none=True)
         if check is not None:
             check(step)
@@ -205,7 +202,7 @@ def test_sparsity_approaches_the_target():
     target = 0.6
     method = LpSphere(p=1.5, prune_every=5, target_sparsity=target, eta=0.05, evolve_until=1.0)
     history = []
-    ctx_end = MethodContext(None, torch.device("cpu"), 1, 1)
+    ctx_end = RunInfo(None, torch.device("cpu"), 1, 1, 1)
     model = mlp()
 
     def check(step):
@@ -260,8 +257,8 @@ def test_biases_last_layer_and_batchnorm_are_untouched_and_left_to_the_optimizer
     model = cnn()
     before = copy.deepcopy(model.state_dict())
     method = LpSphere(p=1.5)
-    ctx = MethodContext(None, torch.device("cpu"), 1, 1)
-    method.apply_model(model, ctx)
+    ctx = RunInfo(None, torch.device("cpu"), 1, 1, 1)
+    method.setup(model, ctx)
     assert [st.name for st in method.constrained] == ["0.weight", "3.weight", "8.weight"]
     for key, value in model.state_dict().items():
         if key in ("0.weight", "3.weight", "8.weight"):
@@ -271,7 +268,7 @@ def test_biases_last_layer_and_batchnorm_are_untouched_and_left_to_the_optimizer
     # one step: constrained weights leave the optimizer (grad None), the rest get their gradients
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     F.cross_entropy(model(torch.randn(4, 3, 6, 6)), torch.tensor([0, 1, 2, 3])).backward()
-    method.before_step(model, opt, ctx)
+    method.update(opt, progress=0.0, total_steps=1)
     constrained = {id(st.param) for st in method.constrained}
     for name, p in model.named_parameters():
         assert (p.grad is None) == (id(p) in constrained), name
@@ -284,10 +281,10 @@ def test_biases_last_layer_and_batchnorm_are_untouched_and_left_to_the_optimizer
 def test_per_group_p():
     model = cnn()
     method = LpSphere(p={"conv": 1.3})
-    method.apply_model(model, MethodContext(None, torch.device("cpu"), 1, 1))
+    method.setup(model, RunInfo(None, torch.device("cpu"), 1, 1, 1))
     assert [(st.name, st.p) for st in method.constrained] == [("0.weight", 1.3), ("3.weight", 1.3)]
     method = LpSphere(p={"conv": 1.3, "linear": 2.0})
-    method.apply_model(cnn(), MethodContext(None, torch.device("cpu"), 1, 1))
+    method.setup(cnn(), RunInfo(None, torch.device("cpu"), 1, 1, 1))
     assert [st.p for st in method.constrained] == [1.3, 1.3, 2.0]
     assert [name for name, _ in constrained_layers(cnn())] == ["0", "3", "8"]
 
@@ -295,26 +292,26 @@ def test_per_group_p():
 def test_a_missing_gradient_means_no_update():
     model = mlp()
     method = LpSphere(p=1.5)
-    ctx = MethodContext(None, torch.device("cpu"), 1, 1)
-    method.apply_model(model, ctx)
+    ctx = RunInfo(None, torch.device("cpu"), 1, 1, 1)
+    method.setup(model, ctx)
     w0 = model[0].weight.detach().clone()
     model[0].weight.requires_grad_(False)  # e.g. frozen by weight update skipping
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     F.cross_entropy(model(torch.randn(4, 20)), torch.tensor([0, 1, 2, 3])).backward()
-    method.before_step(model, opt, ctx)
+    method.update(opt, progress=0.0, total_steps=1)
     assert torch.equal(model[0].weight, w0)
 
 
 def test_a_non_finite_gradient_leaves_the_weights_unchanged():
     model = mlp()
     method = LpSphere(p=1.5)
-    ctx = MethodContext(None, torch.device("cpu"), 1, 1)
-    method.apply_model(model, ctx)
+    ctx = RunInfo(None, torch.device("cpu"), 1, 1, 1)
+    method.setup(model, ctx)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     w0, w2 = model[0].weight.detach().clone(), model[2].weight.detach().clone()
     F.cross_entropy(model(torch.randn(4, 20)), torch.tensor([0, 1, 2, 3])).backward()
     model[0].weight.grad[0, 0] = float("inf")
-    method.before_step(model, opt, ctx)
+    method.update(opt, progress=0.0, total_steps=1)
     assert torch.equal(model[0].weight, w0)
     assert not torch.equal(model[2].weight, w2)  # the other layer, with a finite gradient, moved
     assert torch.isfinite(method.constrained[0].buf).all()  # the momentum was not poisoned
@@ -335,12 +332,12 @@ def test_the_accelerator_path_without_host_sync_matches_the_cpu_path(monkeypatch
     # and the guard: a non-finite gradient leaves the weights and the momentum as they were
     model = mlp()
     method = LpSphere(p=1.5)
-    ctx = MethodContext(None, torch.device("cpu"), 1, 1)
-    method.apply_model(model, ctx)
+    ctx = RunInfo(None, torch.device("cpu"), 1, 1, 1)
+    method.setup(model, ctx)
     w0 = model[0].weight.detach().clone()
     F.cross_entropy(model(torch.randn(4, 20)), torch.tensor([0, 1, 2, 3])).backward()
     model[0].weight.grad[0, 0] = float("nan")
-    method.before_step(model, torch.optim.SGD(model.parameters(), lr=0.1), ctx)
+    method.update(torch.optim.SGD(model.parameters(), lr=0.1))
     assert torch.equal(model[0].weight, w0) and torch.isfinite(method.constrained[0].buf).all()
 
 
@@ -348,13 +345,13 @@ def test_eta_follows_the_learning_rate_schedule():
     config = SimpleNamespace(optim=SimpleNamespace(lr=0.1))
     model = mlp()
     method = LpSphere(p=1.5, prune_every=0)
-    ctx = MethodContext(config, torch.device("cpu"), 1, 1)
-    method.apply_model(model, ctx)
+    method.setup(model, RunInfo(config, torch.device("cpu"), 1, 1, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert method._eta(opt, model[0].weight, ctx) == pytest.approx(0.01)
+    peak = config.optim.lr
+    assert method._eta(opt, model[0].weight, peak) == pytest.approx(0.01)
     opt.param_groups[0]["lr"] = 0.025  # the schedule at 25 %
-    assert method._eta(opt, model[0].weight, ctx) == pytest.approx(0.0025)
-    assert LpSphere(p=1.5, follow_schedule=False)._eta(opt, model[0].weight, ctx) == pytest.approx(0.01)
+    assert method._eta(opt, model[0].weight, peak) == pytest.approx(0.0025)
+    assert LpSphere(p=1.5, follow_schedule=False)._eta(opt, model[0].weight, peak) == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("p", [1.0, 0.5, 2.5, -1, True, "1.5", float("nan"), {"conv": 2.5}, {"dense": 1.5}, {}])

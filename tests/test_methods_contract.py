@@ -1,54 +1,174 @@
-"""Every registered method trains through the real trainer, alone and beside WUS, and round-trips its config."""
+"""Every registered method (WUS included) trains through the real trainer, alone and beside WUS, and
+round-trips its config; the contract's errors; a third-party method found through its entry point."""
 
 from __future__ import annotations
 
 import math
+import textwrap
 
 import pytest
+import torch
 
 from wus_tune import TrainConfig, fit
-from wus_tune.methods import build_methods, registry
+from wus_tune.config import ModelConfig
+from wus_tune.errors import ConfigError
+from wus_tune.methods import Method, build_methods, registry
 
-# A model each method can act on: approximate ops leave the first and last layer exact, so they need a
-# third layer; Gauss-Newton is defined for two-layer networks.
-MODEL_FOR = {"gauss_newton": {"model.depth": 2}}
-DEFAULT_MODEL = {"model.depth": 3}
+BUILTIN = sorted(registry())
 
 
-def _config(method: str, **extra) -> TrainConfig:
+def _base(**extra) -> TrainConfig:
     return TrainConfig.from_dict({
-        "model": {"name": "mlp", "hidden": 32},
+        "model": {"name": "mlp", "hidden": 32, "depth": 3},
         "data": {"name": "digits", "subset": 300, "val_fraction": 0.2},
         "optim": {"lr": 0.05, "batch_size": 100},
         "epochs": 1,
         "device": "cpu",
-        "methods": {method: {}},
-    }).replace({**DEFAULT_MODEL, **MODEL_FOR.get(method, {}), **extra})
+    }).replace(extra)
 
 
-def test_the_four_literature_methods_are_registered():
-    assert {"approx_ops", "edge_of_chaos", "lp_sphere", "gauss_newton"} <= set(registry())
+def _config(name: str, **extra) -> TrainConfig:
+    """The base config with ``name`` switched on, on the first mlp depth the method accepts."""
+    cls = registry()[name]
+    base = _base(**extra)
+    for depth in (3, 2):
+        model = ModelConfig(name="mlp", hidden=32, depth=depth)
+        if cls.check_model(model, base) is None:
+            return base.replace({"model.depth": depth, **cls.switch(True)})
+    raise AssertionError(f"{name}: no mlp depth suits it")
 
 
-@pytest.mark.parametrize("name", sorted(registry()))
+def test_wus_and_the_four_literature_methods_are_registered():
+    assert {"wus", "approx_ops", "edge_of_chaos", "lp_sphere", "gauss_newton"} <= set(registry())
+
+
+@pytest.mark.parametrize("name", BUILTIN)
 def test_method_trains_two_batches_and_reports_prefixed_metrics(name):
-    result = fit(_config(name))
+    config = _config(name)
+    assert [type(m).name for m in build_methods(config)] == [name]
+    result = fit(config)
     assert result.total_steps == 2
     assert math.isfinite(result.val_acc) and math.isfinite(result.epochs[-1].train_loss)
+    assert result.epochs[-1].extra, f"{name} reports no metric"
     for key, value in result.epochs[-1].extra.items():
         assert key.startswith(f"{name}/"), key
         assert isinstance(value, float)
+    assert result.train_flops > 0 and sum(k["steps"] for k in result.step_kinds.values()) == 2
 
 
-@pytest.mark.parametrize("name", sorted(set(registry()) - {"gauss_newton"}))
+@pytest.mark.parametrize("name", [n for n in BUILTIN if registry()[n].combines_with_wus])
 def test_method_combines_with_wus(name):
     result = fit(_config(name, **{"epochs": 3, "wus.enabled": True, "wus.threshold": 1.0, "wus.warmup": 1,
                                   "wus.window": 1, "wus.schedule_window": [0.0, 1.0]}))
     assert result.skipped_steps > 0
+    assert any(k.startswith("skip:") or "+skip:" in k for k in result.step_kinds)
 
 
-@pytest.mark.parametrize("name", sorted(registry()))
+@pytest.mark.parametrize("name", BUILTIN)
 def test_constructor_round_trips_params(name):
-    method = build_methods({name: {}})[0]
+    (method,) = build_methods(_config(name))
     again = type(method)(**method.params)
     assert again.params == method.params
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_study_data_is_well_formed(name):
+    cls = registry()[name]
+    for key, param in cls.search_space().items():
+        assert param["type"] in ("float", "int", "categorical"), key
+        assert param.get("doc"), f"{key} has no doc"
+    base = _config(name)
+    for trial in cls.default_trials():
+        values = dict(trial)
+        overrides = cls.expand_virtual(values)
+        base.replace({**overrides, **values})  # a default trial is a valid config
+
+
+def test_gauss_newton_owns_its_step_and_its_solve_is_counted():
+    """The GN step runs no backward, and its FLOPs are those of the real step: the solve included."""
+    result = fit(_config("gauss_newton"))
+    val_size, batch = 60, 100
+    forward = (result.cost_flops - result.train_flops) / val_size * batch  # one forward at the batch size
+    assert result.flops_per_step > 2 * forward  # a forward plus the Gauss-Newton solve
+
+
+class _Owner(Method):
+    name = "test_owner"
+
+    def train_step(self, step):
+        return None
+
+
+class _Builder(Method):
+    name = "test_builder"
+
+    def make_optimizer(self, model, run):
+        return torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_two_methods_owning_the_step_or_the_optimizer_is_a_config_error(monkeypatch):
+    from wus_tune import methods as methods_module
+
+    for cls in (_Owner, _Builder):
+        monkeypatch.setitem(methods_module._REGISTRY, cls.name, cls)
+    with pytest.raises(ConfigError, match="gauss_newton and test_builder both build the optimizer"):
+        fit(_config("gauss_newton").replace({"methods.test_builder": {}}))
+    with pytest.raises(ConfigError, match="gauss_newton and test_owner both own the training step"):
+        fit(_config("gauss_newton").replace({"methods.test_owner": {}}))
+
+
+PLUGIN = '''
+from wus_tune.layers import weighted_layers
+from wus_tune.methods import Method
+
+
+class FreezeFirst(Method):
+    """Freeze the first layer after a fraction of training."""
+
+    name = "freeze_first"
+    combines_with_wus = True
+    SEARCH_SPACE = {"methods.freeze_first.at": {"type": "float", "low": 0.3, "high": 0.7, "doc": "when to freeze"}}
+
+    def __init__(self, *, at=0.5):
+        super().__init__(at=at)
+        self.frozen = False
+
+    def step_kind(self):
+        return "first_frozen" if self.frozen else ""
+
+    def after_step(self, step):
+        if not self.frozen and (step.step + 1) / step.run.total_steps >= self.params["at"]:
+            first = weighted_layers(step.model)[0][1]
+            for p in first.parameters():
+                p.requires_grad_(False)
+            self.frozen = True
+
+    def end_epoch(self, model, run):
+        return {"freeze_first/frozen": float(self.frozen)}
+'''
+
+
+def write_plugin(root) -> None:
+    """A throw-away installed package: its module and a dist-info with the entry point, on ``root``."""
+    (root / "freeze_first_plugin.py").write_text(textwrap.dedent(PLUGIN))
+    info = root / "freeze_first_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: freeze-first-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[wus_tune.methods]\nfreeze_first = freeze_first_plugin:FreezeFirst\n")
+
+
+def test_a_method_from_an_installed_package_trains_through_its_entry_point(tmp_path, monkeypatch):
+    from importlib.metadata import entry_points
+
+    write_plugin(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "freeze_first" in {ep.name for ep in entry_points(group="wus_tune.methods")}
+    config = _base(epochs=4).replace({"methods.freeze_first": {"at": 0.5}})
+    result = fit(config)
+    first = result.model[1]  # Flatten, then the first Linear
+    assert not first.weight.requires_grad and not first.bias.requires_grad
+    kinds = result.step_kinds
+    assert kinds["full"]["steps"] == kinds["first_frozen"]["steps"] == result.total_steps // 2
+    assert kinds["first_frozen"]["flops_per_step"] < kinds["full"]["flops_per_step"]  # no weight gradient there
+    assert result.epochs[-1].extra == {"freeze_first/frozen": 1.0}
+    assert registry()["freeze_first"].search_space()["methods.freeze_first.at"]["high"] == 0.7

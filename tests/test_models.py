@@ -8,7 +8,8 @@ from torch import nn
 
 from wus_tune.config import MODEL_NAMES, ModelConfig
 from wus_tune.errors import ConfigError
-from wus_tune.models import MODEL_BUILDERS, build_model, parameterised_layers
+from wus_tune.layers import parameterised_layers
+from wus_tune.models import MODEL_BUILDERS, build_model
 
 SHAPES = [(3, 32, 32), (1, 8, 8)]
 
@@ -49,11 +50,11 @@ def test_channels_last_and_bf16_autocast(name: str) -> None:
 def test_parameterised_layers_cover_each_parameter_once(name: str) -> None:
     model = build_model(ModelConfig(name=name, width=0.25), (3, 32, 32), num_classes=10)
     layers = parameterised_layers(model)
-    owned = [p for layer in layers for p in layer.parameters(recurse=False)]
+    owned = [p for layer in layers for _, p in layer.params]
     assert len(owned) == len({id(p) for p in owned})
     assert {id(p) for p in owned} == {id(p) for p in model.parameters()}
-    assert isinstance(layers[-1], nn.Linear) and layers[-1].out_features == 10
-    assert all(isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) for m in layers)
+    assert isinstance(layers[-1].module, nn.Linear) and layers[-1].module.out_features == 10
+    assert all(isinstance(layer.module, (nn.Conv2d, nn.Linear)) for layer in layers)  # norm layers join the one before
 
 
 def test_layer_order_follows_forward() -> None:
@@ -61,7 +62,7 @@ def test_layer_order_follows_forward() -> None:
     shortcut runs after its main path in :class:`BasicBlock.forward`)."""
     for name in MODEL_NAMES:
         model = build_model(ModelConfig(name=name, width=0.25), (3, 32, 32), num_classes=10)
-        layers = parameterised_layers(model)
+        layers = [layer.module for layer in parameterised_layers(model)]
         ran: list[nn.Module] = []
         for layer in layers:
             layer.register_forward_hook(lambda m, *_: ran.append(m))
@@ -89,7 +90,7 @@ def test_sizes_match_the_standard_cifar_models() -> None:
     # The usual CIFAR VGG-11 has 9,231,114, with conv biases in front of BN that BN cancels.
     assert count(build_model(ModelConfig(name="vgg11"), (3, 32, 32), 10)) == 9_231_114 - 2_752
     mlp = build_model(ModelConfig(name="mlp", hidden=100, depth=3, width=0.5), (1, 8, 8), 10)
-    assert [(l.in_features, l.out_features) for l in parameterised_layers(mlp)] == [(64, 50), (50, 50), (50, 10)]
+    assert [(l.in_features, l.out_features) for l in (layer.module for layer in parameterised_layers(mlp))] == [(64, 50), (50, 50), (50, 10)]
     tiny = build_model(ModelConfig(name="vgg11", width=1 / 64), (3, 32, 32), 10)
     assert min(c.out_channels for c in tiny.modules() if isinstance(c, nn.Conv2d)) == 1
 

@@ -162,8 +162,8 @@ def test_parse_rule_roundtrip():
 
 def test_analyse_uses_baseline_frontier_and_feasibility():
     cands = [
-        Candidate(0, "COMPLETE", (0.90, 100.0), role="baseline", wus=False),
-        Candidate(1, "COMPLETE", (0.80, 50.0), role="baseline-frontier", wus=False),
+        Candidate(0, "COMPLETE", (0.90, 100.0), role="baseline", uses_method=False),
+        Candidate(1, "COMPLETE", (0.80, 50.0), role="baseline-frontier", uses_method=False),
         Candidate(2, "COMPLETE", (0.89, 60.0), role="search"),
         Candidate(3, "FAIL", None, role="search"),
         Candidate(4, "COMPLETE", (0.95, 10.0), role="search", feasible=False),

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from wus_tune._cli import run_main
-from wus_tune._study.catalog import DEFAULT_KNOBS, METHOD_KNOBS
+from wus_tune._study.catalog import method_knobs, plugin_names
+from wus_tune.methods import registry
 from wus_tune._study.space import METHOD_KEY, RATIO_KEY, apply_values, method_parts
 from wus_tune._study.spec import StudySpec, parse_objectives
 from wus_tune.config import TrainConfig
@@ -99,13 +100,13 @@ def test_method_default_trials_follow_the_baselines():
     assert roles == ["baseline", "wus-default", "baseline-frontier"] + ["method-default"] * 2
     assert trials[0][1][METHOD_KEY] == "none" and trials[1][1][METHOD_KEY] == "wus"
     defaults = {v[METHOD_KEY]: v for r, v in trials if r == "method-default"}
-    assert defaults["approx_ops"]["methods.approx_ops.sample_ratio"] == DEFAULT_KNOBS["approx_ops"]["sample_ratio"]
+    assert defaults["approx_ops"]["methods.approx_ops.sample_ratio"] == registry()["approx_ops"].DEFAULT_TRIAL["sample_ratio"]
     assert defaults["lp_sphere+wus"]["wus.variant"] == "wus"
     for values in defaults.values():
         apply_values(s.base, values)
     gn = spec(methods=["gauss_newton"], train=TWO_LAYER).resolve()
     (role, values), = [t for t in initial_trials(gn) if t[0] == "method-default"]
-    assert apply_values(gn.base, values).methods["gauss_newton"]["step_size"] == DEFAULT_KNOBS["gauss_newton"]["step_size"]
+    assert apply_values(gn.base, values).methods["gauss_newton"]["step_size"] == registry()["gauss_newton"].DEFAULT_TRIAL["step_size"]
     base_cfg = apply_values(s.base, trials[0][1])
     assert base_cfg.methods == {} and not base_cfg.wus.enabled
     # without wus among the methods: no WUS knob and no WUS default
@@ -118,8 +119,8 @@ def test_knob_ranges_are_overridable_and_documented():
     s = spec(methods=["approx_ops"], search_space={"methods.approx_ops.sample_ratio": {"low": 0.4, "high": 0.6}}).resolve()
     p = s.space["methods.approx_ops.sample_ratio"]
     assert (p.low, p.high) == (0.4, 0.6) and p.when == {METHOD_KEY: ("approx_ops",)}  # merged, still conditional
-    for params in METHOD_KNOBS.values():
-        for p in params:
+    for name in plugin_names():
+        for p in method_knobs(name):
             assert p.doc and p.validate() is p
 
 
@@ -224,9 +225,9 @@ def test_two_methods_three_objectives_end_to_end(study_dir):
     assert len(a.complete) == n_initial + 3 and a.objectives == ("accuracy", "cost", "sparsity")
     assert a.front and a.hv_history and outcome.selected is not None
     by_role = {c.role: c for c in a.complete}
-    assert by_role["baseline"].values[2] == 0.0 and not by_role["baseline"].wus  # dense, plain: the frontier
+    assert by_role["baseline"].values[2] == 0.0 and not by_role["baseline"].uses_method  # dense, plain: the frontier
     lp = [c for c in a.complete if c.attrs.get("method") == "lp_sphere"]
-    assert lp and all(c.values[2] > 0 for c in lp) and all(c.wus for c in lp)
+    assert lp and all(c.values[2] > 0 for c in lp) and all(c.uses_method for c in lp)
     assert all(c.config["methods"].get("lp_sphere", {}).get("prune_every") == 4 for c in lp)
     assert all("lp_sphere" not in c.config["methods"] for c in a.complete if c.attrs.get("method") != "lp_sphere")
     csv = (study_dir / "report" / "trials.csv").read_text().splitlines()

@@ -85,6 +85,46 @@ def test_step_wise_checks():
     assert 0 < result.skipped_steps < result.total_steps
 
 
+def test_the_warm_up_covers_the_evaluation_pass(monkeypatch):
+    """Autotuning and allocator growth of the first evaluation must not be charged to WUS (which evaluates at
+    every check) more than to the baseline: an untimed evaluation-mode forward at the evaluation batch size
+    runs before the first optimizer step."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    import wus_tune.models
+
+    events: list[tuple[str, int]] = []
+    build = wus_tune.models.build_model
+
+    def build_and_watch(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, inputs: events.append(("train" if m.training else "eval",
+                                                                          len(inputs[0]))))
+        return model
+
+    monkeypatch.setattr(wus_tune.models, "build_model", build_and_watch)
+    handle = register_optimizer_step_pre_hook(lambda *_: events.append(("step", 0)))
+    try:
+        fit(digits_config(epochs=1, **{"wus.enabled": True}))
+    finally:
+        handle.remove()
+    before_training = events[: events.index(("step", 0))]
+    val_size = round(0.2 * 1797)
+    assert ("eval", val_size) in before_training, before_training
+
+
+def test_flops_follow_the_step_kinds():
+    config = digits_config(**{"epochs": 3, "wus.enabled": True, "wus.threshold": 1.0, "wus.warmup": 1,
+                              "wus.window": 1, "wus.skip_length": 1, "wus.bias_scope": "last:1",
+                              "wus.schedule_window": [0.0, 1.0]})
+    result = fit(config)
+    kinds = result.step_kinds
+    assert set(kinds) == {"full", "skip:last:1"}
+    assert kinds["skip:last:1"]["steps"] == result.skipped_steps > 0
+    assert result.train_flops == sum(k["steps"] * k["flops_per_step"] for k in kinds.values())
+    assert kinds["skip:last:1"]["flops_per_step"] < kinds["full"]["flops_per_step"]
+
+
 def test_divergence_raises():
     config = digits_config(**{"optim.lr": 100.0, "optim.momentum": 0.99, "schedule.name": "constant"})
     with pytest.raises(TrainingDiverged, match="nan|inf"):

@@ -156,6 +156,7 @@ def _step(model, opt, x, y):
 def test_skip_steps_freeze_weights_bit_identically_and_keep_momentum(scope):
     cfg = WUSConfig(enabled=True, window=1, threshold=0.05, warmup=0, skip_length=3, bias_scope=scope)
     model, opt, ctl = _controller(cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     x, y = torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,))
     _step(model, opt, x, y)  # full step: momentum buffers exist now
     momentum = {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()}
@@ -185,7 +186,7 @@ def test_skip_steps_freeze_weights_bit_identically_and_keep_momentum(scope):
     assert not ctl.skipping  # full updates resume
     before = copy.deepcopy(model.state_dict())
     _step(model, opt, x, y)
-    assert all(p.requires_grad for p in model.parameters())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # what trained before
     assert not torch.equal(before["conv.weight"], model.state_dict()["conv.weight"])
 
 
@@ -208,3 +209,77 @@ def test_backprop_stops_early_when_only_the_head_trains():
         nn.functional.cross_entropy(model(x), y).backward()
     full = counter.get_total_flops()
     assert step_flops("last:1") < step_flops("all") < full
+
+
+def test_a_layer_the_user_froze_stays_frozen_after_a_skip_window():
+    torch.manual_seed(0)
+    model = _Tiny()
+    model.conv.weight.requires_grad_(False)  # e.g. a pretrained backbone being fine-tuned
+    model.bn.weight.requires_grad_(False)
+    opt = torch.optim.SGD(param_groups(model, weight_decay=5e-4), lr=0.1, momentum=0.9)
+    ctl = WUSController(model, opt, WUSConfig(enabled=True, window=1, threshold=0.05, warmup=0, skip_length=1))
+    assert all(p.requires_grad for p in ctl.frozen_parameters)  # WUS toggles only what the user trains
+    _run(ctl, [0.5, 0.5])
+    assert ctl.skipping
+    ctl.observe(0.5)
+    assert not ctl.skipping  # the skip window is over
+    assert not model.conv.weight.requires_grad and not model.bn.weight.requires_grad
+    assert model.fc1.weight.requires_grad and model.fc2.weight.requires_grad
+    before = model.conv.weight.detach().clone()
+    _step(model, opt, torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,)))
+    assert torch.equal(before, model.conv.weight)
+
+
+def test_state_dict_round_trip_resumes_mid_window():
+    cfg = WUSConfig(enabled=True, window=1, threshold=0.05, warmup=0, skip_length=3, lr_decay=0.5,
+                    bias_lr_factor=2.0)
+    _, _, ctl = _controller(cfg)
+    _run(ctl, [0.5, 0.5, 0.5])  # inside a skip window, one interval done
+    assert ctl.skipping
+    state = copy.deepcopy(ctl.state_dict())
+    model, opt, fresh = _controller(cfg)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+    assert fresh.skipping and not model.conv.weight.requires_grad and model.fc2.bias.requires_grad
+    assert fresh.lr_factor(1) == ctl.lr_factor(1) == pytest.approx(1.0)
+    assert [fresh.observe(a) for a in (0.5, 0.5, 0.5)] == [ctl.observe(a) for a in (0.5, 0.5, 0.5)]
+    assert fresh.state_dict() == ctl.state_dict()
+
+
+class _Tied(nn.Module):
+    """Nested blocks, a bias-free conv + BatchNorm, LayerNorm, and a head tied to the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 5, bias=False)
+        self.block = nn.Sequential(nn.Sequential(nn.Conv1d(1, 1, 1, bias=False), nn.BatchNorm1d(1)), nn.LayerNorm(5))
+        self.head = nn.Linear(5, 6)
+        self.twin = nn.Linear(6, 5, bias=False)
+        self.twin.weight = self.embed.weight  # tied: one parameter, two modules
+
+
+def test_layer_walk_counts_shared_parameters_once_and_merges_norm_layers():
+    from wus_tune.layers import parameterised_layers, weighted_layers
+
+    model = _Tied()
+    layers = parameterised_layers(model)
+    names = [[n for n, _ in layer.params] for layer in layers]
+    assert names == [["embed.weight"], ["block.0.0.weight", "block.0.1.weight", "block.0.1.bias",
+                                        "block.1.weight", "block.1.bias"], ["head.weight", "head.bias"]]
+    owned = [id(p) for layer in layers for _, p in layer.params]
+    assert sorted(owned) == sorted({id(p) for p in model.parameters()})  # each parameter exactly once
+    assert [name for name, _ in weighted_layers(model)] == ["embed", "block.0.0", "head"]  # not twin: tied
+    # WUS: a bias-free conv's BatchNorm shift keeps training as its bias; the tied weight is frozen once
+    frozen = skip_frozen_parameters(model, WUSConfig())
+    assert [id(p) for p in frozen].count(id(model.embed.weight)) == 1
+    assert id(model.block[0][1].bias) not in {id(p) for p in frozen}
+
+
+def test_a_layernorm_model_keeps_its_norm_shift_training():
+    model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    groups = layer_groups(model)
+    assert [[n for n, _ in g] for g in groups] == [["0.weight", "0.bias"], ["1.weight", "1.bias", "2.weight", "2.bias"],
+                                                    ["3.weight", "3.bias"]]
+    kept = {n for n, p in model.named_parameters()} - {
+        n for n, p in model.named_parameters() if id(p) in {id(q) for q in skip_frozen_parameters(model, WUSConfig())}}
+    assert kept == {"0.bias", "1.bias", "2.bias", "3.bias"}

@@ -57,3 +57,13 @@ def test_compiled_wus_on_cpu_reports_compile_time_apart_and_matches_eager():
     assert compiled.skipped_steps == eager.skipped_steps > 0
     assert compiled.val_acc == pytest.approx(eager.val_acc, abs=0.02)
     assert compiled.train_flops == eager.train_flops
+
+
+def test_cache_knob_is_searchable_from_a_spec():
+    from wus_tune._study.space import apply_values, param_from_dict
+
+    param = param_from_dict("wus.cache_frozen_prefix", {"type": "categorical", "choices": [False, True]})
+    assert param.contains(True) and param.contains(False)
+    config = apply_values(_config(), {"wus.variant": "wus", "wus.cache_frozen_prefix": True})
+    assert config.wus.enabled and config.wus.cache_frozen_prefix
+    assert not _config().wus.cache_frozen_prefix  # off by default

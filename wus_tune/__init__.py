@@ -16,6 +16,7 @@ from wus_tune.config import (
     WUSConfig,
 )
 from wus_tune.errors import ConfigError, DataError, TrainingDiverged, UsageError
+from wus_tune.methods import Method, RunInfo, StepContext, StepCost
 from wus_tune.trainer import EpochRecord, TrainResult, fit
 from wus_tune.wus import WUSController, accuracy_variation, param_groups, should_skip
 
@@ -26,9 +27,13 @@ __all__ = [
     "DataConfig",
     "DataError",
     "EpochRecord",
+    "Method",
     "ModelConfig",
     "OptimConfig",
+    "RunInfo",
     "ScheduleConfig",
+    "StepContext",
+    "StepCost",
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",

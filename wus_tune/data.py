@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from wus_tune.config import DataConfig
-from wus_tune.errors import DataError
+from wus_tune.errors import DataError, one_line
 
 __all__ = [
     "Dataset",
@@ -222,7 +222,7 @@ def _load_cifar(name: str, root: Path, download: bool) -> _Decoded:
         try:
             parts = [tv_cls(str(root), train=train, download=True) for train in (True, False)]
         except Exception as e:  # URLError, timeouts, a corrupt download: all mean the same to the user
-            raise DataError(f"{name}: download into {root} failed ({_one_line(e)}); {_TV_HINT}") from None
+            raise DataError(f"{name}: download into {root} failed ({one_line(e)}); {_TV_HINT}") from None
     (train_x, train_y), (test_x, test_y) = [
         (torch.from_numpy(p.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(p.targets, dtype=torch.int64))
         for p in parts
@@ -239,7 +239,7 @@ def _read_cifar_pickles(folder: Path, tv_cls: Any) -> _Decoded:
             with open(folder / file, "rb") as f:
                 return pickle.load(f, encoding="latin1")
         except Exception as e:
-            raise DataError(f"{folder / file}: not a readable CIFAR pickle file ({_one_line(e)})") from None
+            raise DataError(f"{folder / file}: not a readable CIFAR pickle file ({one_line(e)})") from None
 
     def split(files: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
@@ -249,7 +249,7 @@ def _read_cifar_pickles(folder: Path, tv_cls: Any) -> _Decoded:
                 xs.append(torch.as_tensor(entry["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
                 ys.append(torch.as_tensor(entry["labels"] if "labels" in entry else entry["fine_labels"]))
             except (KeyError, TypeError, RuntimeError) as e:
-                raise DataError(f"{folder / file}: not a CIFAR batch ({_one_line(e)})") from None
+                raise DataError(f"{folder / file}: not a CIFAR batch ({one_line(e)})") from None
             if len(xs[-1]) != len(ys[-1]):
                 raise DataError(f"{folder / file}: {len(xs[-1])} images but {len(ys[-1])} labels")
         return torch.cat(xs), torch.cat(ys).to(torch.int64)
@@ -291,7 +291,7 @@ def _tar_members(path: Path) -> Iterator[tuple[str, bytes]]:
                     yield member.name, data.read() if data else b""
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         hint = "expected a .tar.gz of [top/]<class>/<image>"
-        raise DataError(f"{path}: cannot read the archive ({_one_line(e)}); {hint}") from None
+        raise DataError(f"{path}: cannot read the archive ({one_line(e)}); {hint}") from None
 
 
 def _dir_files(path: Path) -> Iterator[tuple[str, bytes]]:
@@ -335,7 +335,7 @@ def _decode_with_pil(data: bytes, name: str) -> torch.Tensor:
             im = im.convert("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
             arr = np.asarray(im)
     except Exception as e:
-        raise DataError(f"{name}: cannot decode the image ({_one_line(e)})") from None
+        raise DataError(f"{name}: cannot decode the image ({one_line(e)})") from None
     return torch.from_numpy(arr.copy()).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)
 
 
@@ -424,7 +424,7 @@ def _cached(cfg: DataConfig, key: dict[str, Any], build: Callable[[], _Decoded])
         try:
             return _from_payload(torch.load(file, map_location="cpu", weights_only=True), key_text)
         except Exception as e:
-            warnings.warn(f"{file}: unreadable dataset cache ({_one_line(e)}); decoding the source again", stacklevel=3)
+            warnings.warn(f"{file}: unreadable dataset cache ({one_line(e)}); decoding the source again", stacklevel=3)
     decoded = build()
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -449,11 +449,6 @@ def _from_payload(payload: Any, key_text: str) -> _Decoded:
         if not (isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.shape == x.shape[:1]):
             raise ValueError("labels do not match the images")
     return decoded
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # ---- device-resident batches ------------------------------------------------------------------------
@@ -559,11 +554,6 @@ class DeviceLoader:
         if self.train and self.drop_last and n >= self.batch_size:
             return n // self.batch_size
         return math.ceil(n / self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        """Images per epoch (fewer than the split holds when a partial batch is dropped)."""
-        return min(len(self.y), len(self) * self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(self.y), device=self.device, generator=self.generator) if self.train else None

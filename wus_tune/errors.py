@@ -38,3 +38,24 @@ def one_line(exc: BaseException, *, with_type: bool = False) -> str:
     if not line:
         return type(exc).__name__
     return f"{type(exc).__name__}: {line}" if with_type else line
+
+
+def check_number(key: str, value: object, *, integer: bool = False, minimum: float | None = None,
+                 above: float | None = None, what: str | None = None) -> None:  # fmt: skip
+    """A :class:`UsageError` naming ``key`` unless ``value`` is a finite number (an ``int`` when
+    ``integer``; never a bool) that is ``>= minimum`` and ``> above`` (each when given).
+
+    ``what`` names the expected kind in the message (default "an integer" / "a number")."""
+    import math
+
+    kind = what or ("an integer" if integer else "a number")
+    bound = f" >= {minimum:g}" if minimum is not None else f" > {above:g}" if above is not None else ""
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, int if integer else (int, float))
+        and math.isfinite(value)  # type: ignore[arg-type]
+        and (minimum is None or value >= minimum)  # type: ignore[operator]
+        and (above is None or value > above)  # type: ignore[operator]
+    )
+    if not ok:
+        raise UsageError(f"{key}: expected {kind}{bound}, got {value!r}")

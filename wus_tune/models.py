@@ -22,7 +22,7 @@ from torch import nn
 from wus_tune.config import ModelConfig
 from wus_tune.errors import ConfigError
 
-__all__ = ["MODEL_BUILDERS", "build_model", "parameterised_layers"]
+__all__ = ["MODEL_BUILDERS", "build_model"]
 
 InputShape = tuple[int, int, int]
 Builder = Callable[[ModelConfig, InputShape, int], nn.Module]
@@ -110,7 +110,7 @@ class BasicBlock(nn.Module):
     """Two 3x3 convs with an identity shortcut, or a 1x1 projection when the shape changes.
 
     Submodules are registered in forward order (main path, then shortcut) so that
-    :func:`parameterised_layers` can rely on registration order.
+    :func:`wus_tune.layers.parameterised_layers` can rely on registration order.
     """
 
     def __init__(self, c_in: int, c_out: int, stride: int, batch_norm: bool) -> None:
@@ -187,12 +187,3 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
         raise ConfigError(f"model.name: unknown model {cfg.name!r}; choose one of {known}") from None
     return builder(cfg, tuple(input_shape), num_classes)  # type: ignore[arg-type]
 
-
-def parameterised_layers(model: nn.Module) -> list[nn.Module]:
-    """Modules that own parameters directly (Conv, Linear, BatchNorm), from input to output.
-
-    WUS's ``bias_scope: last:K`` keeps the biases of the last K of these training, so the order matters;
-    the models above register their submodules in forward order (a ResNet block's shortcut after its main
-    path), which makes registration order the forward order. The classifier Linear comes last.
-    """
-    return [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]

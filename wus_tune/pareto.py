@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from wus_tune.errors import UsageError
@@ -176,10 +176,9 @@ def hypervolume(
                 area += (ref[0] - f0) * (best_f1 - f1)
                 best_f1 = f1
         return area
-    import numpy as np
-    from optuna._hypervolume import compute_hypervolume  # private but stable; exact WFG for >2 objectives
+    from wus_tune._study.adapters import compute_hypervolume  # exact WFG for > 2 objectives
 
-    return float(compute_hypervolume(np.asarray(losses, dtype=float), np.asarray(ref, dtype=float)))
+    return compute_hypervolume(losses, ref)
 
 
 def hypervolume_history(
@@ -365,8 +364,8 @@ class Candidate:
     state: str  # COMPLETE, FAIL, RUNNING, ...
     values: tuple[float, ...] | None
     role: str = "search"  # baseline | baseline-frontier | wus-default | search | enqueued
-    wus: bool = True  # a speed-up method (WUS or a plug-in) is on; False: a plain recipe, part of the frontier
-    feasible: bool = True  # all constraints <= 0
+    uses_method: bool = True  # a speed-up method (WUS or a plug-in) is on; False: a plain recipe, part of the frontier
+    feasible: bool = True  # all constraints <= 0 (recomputed by :func:`analyse` given ``constraint_delta``)
     params: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] | None = None
     attrs: dict[str, Any] = field(default_factory=dict)  # the trial's user attributes
@@ -399,7 +398,7 @@ class Analysis:
     @property
     def frontier(self) -> list[Candidate]:
         """The plain trials on the baseline frontier, by increasing time/cost."""
-        plain = [c for c in self.complete if not c.wus]
+        plain = [c for c in self.complete if not c.uses_method]
         pts = [(c.values[1], c.values[0]) for c in plain]
         keep = set(_frontier(pts))
         return sorted((c for c in plain if (c.values[1], c.values[0]) in keep), key=lambda c: c.values[1])
@@ -422,11 +421,20 @@ def analyse(
     *,
     accuracy_margin: float = 0.05,
     cost_factor: float = 1.25,
+    constraint_delta: float | None = None,
 ) -> Analysis:
-    """Front, baseline, hypervolume history and frontier advantages of a study's candidates."""
+    """Front, baseline, hypervolume history and frontier advantages of a study's candidates.
+
+    ``constraint_delta`` (accuracy points): a COMPLETE trial is feasible when its accuracy is at least
+    the baseline's minus ``constraint_delta / 100``, decided here from the stored values, so a trial that
+    finished before the baseline (whose constraint was written while there was none) is judged too.
+    Without a completed baseline every trial is feasible; without ``constraint_delta`` the stored
+    constraints decide."""
     objectives = tuple(objectives)
     directions = [OBJECTIVES[o][0] for o in objectives]
     cands = sorted(candidates, key=lambda c: c.number)
+    if constraint_delta is not None:
+        cands = with_feasibility(cands, objectives, constraint_delta)
     done = [c for c in cands if c.ok]
     front = [done[i].number for i in pareto_front([c.values for c in done], directions)]
     baseline = next((c for c in done if c.role == "baseline"), None)
@@ -441,7 +449,7 @@ def analyse(
     else:
         reference = None
     hv = hypervolume_history([c.values for c in done], directions, reference) if reference else []
-    plain = [(c.values[1], c.values[0]) for c in done if not c.wus]
+    plain = [(c.values[1], c.values[0]) for c in done if not c.uses_method]
     advantages = {c.number: frontier_advantage(c.values[1], c.values[0], plain) for c in done}
     return Analysis(
         objectives=objectives,
@@ -454,23 +462,33 @@ def analyse(
     )
 
 
+def with_feasibility(cands: Sequence[Candidate], objectives: Sequence[str], constraint_delta: float) -> list[Candidate]:
+    """``cands`` with ``feasible`` = accuracy >= baseline accuracy - ``constraint_delta`` points (the
+    first COMPLETE baseline's; all feasible while there is none)."""
+    k = list(objectives).index("accuracy")
+    baseline = next((c for c in cands if c.role == "baseline" and c.state == "COMPLETE" and c.values), None)
+    if baseline is None:
+        return [replace(c, feasible=True) for c in cands]
+    floor = baseline.values[k] - constraint_delta / 100
+    return [replace(c, feasible=c.values is None or c.values[k] >= floor) for c in cands]
+
+
 def candidate_from_trial(trial: optuna.trial.FrozenTrial) -> Candidate:
     """Read the attributes :mod:`wus_tune.study` stores on each trial."""
     attrs = dict(trial.user_attrs)
     config = attrs.get("config")
     if "method" in attrs:  # a study comparing methods: "none" is the plain recipe
-        wus = attrs["method"] != "none"
+        uses_method = attrs["method"] != "none"
+    elif "variant" in attrs:  # the study's record of what ran: "none" is the plain recipe
+        uses_method = attrs["variant"] != "none"
     else:
-        wus = bool(config["wus"]["enabled"]) if isinstance(config, dict) else attrs.get("role") not in (
-            "baseline",
-            "baseline-frontier",
-        )
+        uses_method = attrs.get("role") not in ("baseline", "baseline-frontier")
     return Candidate(
         number=trial.number,
         state=trial.state.name,
         values=tuple(trial.values) if trial.values is not None else None,
         role=str(attrs.get("role", "search")),
-        wus=wus,
+        uses_method=uses_method,
         feasible=all(v <= 0.0 for v in trial.constraints.values()),
         params=dict(trial.params),
         config=config,
@@ -495,7 +513,8 @@ def load_analysis(study_name: str, storage: str | None = None) -> tuple[optuna.S
     from wus_tune._study.storage import default_storage, load_study
 
     study = load_study(study_name, storage or default_storage(study_name))
-    return study, analyse(load_candidates(study), study_objectives(study))
+    delta = (study.user_attrs.get("spec") or {}).get("constraint_delta")
+    return study, analyse(load_candidates(study), study_objectives(study), constraint_delta=delta)
 
 
 def export_config(candidate: Candidate, path: str | None, *, study_name: str, rule: Rule | str) -> Any:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wus_tune.errors import UsageError
+from wus_tune.errors import UsageError, one_line
 
 if TYPE_CHECKING:
     from wus_tune.config import TrainConfig
@@ -72,16 +72,15 @@ def config_from_mlflow(uri: str, *, tracking_uri: str | None = None) -> TrainCon
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    from wus_tune._study.storage import DEFAULT_TRACKING_URI
+    from wus_tune._study.storage import DEFAULT_TRACKING_URI, mask_url, tracking_url
     from wus_tune.config import TrainConfig
 
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     with tempfile.TemporaryDirectory(prefix="wus_tune_cfg_") as tmp:
         try:
-            path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri)
+            path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_url(tracking_uri))
         except (MlflowException, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UsageError(f"{uri}: cannot download from MLflow at {tracking_uri} ({first})") from None
+            raise UsageError(f"{uri}: cannot download from MLflow at {mask_url(tracking_uri)} ({one_line(e)})") from None
         if Path(path).is_dir():
             raise UsageError(f"{uri}: is a directory; name the config file, e.g. .../best_config.yaml")
         return TrainConfig.load(path)
@@ -120,7 +119,7 @@ def train_production(
     the logged model.
     """
     from wus_tune._study.space import flat_config
-    from wus_tune._study.storage import DEFAULT_TRACKING_URI, check_tracking_uri
+    from wus_tune._study.storage import DEFAULT_TRACKING_URI, check_tracking_uri, tracking_url
     from wus_tune.train import save_checkpoint
     from wus_tune.trainer import fit
 
@@ -150,6 +149,8 @@ def train_production(
         from wus_tune._study.tracking import get_or_create_experiment, start_run
 
         check_tracking_uri(tracking_uri)
+        # The study's URL rules: a plain postgresql:// or mysql:// URL gets the installed driver.
+        tracking_uri = tracking_url(tracking_uri)
         client = MlflowClient(tracking_uri=tracking_uri)
         experiment_id = get_or_create_experiment(client, tracking_uri, experiment)
         params = {k: v for k, v in flat_config(cfg.to_dict()).items() if not k.startswith("meta")}

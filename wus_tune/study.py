@@ -19,6 +19,7 @@ Python API: :func:`run_study`. See ``docs/study.md``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -26,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wus_tune._cli import ArgumentParser, parse_value, run_main
+from wus_tune._cli import ArgumentParser, add_set_option, config_overrides, run_main
 from wus_tune._study.spec import Study, StudySpec, make_sampler
 from wus_tune._study.space import METHOD_KEY, VARIANT_KEY
-from wus_tune.errors import DataError, UsageError
+from wus_tune.errors import DataError, UsageError, one_line
 
 if TYPE_CHECKING:
     import optuna
@@ -71,6 +72,8 @@ def run_study(
     *,
     overrides: Mapping[str, Any] | None = None,
     fit: Callable[..., TrainResult] | None = None,
+    model: Any = None,
+    data: Any = None,
     echo: Callable[[str], None] | None = print,
     report_dir: str | Path | None = None,
     devices: str | None = None,
@@ -84,37 +87,104 @@ def run_study(
     ``spec``: a :class:`StudySpec`, a YAML path, or None for the defaults. ``options`` override spec
     fields (``n_trials=10, sampler="nsga2", tracking_uri="none"``); ``overrides`` are dotted base-config
     keys (``{"model.name": "vgg11", "epochs": 8}``). ``fit`` replaces :func:`wus_tune.fit` (tests,
-    benchmarks). Raises :class:`UsageError` for bad input before anything is written.
+    benchmarks); ``model`` and ``data``, when given, are passed to every ``fit(config, model=..., data=...)``
+    (a user's own model or dataset; one worker process only). Raises :class:`UsageError` for bad input
+    before anything is written.
 
     ``devices`` (``"0,1,2,3"`` or ``"cpu"``), ``workers``, ``workers_per_device``: run the trials in that
     many worker processes on this machine (see ``wus_tune._study.workers``); ``worker``: this process is
     one of them (no final report). Raises :class:`~wus_tune.errors.ServiceLost` if the storage or the
     tracking server is lost mid-study for longer than ``reconnect_timeout``.
-    """
-    import optuna
 
+    The steps, each a function of this module: :func:`resolve_study`, :func:`open_study`,
+    :func:`run_trials`, :func:`analyse_study`, :func:`report_study`. An exception while the trials run
+    reaches the caller as itself, after the report of what was recorded (a failure of that report is
+    only a note then, never a replacement of the original error).
+    """
     from wus_tune._study import workers as w
-    from wus_tune._study.guideline import calibrated
-    from wus_tune._study.objective import Objective
-    from wus_tune._study.storage import (
-        RetryPolicy, check_tracking_uri, default_journal, mask_url, open_storage, redact, study_exists, study_lock,
-    )  # fmt: skip
-    from wus_tune._study.tracking import MlflowTracker, NullTracker
+    from wus_tune._study.storage import redact
     from wus_tune.errors import ServiceLost
 
     say = (lambda text: echo(redact(text))) if echo else (lambda _: None)
+    slots = w.plan_slots(devices, workers, workers_per_device)
+    if (model is not None or data is not None) and len(slots) > 1:
+        raise UsageError("run_study: model= and data= run in this process only; drop devices/workers")
+    fit = _with_inputs(fit, model=model, data=data)
+    spec, study_def, device = resolve_study(spec, options=options, overrides=overrides, slots=slots, fit=fit,
+                                            report_dir=report_dir, worker=worker, say=say)  # fmt: skip
+    opened = open_study(study_def=study_def, device=device, say=say)
+    ran: list[int] = []
+    status, error = "FINISHED", None
+    try:
+        status = run_trials(opened=opened, spec=spec, study_def=study_def, slots=slots, fit=fit, ran=ran, say=say)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        say("interrupted: the current trial is marked failed and re-queued; run the same command again to continue")
+    except ServiceLost:
+        raise  # nothing more can be written: no report
+    except BaseException as e:
+        status, error = "FAILED", e
+    if error is None:
+        return report_study(opened=opened, study_def=study_def, status=status, ran=ran, say=say,
+                            report_dir=report_dir, report=not worker)  # fmt: skip
+    try:
+        report_study(opened=opened, study_def=study_def, status=status, ran=ran, say=say, report_dir=report_dir,
+                     report=not worker)  # fmt: skip
+    except Exception as report_error:  # the trials' error is the one the user must see
+        say(f"note: the report could not be written either ({one_line(report_error, with_type=True)})")
+    raise error
+
+
+def _with_inputs(fit: Callable[..., TrainResult] | None, *, model: Any, data: Any) -> Callable[..., TrainResult] | None:
+    """``fit`` with the user's ``model``/``data`` bound (only those given), or ``fit`` itself."""
+    if model is None and data is None:
+        return fit
+    if fit is None:
+        from wus_tune.trainer import fit
+    inputs = {k: v for k, v in (("model", model), ("data", data)) if v is not None}
+    return functools.partial(fit, **inputs)
+
+
+@dataclass
+class OpenStudy:
+    """What :func:`open_study` opened: the Optuna study, its storage and the MLflow tracker."""
+
+    study: optuna.Study
+    storage: Any
+    tracker: Any  # MlflowTracker or NullTracker
+    trials_before: int  # trials the study had before this invocation
+
+
+def resolve_study(
+    spec: StudySpec | str | Path | None,
+    *,
+    options: Mapping[str, Any],
+    overrides: Mapping[str, Any] | None,
+    slots: Sequence[Any],
+    fit: Callable[..., TrainResult] | None,
+    report_dir: str | Path | None,
+    worker: bool,
+    say: Callable[[str], None],
+) -> tuple[StudySpec, Study, str]:
+    """Every check before anything is written: the spec with ``options`` and ``overrides`` applied and
+    resolved, the device and data loaded once, the URLs and the report directory. Returns the spec, the
+    resolved study and the device it trains on."""
+    import copy
+
+    from wus_tune._study.guideline import calibrated
+    from wus_tune._study.storage import check_tracking_uri, default_journal
+
     if spec is None:
         spec = StudySpec(source="cli")
     elif not isinstance(spec, StudySpec):
         spec = StudySpec.load(spec)
-    spec = dataclasses.replace(spec, train=_deep_copy(spec.train))
+    spec = dataclasses.replace(spec, train=copy.deepcopy(spec.train))
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(StudySpec)} - {"source"})
     if unknown:
         raise UsageError(f"run_study: unknown option {unknown[0]!r}")
     spec = dataclasses.replace(spec, **options)
     for key, value in (overrides or {}).items():
         spec.set_train(key, value)
-    slots = w.plan_slots(devices, workers, workers_per_device)
     if len(slots) == 1:  # one worker: this process, on that device
         spec.set_train("device", "cpu" if slots[0].device == "cpu" else f"cuda:{slots[0].device}")
     elif slots:
@@ -123,7 +193,6 @@ def run_study(
     if len(slots) > 1 and study_def.default_storage:  # several local writers: a Journal file, not SQLite
         study_def = dataclasses.replace(study_def, storage=default_journal(study_def.name))
     study_def = dataclasses.replace(study_def, spec=_public_spec(study_def.spec))
-    conf = w.settings(study_def)
     device = _preflight(study_def)
     study_def = calibrated(spec, study_def, fit=fit, say=say)  # edge_of_chaos.growth_rate: auto: one short run
     if study_def.tracking_uri is not None:
@@ -132,14 +201,28 @@ def run_study(
         from wus_tune._study.storage import check_writable, safe_name
 
         check_writable(Path(report_dir) if report_dir else Path("studies") / safe_name(study_def.name), "report directory")
+    return spec, study_def, device
 
-    # ---- stores: nothing has been written before this point -----------------------------------------
+
+def open_study(*, study_def: Study, device: str, say: Callable[[str], None]) -> OpenStudy:
+    """Open or create the Optuna study and its MLflow parent run (the first writes of an invocation).
+
+    Workers starting at once: under the study lock, one creates the study, its parent run and the first
+    trials; the others find them."""
+    import json
+
+    import optuna
+
+    from wus_tune._study import workers as w
+    from wus_tune._study.storage import RetryPolicy, mask_url, open_storage, study_exists, study_lock
+    from wus_tune._study.tracking import MlflowTracker, NullTracker
+
+    conf = w.settings(study_def)
     storage = open_storage(
         study_def.storage, create_dirs=study_def.default_storage,
         heartbeat_interval=conf.heartbeat_interval, grace_period=conf.grace_period,
         retry=RetryPolicy(f"Optuna storage {mask_url(study_def.storage)}", conf.reconnect_timeout),
     )  # fmt: skip
-    # Workers starting at once: one creates the study, its MLflow parent run and the first trials.
     with study_lock(storage, study_def.name):
         existing = None
         if study_exists(storage, study_def.name):
@@ -166,8 +249,6 @@ def run_study(
         if existing is None:
             _init_study(study, study_def)
         else:
-            import json
-
             if existing.user_attrs.get("base_config") != json.loads(json.dumps(study_def.base.to_dict())):
                 say("note: the base config differs from the one this study started with; its baseline trials used that one")
             study.set_user_attr("search_space", study_def.space.to_json())  # the space the latest trials use
@@ -179,44 +260,45 @@ def run_study(
             study.set_user_attr("mlflow_tracking_uri", mask_url(study_def.tracking_uri))
     if tracker.enabled and existing is not None:  # runs left RUNNING by a worker that stopped unreachable
         tracker.sweep({t.number: t.state.name for t in study.get_trials(deepcopy=False)})
-
     say(
         f"study {study_def.name}: {'continuing with ' + str(n_before) + ' trials' if existing else 'new'}; "
         f"objectives {','.join(study_def.objectives)}; sampler {study_def.sampler}; storage {mask_url(study_def.storage)}"
         + (f"; MLflow {mask_url(study_def.tracking_uri)} (experiment {tracker.experiment_id})" if tracker.enabled else "")
     )
-    ran: list[int] = []
-    printer = _TrialPrinter(study_def, say, ran)
-    status, lost = "FINISHED", False
-    try:
-        if len(slots) > 1:
-            status = _launch(study, spec, study_def, slots, conf, ran, say)
-        else:
-            w.run_worker(
-                study,
-                Objective(study_def, tracker, fit=fit),
-                n_trials=study_def.n_trials,
-                max_trials=conf.max_trials,
-                timeout=study_def.timeout,
-                stale=w.StaleTrials(tracker, grace_period=conf.grace_period, max_retry=conf.max_retry),
-                lock=lambda: study_lock(storage, study_def.name),
-                callbacks=[printer],
-                poll_s=min(2.0, float(conf.heartbeat_interval or 2)),
-            )
-    except KeyboardInterrupt:
-        status = "KILLED"
-        say("interrupted: the current trial is marked failed and re-queued; run the same command again to continue")
-    except ServiceLost:
-        status, lost = "FAILED", True  # nothing more can be written: no report
-        raise
-    except BaseException:
-        status = "FAILED"
-        raise
-    finally:
-        if not lost:
-            outcome = _finish(study, study_def, tracker, status=status, ran=ran, say=say, report_dir=report_dir,
-                              report=not worker)  # fmt: skip
-    return outcome
+    return OpenStudy(study=study, storage=storage, tracker=tracker, trials_before=n_before)
+
+
+def run_trials(
+    *,
+    opened: OpenStudy,
+    spec: StudySpec,
+    study_def: Study,
+    slots: Sequence[Any],
+    fit: Callable[..., TrainResult] | None,
+    ran: list[int],
+    say: Callable[[str], None],
+) -> str:
+    """Run this invocation's trials, in this process or in one worker process per slot; ``ran`` collects
+    the numbers of the trials that finished. Returns the status (FINISHED, KILLED or FAILED)."""
+    from wus_tune._study import workers as w
+    from wus_tune._study.objective import Objective
+    from wus_tune._study.storage import study_lock
+
+    conf = w.settings(study_def)
+    if len(slots) > 1:
+        return _launch(opened.study, spec, study_def, slots, conf, ran, say)
+    w.run_worker(
+        opened.study,
+        Objective(study_def, opened.tracker, fit=fit),
+        n_trials=study_def.n_trials,
+        max_trials=conf.max_trials,
+        timeout=study_def.timeout,
+        stale=w.StaleTrials(opened.tracker, grace_period=conf.grace_period, max_retry=conf.max_retry),
+        lock=lambda: study_lock(opened.storage, study_def.name),
+        callbacks=[_TrialPrinter(study_def, say, ran)],
+        poll_s=min(2.0, float(conf.heartbeat_interval or 2)),
+    )
+    return "FINISHED"
 
 
 def _public_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -407,31 +489,18 @@ class _TrialPrinter:
         self.say(text)
 
 
-def _finish(
-    study: optuna.Study,
-    study_def: Study,
-    tracker: Any,
-    *,
-    status: str,
-    ran: list[int],
-    say: Callable[[str], None],
-    report_dir: str | Path | None,
-    report: bool = True,
-) -> StudyOutcome:
-    """Analyse, write the report (to MLflow, or locally), tag the Pareto-optimal child runs.
-
-    ``report=False`` (a worker started by ``--devices``/``--workers``): the analysis only; the launcher
-    writes the report. The parent run is ended only when no other worker is running a trial."""
-    from wus_tune._study.report import write_report
-    from wus_tune._study.storage import mask_url, safe_name
-    from wus_tune.pareto import analyse, export_config, format_table, load_candidates
+def analyse_study(*, study: optuna.Study, study_def: Study, say: Callable[[str], None]) -> tuple[Analysis, Candidate | None, Any]:
+    """The study's analysis from its stored trials (feasibility recomputed against the baseline), the
+    trial the spec's ``select`` rule picks (None while nothing completed) and the rule used (the knee when
+    the spec's rule matches no trial)."""
+    from wus_tune.pareto import analyse, load_candidates
 
     analysis = analyse(
         load_candidates(study), study_def.objectives,
         accuracy_margin=study_def.accuracy_margin, cost_factor=study_def.cost_factor,
+        constraint_delta=study_def.constraint_delta,
     )  # fmt: skip
-    selected, best = None, None
-    rule = study_def.select
+    selected, rule = None, study_def.select
     if analysis.complete:
         try:
             selected = analysis.select(rule)
@@ -439,28 +508,88 @@ def _finish(
             say(f"note: {e}; exporting the knee instead")
             rule = "knee"
             selected = analysis.select(rule)
+    return analysis, selected, rule
+
+
+def report_study(
+    *,
+    opened: OpenStudy,
+    study_def: Study,
+    status: str,
+    ran: list[int],
+    say: Callable[[str], None],
+    report_dir: str | Path | None,
+    report: bool = True,
+) -> StudyOutcome:
+    """Analyse, write the report (to MLflow, or locally), tag the Pareto-optimal child runs, print the
+    summary.
+
+    ``report=False`` (a worker started by ``--devices``/``--workers``): the analysis only; the launcher
+    writes the report. The parent run is ended only when no other worker is running a trial."""
+    from wus_tune._study.storage import safe_name
+
+    tracker = opened.tracker
+    analysis, selected, rule = analyse_study(study=opened.study, study_def=study_def, say=say)
+    best = None
     local = Path(report_dir) if report_dir else (None if tracker.enabled else Path("studies") / safe_name(study_def.name))
     if not report:
         local = None
     else:
-        with tempfile.TemporaryDirectory(prefix="wus_tune_report_") as tmp:
-            out = local or Path(tmp)
-            write_report(analysis, out, study_name=study_def.name, selected=selected.number if selected else None)
-            if selected is not None:
-                best = export_config(selected, str(out / "best_config.yaml"), study_name=study_def.name, rule=rule)
-            (out / "search_space.json").write_text(study_def.space.to_json() + "\n")
-            study_def.base.save(out / "base_config.yaml")
-            if tracker.enabled:
-                _log_summary(tracker, analysis, selected, rule, out)
+        best = _write_report(analysis=analysis, selected=selected, rule=rule, study_def=study_def, tracker=tracker, local=local)
     if report and not any(c.state == "RUNNING" for c in analysis.candidates):
         tracker.end(status)  # else another worker is still logging under the parent run; the last one ends it
-
     mine = [analysis.by_number(n) for n in ran if any(c.number == n for c in analysis.candidates)]
     timing = _timing(mine)
+    _print_summary(analysis=analysis, selected=selected, rule=rule, best=best, study_def=study_def, tracker=tracker,
+                   ran=ran, timing=timing, local=local, table=report, say=say)  # fmt: skip
+    from wus_tune._study.storage import mask_url
+
+    return StudyOutcome(
+        name=study_def.name,
+        storage=mask_url(study_def.storage),
+        tracking_uri=mask_url(study_def.tracking_uri),
+        experiment_id=tracker.experiment_id,
+        parent_run_id=tracker.parent_run_id,
+        status=status,
+        trials_run=ran,
+        analysis=analysis,
+        selected=selected,
+        best_config=best,
+        report_dir=local,
+        timing=timing,
+    )
+
+
+def _write_report(*, analysis: Analysis, selected: Candidate | None, rule: Any, study_def: Study, tracker: Any,
+                  local: Path | None) -> TrainConfig | None:  # fmt: skip
+    """Plots, tables, ``best_config.yaml``, the search space and base config: into ``local``, or into a
+    temporary directory logged on the MLflow parent run. Returns the exported config (None if none)."""
+    from wus_tune._study.report import write_report
+    from wus_tune.pareto import export_config
+
+    best = None
+    with tempfile.TemporaryDirectory(prefix="wus_tune_report_") as tmp:
+        out = local or Path(tmp)
+        write_report(analysis, out, study_name=study_def.name, selected=selected.number if selected else None)
+        if selected is not None:
+            best = export_config(selected, str(out / "best_config.yaml"), study_name=study_def.name, rule=rule)
+        (out / "search_space.json").write_text(study_def.space.to_json() + "\n")
+        study_def.base.save(out / "base_config.yaml")
+        if tracker.enabled:
+            _log_summary(tracker, analysis, selected, rule, out)
+    return best
+
+
+def _print_summary(*, analysis: Analysis, selected: Candidate | None, rule: Any, best: TrainConfig | None,
+                   study_def: Study, tracker: Any, ran: list[int], timing: dict[str, float], local: Path | None,
+                   table: bool, say: Callable[[str], None]) -> None:  # fmt: skip
+    from wus_tune._study.storage import mask_url
+    from wus_tune.pareto import format_table
+
     shown = [c.number for c in analysis.complete]
     if len(shown) > 25:
-        shown = sorted(set(analysis.front) | {c.number for c in analysis.complete if not c.wus})
-    if report:
+        shown = sorted(set(analysis.front) | {c.number for c in analysis.complete if not c.uses_method})
+    if table:
         say("")
         say(format_table(analysis, shown, mark=selected.number if selected else None))
     failed = sum(1 for c in analysis.candidates if c.state == "FAIL")
@@ -480,20 +609,6 @@ def _finish(
         say(f"browse: {ui_hint(study_def.tracking_uri, tracker.experiment_id)}")
     if local is not None:
         say(f"report: {local}/")
-    return StudyOutcome(
-        name=study_def.name,
-        storage=mask_url(study_def.storage),
-        tracking_uri=mask_url(study_def.tracking_uri),
-        experiment_id=tracker.experiment_id,
-        parent_run_id=tracker.parent_run_id,
-        status=status,
-        trials_run=ran,
-        analysis=analysis,
-        selected=selected,
-        best_config=best,
-        report_dir=local,
-        timing=timing,
-    )
 
 
 def ui_hint(tracking_uri: str, experiment_id: str) -> str:
@@ -545,12 +660,6 @@ def _timing(cands: Sequence[Candidate]) -> dict[str, float]:
     return {k: sum(float(r.get(k, 0.0)) for r in rows) / len(rows) for k in ("fit_s", "overhead_s", "mlflow_s")}
 
 
-def _deep_copy(d: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(d)
-
-
 # ---- CLI -----------------------------------------------------------------------------------------------
 
 _TRAIN_OPTIONS = {"model": "model.name", "dataset": "data.name", "data_dir": "data.data_dir", "epochs": "epochs", "device": "device"}
@@ -570,8 +679,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data-dir", help="local dataset: torchvision's CIFAR folder, an ImageFolder directory or .tar.gz")
     p.add_argument("--epochs", type=int, help="full-length epoch budget (the baseline's)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any base-config key, e.g. --set model.width=0.25 (repeatable)")  # fmt: skip
+    add_set_option(p, what="base-config key")
     p.add_argument("--n-trials", type=int, help="trials to run in this invocation (default 20)")
     p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     p.add_argument("--study-name", help="study name = MLflow experiment (default <model>-<dataset>); reuse it to continue")
@@ -613,11 +721,8 @@ def spec_from_args(args: Any) -> StudySpec:
     for opt, key in _TRAIN_OPTIONS.items():
         if getattr(args, opt) is not None:
             spec.set_train(key, getattr(args, opt))
-    for item in args.set:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. model.width=0.25")
-        spec.set_train(key.strip(), value if key.strip() in ("data.data_dir", "data.cache_dir", "device") else parse_value(value))
+    for key, value in config_overrides(args.set, getattr(args, "dotted", ())).items():
+        spec.set_train(key, value)
     return spec
 
 
@@ -626,7 +731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server lost mid-study, 130 interrupted)."""
     import os
 
-    args = build_parser().parse_args(argv)
+    args, dotted = build_parser().parse_known_args(argv)
+    args.dotted = dotted  # --KEY VALUE: a base-config key, as in python -m wus_tune.train
     spec = spec_from_args(args)
     # Our per-trial lines replace Optuna's (its failed-trial warning carries a full traceback; the
     # reason is in our line and the traceback in the run's error.txt). MLflow's INFO lines are noise.

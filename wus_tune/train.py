@@ -1,8 +1,9 @@
 """Production training: ``python -m wus_tune.train --config best.yaml`` (or options), weights + config saved.
 
 Every config field is an option with its dotted name (``--wus.threshold 0.02``, ``--optim.momentum 0.95``,
-``--methods.approx_ops.sample_ratio 0.5``); the common ones have short forms (``--model``, ``--epochs``).
-Options override the ``--config`` file. Values are read as YAML (``true``, ``0.5``, ``[0.5, 0.75]``).
+``--methods.approx_ops.sample_ratio 0.5``), also written ``--set KEY=VALUE`` as in ``python -m
+wus_tune.study``; the common ones have short forms (``--model``, ``--epochs``). Options override the
+``--config`` file. Values are read as YAML (``true``, ``0.5``, ``[0.5, 0.75]``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from wus_tune._cli import ArgumentParser, parse_value, run_main
+from wus_tune._cli import ArgumentParser, add_set_option, config_overrides, override_value, run_main
 from wus_tune.config import TrainConfig
 from wus_tune.errors import UsageError
 
@@ -32,8 +33,6 @@ SHORT_OPTIONS = {
 
 
 _TOP_LEVEL_FIELDS = ("epochs", "seed", "device", "compile", "compile_mode", "eval_every_epoch")
-# Paths and names stay text even when they look like numbers (a directory called "2024").
-_TEXT_FIELDS = ("device", "compile_mode", "data.data_dir", "data.cache_dir", "model.name", "data.name", "wus.bias_scope")
 
 
 def add_config_options(parser: ArgumentParser) -> None:
@@ -58,29 +57,13 @@ def config_from_args(args: object, unknown: Sequence[str]) -> TrainConfig:
     """The config file (if any) with every option given on the command line applied over it."""
     base = TrainConfig.load(args.config) if getattr(args, "config", None) else TrainConfig()
     overrides = {
-        key: value if key in _TEXT_FIELDS else parse_value(value)
+        key: override_value(key, value)
         for key, value in vars(args).items()
         if value is not None and ("." in key or key in _TOP_LEVEL_FIELDS)
     }
-    overrides.update(_method_options(unknown))
+    # --set KEY=VALUE and the dotted options argparse cannot know in advance (--methods.NAME.ARG VALUE)
+    overrides.update(config_overrides(getattr(args, "set", None) or [], unknown))
     return base.replace(overrides)
-
-
-def _method_options(unknown: Sequence[str]) -> dict[str, object]:
-    """``--methods.NAME.ARG VALUE`` pairs, which argparse cannot know in advance."""
-    found: dict[str, object] = {}
-    items = list(unknown)
-    while items:
-        option = items.pop(0)
-        key, _, value = option[2:].partition("=")
-        if not option.startswith("--methods.") or key.count(".") != 2:
-            raise UsageError(f"unrecognized argument: {option}")
-        if not value:
-            if not items:
-                raise UsageError(f"{option}: expected a value")
-            value = items.pop(0)
-        found[key] = parse_value(value)
-    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", help="a config file (YAML or JSON), e.g. exported by python -m wus_tune.pareto")
     parser.add_argument("--out", help="output directory (default runs/<model>-<dataset>-<time>)")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    add_set_option(parser)
     add_config_options(parser)
     args, unknown = parser.parse_known_args(argv)
     config = config_from_args(args, unknown)

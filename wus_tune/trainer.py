@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,9 @@ from torch import nn
 from wus_tune.compile_step import ModeCompiled
 from wus_tune.config import TrainConfig
 from wus_tune.errors import ConfigError, TrainingDiverged
-from wus_tune.frozen_prefix import PrefixCacheSession, split_frozen_prefix
-from wus_tune.methods import Method, MethodContext, build_methods
+from wus_tune.layers import param_groups
+from wus_tune.methods import Method, RunInfo, StepContext, build_methods
 from wus_tune.schedules import lr_multiplier
-from wus_tune.wus import WUSController, param_groups, skip_frozen_parameters
 
 __all__ = ["fit", "TrainResult", "EpochRecord", "resolve_device"]
 
@@ -66,7 +65,8 @@ class TrainResult:
     eval_time_s: float  # every evaluation made
     required_eval_time_s: float  # the evaluations the method needed (final + WUS checks on val_acc)
     time_s: float  # the time objective: train_time_s + required_eval_time_s
-    compile_time_s: float  # compiling every training mode (untimed warm-up), not part of time_s; 0 eagerly
+    uncharged_time_s: float  # measurement overhead left out of time_s (FLOP counting on a kind's first step)
+    compile_time_s: float  # the untimed warm-up with compile on (every step mode's graphs); 0 eagerly; not in time_s
     total_steps: int
     skipped_steps: int
     skip_fraction: float
@@ -76,6 +76,7 @@ class TrainResult:
     baseline_train_flops: float  # the same steps, none skipped
     flops_fraction: float  # train_flops / baseline_train_flops
     cost_flops: float  # the cost objective: train_flops + FLOPs of the required evaluations
+    step_kinds: dict[str, dict[str, float]]  # per step kind ("full", "skip:last:1"): steps and flops_per_step
     num_params: int
     device: str
     torch_version: str
@@ -131,276 +132,411 @@ def fit(
     Raises :class:`~wus_tune.errors.TrainingDiverged` when the loss stops being finite, and
     :class:`~wus_tune.errors.UsageError` subclasses for bad input.
     """
-    from wus_tune.data import load_dataset
-    from wus_tune.models import build_model
-
+    # ---- set-up: data, model, methods, optimizer, warm-up ----
     config.validate()
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    data = load_dataset(config.data)
-    batch_size = min(config.optim.batch_size, len(data.train_y))
-    eval_batch = max(batch_size, 512)
-    train_loader = data.loader("train", batch_size=batch_size, device=device, augment=config.data.augment,
-                               seed=config.seed, channels_last=cuda)
-    val_loader = data.loader("val", batch_size=eval_batch, device=device, channels_last=cuda) if len(data.val_y) else None
-    test_loader = (
-        data.loader("test", batch_size=eval_batch, device=device, channels_last=cuda) if data.test_x is not None else None
-    )
-
-    model = build_model(config.model, data.input_shape, data.num_classes).to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * config.epochs
-    ctx = MethodContext(config=config, device=device, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    methods = build_methods(config.methods)
+    run, data, loaders = _prepare(config, device)
+    model = _build_model(config, data, device)
+    methods = build_methods(config)
     for method in methods:
-        model = method.apply_model(model, ctx)
-    optimizer = _make_optimizer(model, config, methods, ctx)
-
-    wus_cfg = config.wus
-    checks_total = config.epochs if wus_cfg.check_every == 0 else total_steps // wus_cfg.check_every
-    controller = (
-        WUSController(model, optimizer, wus_cfg, total_checks=checks_total, manage_lr=False)
-        if wus_cfg.enabled else None
-    )
-
-    sample_x, sample_y = next(iter(train_loader))
-    frozen_in_skip = skip_frozen_parameters(model, wus_cfg) if controller else []
-    flops_full = _step_flops(model, sample_x, sample_y, frozen=[])
-    flops_skip = _step_flops(model, sample_x, sample_y, frozen=frozen_in_skip) if controller else flops_full
-    flops_eval_per_sample = _forward_flops(model, sample_x) / len(sample_x)
-    num_params = sum(p.numel() for p in model.parameters())
-
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    )
+        model = method.setup(model, run)
+    optimizer = _make_optimizer(model, config, methods, run)
+    for method in methods:
+        method.attach(model, optimizer, run)
+    owner = _step_owner(methods)
+    checks = _Checks(methods, run, loaders.val is not None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    train_model = _maybe_compile(model, config, device)
+    warm_start = time.perf_counter()
+    eval_flops_per_sample = _warm_up(train_model, model, optimizer, loaders, autocast, methods)
+    compile_time = time.perf_counter() - warm_start if isinstance(train_model, ModeCompiled) else 0.0
+    if progress and compile_time:
+        print(f"compiled {train_model.compilations} graphs (training modes and evaluation) in {compile_time:.1f}s, "
+              "not counted as training time", flush=True)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
-    train_model: nn.Module = model
-    if config.compile:
-        if config.compile_mode == "reduce-overhead" and not cuda:
-            raise ConfigError("compile_mode: reduce-overhead (CUDA graphs) needs a CUDA device")
-        # one graph per training mode, chosen by which parameters require grad (wus_tune.compile_step)
-        train_model = ModeCompiled(model, cuda_graphs=config.compile_mode == "reduce-overhead")
-
-    def step_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast:
-            logits = train_model(x)
-        return loss_fn(logits.float(), y), logits
-
-    cache_session = None
-    flops_cached = flops_prefix_per_image = 0.0
-    if controller and wus_cfg.cache_frozen_prefix:
-        cache_session = PrefixCacheSession(model, max_bytes=int(wus_cfg.cache_max_mb * 2**20), batch_size=batch_size,
-                                           seed=config.seed, autocast_dtype=torch.bfloat16 if cuda else None)
-        flops_cached, flops_prefix_per_image = _cached_step_flops(model, sample_x, sample_y, frozen_in_skip)
-
-    timer = _Timer(device)
-    warm_start = timer.now()
-    _warm_up(step_loss, sample_x, sample_y, model, optimizer, frozen_in_skip)
-    compile_time = timer.now() - warm_start if config.compile else 0.0
-    if progress and isinstance(train_model, ModeCompiled):
-        print(f"compiled {train_model.compilations} training mode(s) in {compile_time:.1f}s "
-              "(not counted as training time)", flush=True)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule scales each group's own peak
+    ledger = _Ledger(_Timer(device), eval_flops_per_sample * loaders.val_size)
 
-    def evaluate(loader: Any) -> tuple[float, float, float]:
-        start = timer.now()
-        loss, acc = _evaluate(train_model, loader, autocast)
-        return loss, acc, timer.now() - start
+    def validate(charged: bool) -> tuple[float, float]:
+        loss, acc = ledger.evaluate(lambda: _evaluate(train_model, loaders.val, autocast), charged=charged)
+        return loss, acc
 
+    # ---- epochs ----
     records: list[EpochRecord] = []
-    train_time = eval_time = required_eval_time = 0.0
-    eval_flops_required = 0.0
-    skipped_steps = 0
     step = 0
-    # running train accuracy since the last check: the cheap WUS signal
-    window_correct = torch.zeros((), device=device)
-    window_seen = 0
-
-    def check(progress: float) -> tuple[float | None, float | None]:
-        """One WUS check. Returns the validation (loss, acc) if it evaluated, to reuse for the curves."""
-        nonlocal eval_time, required_eval_time, eval_flops_required, window_correct, window_seen
-        assert controller is not None
-        if wus_cfg.signal == "val_acc" and val_loader is not None:
-            v_loss, v_acc, seconds = evaluate(val_loader)
-            eval_time += seconds
-            required_eval_time += seconds
-            eval_flops_required += flops_eval_per_sample * len(data.val_y)
-            controller.observe(v_acc, progress)
-            return v_loss, v_acc
-        controller.observe(float(window_correct) / max(1, window_seen), progress)
-        window_correct = torch.zeros((), device=device)
-        window_seen = 0
-        return None, None
-
     for epoch in range(config.epochs):
-        ctx.epoch = epoch
         model.train()
-        epoch_loss = torch.zeros((), device=device)
-        epoch_correct = torch.zeros((), device=device)
-        epoch_seen = 0
-        epoch_skipped = 0
-        epoch_cached = 0
-        epoch_cache_flops = 0.0
-        epoch_eval_time = 0.0  # WUS checks inside the epoch, taken out of its training time
-        eval_time_before = eval_time
-        epoch_val: tuple[float | None, float | None] = (None, None)
-        start = timer.now()
-        for batch_index, (x, y) in enumerate(train_loader):
-            ctx.step = step
-            schedule = lr_multiplier(config.schedule, step, total_steps)
-            for i, group in enumerate(optimizer.param_groups):
-                group["lr"] = peak_lrs[i] * schedule * (controller.lr_factor(i) if controller else 1.0)
-            skipping = bool(controller and controller.skipping)
-            cached = False
-            if cache_session is not None:
-                if skipping:
-                    if not cache_session.in_period:
-                        n_train = len(train_loader.y)
-                        cached = cache_session.begin(train_loader.batches_in_order(eval_batch), n_train)
-                        epoch_cache_flops += flops_prefix_per_image * n_train if cached else 0.0
-                    cached = cache_session.active
-                elif cache_session.in_period:
-                    cache_session.end()
-            if cached:
-                loss, logits, y = cache_session.step_loss(loss_fn)
-            else:
-                loss, logits = step_loss(x, y)
-            loss.backward()
-            ctx.extra["inputs"], ctx.extra["targets"] = x, y
-            for method in methods:
-                method.before_step(model, optimizer, ctx)
-            optimizer.step()
-            for method in methods:
-                method.after_step(model, optimizer, ctx)
-            optimizer.zero_grad(set_to_none=True)
-
+        ledger.start_epoch()
+        sums = _EpochSums(device)
+        for batch_index, (x, y) in enumerate(loaders.train):
+            _set_learning_rates(optimizer, peak_lrs, lr_multiplier(config.schedule, step, run.total_steps),
+                                methods, run)
+            kind = "+".join(k for k in (m.step_kind() for m in methods) if k) or "full"
+            ctx = StepContext(run=run, model=model, optimizer=optimizer, inputs=x, targets=y, step=step, epoch=epoch,
+                              forward=_autocast_forward(train_model, autocast), loss_fn=loss_fn)
+            with ledger.step(kind) as counting:
+                if counting:  # FLOPs follow autograd on the eager model, which a compiled graph hides
+                    ctx.forward = _autocast_forward(model, autocast)
+                loss, logits = _train_step(ctx, methods, owner)
+            y = ctx.targets  # an owner training on other examples (a feature cache) sets them
             correct = (logits.detach().argmax(1) == y).sum()
-            epoch_loss += loss.detach() * len(y)
-            epoch_correct += correct
-            epoch_seen += len(y)
-            window_correct += correct
-            window_seen += len(y)
-            epoch_skipped += skipping
-            epoch_cached += cached
+            sums.add(loss, correct, len(y), kind)
+            checks.add(correct, len(y))
             step += 1
-            if not cuda and not torch.isfinite(loss):
+            if device.type != "cuda" and not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {batch_index + 1}")
-            if controller and wus_cfg.check_every and step % wus_cfg.check_every == 0:
-                before = timer.now()
-                check(step / total_steps)
-                epoch_eval_time += timer.now() - before
+            with ledger.check_time():
+                checks.after_step(step, validate)
             if progress and sys.stderr.isatty():
-                _print_bar(epoch, config.epochs, batch_index + 1, steps_per_epoch)
-        train_seconds = timer.now() - start - epoch_eval_time
-        train_time += train_seconds
-        mean_loss = float(epoch_loss) / max(1, epoch_seen)
+                _print_bar(epoch, config.epochs, batch_index + 1, run.steps_per_epoch)
+        train_seconds = ledger.end_epoch()
+        mean_loss = sums.mean_loss()
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"training loss is {mean_loss} in epoch {epoch + 1}")
 
-        if controller and wus_cfg.check_every == 0:
-            epoch_val = check((epoch + 1) / config.epochs)
+        epoch_val = checks.end_epoch((epoch + 1) / config.epochs, validate)
         last_epoch = epoch == config.epochs - 1
-        if epoch_val[0] is None and val_loader is not None and (config.eval_every_epoch or last_epoch):
-            v_loss, v_acc, seconds = evaluate(val_loader)
-            eval_time += seconds
-            if last_epoch:  # every run needs its final evaluation
-                required_eval_time += seconds
-                eval_flops_required += flops_eval_per_sample * len(data.val_y)
-            epoch_val = (v_loss, v_acc)
-
+        if epoch_val is None and loaders.val is not None and (config.eval_every_epoch or last_epoch):
+            epoch_val = validate(charged=last_epoch)  # every run needs its final evaluation
         extra: dict[str, float] = {}
-        if controller:
-            extra.update(controller.metrics())
-        if cache_session is not None:
-            extra.update({"wus/cached_steps": float(epoch_cached), "wus/cache_builds": float(cache_session.builds),
-                          "wus/cache_fallbacks": float(cache_session.fallbacks),
-                          "wus/cache_peak_mb": cache_session.peak_bytes / 2**20})
         for method in methods:
-            extra.update(method.end_epoch(model, ctx))
-        record = EpochRecord(
-            epoch=epoch + 1,
-            train_loss=mean_loss,
-            train_acc=float(epoch_correct) / max(1, epoch_seen),
-            val_loss=epoch_val[0],
-            val_acc=epoch_val[1],
-            lr=optimizer.param_groups[0]["lr"],
-            skipping=epoch_skipped * 2 > steps_per_epoch,
-            skipped_steps=epoch_skipped,
-            steps=steps_per_epoch,
-            train_time_s=train_seconds,
-            eval_time_s=eval_time - eval_time_before,
-            flops=((steps_per_epoch - epoch_skipped) * flops_full + (epoch_skipped - epoch_cached) * flops_skip
-                   + epoch_cached * flops_cached + epoch_cache_flops),
-            extra=extra,
-        )
-        skipped_steps += epoch_skipped
+            extra.update(method.end_epoch(model, run))
+        record = sums.record(epoch, epoch_val, optimizer, run.steps_per_epoch, train_seconds, ledger, extra)
         records.append(record)
         if progress:
             _print_epoch(record, config.epochs)
         if on_epoch is not None:
             on_epoch(record)
 
-    if cache_session is not None:
-        cache_session.end()
-    final_val = records[-1]
-    if val_loader is None:  # val_fraction == 0: report training accuracy, say so in the curves
-        val_loss, val_acc = final_val.train_loss, final_val.train_acc
-    else:
-        val_loss, val_acc = final_val.val_loss, final_val.val_acc
+    # ---- final evaluation ----
     test_acc = None
-    if test_loader is not None:
-        _, test_acc, seconds = evaluate(test_loader)
-        eval_time += seconds
-    train_flops = sum(r.flops for r in records)
-    baseline_flops = total_steps * flops_full
-    val_accs = [r.val_acc for r in records if r.val_acc is not None]
-    return TrainResult(
-        config=config.to_dict(),
-        epochs=records,
-        val_acc=val_acc,
-        val_loss=val_loss,
-        test_acc=test_acc,
-        best_val_acc=max(val_accs, default=val_acc),
-        train_time_s=train_time,
-        eval_time_s=eval_time,
-        required_eval_time_s=required_eval_time,
-        time_s=train_time + required_eval_time,
-        compile_time_s=compile_time,
-        total_steps=total_steps,
-        skipped_steps=skipped_steps,
-        skip_fraction=skipped_steps / max(1, total_steps),
-        flops_per_step=flops_full,
-        flops_per_skip_step=flops_skip,
-        train_flops=train_flops,
-        baseline_train_flops=baseline_flops,
-        flops_fraction=train_flops / baseline_flops if baseline_flops else 1.0,
-        cost_flops=train_flops + eval_flops_required,
-        num_params=num_params,
-        device=str(device),
-        torch_version=torch.__version__,
-        model=model,
-    )
+    if loaders.test is not None:
+        _, test_acc = ledger.evaluate(lambda: _evaluate(train_model, loaders.test, autocast), charged=False)
+    return _result(config, records, ledger, run, model, test_acc, device, compile_time)
 
 
-def _make_optimizer(model: nn.Module, config: TrainConfig, methods: list[Method], ctx: MethodContext) -> torch.optim.Optimizer:
-    for method in methods:
-        optimizer = method.make_optimizer(model, ctx)
-        if optimizer is not None:
-            return optimizer
+# ---- set-up helpers ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Loaders:
+    train: Any
+    val: Any  # None when data.val_fraction == 0
+    test: Any  # None when the dataset has no test split
+    val_size: int
+
+
+def _prepare(config: TrainConfig, device: torch.device) -> tuple[RunInfo, Any, _Loaders]:
+    from wus_tune.data import load_dataset
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    data = load_dataset(config.data)
+    batch_size = min(config.optim.batch_size, len(data.train_y))
+    eval_batch = max(batch_size, 512)
+    train = data.loader("train", batch_size=batch_size, device=device, augment=config.data.augment,
+                        seed=config.seed, channels_last=cuda)
+    val = data.loader("val", batch_size=eval_batch, device=device, channels_last=cuda) if len(data.val_y) else None
+    test = data.loader("test", batch_size=eval_batch, device=device, channels_last=cuda) if data.test_x is not None else None
+    run = RunInfo(config=config, device=device, steps_per_epoch=len(train), total_steps=len(train) * config.epochs,
+                  batch_size=batch_size, train_loader=train)
+    return run, data, _Loaders(train, val, test, len(data.val_y))
+
+
+def _build_model(config: TrainConfig, data: Any, device: torch.device) -> nn.Module:
+    from wus_tune.models import build_model
+
+    model = build_model(config.model, data.input_shape, data.num_classes).to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig, methods: list[Method], run: RunInfo) -> torch.optim.Optimizer:
+    built = [(m, opt) for m in methods if (opt := m.make_optimizer(model, run)) is not None]
+    if len(built) > 1:
+        raise ConfigError(f"methods: {built[0][0].name} and {built[1][0].name} both build the optimizer; "
+                          "combine at most one of them")
+    if built:
+        return built[0][1]
     opt = config.optim
     groups = param_groups(model, weight_decay=opt.weight_decay, bias_weight_decay=opt.bias_weight_decay)
     groups = [g for g in groups if g["params"]]
     if opt.name == "adamw":
         return torch.optim.AdamW(groups, lr=opt.lr)
     return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov)
+
+
+def _step_owner(methods: list[Method]) -> Method | None:
+    owners = [m for m in methods if m.owns_step()]
+    if len(owners) > 1:
+        raise ConfigError(f"methods: {owners[0].name} and {owners[1].name} both own the training step; "
+                          "combine at most one of them")
+    return owners[0] if owners else None
+
+
+def _maybe_compile(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
+    """The model compiled with one graph per training mode (which parameters require grad), so a method
+    that freezes weights (WUS) gets a cheaper graph in its frozen steps; CPU (inductor) and CUDA."""
+    if not config.compile:
+        return model
+    cuda_graphs = config.compile_mode == "reduce-overhead"
+    if cuda_graphs and device.type != "cuda":
+        raise ConfigError("compile_mode: reduce-overhead (CUDA graphs) needs a CUDA device")
+    return ModeCompiled(model, cuda_graphs=cuda_graphs)
+
+
+def _warm_up(train_model: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, loaders: _Loaders,
+             autocast: Any, methods: list[Method]) -> float:
+    """Run a few untimed passes so autotuning, compilation and allocator growth are charged to no run:
+    forward/backward in every step mode the methods use (WUS: full and skip), and the evaluation forward
+    at its batch size, so the first validation pass costs what the others do. Parameters and buffers are
+    restored afterwards. Returns the evaluation's forward FLOPs per sample (counted on the eager model)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    saved = copy.deepcopy(model.state_dict())
+    x, y = next(iter(loaders.train))
+    modes = [contextlib.nullcontext()] + [mode for m in methods for mode in m.warm_up_modes(model)]
+    for mode in modes:
+        with mode:
+            for _ in range(2):
+                with autocast:
+                    loss = F.cross_entropy(train_model(x).float(), y)
+                loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    if loaders.val is None:
+        model.load_state_dict(saved)
+        return 0.0
+    val_x, _ = next(iter(loaders.val))
+    for _ in range(2):
+        _forward_eval(train_model, val_x, autocast)
+    with FlopCounterMode(display=False) as counter:
+        _forward_eval(model, val_x, autocast)
+    model.load_state_dict(saved)
+    return float(counter.get_total_flops()) / len(val_x)
+
+
+@torch.no_grad()
+def _forward_eval(model: nn.Module, x: torch.Tensor, autocast: Any) -> None:
+    was_training = model.training
+    model.eval()
+    with autocast:
+        model(x)
+    model.train(was_training)
+
+
+# ---- step helpers --------------------------------------------------------------------------------
+
+
+def _set_learning_rates(optimizer: torch.optim.Optimizer, peak_lrs: list[float], schedule: float,
+                        methods: list[Method], run: RunInfo) -> None:
+    factors = [1.0] * len(peak_lrs)
+    for method in methods:
+        for i, f in enumerate(method.lr_factors(optimizer, run) or ()):
+            factors[i] *= f
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = peak_lrs[i] * schedule * factors[i]
+
+
+def _autocast_forward(model: nn.Module, autocast: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            return model(x)
+
+    return forward
+
+
+def _train_step(ctx: StepContext, methods: list[Method], owner: Method | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: the owner's, or forward, backward, ``optimizer.step()``; others' hooks around it."""
+    others = [m for m in methods if m is not owner]
+    if owner is None:
+        ctx.logits = ctx.forward(ctx.inputs)
+        ctx.loss = ctx.loss_fn(ctx.logits.float(), ctx.targets)
+        ctx.loss.backward()
+    for method in others:
+        method.before_step(ctx)
+    if owner is None:
+        ctx.optimizer.step()
+    else:
+        cost = owner.train_step(ctx)
+        ctx.loss, ctx.logits = cost.loss, cost.logits
+    for method in others:
+        method.after_step(ctx)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return ctx.loss, ctx.logits
+
+
+def _is_skip(kind: str) -> bool:
+    """Step kinds with a part starting ``skip`` skip weight updates (the contract's naming)."""
+    return any(part.startswith("skip") for part in kind.split("+"))
+
+
+class _Checks:
+    """The methods' checks (:class:`~wus_tune.methods.CheckPlan`): when they fall due, on what signal."""
+
+    def __init__(self, methods: list[Method], run: RunInfo, has_val: bool) -> None:
+        self.plans = [(m, plan) for m in methods if (plan := m.check_plan(run)) is not None]
+        self.run, self.has_val = run, has_val
+        # running training accuracy since each method's last check: the cheap signal
+        self.windows = {id(m): [torch.zeros((), device=run.device), 0] for m, _ in self.plans}
+
+    def add(self, correct: torch.Tensor, seen: int) -> None:
+        for window in self.windows.values():
+            window[0] += correct
+            window[1] += seen
+
+    def after_step(self, step: int, validate: Callable[[bool], tuple[float, float]]) -> None:
+        due = [(m, p) for m, p in self.plans if p.every_steps and step % p.every_steps == 0]
+        self._run(due, step / self.run.total_steps, validate)
+
+    def end_epoch(self, progress: float, validate: Callable[[bool], tuple[float, float]]) -> tuple[float, float] | None:
+        """The epoch-end checks; returns the validation (loss, acc) if one was made, for the curves."""
+        return self._run([(m, p) for m, p in self.plans if not p.every_steps], progress, validate)
+
+    def _run(self, due: list, progress: float, validate: Callable[[bool], tuple[float, float]]) -> tuple[float, float] | None:
+        val = None
+        for method, plan in due:
+            if plan.signal == "val_acc" and self.has_val:
+                val = val or validate(True)  # the method needs it: charged to the run
+                method.on_check({"val_loss": val[0], "val_acc": val[1]}, progress)
+            else:
+                window = self.windows[id(method)]
+                method.on_check({"train_acc": float(window[0]) / max(1, window[1])}, progress)
+                self.windows[id(method)] = [torch.zeros((), device=self.run.device), 0]
+        return val
+
+
+@dataclass
+class _Kind:
+    flops_per_step: float  # counted by torch.utils.flop_counter on the kind's first step
+    steps: int = 0
+
+
+class _Ledger:
+    """The run's one account of time and FLOPs: training time (charged), the evaluations methods need
+    (charged: time and FLOPs), the other evaluations and the FLOP counting (uncharged), and per step kind
+    the number of steps and their FLOPs."""
+
+    def __init__(self, timer: _Timer, flops_per_validation: float) -> None:
+        self.timer = timer
+        self.flops_per_validation = flops_per_validation
+        self.kinds: dict[str, _Kind] = {}
+        self.train_time = self.eval_time = self.required_eval_time = self.uncharged_time = 0.0
+        self.required_eval_flops = 0.0
+
+    def start_epoch(self) -> None:
+        self.epoch_flops = 0.0
+        self._eval_before = self.eval_time
+        self._checks = self._counting = 0.0
+        self._counted_steps = self._steps = 0
+        self._start = self.timer.now()
+
+    @contextlib.contextmanager
+    def step(self, kind: str) -> Iterator[bool]:
+        """Around one training step; yields whether its FLOPs are being counted (the first of its kind)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        if kind not in self.kinds:
+            start = self.timer.now()
+            with FlopCounterMode(display=False) as counter:
+                yield True
+            self.kinds[kind] = _Kind(float(counter.get_total_flops()))
+            self._counting += self.timer.now() - start
+            self._counted_steps += 1
+        else:
+            yield False
+        self.kinds[kind].steps += 1
+        self.epoch_flops += self.kinds[kind].flops_per_step
+        self._steps += 1
+
+    @contextlib.contextmanager
+    def check_time(self) -> Iterator[None]:
+        start = self.timer.now()
+        yield
+        self._checks += self.timer.now() - start
+
+    def end_epoch(self) -> float:
+        """Close the epoch's training time; a step slowed by FLOP counting is charged as an average step."""
+        elapsed = self.timer.now() - self._start - self._checks
+        plain_steps = self._steps - self._counted_steps
+        charged = elapsed
+        if self._counted_steps and plain_steps:
+            per_step = (elapsed - self._counting) / plain_steps
+            charged = elapsed - self._counting + self._counted_steps * per_step
+        self.uncharged_time += elapsed - charged
+        self.train_time += charged
+        return charged
+
+    def evaluate(self, run_eval: Callable[[], tuple[float, float]], *, charged: bool) -> tuple[float, float]:
+        start = self.timer.now()
+        result = run_eval()
+        seconds = self.timer.now() - start
+        self.eval_time += seconds
+        if charged:
+            self.required_eval_time += seconds
+            self.required_eval_flops += self.flops_per_validation
+        return result
+
+    @property
+    def epoch_eval_time(self) -> float:
+        return self.eval_time - self._eval_before
+
+
+class _EpochSums:
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self.seen = 0
+        self.skipped = 0
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, seen: int, kind: str) -> None:
+        self.loss += loss.detach() * seen
+        self.correct += correct
+        self.seen += seen
+        self.skipped += _is_skip(kind)
+
+    def mean_loss(self) -> float:
+        return float(self.loss) / max(1, self.seen)
+
+    def record(self, epoch: int, val: tuple[float, float] | None, optimizer: torch.optim.Optimizer, steps: int,
+               train_seconds: float, ledger: _Ledger, extra: dict[str, float]) -> EpochRecord:
+        return EpochRecord(
+            epoch=epoch + 1, train_loss=self.mean_loss(), train_acc=float(self.correct) / max(1, self.seen),
+            val_loss=val[0] if val else None, val_acc=val[1] if val else None, lr=optimizer.param_groups[0]["lr"],
+            skipping=self.skipped * 2 > steps, skipped_steps=self.skipped, steps=steps, train_time_s=train_seconds,
+            eval_time_s=ledger.epoch_eval_time, flops=ledger.epoch_flops, extra=extra,
+        )
+
+
+def _result(config: TrainConfig, records: list[EpochRecord], ledger: _Ledger, run: RunInfo, model: nn.Module,
+            test_acc: float | None, device: torch.device, compile_time: float) -> TrainResult:
+    final = records[-1]
+    if final.val_acc is None:  # val_fraction == 0: report training accuracy, say so in the curves
+        val_loss, val_acc = final.train_loss, final.train_acc
+    else:
+        val_loss, val_acc = final.val_loss, final.val_acc
+    kinds = list(ledger.kinds.items())
+    flops_full = kinds[0][1].flops_per_step  # the first step's kind: the run's ordinary step
+    flops_skip = next((k.flops_per_step for name, k in kinds if _is_skip(name)), flops_full)
+    train_flops = sum(r.flops for r in records)
+    baseline_flops = run.total_steps * flops_full
+    skipped = sum(r.skipped_steps for r in records)
+    val_accs = [r.val_acc for r in records if r.val_acc is not None]
+    return TrainResult(
+        config=config.to_dict(), epochs=records, val_acc=val_acc, val_loss=val_loss, test_acc=test_acc,
+        best_val_acc=max(val_accs, default=val_acc), train_time_s=ledger.train_time, eval_time_s=ledger.eval_time,
+        required_eval_time_s=ledger.required_eval_time, time_s=ledger.train_time + ledger.required_eval_time,
+        uncharged_time_s=ledger.uncharged_time, compile_time_s=compile_time, total_steps=run.total_steps, skipped_steps=skipped,
+        skip_fraction=skipped / max(1, run.total_steps), flops_per_step=flops_full, flops_per_skip_step=flops_skip,
+        train_flops=train_flops, baseline_train_flops=baseline_flops,
+        flops_fraction=train_flops / baseline_flops if baseline_flops else 1.0,
+        cost_flops=train_flops + ledger.required_eval_flops,
+        step_kinds={name: {"steps": k.steps, "flops_per_step": k.flops_per_step} for name, k in kinds},
+        num_params=sum(p.numel() for p in model.parameters()), device=str(device), torch_version=torch.__version__,
+        model=model,
+    )
 
 
 @torch.no_grad()
@@ -418,70 +554,6 @@ def _evaluate(model: nn.Module, loader: Any, autocast: Any) -> tuple[float, floa
         seen += len(y)
     model.train(was_training)
     return float(loss_sum) / max(1, seen), float(correct) / max(1, seen)
-
-
-def _step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, frozen: list[nn.Parameter]) -> float:
-    """FLOPs of one forward + backward at this batch size, on a copy, with ``frozen`` not requiring grad.
-
-    Counted by torch.utils.flop_counter, which follows autograd: a weight that needs no gradient costs
-    no weight-gradient product, so this is the machine-independent price of a (skip) step.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    frozen_ids = {id(p) for p in frozen}
-    names = [n for n, p in model.named_parameters() if id(p) in frozen_ids]
-    clone = copy.deepcopy(model).float()
-    for name, p in clone.named_parameters():
-        if name in names:
-            p.requires_grad_(False)
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(clone(x.float()), y).backward()
-    return float(counter.get_total_flops())
-
-
-def _forward_flops(model: nn.Module, x: torch.Tensor) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    clone = copy.deepcopy(model).float().eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        clone(x.float())
-    return float(counter.get_total_flops())
-
-
-def _cached_step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                       frozen: list[nn.Parameter]) -> tuple[float, float]:
-    """FLOPs of one step of the top on cached features, and of the frozen prefix's forward per image."""
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        split = split_frozen_prefix(model)
-        if split is None:
-            return 0.0, 0.0
-        prefix, top = split
-        with torch.no_grad():
-            features = copy.deepcopy(prefix).float().eval()(x.float())
-        return _step_flops(top, features, y, frozen=[]), _forward_flops(prefix, x) / len(x)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-
-
-def _warm_up(step_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-             x: torch.Tensor, y: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
-             frozen_in_skip: list[nn.Parameter]) -> None:
-    """Run a few untimed forward/backward passes (full and skip mode) so autotuning and compilation (one
-    graph per mode) are not charged to the first epoch; parameters and buffers are restored afterwards."""
-    saved = copy.deepcopy(model.state_dict())
-    for frozen in ([], frozen_in_skip) if frozen_in_skip else ([],):
-        for p in frozen:
-            p.requires_grad_(False)
-        for _ in range(2):
-            loss, _ = step_loss(x, y)
-            loss.backward()
-        for p in frozen:
-            p.requires_grad_(True)
-    optimizer.zero_grad(set_to_none=True)
-    model.load_state_dict(saved)
 
 
 def _print_bar(epoch: int, epochs: int, done: int, total: int) -> None:

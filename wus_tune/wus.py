@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from wus_tune.config import WUSConfig, parse_bias_scope
+from wus_tune.layers import is_shift, norm_parameter_ids, param_groups, parameterised_layers
 
 __all__ = [
     "WUSController",
@@ -48,9 +49,6 @@ __all__ = [
     "skip_frozen_parameters",
     "param_groups",
 ]
-
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
 
 def accuracy_variation(history: Sequence[float], window: int) -> float | None:
     """Range of the last ``window + 1`` accuracies; ``None`` while fewer are known."""
@@ -69,61 +67,33 @@ def should_skip(history: Sequence[float], *, window: int, threshold: float) -> b
 
 
 def layer_groups(model: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
-    """The model's parameterised layers in registration order, each as its ``(name, parameter)`` list.
-
-    A normalisation layer joins the layer registered before it (BatchNorm after a conv is that conv's
-    scale and shift), so "the last K layers" counts convolutions and linear layers.
-    """
-    groups: list[list[tuple[str, nn.Parameter]]] = []
-    for module_name, module in model.named_modules():
-        own = [(f"{module_name}.{n}" if module_name else n, p) for n, p in module.named_parameters(recurse=False)]
-        if not own:
-            continue
-        if isinstance(module, _NORM_TYPES) and groups:
-            groups[-1].extend(own)
-        else:
-            groups.append(own)
-    return groups
-
-
-def _is_shift(name: str) -> bool:
-    return name == "bias" or name.endswith(".bias")
+    """The model's parameterised layers (:func:`wus_tune.layers.parameterised_layers`: registration order,
+    a normalisation layer joined to the layer before it, shared parameters once), each as its
+    ``(name, parameter)`` list, so "the last K layers" counts convolutions and linear layers."""
+    return [list(layer.params) for layer in parameterised_layers(model)]
 
 
 def skip_frozen_parameters(model: nn.Module, config: WUSConfig) -> list[nn.Parameter]:
-    """The parameters a skip window freezes: every weight, and the biases outside ``bias_scope``."""
+    """The parameters a skip window freezes: every weight, and the biases outside ``bias_scope``.
+
+    Parameters the user froze (``requires_grad=False``) are not listed: WUS never touches them.
+    """
     last_k = parse_bias_scope(config.bias_scope)
     groups = layer_groups(model)
-    norm_params = {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
+    norm_params = norm_parameter_ids(model)
     frozen: list[nn.Parameter] = []
     for index, group in enumerate(groups):
         in_scope = last_k is None or index >= len(groups) - last_k
         for name, p in group:
-            if _is_shift(name):
+            if is_shift(name):
                 keeps_training = in_scope
             elif id(p) in norm_params:
                 keeps_training = in_scope and config.train_bn_scale
             else:
                 keeps_training = False
-            if not keeps_training:
+            if not keeps_training and p.requires_grad:
                 frozen.append(p)
     return frozen
-
-
-def param_groups(model: nn.Module, *, weight_decay: float, bias_weight_decay: float = 0.0) -> list[dict]:
-    """Two optimizer groups: weights (with decay), then biases and normalisation parameters.
-
-    WUS+LR scales the learning rate of the second group inside skip windows, so biases need a group
-    of their own: pass these groups to your optimizer.
-    """
-    norm_params = {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
-    weights, shifts = [], []
-    for name, p in model.named_parameters():
-        (shifts if _is_shift(name) or id(p) in norm_params else weights).append(p)
-    return [
-        {"params": weights, "weight_decay": weight_decay, "name": "weights"},
-        {"params": shifts, "weight_decay": bias_weight_decay, "name": "biases"},
-    ]
 
 
 @dataclass
@@ -179,6 +149,7 @@ class WUSController:
         self.history: list[float] = []
         self._intervals_left = 0
         self._decay = 1.0
+        # Recorded now, so a parameter the user froze is never switched on at the end of a skip window.
         self._frozen = skip_frozen_parameters(model, config)
         frozen_ids = {id(p) for p in self._frozen}
         shift_ids = {id(p) for g in param_groups(model, weight_decay=0)[1:] for p in g["params"]}
@@ -190,7 +161,7 @@ class WUSController:
                 "wus.bias_lr_factor needs the biases in an optimizer group of their own; "
                 "build the optimizer from wus_tune.param_groups(model, ...)"
             )
-        if not any(id(p) not in frozen_ids for p in model.parameters()):
+        if not any(id(p) not in frozen_ids and p.requires_grad for p in model.parameters()):
             raise ValueError(f"bias_scope {config.bias_scope!r} leaves no parameter training in skip windows")
 
     # ---- the signal --------------------------------------------------------------------------
@@ -253,6 +224,11 @@ class WUSController:
                 if before[i] > 0:
                     group["lr"] *= self.lr_factor(i) / before[i]
 
+    @property
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """The parameters a skip window freezes (only those trainable when the controller was built)."""
+        return list(self._frozen)
+
     def metrics(self) -> dict[str, float]:
         return {
             "wus/skipping": float(self.skipping),
@@ -263,5 +239,19 @@ class WUSController:
         }
 
     def state_dict(self) -> dict:
+        """The rule's progress (counters, mode, history, LR decay), to resume training with :meth:`load_state_dict`."""
         return {"state": vars(self.state).copy(), "skipping": self.skipping, "history": list(self.history),
                 "intervals_left": self._intervals_left, "decay": self._decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the model is put in the saved mode (weights frozen inside a skip
+        window). With ``manage_lr`` the optimizer's ``lr`` is expected to come from its own state_dict."""
+        manage_lr, self.manage_lr = self.manage_lr, False  # the optimizer's state already holds its lr
+        try:
+            self._decay = 1.0
+            self._set_skipping(bool(state["skipping"]), decay=float(state["decay"]))
+        finally:
+            self.manage_lr = manage_lr
+        self.state = WUSState(**state["state"])
+        self.history = [float(a) for a in state["history"]]
+        self._intervals_left = int(state["intervals_left"])

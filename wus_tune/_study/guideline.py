@@ -221,5 +221,6 @@ def calibrated(
 
 
 def _check_positive(key: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-        raise UsageError(f"{key}: expected a number > 0, got {v!r}")
+    from wus_tune.errors import check_number
+
+    check_number(key, v, above=0)

@@ -36,13 +36,13 @@ RESULT_FIELDS = ("val_acc", "best_val_acc", "time_s", "train_time_s", "eval_time
 def one_line(e: BaseException) -> str:
     """The reason a trial failed, in one line (``fail_reason`` in Optuna and MLflow)."""
     from wus_tune._study.storage import redact
+    from wus_tune.errors import one_line as first_line
 
-    text = str(e).strip()
-    line = text.splitlines()[0] if text else ""
+    line = first_line(e, with_type=True)
     if is_out_of_memory(e):
         return redact(f"out of memory: the model or batch does not fit on the device (try a smaller "
-                      f"model.width or optim.batch_size); {type(e).__name__}: {line}")[:1000]  # fmt: skip
-    return redact(f"{type(e).__name__}: {line}")[:1000] if line else type(e).__name__
+                      f"model.width or optim.batch_size); {line}")[:1000]  # fmt: skip
+    return redact(line)[:1000]
 
 
 def is_out_of_memory(e: BaseException) -> bool:

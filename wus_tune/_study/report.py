@@ -25,7 +25,7 @@ _MARKERS = "oD^v<>Ph*Xd"
 def variant(c: Candidate) -> str:
     if "variant" in c.attrs:
         return str(c.attrs["variant"])
-    return "wus" if c.wus else "none"
+    return "wus" if c.uses_method else "none"
 
 
 def label(c: Candidate) -> str:
@@ -42,8 +42,13 @@ def _labels(cands: Sequence[Candidate]) -> list[str]:
     return [x for x in order if x in found] + sorted(found - set(order))
 
 
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
 def _color(name: str, i: int) -> str:
-    return _COLORS.get(name) or f"C{i % 10}"
+    """A label's colour: the built-ins' fixed ones, else the i-th of matplotlib's tab10 (as hex: plotly
+    reads no ``C0`` names), so a plug-in method from an entry point gets one too."""
+    return _COLORS.get(name) or _PALETTE[i % len(_PALETTE)]
 
 
 def _legend(name: str) -> str:
@@ -68,7 +73,7 @@ def relative(analysis: Analysis, c: Candidate) -> dict[str, float | None]:
         out["acc_delta_pts"] = (c.values[0] - b.values[0]) * 100
         out["speedup"] = b.values[1] / c.values[1] if c.values[1] > 0 else None
     adv = analysis.advantages.get(c.number)
-    if adv is not None and c.wus:  # a plain trial's advantage over its own frontier is not informative
+    if adv is not None and c.uses_method:  # a plain trial's advantage over its own frontier is not informative
         out["frontier_acc_gain_pts"] = None if adv.acc_gain is None else adv.acc_gain * 100
         out["frontier_time_saved"] = adv.time_saved
         out["frontier_time_saved_fraction"] = adv.time_saved_fraction

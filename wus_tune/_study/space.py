@@ -25,7 +25,7 @@ Two more virtual keys exist when a spec asks for them (:mod:`wus_tune._study.cat
 * ``optim.ratio``: the effective ratio ``lr / ((1 - momentum) * batch_size)`` of the edge-of-chaos
   parametrisation; the learning rate is derived from it (:func:`apply_values`).
 
-Default ranges (:data:`DEFAULT_SPACE`), chosen around the settings that worked in the calibration runs
+Default ranges (:func:`default_space`: WUS's ``search_space()`` in ``wus_tune/methods/wus.py``), chosen around the settings that worked in the calibration runs
 of the trainer and wide enough to include "never skips" and "skips a lot":
 
 =============================  ===================================  =================================
@@ -63,14 +63,10 @@ if TYPE_CHECKING:
     from wus_tune.config import TrainConfig
 
 VARIANT_KEY = "wus.variant"
-VARIANTS = ("none", "wus", "wus+lr")
 METHOD_KEY = "method"  # virtual: the speed-up method of a trial, e.g. "approx_ops+wus"
 RATIO_KEY = "optim.ratio"  # virtual: lr / ((1 - momentum) * batch_size); the lr is derived from it
-# Built-in plug-in methods a ``method`` choice may name; which combine with WUS. ``edge_of_chaos`` only
-# measures (training is unchanged), so a base config's entry for it stays in every trial.
-METHOD_NAMES = ("approx_ops", "lp_sphere", "gauss_newton", "edge_of_chaos")
-WITH_WUS = ("approx_ops", "lp_sphere", "edge_of_chaos")
-MEASURE_ONLY = ("edge_of_chaos",)
+# The methods a ``method`` choice may name, which combine with WUS and which only measure come from the
+# method registry (:mod:`wus_tune._study.catalog`).
 DEFAULT_VARIANT = "wus+lr"  # when wus.variant is not searched: WUS on, LR coupling as configured
 _INDEX = re.compile(r"^(?P<key>.+)\[(?P<index>\d+)\]$")
 _FIELDS = ("type", "low", "high", "log", "step", "choices", "when", "doc")
@@ -98,8 +94,6 @@ class Param:
             for c in self.choices:
                 if c is not None and not isinstance(c, (bool, int, float, str)):
                     raise UsageError(f"{where}: choice {c!r} must be a number, string, boolean or null")
-            if self.key == VARIANT_KEY and not set(self.choices) <= set(VARIANTS):
-                raise UsageError(f"{where}: choices must be among {', '.join(VARIANTS)}, got {list(self.choices)}")
             if self.key == METHOD_KEY:
                 for c in self.choices:
                     try:
@@ -169,21 +163,24 @@ class Param:
         return d
 
 
-_WUS_ON = {VARIANT_KEY: ("wus", "wus+lr")}
-_WUS_LR = {VARIANT_KEY: ("wus+lr",)}
+def default_space() -> tuple[Param, ...]:
+    """The default space of a study of WUS alone: WUS's own search space (``WUS.search_space()``)."""
+    from wus_tune._study.catalog import PARTNER, method_knobs
 
-DEFAULT_SPACE: tuple[Param, ...] = (
-    Param(VARIANT_KEY, "categorical", choices=("wus", "wus+lr"), doc="WUS alone or coupled with the LR"),
-    Param("wus.threshold", "float", 0.001, 0.05, log=True, when=_WUS_ON, doc="plateau threshold tau"),
-    Param("wus.window", "int", 1, 4, when=_WUS_ON, doc="window W of accuracy changes"),
-    Param("wus.warmup", "int", 0, 4, when=_WUS_ON, doc="checks before skipping may start"),
-    Param("wus.skip_length", "int", 1, 4, when=_WUS_ON, doc="checks a skip window lasts"),
-    Param("wus.bias_scope", "categorical", choices=("all", "last:1", "last:2", "last:4"), when=_WUS_ON,
-          doc="biases that keep training in a skip window"),
-    Param("wus.bias_lr_factor", "float", 0.1, 10.0, log=True, when=_WUS_LR, doc="bias LR factor in skip windows"),
-    Param("wus.lr_decay", "float", 0.3, 1.0, when=_WUS_LR, doc="base LR factor at each plateau"),
-    Param("wus.schedule_window[1]", "float", 0.5, 0.95, when=_WUS_ON, doc="end of the part where skipping may happen"),
-)
+    return method_knobs(PARTNER)
+
+
+def _knob_condition(key: str) -> dict[str, tuple[Any, ...]]:
+    """The condition a new spec key inherits from the method whose config section it is in (``wus.*``:
+    WUS's knobs' condition, "WUS is on"); none for other keys."""
+    from wus_tune._study.catalog import methods_registry
+
+    for name, cls in methods_registry().items():
+        if key.startswith(f"{name}."):
+            for raw in cls.search_space().values():
+                if raw.get("when"):
+                    return {str(k): tuple(v) for k, v in raw["when"].items()}
+    return {}
 
 
 def param_from_dict(key: str, raw: Any, base: Param | None = None) -> Param:
@@ -224,8 +221,8 @@ def param_from_dict(key: str, raw: Any, base: Param | None = None) -> Param:
     if base is not None:
         param = replace(base, **fields)
     else:
-        if key.startswith("wus.") and key != VARIANT_KEY:
-            fields.setdefault("when", dict(_WUS_ON))
+        if key != VARIANT_KEY and _knob_condition(key):
+            fields.setdefault("when", _knob_condition(key))
         param = Param(key, **fields)
     return param.validate()
 
@@ -256,7 +253,7 @@ class SearchSpace:
         parameter, ``null`` removes one. ``methods`` other than ``["wus"]`` put the virtual ``method`` key
         first and add each method's default knobs (:mod:`wus_tune._study.catalog`); ``effective_ratio``
         searches edge of chaos's ``optim.ratio`` instead of ``optim.lr``."""
-        params = {p.key: p for p in DEFAULT_SPACE} if defaults else {}
+        params = {p.key: p for p in default_space()} if defaults else {}
         if tuple(methods) != ("wus",):
             from wus_tune._study.catalog import method_space
 
@@ -348,30 +345,30 @@ class SearchSpace:
 
 
 def variant_overrides(variant: str) -> dict[str, Any]:
-    if variant == "none":
-        return {"wus.enabled": False}
-    if variant == "wus":
-        return {"wus.enabled": True, "wus.bias_lr_factor": 1.0, "wus.lr_decay": 1.0}
-    if variant == "wus+lr":
-        return {"wus.enabled": True}
-    raise ConfigError(f"{VARIANT_KEY}: unknown value {variant!r}; choose one of {', '.join(VARIANTS)}")
+    """The config overrides that a ``wus.variant`` value implies (the method's ``expand_virtual``)."""
+    from wus_tune._study.catalog import PARTNER, methods_registry
+
+    return methods_registry()[PARTNER].expand_virtual({VARIANT_KEY: variant})
 
 
 def method_parts(choice: Any) -> tuple[str, ...]:
     """``"approx_ops+wus"`` -> ``("approx_ops", "wus")``; ``"none"`` -> ``()``. Raises ConfigError for a
-    name that is not a method, or a combination that is not supported (only ``<method>+wus`` for the
-    methods in :data:`WITH_WUS`)."""
-    forms = "none, wus, " + ", ".join(METHOD_NAMES) + ", " + ", ".join(f"{m}+wus" for m in WITH_WUS)
+    name that is not a registered method, or a combination that is not supported (only ``<method>+wus``
+    for the methods that declare ``combines_with_wus``)."""
+    from wus_tune._study.catalog import PARTNER, combinable, plugin_names
+
+    names, with_partner = plugin_names(), combinable()
+    forms = ", ".join(("none", PARTNER, *names, *(f"{m}+{PARTNER}" for m in with_partner)))
     if not isinstance(choice, str) or not choice:
         raise ConfigError(f"{METHOD_KEY}: expected a method name such as 'approx_ops+wus', got {choice!r}")
     if choice == "none":
         return ()
     parts = tuple(choice.split("+"))
     for part in parts:
-        if part != "wus" and part not in METHOD_NAMES:
+        if part != PARTNER and part not in names:
             raise ConfigError(f"{METHOD_KEY}: unknown method {part!r} in {choice!r}; choose from {forms}")
-    others = [x for x in parts if x != "wus"]
-    if len(set(parts)) != len(parts) or len(others) > 1 or (len(parts) == 2 and others[0] not in WITH_WUS):
+    others = [x for x in parts if x != PARTNER]
+    if len(set(parts)) != len(parts) or len(others) > 1 or (len(parts) == 2 and others[0] not in with_partner):
         raise ConfigError(f"{METHOD_KEY}: unsupported combination {choice!r}; choose from {forms}")
     return parts
 
@@ -382,13 +379,16 @@ def method_implies(choice: Any) -> dict[str, Any]:
 
 
 def _method_overrides(choice: Any, base_methods: Mapping[str, Any], has_variant: bool) -> dict[str, Any]:
+    from wus_tune._study.catalog import PARTNER, measure_only, plugin_names
+
     parts = method_parts(choice)
+    names, measuring = plugin_names(), measure_only()
     methods = {
         name: dict(params or {}) for name, params in base_methods.items()
-        if name not in METHOD_NAMES or name in parts or name in MEASURE_ONLY
+        if name not in names or name in parts or name in measuring
     }  # fmt: skip
     for name in parts:
-        if name != "wus":
+        if name != PARTNER:
             methods.setdefault(name, dict(base_methods.get(name) or {}))
     out: dict[str, Any] = {"methods": methods}
     if "wus" in parts and not has_variant:
@@ -464,10 +464,6 @@ def get_value(data: Mapping[str, Any], key: str) -> Any:
     return node
 
 
-def variant_of(values: Mapping[str, Any], config: TrainConfig) -> str:
-    return config.wus.variant if VARIANT_KEY not in values else str(values[VARIANT_KEY])
-
-
 def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"wus": {"threshold": 0.01}}`` -> ``{"wus.threshold": 0.01}`` (lists kept as values)."""
     out: dict[str, Any] = {}
@@ -478,12 +474,3 @@ def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def describe(params: Sequence[Param]) -> str:
-    """A short human-readable rendering, for the console and docs."""
-    parts = []
-    for p in params:
-        rng = "|".join(map(str, p.choices or ())) if p.type == "categorical" else f"{p.low:g}..{p.high:g}"
-        parts.append(f"{p.key}={rng}{' (log)' if p.log else ''}")
-    return ", ".join(parts)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wus_tune.errors import ConfigError, UsageError
+from wus_tune.errors import ConfigError, UsageError, check_number
 from wus_tune._study.catalog import check_method_model, check_methods, method_default_trials
 from wus_tune._study.guideline import EdgeOfChaosSpec, Guideline, with_j_logging
 from wus_tune._study.guideline import resolve as resolve_guideline
@@ -158,9 +158,8 @@ class StudySpec:
         if self.n_trials is not None:
             _check_int("n_trials", self.n_trials, 1)
         for key in ("timeout", "constraint_delta", "accuracy_margin", "cost_factor"):
-            v = getattr(self, key)
-            if v is not None and not math.isfinite(v):
-                raise UsageError(f"{key}: expected a finite number, got {v!r}")
+            if getattr(self, key) is not None:
+                check_number(key, getattr(self, key), what="a finite number")
         if self.timeout is not None and self.timeout <= 0:
             raise UsageError(f"timeout: must be positive seconds, got {self.timeout:g}")
         if self.accuracy_margin < 0 or self.cost_factor < 1:
@@ -309,5 +308,4 @@ def make_sampler(name: str, options: Mapping[str, Any], *, seed: int | None) -> 
 
 
 def _check_int(key: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise UsageError(f"{key}: expected an integer >= {low}, got {value!r}")
+    check_number(key, value, integer=True, minimum=low)

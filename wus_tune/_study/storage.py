@@ -6,12 +6,12 @@ Storage URLs: any Optuna RDB URL (``sqlite:///studies/x.db``, ``postgresql://use
 ``journal:////abs/x.journal``: Optuna's Journal file storage, which several processes on one machine
 (or on a file system with working locks) share without a database server.
 
-* :func:`open_storage` connects, with heartbeats (:class:`HeartbeatJournalStorage` adds them to the
-  Journal storage, which Optuna 5 lacks) and a :class:`RetryPolicy` around every call
-  (:class:`ResilientStorage`): a server that stops answering mid-study is retried with bounded
+* :func:`open_storage` connects, with heartbeats (:func:`~wus_tune._study.adapters.heartbeat_journal_storage`
+  adds them to the Journal storage, which Optuna 5 lacks) and a :class:`RetryPolicy` around every call
+  (:func:`~wus_tune._study.adapters.resilient_storage`): a server that stops answering mid-study is retried with bounded
   exponential backoff, then :class:`~wus_tune.errors.ServiceLost` is raised.
 * :func:`study_lock` serialises workers across processes and machines (a PostgreSQL advisory lock,
-  MySQL ``GET_LOCK``, ``flock`` on a side file for SQLite and Journal files), so a study's first
+  MySQL ``GET_LOCK``, a :class:`filelock.FileLock` on a side file for SQLite and Journal files), so a study's first
   trials are enqueued exactly once and a study-wide trial budget is exact.
 * :func:`mask_url` and :func:`redact` keep passwords out of every message.
 """
@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wus_tune.errors import ServiceLost, UsageError
+from wus_tune._study import adapters
+from wus_tune.errors import ServiceLost, UsageError, one_line
 
 if TYPE_CHECKING:
     import optuna
@@ -123,11 +124,8 @@ def _has(module: str) -> bool:
 
 
 def first_line(e: BaseException) -> str:
-    text = str(getattr(e, "orig", None) or e).strip()
-    return redact(text.splitlines()[0] if text else type(e).__name__)
-
-
-_first_line = first_line
+    """One line about a driver error, password masked (SQLAlchemy's ``orig`` holds the driver's own)."""
+    return redact(one_line(getattr(e, "orig", None) or e))
 
 
 # ---- retries -----------------------------------------------------------------------------------------
@@ -232,49 +230,6 @@ class RetryPolicy:
 # ---- storages ----------------------------------------------------------------------------------------
 
 
-def _journal_heartbeat_class() -> type:
-    import optuna
-    from optuna.storages._heartbeat import BaseHeartbeat
-    from optuna.storages.journal import JournalStorage
-    from optuna.trial import TrialState
-
-    class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-        """Optuna's Journal storage with the heartbeat protocol of its RDB storage (Optuna 5 has none
-        for Journal): a running trial's heartbeat is a system attribute holding the writer's clock, so
-        the workers must share a clock, as the processes of one machine do."""
-
-        KEY = "wus_tune:heartbeat"
-
-        def __init__(self, backend: Any, heartbeat_interval: int | None, grace_period: int | None) -> None:
-            super().__init__(backend)
-            self.heartbeat_interval = heartbeat_interval
-            self.grace_period = grace_period
-
-        def record_heartbeat(self, trial_id: int) -> None:
-            try:
-                self.set_trial_system_attr(trial_id, self.KEY, time.time())
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # the trial ended (or another worker declared it stale) meanwhile
-
-        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-            assert self.heartbeat_interval is not None
-            grace = self.grace_period or 2 * self.heartbeat_interval
-            now = time.time()
-            return [
-                t._trial_id
-                for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-                if self.KEY in t.system_attrs and now - float(t.system_attrs[self.KEY]) > grace
-            ]
-
-        def get_heartbeat_interval(self) -> int | None:
-            return self.heartbeat_interval
-
-        def get_heartbeat_stale_trial_callback(self) -> Any:
-            return None
-
-    return HeartbeatJournalStorage
-
-
 def open_storage(
     url: str,
     *,
@@ -289,7 +244,7 @@ def open_storage(
     ``studies/`` location only, so a mistyped path is reported rather than created).
     ``heartbeat_interval`` / ``grace_period`` (seconds) turn on Optuna's heartbeats: a running trial
     whose worker has not written one for ``grace_period`` is *stale* (see ``wus_tune._study.workers``).
-    ``retry`` wraps the storage in a :class:`ResilientStorage`.
+    ``retry`` wraps the storage so that every call goes through it.
     """
     import warnings
 
@@ -311,7 +266,7 @@ def open_storage(
 
                 assert path is not None
                 backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
-                storage = _journal_heartbeat_class()(backend, heartbeat_interval, grace_period)
+                storage = adapters.heartbeat_journal_storage(backend, heartbeat_interval, grace_period)
             else:
                 engine_kwargs: dict[str, Any] = {}
                 if sqlite_path(url) is not None:
@@ -345,12 +300,7 @@ def open_storage(
     if sqlite_path(url) is not None:
         sync_normal(storage.engine)
     if retry is not None:
-        from optuna.storages import RDBStorage
-        from optuna.storages._cached_storage import _CachedStorage
-
-        if isinstance(storage, RDBStorage):
-            storage = _CachedStorage(storage)  # what optuna.create_study would wrap it in
-        storage = ResilientStorage(storage, retry)
+        storage = adapters.resilient_storage(adapters.cache_rdb(storage), retry)
     return storage
 
 
@@ -359,78 +309,17 @@ def _schema_race(e: BaseException) -> bool:
     return any(s in text for s in ("already exists", "duplicate entry", "duplicate key", "(1050,"))
 
 
-def unwrap(storage: Any) -> Any:
-    """The storage under the :class:`ResilientStorage` and Optuna's cache: an RDBStorage or a JournalStorage."""
-    while True:
-        inner = getattr(storage, "_inner", None) or getattr(storage, "_backend", None)
-        if inner is None or not hasattr(inner, "get_all_trials"):
-            return storage
-        storage = inner
-
-
-def _resilient_storage_class() -> type:
-    from optuna.storages import BaseStorage
-    from optuna.storages._heartbeat import BaseHeartbeat
-
-    class ResilientStorage(BaseStorage, BaseHeartbeat):
-        """Every call of the wrapped storage through a :class:`RetryPolicy` (heartbeats included)."""
-
-        def __init__(self, inner: Any, policy: RetryPolicy) -> None:
-            self._inner, self.policy = inner, policy
-
-        def get_heartbeat_interval(self) -> int | None:
-            fn = getattr(self._inner, "get_heartbeat_interval", None)
-            return fn() if fn is not None else None
-
-        def get_heartbeat_stale_trial_callback(self) -> Any:
-            fn = getattr(self._inner, "get_heartbeat_stale_trial_callback", None)
-            return fn() if fn is not None else None
-
-        def __getattr__(self, name: str) -> Any:  # anything else (engine, ...) straight through
-            return getattr(self._inner, name)
-
-    def delegate(name: str) -> Callable[..., Any]:
-        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            fn = getattr(self._inner, name)
-            return self.policy.call(lambda: fn(*args, **kwargs))
-
-        method.__name__ = name
-        return method
-
-    names = {n for cls in (BaseStorage, BaseHeartbeat) for n, v in vars(cls).items() if callable(v) and not n.startswith("__")}
-    for name in sorted(names - {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "get_failed_trial_callback"}):
-        setattr(ResilientStorage, name, delegate(name))
-    ResilientStorage.__abstractmethods__ = frozenset()
-    return ResilientStorage
-
-
-class _Lazy:
-    """Build the optuna-derived classes on first use (``import wus_tune._study.storage`` stays cheap)."""
-
-    def __init__(self, factory: Callable[[], type]) -> None:
-        self.factory, self.cls = factory, None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.cls is None:
-            self.cls = self.factory()
-        return self.cls(*args, **kwargs)
-
-
-ResilientStorage = _Lazy(_resilient_storage_class)
-HeartbeatJournalStorage = _Lazy(_journal_heartbeat_class)
-
-
 @contextlib.contextmanager
 def study_lock(storage: Any, name: str, *, timeout: float = 600.0) -> Iterator[None]:
     """Hold a lock named after the study, across processes and machines, for the ``with`` block.
 
     PostgreSQL: a transaction-level advisory lock; MySQL/MariaDB: ``GET_LOCK``; both are released by the
-    server if the holder dies. SQLite and Journal files: ``flock`` on ``<file>.wus_tune-lock`` (released
-    by the kernel if the holder dies). In-memory storages: nothing to share, no lock.
+    server if the holder dies. SQLite and Journal files: a :class:`filelock.FileLock` on ``<file>.wus_tune-lock``
+    (an OS lock: released by the kernel if the holder dies, on Windows too). In-memory storages: nothing to share, no lock.
     """
     from optuna.storages import RDBStorage
 
-    base = unwrap(storage)
+    base = adapters.unwrap(storage)
     key = f"wus_tune:{name}"
     if isinstance(base, RDBStorage):
         engine = base.engine
@@ -460,8 +349,7 @@ def study_lock(storage: Any, name: str, *, timeout: float = 600.0) -> Iterator[N
             return
         path = sqlite_path(str(engine.url))
     else:
-        backend = getattr(base, "_backend", None)
-        file = getattr(backend, "_file_path", None)
+        file = adapters.journal_file(base)
         path = Path(file) if file else None
     if path is None:
         yield
@@ -472,25 +360,13 @@ def study_lock(storage: Any, name: str, *, timeout: float = 600.0) -> Iterator[N
 
 @contextlib.contextmanager
 def _file_lock(path: Path, timeout: float) -> Iterator[None]:
+    import filelock
+
     try:
-        import fcntl
-    except ImportError:  # Windows: one machine's workers share no file lock here; run one worker per study
-        yield
-        return
-    with open(path, "a+") as f:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ServiceLost(f"could not take the study lock {path} within {timeout:g} s") from None
-                time.sleep(0.05)
-        try:
+        with filelock.FileLock(path, timeout=timeout):
             yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except filelock.Timeout:
+        raise ServiceLost(f"could not take the study lock {path} within {timeout:g} s") from None
 
 
 def check_writable(directory: Path, what: str) -> None:

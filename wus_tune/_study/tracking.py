@@ -17,12 +17,13 @@ from __future__ import annotations
 import math
 import time
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wus_tune._study import adapters
 from wus_tune._study.storage import RetryPolicy, mask_url, safe_name, sqlite_path, tracking_url
-from wus_tune.errors import ServiceLost, UsageError
+from wus_tune.errors import ServiceLost, UsageError, one_line
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -40,12 +41,6 @@ def _now_ms() -> int:
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def epoch_metrics(record: EpochRecord) -> dict[str, float]:
@@ -137,7 +132,7 @@ class TrialRun:
         if self.closed:
             return
         killed = isinstance(error, (KeyboardInterrupt, SystemExit))
-        reason = _first_line(error)[:_MAX_TAG]
+        reason = one_line(error, with_type=True)[:_MAX_TAG]
         client = self.client
         try:
             self.flush(tags=[RunTag("optuna.trial_state", "FAIL"), RunTag("fail_reason", reason)])
@@ -208,7 +203,7 @@ class MlflowTracker:
 
                 client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in str_tags.items()])
         except MlflowException as e:
-            raise UsageError(f"--tracking-uri {mask_url(tracking_uri)}: {_first_line(e)}") from None
+            raise UsageError(f"--tracking-uri {mask_url(tracking_uri)}: {one_line(e, with_type=True)}") from None
         if retry is not None:
             client = ResilientClient(client, retry)
         return cls(client, tracking_uri, experiment_id, parent_id)
@@ -250,16 +245,6 @@ class MlflowTracker:
                 self.client.log_batch(run_id, metrics=metrics, tags=tags)
             except Exception:
                 pass  # a child run deleted in the UI must not break the study's summary
-
-    def close_orphans(self, run_ids: Iterable[str]) -> None:
-        """End child runs left RUNNING by a worker that died (its Optuna trial is no longer running)."""
-        for run_id in run_ids:
-            try:
-                if self.client.get_run(run_id).info.status == "RUNNING":
-                    self.client.set_tag(run_id, "fail_reason", "worker stopped before the trial ended")
-                    self.client.set_terminated(run_id, "KILLED")
-            except Exception:
-                pass
 
     def close_trial(self, number: int, run_id: str | None, reason: str) -> None:
         """Close the child run(s) of a trial whose worker died: KILLED, ``optuna.trial_state = FAIL`` and
@@ -305,9 +290,6 @@ class MlflowTracker:
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id, status)
 
-    def run_url_hint(self) -> str:
-        return f"experiment {self.experiment_id}, parent run {self.parent_run_id}"
-
 
 class NullTrialRun:
     run_id = None
@@ -341,9 +323,6 @@ class NullTracker:
         pass
 
     def tag_children(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close_orphans(self, run_ids: Iterable[str]) -> None:
         pass
 
     def close_trial(self, number: int, run_id: str | None, reason: str) -> None:
@@ -423,7 +402,7 @@ def _fast_sqlite(client: MlflowClient, tracking_uri: str) -> None:
     try:
         set_wal(path)
         # MLflow exposes no hook for connection pragmas; its store's engine is reachable, if private.
-        engine = getattr(getattr(client._tracking_client, "store", None), "engine", None)
+        engine = adapters.mlflow_store_engine(client)
         if engine is not None and not getattr(engine, "_wus_tune_sync", False):
             sync_normal(engine)
             engine._wus_tune_sync = True

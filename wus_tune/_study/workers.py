@@ -5,7 +5,7 @@ machines join by running the same command with the same ``--storage``; on one ma
 ``--workers`` start them (:func:`launch`). What makes that safe:
 
 * **Heartbeats.** While a trial runs, a thread records a heartbeat every ``heartbeat_interval`` seconds
-  (Optuna's RDB heartbeat; :class:`~wus_tune._study.storage.HeartbeatJournalStorage` for Journal files).
+  (Optuna's RDB heartbeat; :func:`~wus_tune._study.adapters.heartbeat_journal_storage` for Journal files).
   A RUNNING trial without one for ``grace_period`` seconds is *stale*: its worker died (SIGKILL, power,
   preemption). Before each trial every worker looks for stale trials (:meth:`StaleTrials.check`): it marks
   one FAIL with its ``fail_reason``, closes its MLflow child run KILLED, and re-queues the same parameters
@@ -40,14 +40,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from wus_tune.errors import ServiceLost, UsageError
+from wus_tune._study import adapters
+from wus_tune.errors import ServiceLost, UsageError, check_number
 
 if TYPE_CHECKING:
     import optuna
 
 # User attributes a re-queued trial keeps (what its enqueuer set); everything else is per attempt.
 KEEP_ON_RETRY = ("role", "overrides")
-HEARTBEAT_ATTR = "wus_tune:heartbeat"
+HEARTBEAT_ATTR = adapters.HEARTBEAT_KEY
 
 
 class Interrupted(KeyboardInterrupt):
@@ -75,24 +76,15 @@ class Settings:
 
 def check_settings(spec: Any) -> None:
     """Validate the worker/fault keys of a :class:`~wus_tune._study.spec.StudySpec`; one-line UsageError."""
-    import math
-
-    def integer(key: str, low: int) -> None:
-        v = getattr(spec, key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            raise UsageError(f"{key}: expected an integer >= {low}, got {v!r}")
-
-    for key in ("max_trials", "heartbeat_interval", "grace_period"):
-        integer(key, 1)
-    integer("max_retry", 0)
+    for key, low in (("max_trials", 1), ("heartbeat_interval", 1), ("grace_period", 1), ("max_retry", 0)):
+        if getattr(spec, key) is not None:
+            check_number(key, getattr(spec, key), integer=True, minimum=low)
     if spec.grace_period is not None:
         if spec.heartbeat_interval is None:
             raise UsageError("grace_period: needs heartbeat_interval")
         if spec.grace_period <= spec.heartbeat_interval:
             raise UsageError(f"grace_period: must exceed heartbeat_interval ({spec.heartbeat_interval} s), got {spec.grace_period}")
-    t = spec.reconnect_timeout
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-        raise UsageError(f"reconnect_timeout: expected seconds >= 0, got {t!r}")
+    check_number("reconnect_timeout", spec.reconnect_timeout, minimum=0, what="seconds")
 
 
 def settings(study_def: Any) -> Settings:
@@ -124,7 +116,7 @@ def _requeue_class() -> type:
             attrs = {k: v for k, v in trial.user_attrs.items() if k in KEEP_ON_RETRY}
             attrs["retry_of"] = trial.system_attrs.get("failed_trial", trial.number)
             trial.user_attrs = attrs
-            trial._system_attrs = {k: copy.deepcopy(v) for k, v in trial.system_attrs.items() if k != HEARTBEAT_ATTR}
+            trial.system_attrs = {k: copy.deepcopy(v) for k, v in trial.system_attrs.items() if k != HEARTBEAT_ATTR}
             super().__call__(study, trial)
 
     return Requeue
@@ -146,14 +138,13 @@ class StaleTrials:
     def check(self, study: optuna.Study) -> list[int]:
         """Fail and re-queue the study's stale trials; returns their numbers (those this worker won)."""
         import optuna
-        from optuna.storages._heartbeat import is_heartbeat_enabled
         from optuna.trial import TrialState
 
-        storage = study._storage
-        if not is_heartbeat_enabled(storage):
+        storage = adapters.study_storage(study)
+        if not adapters.heartbeat_enabled(storage):
             return []
         won = []
-        for trial_id in storage._get_stale_trial_ids(study._study_id):
+        for trial_id in adapters.stale_trial_ids(storage, study.study_name):
             reason = f"worker lost: no heartbeat for more than {self.grace_period:g} s; re-queued"
             try:
                 storage.set_trial_user_attr(trial_id, "fail_reason", reason)
@@ -197,10 +188,8 @@ class Heartbeat:
     retried by the storage's policy; a lost storage ends the thread, the trial then goes stale)."""
 
     def __init__(self, storage: Any, trial_id: int) -> None:
-        from optuna.storages._heartbeat import is_heartbeat_enabled
-
         self.storage, self.trial_id = storage, trial_id
-        self.interval = storage.get_heartbeat_interval() if is_heartbeat_enabled(storage) else None
+        self.interval = storage.get_heartbeat_interval() if adapters.heartbeat_enabled(storage) else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -294,7 +283,11 @@ def run_worker(
             values, state, stop = None, TrialState.FAIL, None
             try:
                 trial.set_user_attr("worker", me)
-                with Heartbeat(study._storage, trial._trial_id):
+                storage = trial.storage
+                trial_id = storage.get_trial_id_from_study_id_trial_number(
+                    storage.get_study_id_from_name(study.study_name), trial.number
+                )
+                with Heartbeat(storage, trial_id):
                     values = objective(trial)
                     state = TrialState.COMPLETE
             except (Interrupted, KeyboardInterrupt, ServiceLost) as e:
@@ -356,8 +349,8 @@ def plan_slots(devices: str | None, workers: int | None, workers_per_device: int
     ``--devices cpu --workers 4`` four CPU workers with ``cores // 4`` torch threads each; ``--workers N``
     with GPUs spreads N workers over them in turn."""
     for name, value in (("--workers", workers), ("--workers-per-device", workers_per_device)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UsageError(f"{name}: expected an integer >= 1, got {value!r}")
+        if value is not None:
+            check_number(name, value, integer=True, minimum=1)
     if devices is None:
         if workers_per_device is not None:
             raise UsageError("--workers-per-device needs --devices (e.g. --devices 0,1)")

@@ -1,76 +1,237 @@
-"""Plug-in speed-up methods.
+"""Plug-in speed-up methods: one contract, :class:`Method`, that WUS and every other method implement.
 
-A method is a set of pure functions (the maths, usable in any training loop) plus a thin
-:class:`Method` subclass that the trainer calls at a handful of hook points. A config names methods
-and their keyword arguments (``methods: {approx_ops: {sample_ratio: 0.5}}``); ``Method(**params)``
-round-trips a tuned config, because ``__init__`` only stores keyword arguments.
+A method is a set of pure functions (the maths, usable in any training loop) plus a thin :class:`Method`
+subclass. The class carries the method's *study data* (classmethods: read without building a run); an
+instance carries one run's state, and :func:`wus_tune.fit` calls its *run-time hooks*. The trainer has
+no method-specific branch: whatever a method does, it does through the hooks below.
 
-Hook order inside :func:`wus_tune.train` (each hook is optional)::
+Study data (classmethods and class attributes)::
 
-    model = method.apply_model(model, ctx)          # once, before the optimizer is built
-    opt = method.make_optimizer(model, ctx)         # once; the first method returning one wins
+    name                      registry key and metric prefix ("wus/skip_windows")
+    combines_with_wus         may run beside WUS in one trial ("approx_ops+wus")
+    tunes_optimizer           its search space has optim.* knobs (edge_of_chaos)
+    measure_only              changes nothing in training (a base config's entry stays in every trial)
+    enabled(config)           is it on in this TrainConfig? (default: name in config.methods; WUS: wus.enabled)
+    from_config(config)       the instance (default: cls(**config.methods[name]); WUS: from config.wus)
+    switch(on)                dotted-key overrides turning it on ({"methods.<name>": {}}; WUS: {"wus.enabled": on})
+    search_space()            {dotted key: spec search_space entry (type/low/high/log/choices/when/doc)}
+    default_trials()          [dotted-key overrides of each default trial]
+    expand_virtual(values)    pops its virtual keys (WUS: wus.variant) and returns the overrides they imply
+    check_model(model, cfg)   None, or a one-line reason why it cannot act on this ModelConfig
+
+Run-time hooks (each optional), in the order :func:`wus_tune.fit` calls them::
+
+    model = method.setup(model, run)                # once; run is a RunInfo
+    opt = method.make_optimizer(model, run)         # once; two methods returning one -> ConfigError
+    method.attach(model, optimizer, run)            # once the optimizer exists (WUS builds its controller)
+    plan = method.check_plan(run)                   # CheckPlan(every_steps, signal) or None: when it checks
+                                                    # and on what; a val_acc check's validation pass is
+                                                    # charged to the run (time and FLOPs)
+    modes = method.warm_up_modes(model)             # context managers putting the model in each other step
+                                                    # kind, so the untimed warm-up covers them (WUS: skip)
     for epoch:
-        for step:
-            loss.backward()
-            method.before_step(model, optimizer, ctx)   # e.g. rewrite gradients
-            optimizer.step()
-            method.after_step(model, optimizer, ctx)    # e.g. project weights back to a constraint
-        metrics = method.end_epoch(model, ctx)      # logged with the method's prefix: "lp_sphere/sparsity"
+        for step:                                   # step: a StepContext (batch, model, optimizer, progress)
+            factors = method.lr_factors(optimizer, run)   # per param-group LR factors; several multiply
+            kind = method.step_kind()               # "" for an ordinary step, e.g. "skip:last:1"; the
+                                                    # ledger keeps steps, time and FLOPs per kind
+            cost = method.train_step(step)          # optional: OWNS the step (forward, update) and returns
+                                                    # StepCost(loss, logits); two owners -> ConfigError.
+                                                    # Without an owner the trainer runs forward, backward,
+                                                    # before_step, optimizer.step(), after_step. With one,
+                                                    # the others' before_step/after_step run around it.
+                                                    # FLOPs are counted around the real step
+                                                    # (torch.utils.flop_counter), once per step kind.
+            method.on_check(metrics, progress)      # when its CheckPlan is due: {"val_acc", "val_loss"} or
+                                                    # {"train_acc"} (running accuracy since its last check)
+        metrics = method.end_epoch(model, run)      # logged with the method's prefix: "lp_sphere/sparsity"
+
+A config names methods and their keyword arguments (``methods: {approx_ops: {sample_ratio: 0.5}}``);
+``Method(**params)`` round-trips a tuned config, because ``__init__`` only stores keyword arguments.
+Installed packages add methods through the entry-point group ``wus_tune.methods``
+(``my_method = my_package.module:MyMethod``): :func:`registry` finds them.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, ContextManager
 
-from wus_tune.errors import ConfigError
+from wus_tune.errors import ConfigError, one_line
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Method", "MethodContext", "register", "registry", "build_methods", "validate_methods"]
+    from wus_tune.config import TrainConfig
+
+__all__ = [
+    "Method", "RunInfo", "StepContext", "StepCost", "CheckPlan", "register", "registry", "build_methods",
+    "validate_methods", "ENTRY_POINT_GROUP",
+]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a method may read about the run, fixed before training starts."""
+
+    config: TrainConfig
+    device: torch.device
+    steps_per_epoch: int
+    total_steps: int
+    batch_size: int  # the training batch size actually used (optim.batch_size, capped by the dataset)
+    # the training split's loader, for a method that reads the whole set (WUS's frozen-prefix cache uses
+    # len(train_loader.y) and train_loader.batches_in_order()); None outside wus_tune.fit
+    train_loader: Any = None
 
 
 @dataclass
-class MethodContext:
-    """What a method may read about the run. ``step`` and ``epoch`` count from 0."""
+class StepContext:
+    """One training step as a method sees it. ``step`` and ``epoch`` count from 0. ``loss`` and ``logits``
+    are set once the forward has run (before ``before_step``; from the owner's StepCost otherwise). An owner
+    that trains on other examples than the batch (WUS on cached features) sets ``targets`` to theirs."""
 
-    config: Any  # the TrainConfig
-    device: "torch.device"
-    steps_per_epoch: int
-    total_steps: int
-    step: int = 0
-    epoch: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    run: RunInfo
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    step: int
+    epoch: int
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the trainer's forward (compiled model, autocast)
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
     @property
     def progress(self) -> float:
-        return self.step / max(1, self.total_steps)
+        """Fraction of training done before this step."""
+        return self.step / max(1, self.run.total_steps)
+
+
+@dataclass
+class StepCost:
+    """What an owned step reports: its loss and logits (for the curves and the divergence check)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    """When a method checks (every ``every_steps`` optimizer steps; 0: at each epoch's end) and on what:
+    ``"val_acc"`` (a validation pass, charged to the run) or ``"train_acc"`` (the running training accuracy)."""
+
+    every_steps: int
+    signal: str
 
 
 class Method:
-    """Base class: override the hooks you need. ``name`` is the registry key and the metric prefix."""
+    """Base class: override the hooks you need. ``name`` is the registry key and the metric prefix.
+
+    The class carries the method's study data (classmethods, read without building a run); an instance
+    carries one run's state and is called by the trainer at the hook points.
+    """
 
     name: ClassVar[str] = ""
+    combines_with_wus: ClassVar[bool] = False  # may run beside WUS in one trial ("approx_ops+wus")
+    tunes_optimizer: ClassVar[bool] = False  # its search space has optim.* knobs (edge_of_chaos)
+    measure_only: ClassVar[bool] = False  # changes nothing in training: a base config's entry stays in every trial
+    # The searched knobs, as a spec's ``search_space:`` entries (type/low/high/log/choices/when/doc), keyed by
+    # dotted TrainConfig key; the study adds ``when: {method: [choices naming this method]}``.
+    SEARCH_SPACE: ClassVar[dict[str, dict[str, Any]]] = {}
+    # The default trial's knobs where they differ from the constructor's defaults (the card's suggestions).
+    DEFAULT_TRIAL: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **params: Any) -> None:
         self.params = params
 
-    def apply_model(self, model: "torch.nn.Module", ctx: MethodContext) -> "torch.nn.Module":
-        return model
+    # ---- study data (classmethods) ---------------------------------------------------------------
 
-    def make_optimizer(self, model: "torch.nn.Module", ctx: MethodContext) -> "torch.optim.Optimizer | None":
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        """Is this method on in ``config`` (a TrainConfig)?"""
+        return cls.name in config.methods
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Method":
+        """The method instance for ``config``; bad arguments raise ConfigError naming the key."""
+        return _construct(cls, config.methods.get(cls.name) or {})
+
+    @classmethod
+    def switch(cls, on: bool) -> dict[str, Any]:
+        """Dotted-key config overrides that turn the method on (off: the study removes ``methods.<name>``)."""
+        return {f"methods.{cls.name}": {}} if on else {}
+
+    @classmethod
+    def search_space(cls) -> dict[str, dict[str, Any]]:
+        return {key: dict(value) for key, value in cls.SEARCH_SPACE.items()}
+
+    @classmethod
+    def default_trials(cls) -> list[dict[str, Any]]:
+        """Dotted-key overrides of each default trial: the searched ``methods.<name>.*`` knobs at the
+        constructor's defaults, overlaid by :attr:`DEFAULT_TRIAL`."""
+        signature = inspect.signature(cls.__init__).parameters
+        prefix = f"methods.{cls.name}."
+        knobs = [key[len(prefix):] for key in cls.SEARCH_SPACE if key.startswith(prefix)]
+        trial = {f"{prefix}{k}": signature[k].default for k in knobs
+                 if k in signature and signature[k].default is not inspect.Parameter.empty}
+        trial.update({f"{prefix}{k}": v for k, v in cls.DEFAULT_TRIAL.items()})
+        return [trial]
+
+    @classmethod
+    def expand_virtual(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Pop this method's virtual keys from ``values``; return the config overrides they imply."""
+        return {}
+
+    @classmethod
+    def check_model(cls, model: Any, config: Any) -> str | None:
+        """None when the method can act on ``model`` (a ModelConfig); else a one-line reason."""
         return None
 
-    def before_step(self, model: "torch.nn.Module", optimizer: "torch.optim.Optimizer", ctx: MethodContext) -> None:
+    # ---- run-time hooks (see the module docstring) -------------------------------------------------
+
+    def setup(self, model: torch.nn.Module, run: RunInfo) -> torch.nn.Module:
+        return model
+
+    def make_optimizer(self, model: torch.nn.Module, run: RunInfo) -> torch.optim.Optimizer | None:
+        return None
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: RunInfo) -> None:
         pass
 
-    def after_step(self, model: "torch.nn.Module", optimizer: "torch.optim.Optimizer", ctx: MethodContext) -> None:
+    def check_plan(self, run: RunInfo) -> CheckPlan | None:
+        return None
+
+    def on_check(self, metrics: dict[str, float], progress: float) -> None:
         pass
 
-    def end_epoch(self, model: "torch.nn.Module", ctx: MethodContext) -> dict[str, float]:
+    def warm_up_modes(self, model: torch.nn.Module) -> list[ContextManager[Any]]:
+        return []
+
+    def lr_factors(self, optimizer: torch.optim.Optimizer, run: RunInfo) -> list[float] | None:
+        return None
+
+    def step_kind(self) -> str:
+        return ""
+
+    def train_step(self, step: StepContext) -> StepCost | None:
+        """Override to own the step; the trainer then neither runs the forward nor the backward."""
+        return None
+
+    def before_step(self, step: StepContext) -> None:
+        pass
+
+    def after_step(self, step: StepContext) -> None:
+        pass
+
+    def end_epoch(self, model: torch.nn.Module, run: RunInfo) -> dict[str, float]:
         return {}
+
+    @classmethod
+    def owns_step(cls) -> bool:
+        return cls.train_step is not Method.train_step
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -89,7 +250,10 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def registry() -> dict[str, type[Method]]:
+    """Every method: the built-in ones (WUS first), then those of installed packages' ``wus_tune.methods``
+    entry points (each names a :class:`Method` subclass, e.g. ``freeze_first = my_pkg:FreezeFirst``)."""
     _load_builtin_methods()
+    _load_entry_points()
     return dict(_REGISTRY)
 
 
@@ -98,35 +262,72 @@ def validate_methods(spec: dict[str, dict[str, Any]]) -> None:
     build_methods(spec)
 
 
-def build_methods(spec: dict[str, dict[str, Any]]) -> list[Method]:
-    """Instantiate the methods of a config, in order; bad names or arguments raise ConfigError."""
+def build_methods(spec: Any) -> list[Method]:
+    """The methods a config runs, in order. ``spec`` is a TrainConfig (WUS included when on) or a config's
+    ``methods`` mapping; bad names or arguments raise ConfigError."""
+    if not isinstance(spec, dict):
+        config = spec
+        return [cls.from_config(config) for cls in registry().values() if cls.name == "wus" and cls.enabled(config)] + \
+            build_methods(config.methods)
     if not spec:
         return []
     known = registry()
     methods = []
     for name, params in spec.items():
+        if name == "wus":
+            raise ConfigError("methods.wus: WUS is configured in its own section (wus: {enabled: true, ...})")
         if name not in known:
-            raise ConfigError(f"methods.{name}: unknown method; choose from {', '.join(sorted(known)) or 'none'}")
-        cls = known[name]
-        accepted = inspect.signature(cls.__init__).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-        for key in params or {}:
-            if key not in accepted and not takes_any:
-                names = [p for p in accepted if p != "self"]
-                raise ConfigError(f"methods.{name}.{key}: unknown argument (known: {', '.join(names)})")
-        try:
-            methods.append(cls(**(params or {})))
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"methods.{name}: {e}") from None
+            raise ConfigError(f"methods.{name}: unknown method; choose from {', '.join(sorted(set(known) - {'wus'})) or 'none'}")
+        methods.append(_construct(known[name], params or {}))
     return methods
 
 
+def _construct(cls: type[Method], params: dict[str, Any]) -> Method:
+    accepted = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    for key in params:
+        if key not in accepted and not takes_any:
+            names = [p for p in accepted if p != "self"]
+            raise ConfigError(f"methods.{cls.name}.{key}: unknown argument (known: {', '.join(names)})")
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"methods.{cls.name}: {e}") from None
+
+
 def _load_builtin_methods() -> None:
-    # Importing a method module registers it. Modules are added here as they land.
+    # Importing a method module registers it.
     import importlib
 
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
 
 
-_BUILTIN_MODULES: list[str] = ["wus_tune.methods.approx_ops", "wus_tune.methods.lp_sphere", "wus_tune.methods.edge_of_chaos", "wus_tune.methods.gauss_newton"]
+_BUILTIN_MODULES: list[str] = [
+    "wus_tune.methods.wus", "wus_tune.methods.approx_ops", "wus_tune.methods.lp_sphere",
+    "wus_tune.methods.edge_of_chaos", "wus_tune.methods.gauss_newton",
+]
+ENTRY_POINT_GROUP = "wus_tune.methods"
+_entry_points_seen: set[tuple[str, str]] = set()
+
+
+def _load_entry_points() -> None:
+    """Register the methods that installed packages declare. Looked up on every call (cheap), so a package
+    put on ``sys.path`` during the process is found; each entry point is loaded once."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if (ep.name, ep.value) in _entry_points_seen:
+            continue
+        _entry_points_seen.add((ep.name, ep.value))
+        try:
+            cls = ep.load()
+        except Exception as e:  # a broken plug-in must not break the built-in methods
+            warnings.warn(f"entry point {ENTRY_POINT_GROUP}:{ep.name} = {ep.value} failed to load: {one_line(e)}",
+                          stacklevel=3)
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Method)) or not cls.name:
+            warnings.warn(f"entry point {ENTRY_POINT_GROUP}:{ep.name} = {ep.value} is not a Method subclass "
+                          "with a name; ignored", stacklevel=3)
+            continue
+        _REGISTRY.setdefault(cls.name, cls)

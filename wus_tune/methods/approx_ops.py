@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wus_tune.methods import Method, MethodContext, register
+from wus_tune.layers import weighted_layers
+from wus_tune.methods import Method, RunInfo, StepContext, register
 
 __all__ = [
     "SAMPLERS",
@@ -328,14 +329,6 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
         return y
 
 
-def _compute_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Linear and convolution layers in registration order (the forward order of Sequential models)."""
-    return [
-        (name, m) for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.weight is not None
-    ]
-
-
 def apply_approx_ops(
     model: nn.Module,
     *,
@@ -355,7 +348,7 @@ def apply_approx_ops(
     state_dict keys and optimizer references are untouched. Calling it again re-configures the layers.
     """
     _check_args(sample_ratio, minimal_k, sampler, round_to)
-    layers = _compute_layers(model)
+    layers = weighted_layers(model)
     if keep_first_last:
         layers = layers[1:-1]
     names = []
@@ -457,6 +450,25 @@ class ApproxOps(Method):
     """
 
     name = "approx_ops"
+    combines_with_wus = True
+    SEARCH_SPACE = {
+        "methods.approx_ops.sample_ratio": {"type": "float", "low": 0.25, "high": 0.9,
+                                            "doc": "fraction of column-row pairs kept"},
+        "methods.approx_ops.sampler": {"type": "categorical", "choices": ["topk", "crs", "bernoulli"],
+                                       "doc": "pair sampler"},
+        "methods.approx_ops.minimal_k": {"type": "int", "low": 1, "high": 16, "log": True, "doc": "pairs kept at least"},
+        "methods.approx_ops.until": {"type": "float", "low": 0.5, "high": 1.0,
+                                     "doc": "exact products after this fraction of training"},
+    }
+    DEFAULT_TRIAL = {"sample_ratio": 0.5, "sampler": "topk", "until": 0.75}
+
+    @classmethod
+    def check_model(cls, model: Any, config: Any) -> str | None:
+        if model.name == "mlp" and model.depth < 3:
+            return (f"approx_ops keeps the first and last layers exact, so an mlp of depth {model.depth} has "
+                    "nothing to approximate; use model.depth >= 3 (gauss_newton needs depth 2: compare it in its "
+                    "own study)")
+        return None
 
     def __init__(
         self, *, sample_ratio: float = 0.5, minimal_k: int = 1, sampler: str = "topk", round_to: int = 8,
@@ -475,7 +487,7 @@ class ApproxOps(Method):
         self.steps = 0
         self._recent: list[torch.Tensor] = []
 
-    def apply_model(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+    def setup(self, model: nn.Module, run: RunInfo) -> nn.Module:
         p = self.params
         self.layer_names = apply_approx_ops(
             model, sample_ratio=p["sample_ratio"], minimal_k=p["minimal_k"], sampler=p["sampler"],
@@ -483,26 +495,29 @@ class ApproxOps(Method):
         )
         return model
 
-    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: MethodContext) -> None:
+    def step_kind(self) -> str:
+        return "approx" if self.layer_names else ""
+
+    def after_step(self, step: StepContext) -> None:
         self.steps += 1
         if not self.layer_names:
             return
+        model, run = step.model, step.run
         keep = self.params["bn_batches"]
-        inputs = ctx.extra.get("inputs")
-        if keep and isinstance(inputs, torch.Tensor):
-            self._recent = (self._recent + [inputs.detach()])[-keep:]
-        if self.params["until"] < 1 and ctx.total_steps > 0 and self.steps >= self.params["until"] * ctx.total_steps:
+        if keep:
+            self._recent = (self._recent + [step.inputs.detach()])[-keep:]
+        if self.params["until"] < 1 and run.total_steps > 0 and self.steps >= self.params["until"] * run.total_steps:
             # From here on every layer is exact; recalibrate BN once for the exact network.
             remove_approx_ops(model)
             self.layer_names = []
-        elif not (ctx.steps_per_epoch > 0 and self.steps % ctx.steps_per_epoch == 0):
+        elif not (run.steps_per_epoch > 0 and self.steps % run.steps_per_epoch == 0):
             return
         # The trainer evaluates right after an epoch's last step: calibrate then.
         if self._recent:
             recalibrate_batchnorm(model, self._recent)
         self._recent = []
 
-    def end_epoch(self, model: nn.Module, ctx: MethodContext) -> dict[str, float]:
+    def end_epoch(self, model: nn.Module, run: RunInfo) -> dict[str, float]:
         kept = seen = 0
         layers = 0
         for m in model.modules():

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from wus_tune.methods import Method, MethodContext, register
+from wus_tune.layers import weighted_layers
+from wus_tune.methods import Method, RunInfo, StepContext, register
 
 __all__ = [
     "EdgeOfChaos",
@@ -77,13 +78,7 @@ def order_parameters(weight: torch.Tensor) -> tuple[float, float]:
 def _order_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     # Linear and (non-transposed) convolutions: their weight is (out, fan_in...). A transposed
     # convolution stores (in, out, ...), so its fan-in is not shape[1:]; it is left out.
-    layers = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or (
-            isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
-        ):
-            layers.append((name or type(module).__name__, module))
-    return layers
+    return [(name or type(module).__name__, module) for name, module in weighted_layers(model, transposed=False)]
 
 
 def model_order_parameters(model: nn.Module) -> dict[str, tuple[float, float]]:
@@ -294,6 +289,18 @@ class EdgeOfChaos(Method):
     """
 
     name = "edge_of_chaos"
+    combines_with_wus = True
+    tunes_optimizer = True
+    measure_only = True
+    # Its "knobs" are the optimizer's; a study searches either optim.lr or the virtual optim.ratio.
+    SEARCH_SPACE = {
+        "optim.lr": {"type": "float", "low": 0.005, "high": 0.5, "log": True, "doc": "peak learning rate"},
+        "optim.ratio": {"type": "float", "low": 3e-4, "high": 3e-2, "log": True,
+                        "doc": "effective ratio lr / ((1 - momentum) * batch_size)"},
+        "optim.momentum": {"type": "float", "low": 0.5, "high": 0.95, "doc": "SGD momentum"},
+        "optim.batch_size": {"type": "categorical", "choices": [32, 64, 128, 256], "doc": "batch size"},
+        "optim.weight_decay": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True, "doc": "SGD (coupled) weight decay"},
+    }
 
     def __init__(self, *, log_layers: bool = False, j_target: float = 1.0) -> None:
         if not isinstance(log_layers, bool):
@@ -311,29 +318,28 @@ class EdgeOfChaos(Method):
         self._decay = 0.0  # this epoch's integral of g * lambda (weight decay shrinkage, per unit 2 n J**2)
         self._ratio_known = True
         self._wd: tuple[torch.optim.Optimizer, float] | None = None  # (optimizer, mean weight decay of weights)
+        self._batch: int | None = None  # the last step's batch size
 
-    def apply_model(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+    def setup(self, model: nn.Module, run: RunInfo) -> nn.Module:
         self._reset()
         self._j2_prev = order_summary(model_order_parameters(model))["J2_mean"]
         return model
 
-    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: MethodContext) -> None:
+    def after_step(self, step: StepContext) -> None:
+        model, optimizer = step.model, step.optimizer
+        self._batch = batch = len(step.inputs)
         group = optimizer.param_groups[0]
         if "momentum" not in group or not self._ratio_known:
             self._ratio_known = False  # Adam & co.: the law is for SGD with momentum
             return
-        batch = _batch_size(ctx)
-        if batch is None:
-            self._ratio_known = False
-            return
         lr, mu = float(group["lr"]), float(group["momentum"])
-        dt = lr / ((1.0 - mu) * batch) / max(1, ctx.steps_per_epoch)
+        dt = lr / ((1.0 - mu) * batch) / max(1, step.run.steps_per_epoch)
         self._time += dt
         if self._wd is None or self._wd[0] is not optimizer:
             self._wd = (optimizer, _weight_decay_of_weights(model, optimizer))
         self._decay += dt * self._wd[1]
 
-    def end_epoch(self, model: nn.Module, ctx: MethodContext) -> dict[str, float]:
+    def end_epoch(self, model: nn.Module, run: RunInfo) -> dict[str, float]:
         layers = model_order_parameters(model)
         summary = order_summary(layers)
         metrics = {f"{self.name}/{k}": v for k, v in summary.items()}
@@ -342,9 +348,9 @@ class EdgeOfChaos(Method):
                 metrics[f"{self.name}/J/{layer}"] = j
                 metrics[f"{self.name}/J0/{layer}"] = j0
         j2 = summary["J2_mean"]
-        batch = _batch_size(ctx)
+        batch = self._batch or run.batch_size
         if self._ratio_known and self._time > 0 and self._j2_prev is not None and batch is not None:
-            n_train = max(1, ctx.steps_per_epoch) * batch
+            n_train = max(1, run.steps_per_epoch) * batch
             # this epoch: dJ^2 = c * T - 2 n J^2 * integral(g * lambda), with T = integral(g) over the epoch
             c = ((j2 - self._j2_prev) + 2 * n_train * self._j2_prev * self._decay) / self._time
             metrics[f"{self.name}/ratio"] = self._time
@@ -355,14 +361,6 @@ class EdgeOfChaos(Method):
         self._time = 0.0
         self._decay = 0.0
         return metrics
-
-
-def _batch_size(ctx: MethodContext) -> int | None:
-    inputs = ctx.extra.get("inputs")
-    if inputs is not None and hasattr(inputs, "shape"):
-        return int(inputs.shape[0])
-    optim = getattr(getattr(ctx, "config", None), "optim", None)
-    return int(optim.batch_size) if optim is not None else None
 
 
 def _weight_decay_of_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:

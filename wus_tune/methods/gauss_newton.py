@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from wus_tune.errors import ConfigError
-from wus_tune.methods import Method, MethodContext, register
+from wus_tune.methods import Method, RunInfo, StepContext, StepCost, register
 
 __all__ = [
     "GaussNewton",
@@ -519,6 +519,18 @@ class GaussNewton(Method):
     """
 
     name = "gauss_newton"
+    SEARCH_SPACE = {
+        "methods.gauss_newton.step_size": {"type": "float", "low": 0.1, "high": 1.0, "log": True, "doc": "GN step length"},
+        "methods.gauss_newton.damping": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True, "doc": "relative damping"},
+    }
+    DEFAULT_TRIAL = {"step_size": 0.3, "damping": 1e-3}
+
+    @classmethod
+    def check_model(cls, model: Any, config: Any) -> str | None:
+        if model.name != "mlp" or model.depth != 2:
+            return (f"gauss_newton needs a two-layer mlp (model.name: mlp, model.depth: 2), "
+                    f"not {model.name} with depth {model.depth}")
+        return None
 
     def __init__(
         self,
@@ -556,15 +568,15 @@ class GaussNewton(Method):
         self._sums: dict[str, float] = {}
         self._count = 0
 
-    def _seed(self, ctx: MethodContext) -> int:
+    def _seed(self, run: RunInfo) -> int:
         if self.params["seed"] is not None:
             return int(self.params["seed"])
-        return int(getattr(ctx.config, "seed", 0) or 0)
+        return int(run.config.seed)
 
-    def apply_model(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+    def setup(self, model: nn.Module, run: RunInfo) -> nn.Module:
         first, second = two_layer_parts(model)
         m, k = second.in_features, second.out_features
-        gen = torch.Generator().manual_seed(self._seed(ctx))
+        gen = torch.Generator().manual_seed(self._seed(run))
         signs = (2 * torch.randint(0, 2, (m, k), generator=gen) - 1).to(second.weight.dtype)
         with torch.no_grad():
             second.weight.copy_(signs.T.to(second.weight.device) / math.sqrt(m))
@@ -579,13 +591,12 @@ class GaussNewton(Method):
         self._first, self._signs = first, signs
         return model
 
-    def make_optimizer(self, model: nn.Module, ctx: MethodContext) -> torch.optim.Optimizer:
+    def make_optimizer(self, model: nn.Module, run: RunInfo) -> torch.optim.Optimizer:
         if self._first is None or self._signs is None:
-            raise RuntimeError("gauss_newton: apply_model must run before make_optimizer")
+            raise RuntimeError("gauss_newton: setup must run before make_optimizer")
         p = self.params
-        optim = getattr(ctx.config, "optim", None)
-        if not p["exact"] and optim is not None:
-            rows = p["sketch_size"] or int(p["sketch_factor"] * optim.batch_size * self._signs.shape[1])
+        if not p["exact"]:
+            rows = p["sketch_size"] or int(p["sketch_factor"] * run.batch_size * self._signs.shape[1])
             if rows >= self._signs.shape[0]:
                 warnings.warn(
                     f"gauss_newton: the sketch has {rows} rows, not fewer than the "
@@ -597,24 +608,27 @@ class GaussNewton(Method):
         self._optimizer = SketchedGaussNewton(
             self._first.weight, self._signs, bias=self._first.bias if p["bias"] == "gn" else None,
             lr=p["step_size"], damping=p["damping"], sketch_size=p["sketch_size"], sketch_factor=p["sketch_factor"],
-            exact=p["exact"], cg_tol=p["cg_tol"], cg_max_iter=p["cg_max_iter"], seed=self._seed(ctx),
+            exact=p["exact"], cg_tol=p["cg_tol"], cg_max_iter=p["cg_max_iter"], seed=self._seed(run),
         )
         return self._optimizer
 
-    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: MethodContext) -> None:
+    def train_step(self, step: StepContext) -> StepCost:
+        """The whole step: a forward for the loss and accuracy (no backward: the GN solve needs no
+        gradient), then the Gauss-Newton update on this batch."""
+        optimizer = step.optimizer
         if not isinstance(optimizer, SketchedGaussNewton):
-            raise RuntimeError(
-                "gauss_newton: the optimizer is not SketchedGaussNewton (another method built the optimizer first?)"
-            )
-        optimizer.set_batch(ctx.extra["inputs"], ctx.extra["targets"])
-
-    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: MethodContext) -> None:
-        last = getattr(optimizer, "last", {})
-        for key, value in last.items():
+            raise RuntimeError("gauss_newton: the optimizer is not SketchedGaussNewton")
+        with torch.no_grad():
+            logits = step.forward(step.inputs)
+            loss = step.loss_fn(logits.float(), step.targets)
+        optimizer.set_batch(step.inputs, step.targets)
+        optimizer.step()
+        for key, value in optimizer.last.items():
             self._sums[key] = self._sums.get(key, 0.0) + value
-        self._count += bool(last)
+        self._count += bool(optimizer.last)
+        return StepCost(loss=loss, logits=logits)
 
-    def end_epoch(self, model: nn.Module, ctx: MethodContext) -> dict[str, float]:
+    def end_epoch(self, model: nn.Module, run: RunInfo) -> dict[str, float]:
         names = {"cg_iters": "cg_iters", "rel_residual": "rel_residual", "loss": "sq_loss"}
         out = {f"{self.name}/{names[k]}": v / max(1, self._count) for k, v in self._sums.items()}
         self._sums, self._count = {}, 0

@@ -51,7 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from wus_tune.methods import Method, MethodContext, register
+from wus_tune.layers import weighted_layers
+from wus_tune.methods import Method, RunInfo, StepContext, register
 
 __all__ = [
     "lp_norm",
@@ -193,12 +194,7 @@ def adapt_threshold(h: float, sparsity: float, target: float, *, gain: float = H
 
 def constrained_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Linear and (non-transposed) convolution layers in registration order, without the last one."""
-    layers = [
-        (name, m) for name, m in model.named_modules()
-        if (isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed))
-        and isinstance(getattr(m, "weight", None), torch.Tensor)
-    ]
-    return layers[:-1]
+    return weighted_layers(model, transposed=False)[:-1]
 
 
 # ---- argument checks ---------------------------------------------------------------------------
@@ -268,6 +264,13 @@ class LpSphere(Method):
     """
 
     name = "lp_sphere"
+    combines_with_wus = True
+    SEARCH_SPACE = {
+        "methods.lp_sphere.p": {"type": "float", "low": 1.2, "high": 2.0, "doc": "Lp exponent: smaller, sparser"},
+        "methods.lp_sphere.target_sparsity": {"type": "float", "low": 0.3, "high": 0.9, "doc": "masked fraction aimed at"},
+        "methods.lp_sphere.eta": {"type": "float", "low": 0.005, "high": 0.1, "log": True, "doc": "step on the sphere"},
+    }
+    DEFAULT_TRIAL = {"p": 1.5, "target_sparsity": 0.5, "eta": 0.01}
 
     def __init__(
         self,
@@ -319,7 +322,7 @@ class LpSphere(Method):
         return float(p[group]) if group in p else None
 
     @torch.no_grad()
-    def apply_model(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+    def setup(self, model: nn.Module, run: RunInfo) -> nn.Module:
         """Project the constrained weights onto the unit Lp sphere and set up duals, momentum and masks."""
         self.constrained = []
         seen: set[int] = set()
@@ -337,7 +340,7 @@ class LpSphere(Method):
             self.constrained.append(_Constrained(f"{name}.weight" if name else "weight", weight, p, v, buf, mask))
         return model
 
-    def _eta(self, optimizer: torch.optim.Optimizer, param: nn.Parameter, ctx: MethodContext) -> float:
+    def _eta(self, optimizer: torch.optim.Optimizer, param: nn.Parameter, peak: float | None) -> float:
         eta = float(self.params["eta"])
         if not self.params["follow_schedule"] or optimizer is None:
             return eta
@@ -348,18 +351,25 @@ class LpSphere(Method):
         if group is None:
             return eta
         lr = float(group["lr"])
-        peak = getattr(getattr(ctx.config, "optim", None), "lr", None)
         if not peak:
             self._max_lr = max(self._max_lr, lr)
             peak = self._max_lr
         return min(0.999, max(0.0, eta * lr / peak)) if peak > 0 else eta
 
     @torch.no_grad()
-    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: MethodContext) -> None:
+    def before_step(self, step: StepContext) -> None:
+        self.update(step.optimizer, progress=step.progress, total_steps=step.run.total_steps,
+                    peak_lr=step.run.config.optim.lr)
+
+    @torch.no_grad()
+    def update(self, optimizer: torch.optim.Optimizer | None, *, progress: float = 0.0, total_steps: int = 0,
+               peak_lr: float | None = None) -> None:
+        """The sphere step of every constrained weight from its ``.grad`` (then set to None, so the
+        optimizer leaves it); usable in any loop between ``backward()`` and ``optimizer.step()``."""
         every = self.params["prune_every"]
         evolve = (
             every > 0 and (self.steps + 1) % every == 0
-            and (ctx.total_steps <= 0 or ctx.progress < self.params["evolve_until"])
+            and (total_steps <= 0 or progress < self.params["evolve_until"])
         )
         momentum = self.params["momentum"]
         for st in self.constrained:
@@ -379,7 +389,7 @@ class LpSphere(Method):
                 d = st.buf * momentum + g if st.buf is not None else g
                 d = torch.where(finite, d, st.buf if st.buf is not None else torch.zeros_like(g))
                 st.buf = d if st.buf is not None else None
-                v = torch.where(finite, _dual_step(st.v, d, st.p, self._eta(optimizer, st.param, ctx)), st.v)
+                v = torch.where(finite, _dual_step(st.v, d, st.p, self._eta(optimizer, st.param, peak_lr)), st.v)
             else:
                 if not bool(finite):
                     st.param.grad = None
@@ -388,7 +398,7 @@ class LpSphere(Method):
                     d = st.buf.mul_(momentum).add_(g)
                 else:
                     d = g
-                v = _dual_step(st.v, d, st.p, self._eta(optimizer, st.param, ctx))
+                v = _dual_step(st.v, d, st.p, self._eta(optimizer, st.param, peak_lr))
             st.v = v
             w = _from_dual(v, st.p)
             if evolve and st.mask is not None:
@@ -411,7 +421,7 @@ class LpSphere(Method):
         return masked / total if total else 0.0
 
     @torch.no_grad()
-    def end_epoch(self, model: nn.Module, ctx: MethodContext) -> dict[str, float]:
+    def end_epoch(self, model: nn.Module, run: RunInfo) -> dict[str, float]:
         if not self.constrained:
             return {}
         hoyer = torch.cat([hoyer_sparsity(st.param).float().cpu() for st in self.constrained])
