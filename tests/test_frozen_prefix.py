@@ -122,3 +122,17 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     clone = copy.deepcopy(model)
     _freeze(clone, "last:1")
     return clone
+
+
+def test_resnet_splits_through_its_forward_chain():
+    from wus_tune.config import ModelConfig
+    from wus_tune.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="resnet18", width=0.0625), (3, 8, 8), 10).eval()
+    _freeze(model, "last:1")
+    prefix, top = split_frozen_prefix(model)
+    assert [type(m) for m in top] == [nn.Linear]
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(top(prefix(x)), model(x))

@@ -36,6 +36,9 @@ def test_cached_prefix_windows_train_on_the_cache_and_cost_fewer_flops():
     assert cached.epochs[-1].extra["wus/cache_builds"] == 1  # one cache per window
     assert 0 < cached.epochs[-1].extra["wus/cache_peak_mb"] < 1
     assert cached.train_flops < plain.train_flops
+    assert cached.step_kinds["skip:last:1:cache-build"]["steps"] == 1
+    assert cached.step_kinds["skip:last:1:cached"]["steps"] == sum(cached.epochs[i].skipped_steps for i in skip_epochs) - 1
+    assert cached.flops_per_skip_step < plain.flops_per_skip_step  # the typical skip step: the cached one
     assert cached.val_acc > 0.5
 
 

@@ -519,7 +519,9 @@ def _result(config: TrainConfig, records: list[EpochRecord], ledger: _Ledger, ru
         val_loss, val_acc = final.val_loss, final.val_acc
     kinds = list(ledger.kinds.items())
     flops_full = kinds[0][1].flops_per_step  # the first step's kind: the run's ordinary step
-    flops_skip = next((k.flops_per_step for name, k in kinds if _is_skip(name)), flops_full)
+    # the skip kind with most steps: a window's one-off first step (e.g. building a cache) is not typical
+    skip_kinds = [k for name, k in kinds if _is_skip(name)]
+    flops_skip = max(skip_kinds, key=lambda k: k.steps).flops_per_step if skip_kinds else flops_full
     train_flops = sum(r.flops for r in records)
     baseline_flops = run.total_steps * flops_full
     skipped = sum(r.skipped_steps for r in records)
