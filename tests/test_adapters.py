@@ -121,3 +121,15 @@ def test_no_other_module_touches_a_private_part_of_optuna_or_mlflow():
         if pattern.search(line)
     ]  # fmt: skip
     assert offenders == []
+
+
+def test_the_public_trial_id_lookup_matches_the_private_one(tmp_path):
+    # workers.run_worker finds a running trial's storage id by study name and trial number (public API)
+    storage = _sqlite(tmp_path)
+    study = optuna.create_study(storage=storage, study_name="s")
+    for _ in range(3):
+        trial = study.ask()
+        public = trial.storage.get_trial_id_from_study_id_trial_number(
+            trial.storage.get_study_id_from_name("s"), trial.number
+        )
+        assert public == trial._trial_id

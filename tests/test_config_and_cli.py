@@ -99,3 +99,55 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, proc.stderr)
         assert message in lines[0], (args, lines[0])
         assert "Traceback" not in proc.stderr
+
+
+# ---- one override syntax for both CLIs -------------------------------------------------------------------
+
+
+def _study_spec(argv):
+    from wus_tune.study import build_parser, spec_from_args
+
+    args, dotted = build_parser().parse_known_args(argv)
+    args.dotted = dotted
+    return spec_from_args(args).resolve().base
+
+
+def _train_config(argv):
+    from wus_tune._cli import ArgumentParser, add_set_option
+    from wus_tune.train import add_config_options, config_from_args
+
+    parser = ArgumentParser(prog="train")
+    parser.add_argument("--config")
+    add_set_option(parser)
+    add_config_options(parser)
+    args, unknown = parser.parse_known_args(argv)
+    return config_from_args(args, unknown)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--set", "model.width=0.5", "--set", "wus.threshold=0.02", "--set", "data.data_dir=2024"],
+    ["--model.width", "0.5", "--wus.threshold=0.02", "--data.data_dir", "2024"],
+    ["--set", "model.width=0.5", "--wus.threshold", "0.02", "--set", "data.data_dir=2024"],
+])  # fmt: skip
+def test_study_and_train_read_the_same_overrides(argv):
+    for config in (_study_spec(["--dataset", "digits", *argv]), _train_config(["--dataset", "digits", *argv])):
+        assert config.model.width == 0.5 and config.wus.threshold == 0.02
+        assert config.data.data_dir == "2024"  # a path stays text
+
+
+def test_method_options_in_both_clis():
+    for config in (_study_spec(["--dataset", "digits", "--methods.approx_ops.sample_ratio", "0.4"]),
+                   _train_config(["--dataset", "digits", "--set", "methods.approx_ops.sample_ratio=0.4"])):  # fmt: skip
+        assert config.methods["approx_ops"]["sample_ratio"] == 0.4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "model.width"], "expected KEY=VALUE"),
+    (["--model.width"], "--model.width: expected a value"),
+    (["--bogus", "1"], "unrecognized arguments: --bogus"),
+])  # fmt: skip
+def test_bad_overrides_are_usage_errors(argv, message):
+    from wus_tune.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        _study_spec(argv)

@@ -6,7 +6,13 @@ on CPU, same code path); the timer measures exactly what is reported, with devic
 
 Time accounting is fair to the baseline: ``time_s`` is training time plus the evaluations a method
 *needs* (every check's validation pass for WUS on ``val_acc``; for every run the final evaluation).
-Evaluations made only to draw learning curves are timed but not charged.
+Evaluations made only to draw learning curves are timed but not charged, and an untimed warm-up covers
+every step mode and the evaluation pass. One ledger (:class:`_Ledger`) keeps these accounts, and per
+*step kind* (``"full"``, ``"skip:last:1"``, named by the methods) the steps made and their FLOPs, counted
+by ``torch.utils.flop_counter`` around the real step the first time a kind occurs.
+
+``fit`` knows no method by name: every method, WUS included, acts through the hooks of
+:class:`wus_tune.methods.Method` (the contract is that module's docstring).
 """
 
 from __future__ import annotations
@@ -70,8 +76,8 @@ class TrainResult:
     total_steps: int
     skipped_steps: int
     skip_fraction: float
-    flops_per_step: float  # one full training step at the configured batch size
-    flops_per_skip_step: float
+    flops_per_step: float  # one step of the first step's kind (the ordinary step) at the configured batch size
+    flops_per_skip_step: float  # the first skip-kind step's FLOPs; flops_per_step when no step skipped
     train_flops: float
     baseline_train_flops: float  # the same steps, none skipped
     flops_fraction: float  # train_flops / baseline_train_flops
@@ -159,8 +165,7 @@ def fit(
     ledger = _Ledger(_Timer(device), eval_flops_per_sample * loaders.val_size)
 
     def validate(charged: bool) -> tuple[float, float]:
-        loss, acc = ledger.evaluate(lambda: _evaluate(train_model, loaders.val, autocast), charged=charged)
-        return loss, acc
+        return ledger.evaluate(lambda: _evaluate(train_model, loaders.val, autocast), charged=charged)
 
     # ---- epochs ----
     records: list[EpochRecord] = []

@@ -54,6 +54,7 @@ Installed packages add methods through the entry-point group ``wus_tune.methods`
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -309,13 +310,21 @@ _BUILTIN_MODULES: list[str] = [
 ]
 ENTRY_POINT_GROUP = "wus_tune.methods"
 _entry_points_seen: set[tuple[str, str]] = set()
+_scanned_path: tuple[str, ...] | None = None
 
 
 def _load_entry_points() -> None:
-    """Register the methods that installed packages declare. Looked up on every call (cheap), so a package
-    put on ``sys.path`` during the process is found; each entry point is loaded once."""
+    """Register the methods that installed packages declare; each entry point is loaded once.
+
+    Scanning the installed distributions takes tens of milliseconds and configs are validated often, so
+    the scan is repeated only when ``sys.path`` changed (a package put on it during the process is found).
+    """
+    global _scanned_path
     from importlib.metadata import entry_points
 
+    if _scanned_path == tuple(sys.path):
+        return
+    _scanned_path = tuple(sys.path)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if (ep.name, ep.value) in _entry_points_seen:
             continue
