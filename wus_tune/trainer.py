@@ -77,7 +77,7 @@ class TrainResult:
     skipped_steps: int
     skip_fraction: float
     flops_per_step: float  # one step of the first step's kind (the ordinary step) at the configured batch size
-    flops_per_skip_step: float  # the first skip-kind step's FLOPs; flops_per_step when no step skipped
+    flops_per_skip_step: float  # FLOPs of the most frequent skip kind's step; flops_per_step when no step skipped
     train_flops: float
     baseline_train_flops: float  # the same steps, none skipped
     flops_fraction: float  # train_flops / baseline_train_flops
