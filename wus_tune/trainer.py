@@ -154,9 +154,10 @@ def fit(
     checks = _Checks(methods, run, loaders.val is not None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     train_model = _maybe_compile(model, config, device)
-    warm_start = time.perf_counter()
+    warm_timer = _Timer(device)  # synchronises, so queued GPU work of the warm-up is counted in it
+    warm_start = warm_timer.now()
     eval_flops_per_sample = _warm_up(train_model, model, optimizer, loaders, autocast, methods)
-    compile_time = time.perf_counter() - warm_start if isinstance(train_model, ModeCompiled) else 0.0
+    compile_time = warm_timer.now() - warm_start if isinstance(train_model, ModeCompiled) else 0.0
     if progress and compile_time:
         print(f"compiled {train_model.compilations} graphs (training modes and evaluation) in {compile_time:.1f}s, "
               "not counted as training time", flush=True)
