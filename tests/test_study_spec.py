@@ -109,6 +109,26 @@ def test_apply_values_variants_and_list_items():
     assert not plain.wus.enabled and plain.wus.threshold == base.wus.threshold and plain.epochs == 2
 
 
+def test_the_partner_is_declared_by_its_method_and_labels_a_trial_as_its_config_does():
+    """The study takes "the method others combine with" and its virtual key from the Method class
+    (``partner``, ``VIRTUAL_KEYS``); for a trial that did not choose ``wus.variant`` the label read back
+    through ``expand_virtual`` is the config's own ``WUSConfig.variant``."""
+    from wus_tune._study.catalog import partner, partner_label, partner_virtual
+    from wus_tune.methods import registry
+
+    assert partner() is registry()["wus"] and [c for c in registry().values() if c.partner] == [partner()]
+    assert partner_virtual(0) == {"wus.variant": "none"} and partner_virtual(-1) == {"wus.variant": "wus+lr"}
+    base = TrainConfig.from_dict(TINY)
+    for overrides in ({}, {"wus.enabled": True}, {"wus.enabled": True, "wus.lr_decay": 0.5},
+                      {"wus.enabled": True, "wus.bias_lr_factor": 2.0}, {"wus.enabled": False, "wus.lr_decay": 0.5}):
+        config = base.replace(overrides)
+        assert partner_label(config, {}, chosen=lambda key: False) == ("wus.variant", config.wus.variant)
+    on = base.replace({"wus.enabled": True})
+    assert partner_label(on, {"wus.variant": "wus+lr"}, chosen=lambda key: True) == ("wus.variant", "wus+lr")
+    roles = [role for role, _ in initial_trials(spec().resolve())]
+    assert roles[:2] == ["baseline", "wus-default"]
+
+
 def test_sampling_is_conditional():
     space = SearchSpace.build()
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler("tpe", {}, seed=0))

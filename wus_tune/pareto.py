@@ -363,8 +363,8 @@ class Candidate:
     number: int
     state: str  # COMPLETE, FAIL, RUNNING, ...
     values: tuple[float, ...] | None
-    role: str = "search"  # baseline | baseline-frontier | wus-default | search | enqueued
-    uses_method: bool = True  # a speed-up method (WUS or a plug-in) is on; False: a plain recipe, part of the frontier
+    role: str = "search"  # baseline | baseline-frontier | <partner>-default (wus-default) | search | enqueued
+    uses_method: bool = True  # a speed-up method is on; False: a plain recipe, part of the frontier
     feasible: bool = True  # all constraints <= 0 (recomputed by :func:`analyse` given ``constraint_delta``)
     params: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] | None = None

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from wus_tune._cli import ArgumentParser, add_set_option, config_overrides, run_main
 from wus_tune._study.spec import Study, StudySpec, make_sampler
-from wus_tune._study.space import METHOD_KEY, VARIANT_KEY
+from wus_tune._study.space import METHOD_KEY
 from wus_tune.errors import DataError, UsageError, one_line
 
 if TYPE_CHECKING:
@@ -407,22 +407,27 @@ def _parent_tags(study_def: Study, device: str) -> dict[str, Any]:
 
 
 def initial_trials(study_def: Study) -> list[tuple[str, dict[str, Any]]]:
-    """(role, fixed values) of the trials a new study runs first: the full-length baseline, the plain
-    WUS default, the baseline frontier (``baseline_fractions`` of the epochs; crossed with every
-    ``schedule.name`` choice when the schedule is searched), one default trial per compared method and
+    """(role, fixed values) of the trials a new study runs first: the full-length baseline (the partner
+    method off: its virtual keys at their first value), the partner's default trial (role
+    ``<partner>-default``, e.g. ``wus-default``), the baseline frontier (``baseline_fractions`` of the
+    epochs; crossed with every ``schedule.name`` choice when the schedule is searched), one default
+    trial per compared method and
     the edge-of-chaos guideline's trials (``study_def.method_trials``), then the spec's ``enqueue`` entries.
 
-    Every searched knob of these trials is fixed at the base config's value, so "baseline" and "WUS
-    default" mean the spec's own recipe, not a sampled one.
+    Every searched knob of these trials is fixed at the base config's value, so "baseline" and the
+    partner's default mean the spec's own recipe, not a sampled one.
     """
+    from wus_tune._study.catalog import partner, partner_virtual
+
     base, space = study_def.base, study_def.space
     epochs = base.epochs
     methods = METHOD_KEY in space  # a study comparing methods: the baselines are method "none"
-    plain = space.fixed_at_base(base, {VARIANT_KEY: "none"} | ({METHOD_KEY: "none"} if methods else {}))
-    wus = space.fixed_at_base(base, {VARIANT_KEY: "wus"} | ({METHOD_KEY: "wus"} if methods else {}))
+    plain = space.fixed_at_base(base, partner_virtual(0) | ({METHOD_KEY: "none"} if methods else {}))
     out: list[tuple[str, dict[str, Any]]] = [("baseline", plain | {"epochs": epochs})]
-    if study_def.enqueue_wus_default and (not methods or "wus" in space[METHOD_KEY].choices):
-        out.append(("wus-default", wus | {"epochs": epochs}))
+    own = partner()
+    if study_def.enqueue_wus_default and own is not None and (not methods or own.name in space[METHOD_KEY].choices):
+        trial = own.default_trials()[0] | ({METHOD_KEY: own.name} if methods else {})
+        out.append((f"{own.name}-default", space.fixed_at_base(base, trial) | {"epochs": epochs}))
     budgets = sorted({max(1, round(f * epochs)) for f in study_def.baseline_fractions} - {epochs}, reverse=True)
     schedules = [base.schedule.name]
     if "schedule.name" in space and space["schedule.name"].type == "categorical":
@@ -452,13 +457,17 @@ class _TrialPrinter:
     """Optuna callback: one line per finished trial."""
 
     def __init__(self, study_def: Study, say: Callable[[str], None], ran: list[int]) -> None:
+        from wus_tune._study.catalog import partner_name
+
         self.study_def, self.say, self.ran = study_def, say, ran
+        self.partner = partner_name()
         self.baseline: tuple[float, ...] | None = None
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.ran.append(trial.number)
         a = trial.user_attrs
-        label = a["method"] if a.get("method") not in (None, "wus") else a.get("variant", "?")  # e.g. approx_ops+wus
+        # the compared method (approx_ops+wus), or for the partner alone its variant (wus+lr)
+        label = a["method"] if a.get("method") not in (None, self.partner) else a.get("variant", "?")
         head = f"trial {trial.number:>3} {trial.state.name:<8} {a.get('role', 'search'):<17} {label:<6}"
         if trial.values is None:
             self.say(f"{head} {a.get('fail_reason', '')}")

@@ -20,18 +20,15 @@ only in trials whose ``method`` names it (baselines run none).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from wus_tune._study.space import METHOD_KEY, RATIO_KEY, VARIANT_KEY, Param, method_parts
+from wus_tune._study.space import METHOD_KEY, RATIO_KEY, Param, method_parts
 from wus_tune.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
     from wus_tune.config import TrainConfig
-
-# The method the others may combine with in one trial (``<name>+wus``): the contract's ``combines_with_wus``.
-PARTNER = "wus"
 
 
 def methods_registry() -> dict[str, Any]:
@@ -41,14 +38,64 @@ def methods_registry() -> dict[str, Any]:
     return registry()
 
 
+def partner() -> Any | None:
+    """The method class declaring ``partner``: the one the others combine with (``<name>+<partner>``, for
+    the methods declaring ``combines_with_wus``) and the one a study without a ``methods:`` list tunes."""
+    return next((cls for cls in methods_registry().values() if getattr(cls, "partner", False)), None)
+
+
+def partner_name() -> str:
+    cls = partner()
+    return cls.name if cls is not None else ""
+
+
+def partner_virtual(which: int) -> dict[str, Any]:
+    """The partner's virtual keys at their first value (``which=0``: the partner off) or their last
+    (``which=-1``: on as configured, assumed for a key that is neither searched nor fixed)."""
+    cls = partner()
+    return {key: values[which] for key, values in getattr(cls, "VIRTUAL_KEYS", {}).items() if values}
+
+
+def virtual_keys() -> set[str]:
+    """Every registered method's virtual keys (popped by its ``expand_virtual``, never a config key)."""
+    return {key for cls in methods_registry().values() for key in getattr(cls, "VIRTUAL_KEYS", {})}
+
+
+def partner_label(config: TrainConfig, values: Mapping[str, Any], chosen: Callable[[str], bool]) -> tuple[str, Any]:
+    """(key, value) of the partner's first virtual key that says what a trial ran (``wus.variant``: none,
+    wus, wus+lr): its first value when the partner is off, the trial's value when the trial chose it
+    (``chosen(key)``: searched or fixed), else the first value whose overrides the config already satisfies."""
+    from wus_tune._study.space import get_value
+
+    cls = partner()
+    key, options = next(iter(getattr(cls, "VIRTUAL_KEYS", {}).items()), ("", ("none",)))
+    if cls is None or not key or not cls.enabled(config):
+        return key, options[0]
+    if chosen(key):
+        return key, values[key]
+    data = config.to_dict()
+    for option in options:
+        implied = cls.expand_virtual({key: option})
+        if all(_has_value(data, k, v, get_value) for k, v in implied.items()):
+            return key, option
+    return key, options[-1]
+
+
+def _has_value(data: Mapping[str, Any], key: str, value: Any, get_value: Any) -> bool:
+    try:
+        return get_value(data, key) == value
+    except ConfigError:
+        return False
+
+
 def plugin_names() -> tuple[str, ...]:
     """The registered methods other than the partner, in registry order."""
-    return tuple(name for name in methods_registry() if name != PARTNER)
+    return tuple(name for name in methods_registry() if name != partner_name())
 
 
 def combinable() -> tuple[str, ...]:
     """The plug-ins that may run beside the partner (``combines_with_wus``)."""
-    return tuple(name for name, cls in methods_registry().items() if name != PARTNER and cls.combines_with_wus)
+    return tuple(name for name in plugin_names() if methods_registry()[name].combines_with_wus)
 
 
 def measure_only() -> tuple[str, ...]:
@@ -96,16 +143,19 @@ def check_method_model(methods: Sequence[str], base: TrainConfig) -> None:
 def method_space(
     methods: Sequence[str], params: Mapping[str, Param], *, defaults: bool, effective_ratio: bool
 ) -> dict[str, Param]:
-    """The ``method`` parameter first, then ``params`` (the WUS knobs only where some choice has WUS),
-    then the default knobs of every compared method, each conditional on the choices that contain it."""
+    """The ``method`` parameter first, then ``params`` (the partner's knobs only where some choice has the
+    partner; its virtual keys conditional on those choices), then the default knobs of every compared
+    method, each conditional on the choices that contain it."""
     methods = check_methods(methods)
-    with_wus = tuple(m for m in methods if PARTNER in method_parts(m))
+    name = partner_name()
+    with_partner = tuple(m for m in methods if name in method_parts(m))
+    own_virtual = partner_virtual(0)
     out: dict[str, Param] = {METHOD_KEY: Param(METHOD_KEY, "categorical", choices=methods, doc="the speed-up method")}
     for key, p in params.items():
-        if key == VARIANT_KEY:
-            if with_wus:
-                out[key] = replace(p, when={METHOD_KEY: with_wus})
-        elif not (key.startswith("wus.") and not with_wus):
+        if key in own_virtual:
+            if with_partner:
+                out[key] = replace(p, when={METHOD_KEY: with_partner})
+        elif not (name and key.startswith(f"{name}.") and not with_partner):
             out[key] = p
     if not defaults:
         return out
@@ -121,17 +171,17 @@ def method_space(
 
 
 def method_default_trials(space: Any, base: TrainConfig, methods: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
-    """(role, fixed values) of one default trial per compared method other than ``none`` and ``wus``
-    (the study's own baseline and WUS default cover those)."""
+    """(role, fixed values) of one default trial per compared method other than ``none`` and the partner
+    (the study's own baseline and partner default cover those)."""
     out = []
     for choice in methods:
         parts = method_parts(choice)
-        if choice in ("none", PARTNER):
+        if choice in ("none", partner_name()):
             continue
         values: dict[str, Any] = {METHOD_KEY: choice}
         for name in parts:
-            if name == PARTNER:
-                values |= methods_registry()[name].default_trials()[0]  # WUS at the base config's settings
+            if name == partner_name():
+                values |= methods_registry()[name].default_trials()[0]  # at the base config's settings
             else:
                 values |= default_knobs(name, base)
         out.append(("method-default", space.fixed_at_base(base, values)))

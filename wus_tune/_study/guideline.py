@@ -187,13 +187,16 @@ def calibrate_growth_rate(
     base: TrainConfig, *, epochs: int = 10, fit: Callable[..., TrainResult] | None = None
 ) -> tuple[float, dict[str, Any]]:
     """Fit ``c`` of ``dJ^2/d(epoch) = c * g`` on the base recipe: ``epochs`` epochs at a constant learning
-    rate, no weight decay, no WUS, no other method. Returns ``(c, details)``."""
+    rate, no weight decay, no other method (the partner, WUS, off too). Returns ``(c, details)``."""
     from wus_tune.methods.edge_of_chaos import effective_ratio, fit_growth_rate
 
     if fit is None:
         from wus_tune.trainer import fit
+    from wus_tune._study.catalog import partner
+
+    own = partner()  # off, like every other method
     config = base.replace({
-        "epochs": epochs, "optim.weight_decay": 0.0, "wus.enabled": False, "schedule.name": "constant",
+        "epochs": epochs, "optim.weight_decay": 0.0, **(own.switch(False) if own else {}), "schedule.name": "constant",
         "schedule.warmup": 0.0, "methods": {METHOD: {}},
     })  # fmt: skip
     result = fit(config)

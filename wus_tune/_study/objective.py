@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from wus_tune._study.space import METHOD_KEY, VARIANT_KEY, apply_values, flat_config
+from wus_tune._study.space import METHOD_KEY, apply_values, flat_config
 from wus_tune.errors import TrainingDiverged
 from wus_tune.pareto import objective_values
 
@@ -91,9 +91,10 @@ class Objective:
         run: Any = NullTrialRun()
         fit_s = 0.0
         try:
-            config, role, variant = self._config(trial)
+            config, role, (variant_key, variant) = self._config(trial)
             params = {k: v for k, v in flat_config(config.to_dict()).items() if not k.startswith("meta")}
-            params[VARIANT_KEY] = variant
+            if variant_key:
+                params[variant_key] = variant
             tags = {"optuna.study_name": self.study.name, "wus_tune.role": role, "wus_tune.variant": variant}
             if METHOD_KEY in self.study.space:  # the compared method, a param and a tag to filter on
                 params[METHOD_KEY] = tags["wus_tune.method"] = trial.user_attrs.get("method", "none")
@@ -131,8 +132,11 @@ class Objective:
         return {"fit_s": fit_s, "overhead_s": time.perf_counter() - start - fit_s, "mlflow_s": run.overhead_s,
                 "sample_s": self._sample_s}  # fmt: skip
 
-    def _config(self, trial: optuna.Trial) -> tuple[TrainConfig, str, str]:
-        """The trial's config, role and variant; stores them on the trial."""
+    def _config(self, trial: optuna.Trial) -> tuple[TrainConfig, str, tuple[str, Any]]:
+        """The trial's config, role and variant (the partner method's virtual key and its value, e.g.
+        ``("wus.variant", "wus+lr")``); stores them on the trial."""
+        from wus_tune._study.catalog import partner_label
+
         attrs = trial.user_attrs
         role = str(attrs.get("role", "search"))
         fixed = attrs.get("overrides") or {}
@@ -141,15 +145,15 @@ class Objective:
         self._sample_s = time.perf_counter() - t
         config = apply_values(self.study.base, values)
         config.meta = {**config.meta, "study": self.study.name, "trial": trial.number}
-        chosen = VARIANT_KEY in self.study.space or VARIANT_KEY in fixed
-        variant = "none" if not config.wus.enabled else (values[VARIANT_KEY] if chosen else config.wus.variant)
+        label = partner_label(config, values, chosen=lambda key: key in self.study.space or key in fixed)
+        variant = label[1]
         if "role" not in attrs:
             trial.set_user_attr("role", role)
         trial.set_user_attr("variant", variant)
         if METHOD_KEY in values:  # a study comparing methods: "none" marks the plain recipe
             trial.set_user_attr("method", values[METHOD_KEY])
         trial.set_user_attr("config", config.to_dict())
-        return config, role, variant
+        return config, role, label
 
     def _constraint(self, trial: optuna.Trial, role: str, accuracy: float) -> float:
         """``(baseline accuracy - delta points) - accuracy``; 0 (feasible) while no baseline has completed."""

@@ -15,40 +15,50 @@ from typing import Any
 from wus_tune.pareto import Analysis, Candidate
 
 _UNITS = {"time": "s", "cost": " FLOPs"}
-_COLORS = {"none": "#7f7f7f", "wus": "#1f77b4", "wus+lr": "#ff7f0e", "approx_ops": "#9467bd",
-           "lp_sphere": "#8c564b", "gauss_newton": "#e377c2", "edge_of_chaos": "#17becf",
-           "edge_of_chaos (guideline)": "#d62728", "approx_ops+wus": "#bcbd22", "lp_sphere+wus": "#2ca02c",
-           "edge_of_chaos+wus": "#aec7e8"}  # fmt: skip
 _MARKERS = "oD^v<>Ph*Xd"
 
 
 def variant(c: Candidate) -> str:
+    """The trial's recorded variant (the partner method's virtual key: ``none``, ``wus``, ``wus+lr``);
+    for a trial without one, the partner's name or ``none``."""
     if "variant" in c.attrs:
         return str(c.attrs["variant"])
-    return "wus" if c.uses_method else "none"
+    from wus_tune._study.catalog import partner_name
+
+    return partner_name() if c.uses_method else "none"
 
 
 def label(c: Candidate) -> str:
-    """What a trial ran: its ``method`` in a study comparing methods (``approx_ops+wus``; WUS trials by
-    variant), else its WUS variant; guideline trials are marked."""
+    """What a trial ran: its ``method`` in a study comparing methods (``approx_ops+wus``; the partner's
+    trials by variant), else its variant; guideline trials are marked."""
+    from wus_tune._study.catalog import partner_name
+
     method = c.attrs.get("method")
-    name = str(method) if method not in (None, "wus") else variant(c)
+    name = str(method) if method not in (None, partner_name()) else variant(c)
     return f"{name} (guideline)" if c.role == "guideline" else name
 
 
 def _labels(cands: Sequence[Candidate]) -> list[str]:
-    order = ["none", "wus", "wus+lr"]
+    """The labels found, the plain recipe and the partner's variants first (in the order it declares them)."""
+    from wus_tune._study.catalog import partner
+
+    variants = next(iter(getattr(partner(), "VIRTUAL_KEYS", {}).values()), ())
+    order = list(dict.fromkeys(("none", *variants)))
     found = {label(c) for c in cands}
     return [x for x in order if x in found] + sorted(found - set(order))
 
 
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+_GREY = "#7f7f7f"
+_HUES = tuple(c for c in _PALETTE if c != _GREY)
 
 
-def _color(name: str, i: int) -> str:
-    """A label's colour: the built-ins' fixed ones, else the i-th of matplotlib's tab10 (as hex: plotly
-    reads no ``C0`` names), so a plug-in method from an entry point gets one too."""
-    return _COLORS.get(name) or _PALETTE[i % len(_PALETTE)]
+def _colors(names: Sequence[str]) -> dict[str, str]:
+    """Each label's colour: grey for the plain recipe, the others tab10's hues in :func:`_labels` order
+    (as hex: plotly reads no ``C0`` names), so every method, a plug-in's from an entry point too, gets
+    one without a table of method names."""
+    others = [n for n in names if n != "none"]
+    return {"none": _GREY} | {n: _HUES[k % len(_HUES)] for k, n in enumerate(others)}
 
 
 def _legend(name: str) -> str:
@@ -186,14 +196,16 @@ def write_pareto_png(analysis: Analysis, path: Path, *, title: str, selected: in
 
         zs = [c.values[2] for c in done]
         norm = Normalize(min(zs, default=0.0), max(zs, default=1.0) if zs and max(zs) > min(zs) else min(zs, default=0.0) + 1)
-    for i, name in enumerate(_labels(done)):
+    labels = _labels(done)
+    colors = _colors(labels)
+    for i, name in enumerate(labels):
         cs = [c for c in done if label(c) == name]
         marker = "s" if name == "none" else _MARKERS[i % len(_MARKERS)]
         if third:
             sc = ax.scatter(*_xy(analysis, cs), s=30, c=[c.values[2] for c in cs], cmap="viridis", norm=norm,
                             marker=marker, edgecolors="#333", linewidths=0.4, label=_legend(name))  # fmt: skip
         else:
-            ax.scatter(*_xy(analysis, cs), s=22, color=_color(name, i), alpha=0.75, label=_legend(name), marker=marker)
+            ax.scatter(*_xy(analysis, cs), s=22, color=colors[name], alpha=0.75, label=_legend(name), marker=marker)
     if third:
         fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax,
                      label={"sparsity": "sparsity (masked fraction of the constrained weights)",
@@ -247,7 +259,9 @@ def write_pareto_html(analysis: Analysis, path: Path, *, title: str, selected: i
     done = analysis.complete
     third = analysis.objectives[2] if len(analysis.objectives) > 2 else None
     symbols = ["circle", "diamond", "triangle-up", "triangle-down", "cross", "x", "star", "hexagon", "pentagon"]
-    for i, name in enumerate(_labels(done)):
+    labels = _labels(done)
+    colors = _colors(labels)
+    for i, name in enumerate(labels):
         cs = [c for c in done if label(c) == name]
         x, y = _xy(analysis, cs)
         marker: dict[str, Any] = dict(symbol="square" if name == "none" else symbols[i % len(symbols)])
@@ -257,7 +271,7 @@ def write_pareto_html(analysis: Analysis, path: Path, *, title: str, selected: i
             zs = [c.values[2] for c in done]
             marker.update(cmin=min(zs), cmax=max(zs))
         else:
-            marker["color"] = _color(name, i)
+            marker["color"] = colors[name]
         fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name=_legend(name), marker=marker,
                                  text=[hover(c) for c in cs], hoverinfo="text"))  # fmt: skip
     front = sorted((analysis.by_number(n) for n in analysis.front), key=lambda c: c.values[1])

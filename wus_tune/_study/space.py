@@ -3,7 +3,11 @@
 A parameter's key is where its value goes in a :class:`~wus_tune.config.TrainConfig`
 (``wus.threshold``, ``schedule.name``, ``methods.approx_ops.sample_ratio``), or an item of a list
 (``wus.schedule_window[1]``). Adding a plug-in method's knobs is therefore a data change: append
-definitions. One virtual key exists, ``wus.variant``:
+definitions. A method may also declare *virtual* keys (``Method.VIRTUAL_KEYS``), which its
+``expand_virtual`` turns into config overrides; the study knows them only through that contract (their
+first value turns the method off, their last turns it on as configured, the value assumed when the key is
+neither searched nor fixed). WUS, the *partner* method (``Method.partner``: the one others combine with,
+tuned by a study without a ``methods:`` list), declares ``wus.variant``:
 
 ===========  ==========================================================================
 ``none``     ``wus.enabled = false`` (a plain recipe; no ``wus.*`` knob is sampled)
@@ -12,21 +16,22 @@ definitions. One virtual key exists, ``wus.variant``:
 ===========  ==========================================================================
 
 A definition samples only when its ``when`` condition holds (``{"wus.variant": ["wus+lr"]}``), so the
-space is conditional; every ``wus.*`` knob implicitly requires a variant other than ``none``.
+space is conditional; a key added under a method's config section (``wus.*``) inherits that method's
+condition, and when the partner is off its knobs leave the trial's config.
 
 Two more virtual keys exist when a spec asks for them (:mod:`wus_tune._study.catalog`):
 
 * ``method``: which speed-up method a trial uses when a study compares several (spec ``methods:``):
   ``none`` (the plain recipe), ``wus``, ``approx_ops``, ``lp_sphere``, ``gauss_newton``,
   ``edge_of_chaos``, or a combination with WUS written ``approx_ops+wus``. It sets ``methods`` in the
-  config (the base config's entry for a method supplies its fixed knobs) and, without ``wus``, forces
-  ``wus.variant = none``. Measurement-only methods of the base config (``edge_of_chaos``) stay in every
-  trial. Each method's knobs are sampled only when the chosen ``method`` contains it.
+  config (the base config's entry for a method supplies its fixed knobs) and, without the partner,
+  sets the partner's virtual keys to "off" (``wus.variant = none``). Measurement-only methods of the
+  base config (``edge_of_chaos``) stay in every trial. Each method's knobs are sampled only when the chosen ``method`` contains it.
 * ``optim.ratio``: the effective ratio ``lr / ((1 - momentum) * batch_size)`` of the edge-of-chaos
   parametrisation; the learning rate is derived from it (:func:`apply_values`).
 
-Default ranges (:func:`default_space`: WUS's ``search_space()`` in ``wus_tune/methods/wus.py``), chosen around the settings that worked in the calibration runs
-of the trainer and wide enough to include "never skips" and "skips a lot":
+Default ranges (:func:`default_space`: the partner's ``search_space()``, ``wus_tune/methods/wus.py``),
+chosen around the settings that worked in the calibration runs of the trainer and wide enough to include "never skips" and "skips a lot":
 
 =============================  ===================================  =================================
 key                            range                                why
@@ -62,12 +67,10 @@ if TYPE_CHECKING:
 
     from wus_tune.config import TrainConfig
 
-VARIANT_KEY = "wus.variant"
 METHOD_KEY = "method"  # virtual: the speed-up method of a trial, e.g. "approx_ops+wus"
 RATIO_KEY = "optim.ratio"  # virtual: lr / ((1 - momentum) * batch_size); the lr is derived from it
-# The methods a ``method`` choice may name, which combine with WUS and which only measure come from the
+# The methods a ``method`` choice may name, which combine with the partner and which only measure come from the
 # method registry (:mod:`wus_tune._study.catalog`).
-DEFAULT_VARIANT = "wus+lr"  # when wus.variant is not searched: WUS on, LR coupling as configured
 _INDEX = re.compile(r"^(?P<key>.+)\[(?P<index>\d+)\]$")
 _FIELDS = ("type", "low", "high", "log", "step", "choices", "when", "doc")
 
@@ -146,7 +149,7 @@ class Param:
         return trial.suggest_float(self.key, float(self.low), float(self.high), step=self.step, log=self.log)
 
     def active(self, values: Mapping[str, Any]) -> bool:
-        return all(values.get(k, DEFAULT_VARIANT if k == VARIANT_KEY else None) in allowed for k, allowed in self.when.items())
+        return all(values.get(k) in allowed for k, allowed in self.when.items())
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": self.type}
@@ -164,10 +167,11 @@ class Param:
 
 
 def default_space() -> tuple[Param, ...]:
-    """The default space of a study of WUS alone: WUS's own search space (``WUS.search_space()``)."""
-    from wus_tune._study.catalog import PARTNER, method_knobs
+    """The default space of a study without a ``methods:`` list: the partner method's own search space
+    (the method declaring ``partner``: WUS, ``wus_tune/methods/wus.py``)."""
+    from wus_tune._study.catalog import method_knobs, partner_name
 
-    return method_knobs(PARTNER)
+    return method_knobs(partner_name()) if partner_name() else ()
 
 
 def _knob_condition(key: str) -> dict[str, tuple[Any, ...]]:
@@ -221,7 +225,7 @@ def param_from_dict(key: str, raw: Any, base: Param | None = None) -> Param:
     if base is not None:
         param = replace(base, **fields)
     else:
-        if key != VARIANT_KEY and _knob_condition(key):
+        if key not in _virtual_keys() and _knob_condition(key):
             fields.setdefault("when", _knob_condition(key))
         param = Param(key, **fields)
     return param.validate()
@@ -246,15 +250,15 @@ class SearchSpace:
         overrides: Mapping[str, Any] | None = None,
         *,
         defaults: bool = True,
-        methods: Sequence[str] = ("wus",),
+        methods: Sequence[str] | None = None,
         effective_ratio: bool = False,
     ) -> SearchSpace:
         """The default space (or none) with a spec's entries applied: a mapping overrides or adds a
-        parameter, ``null`` removes one. ``methods`` other than ``["wus"]`` put the virtual ``method`` key
+        parameter, ``null`` removes one. ``methods`` other than the partner alone (None: the partner) put the virtual ``method`` key
         first and add each method's default knobs (:mod:`wus_tune._study.catalog`); ``effective_ratio``
         searches edge of chaos's ``optim.ratio`` instead of ``optim.lr``."""
         params = {p.key: p for p in default_space()} if defaults else {}
-        if tuple(methods) != ("wus",):
+        if methods is not None and tuple(methods) != (_partner_name(),):
             from wus_tune._study.catalog import method_space
 
             params = method_space(methods, params, defaults=defaults, effective_ratio=effective_ratio)
@@ -269,7 +273,7 @@ class SearchSpace:
         space = cls(tuple(params.values()))
         for p in space.params:
             for k in p.when:
-                if k not in params and k != VARIANT_KEY:
+                if k not in params and k not in _virtual_keys():
                     raise UsageError(f"search_space.{p.key}.when: {k!r} is not a searched parameter")
         return space
 
@@ -288,14 +292,14 @@ class SearchSpace:
     def sample(self, trial: optuna.Trial, fixed: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Values for the active parameters: ``fixed`` ones as given (not suggested), the rest suggested."""
         fixed = dict(fixed or {})
-        values: dict[str, Any] = {VARIANT_KEY: DEFAULT_VARIANT, **fixed}  # replaced if the variant is searched
+        values: dict[str, Any] = {**_partner_on(), **fixed}  # the partner's virtual keys, replaced if searched
         if METHOD_KEY in values:
             values.update(method_implies(values[METHOD_KEY]))
         for p in self.params:
             if p.key in fixed or not p.active(values):
                 continue
             values[p.key] = p.suggest(trial)
-            if p.key == METHOD_KEY:  # without WUS, no wus.* knob is active
+            if p.key == METHOD_KEY:  # without the partner, none of its knobs is active
                 values.update(method_implies(values[METHOD_KEY]))
         return values
 
@@ -305,12 +309,12 @@ class SearchSpace:
         method's default trial). A key the base config lacks (a knob of a method it does not enable) is
         left out; ``optim.ratio`` is the base recipe's ratio."""
         data = base.to_dict()
-        context: dict[str, Any] = {VARIANT_KEY: DEFAULT_VARIANT, **values}
+        context: dict[str, Any] = {**_partner_on(), **values}
         if METHOD_KEY in context:
             context.update(method_implies(context[METHOD_KEY]))
         out: dict[str, Any] = {}
         for p in self.params:
-            if p.key in (VARIANT_KEY, METHOD_KEY) or p.key in values or not p.active(context):
+            if p.key == METHOD_KEY or p.key in _virtual_keys() or p.key in values or not p.active(context):
                 continue
             if p.key == RATIO_KEY:
                 o = base.optim
@@ -344,42 +348,56 @@ class SearchSpace:
         return json.dumps({p.key: p.to_dict() for p in self.params}, sort_keys=False)
 
 
-def variant_overrides(variant: str) -> dict[str, Any]:
-    """The config overrides that a ``wus.variant`` value implies (the method's ``expand_virtual``)."""
-    from wus_tune._study.catalog import PARTNER, methods_registry
+def _partner_name() -> str:
+    from wus_tune._study.catalog import partner_name
 
-    return methods_registry()[PARTNER].expand_virtual({VARIANT_KEY: variant})
+    return partner_name()
+
+
+def _partner_on() -> dict[str, Any]:
+    from wus_tune._study.catalog import partner_virtual
+
+    return partner_virtual(-1)
+
+
+def _virtual_keys() -> set[str]:
+    from wus_tune._study.catalog import virtual_keys
+
+    return virtual_keys()
 
 
 def method_parts(choice: Any) -> tuple[str, ...]:
     """``"approx_ops+wus"`` -> ``("approx_ops", "wus")``; ``"none"`` -> ``()``. Raises ConfigError for a
     name that is not a registered method, or a combination that is not supported (only ``<method>+wus``
     for the methods that declare ``combines_with_wus``)."""
-    from wus_tune._study.catalog import PARTNER, combinable, plugin_names
+    from wus_tune._study.catalog import combinable, partner_name, plugin_names
 
-    names, with_partner = plugin_names(), combinable()
-    forms = ", ".join(("none", PARTNER, *names, *(f"{m}+{PARTNER}" for m in with_partner)))
+    partner, names, with_partner = partner_name(), plugin_names(), combinable()
+    forms = ", ".join(("none", partner, *names, *(f"{m}+{partner}" for m in with_partner)))
     if not isinstance(choice, str) or not choice:
         raise ConfigError(f"{METHOD_KEY}: expected a method name such as 'approx_ops+wus', got {choice!r}")
     if choice == "none":
         return ()
     parts = tuple(choice.split("+"))
     for part in parts:
-        if part != PARTNER and part not in names:
+        if part != partner and part not in names:
             raise ConfigError(f"{METHOD_KEY}: unknown method {part!r} in {choice!r}; choose from {forms}")
-    others = [x for x in parts if x != PARTNER]
+    others = [x for x in parts if x != partner]
     if len(set(parts)) != len(parts) or len(others) > 1 or (len(parts) == 2 and others[0] not in with_partner):
         raise ConfigError(f"{METHOD_KEY}: unsupported combination {choice!r}; choose from {forms}")
     return parts
 
 
 def method_implies(choice: Any) -> dict[str, Any]:
-    """What a ``method`` choice fixes among the other virtual keys: no WUS means ``wus.variant = none``."""
-    return {} if "wus" in method_parts(choice) else {VARIANT_KEY: "none"}
+    """What a ``method`` choice fixes among the other virtual keys: without the partner, the partner's
+    virtual keys at their "off" value (``wus.variant = none``)."""
+    from wus_tune._study.catalog import partner_virtual
+
+    return {} if _partner_name() in method_parts(choice) else partner_virtual(0)
 
 
-def _method_overrides(choice: Any, base_methods: Mapping[str, Any], has_variant: bool) -> dict[str, Any]:
-    from wus_tune._study.catalog import PARTNER, measure_only, plugin_names
+def _method_overrides(choice: Any, base_methods: Mapping[str, Any], has_virtual: bool) -> dict[str, Any]:
+    from wus_tune._study.catalog import measure_only, partner, plugin_names
 
     parts = method_parts(choice)
     names, measuring = plugin_names(), measure_only()
@@ -388,36 +406,39 @@ def _method_overrides(choice: Any, base_methods: Mapping[str, Any], has_variant:
         if name not in names or name in parts or name in measuring
     }  # fmt: skip
     for name in parts:
-        if name != PARTNER:
+        if name != _partner_name():
             methods.setdefault(name, dict(base_methods.get(name) or {}))
     out: dict[str, Any] = {"methods": methods}
-    if "wus" in parts and not has_variant:
-        out["wus.enabled"] = True
+    if _partner_name() in parts and not has_virtual:
+        out.update(partner().switch(True))
     return out
 
 
 def apply_values(base: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
-    """``base`` with the sampled/fixed values written in (``method`` and ``wus.variant`` expanded,
+    """``base`` with the sampled/fixed values written in (``method`` and the methods' virtual keys expanded,
     ``optim.ratio`` turned into ``optim.lr``, ``key[i]`` list items set), validated by
     :meth:`TrainConfig.replace`."""
+    from wus_tune._study.catalog import methods_registry, partner
+
     values = dict(values)
     overrides: dict[str, Any] = {}
     method = values.pop(METHOD_KEY, None)
     if method is not None:
-        if "wus" not in method_parts(method):
-            values[VARIANT_KEY] = "none"
-        overrides.update(_method_overrides(method, base.methods, VARIANT_KEY in values))
-    variant = values.pop(VARIANT_KEY, None)
+        values.update(method_implies(method))
+        overrides.update(_method_overrides(method, base.methods, bool(_virtual_keys() & set(values))))
     ratio = values.pop(RATIO_KEY, None)
     if ratio is not None:
         values["optim.lr"] = lr_from_ratio(ratio, values, base)
-    if variant is not None:
-        overrides.update(variant_overrides(variant))
-    if overrides.get("wus.enabled") is False:
-        # A plain recipe: drop WUS knobs, so a baseline's config carries no misleading values.
-        values = {k: v for k, v in values.items() if not k.startswith("wus.")}
+    for cls in methods_registry().values():  # each method pops its virtual keys (wus.variant)
+        overrides.update(cls.expand_virtual(values))
+    own = partner()
+    switch_off = own.switch(False) if own is not None else {}
+    if switch_off and all(k in overrides and overrides[k] == v for k, v in switch_off.items()):
+        # A plain recipe: drop the partner's knobs, so a baseline's config carries no misleading values.
+        values = {k: v for k, v in values.items() if not k.startswith(f"{own.name}.")}
     else:
-        overrides = {k: v for k, v in overrides.items() if k not in values or k == "wus.enabled"}
+        switch_keys = set(own.switch(True)) if own is not None else set()
+        overrides = {k: v for k, v in overrides.items() if k not in values or k in switch_keys}
     data = base.to_dict()
     if "methods" in overrides:
         data["methods"] = overrides["methods"]  # list items below index into the chosen methods

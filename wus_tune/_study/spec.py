@@ -73,7 +73,7 @@ class StudySpec:
     description: str = ""
     train: dict[str, Any] = field(default_factory=dict)
     objectives: Any = "accuracy,time"  # "accuracy,time" or a list
-    methods: list[str] = field(default_factory=lambda: ["wus"])  # the compared methods: values of `method`
+    methods: list[str] = field(default_factory=lambda: [_partner_name()])  # the compared methods (default: the partner)
     edge_of_chaos: EdgeOfChaosSpec | None = None  # the effective-ratio space and the guideline prior
     sampler: str = "tpe"
     sampler_options: dict[str, Any] = field(default_factory=dict)
@@ -256,7 +256,7 @@ class Study:
     accuracy_margin: float
     cost_factor: float
     spec: dict[str, Any]
-    methods: tuple[str, ...] = ("wus",)
+    methods: tuple[str, ...] = ()  # resolve() always sets it; a spec's default is the partner method alone
     # (role, fixed values) enqueued after the baseline frontier: one default per method, guideline trials
     method_trials: tuple[tuple[str, dict[str, Any]], ...] = ()
     guideline: Guideline | None = None
@@ -309,3 +309,9 @@ def make_sampler(name: str, options: Mapping[str, Any], *, seed: int | None) -> 
 
 def _check_int(key: str, value: Any, low: int) -> None:
     check_number(key, value, integer=True, minimum=low)
+
+
+def _partner_name() -> str:
+    from wus_tune._study.catalog import partner_name
+
+    return partner_name()

@@ -9,6 +9,8 @@ Study data (classmethods and class attributes)::
 
     name                      registry key and metric prefix ("wus/skip_windows")
     combines_with_wus         may run beside WUS in one trial ("approx_ops+wus")
+    partner                   the method others combine with, tuned by a study without `methods:` (WUS)
+    VIRTUAL_KEYS              {virtual key: values}, first = off, last = on as configured (WUS: wus.variant)
     tunes_optimizer           its search space has optim.* knobs (edge_of_chaos)
     measure_only              changes nothing in training (a base config's entry stays in every trial)
     enabled(config)           is it on in this TrainConfig? (default: name in config.methods; WUS: wus.enabled)
@@ -139,6 +141,12 @@ class Method:
     combines_with_wus: ClassVar[bool] = False  # may run beside WUS in one trial ("approx_ops+wus")
     tunes_optimizer: ClassVar[bool] = False  # its search space has optim.* knobs (edge_of_chaos)
     measure_only: ClassVar[bool] = False  # changes nothing in training: a base config's entry stays in every trial
+    # The method the others combine with ("approx_ops+wus") and the one a study without a ``methods:`` list
+    # tunes (on in its trials unless a virtual key turns it off): WUS.
+    partner: ClassVar[bool] = False
+    # Its virtual keys (popped by ``expand_virtual``) and their values: the first turns it off, the last
+    # turns it on as configured (the value a study assumes when the key is neither searched nor fixed).
+    VIRTUAL_KEYS: ClassVar[dict[str, tuple[Any, ...]]] = {}
     # The searched knobs, as a spec's ``search_space:`` entries (type/low/high/log/choices/when/doc), keyed by
     # dotted TrainConfig key; the study adds ``when: {method: [choices naming this method]}``.
     SEARCH_SPACE: ClassVar[dict[str, dict[str, Any]]] = {}

@@ -53,6 +53,8 @@ class WUS(Method):
     """
 
     name = "wus"
+    partner = True
+    VIRTUAL_KEYS = {VARIANT_KEY: VARIANTS}
     SEARCH_SPACE = {
         VARIANT_KEY: {"type": "categorical", "choices": ["wus", "wus+lr"], "doc": "WUS alone or coupled with the LR"},
         "wus.threshold": {"type": "float", "low": 0.001, "high": 0.05, "log": True, "when": _WUS_ON,
