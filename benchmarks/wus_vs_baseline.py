@@ -36,6 +36,13 @@ WUS_SETTINGS: dict[str, dict[str, object]] = {
                       "wus.warmup": 4, "wus.skip_length": 3, "wus.bias_scope": "last:1", "wus.schedule_window": [0.5, 1.0]},
     "wus-long-head": {"wus.enabled": True, "wus.signal": "train_acc", "wus.window": 1, "wus.threshold": 0.02,
                       "wus.warmup": 3, "wus.skip_length": 5, "wus.bias_scope": "last:1", "wus.schedule_window": [0.0, 1.0]},
+    # the same two head-only settings with the frozen prefix cached in each skip window (wus.cache_frozen_prefix)
+    "wus-head-cached": {"wus.enabled": True, "wus.signal": "train_acc", "wus.window": 1, "wus.threshold": 0.01,
+                        "wus.warmup": 4, "wus.skip_length": 3, "wus.bias_scope": "last:1",
+                        "wus.schedule_window": [0.0, 1.0], "wus.cache_frozen_prefix": True},
+    "wus-long-head-cached": {"wus.enabled": True, "wus.signal": "train_acc", "wus.window": 1, "wus.threshold": 0.02,
+                             "wus.warmup": 3, "wus.skip_length": 5, "wus.bias_scope": "last:1",
+                             "wus.schedule_window": [0.0, 1.0], "wus.cache_frozen_prefix": True},
     "wus-all-val": {"wus.enabled": True, "wus.signal": "val_acc", "wus.window": 2, "wus.threshold": 0.01,
                     "wus.warmup": 3, "wus.skip_length": 2, "wus.bias_scope": "all", "wus.schedule_window": [0.0, 1.0]},
 }

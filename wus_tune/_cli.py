@@ -48,7 +48,7 @@ class ArgumentParser(argparse.ArgumentParser):
 # and ``python -m wus_tune.study`` alike.
 
 # Paths and names stay text even when they look like numbers (a directory called "2024").
-TEXT_KEYS = ("device", "data.data_dir", "data.cache_dir", "model.name", "data.name", "wus.bias_scope")
+TEXT_KEYS = ("device", "compile_mode", "data.data_dir", "data.cache_dir", "model.name", "data.name", "wus.bias_scope")
 
 
 def add_set_option(parser: argparse.ArgumentParser, *, what: str = "config key") -> None:

@@ -207,6 +207,10 @@ class WUSConfig:
     bias_lr_factor: float = 1.0  # WUS+LR: LR factor of the biases inside skip windows
     lr_decay: float = 1.0  # WUS+LR: base LR factor applied each time a plateau starts a skip window
     schedule_window: list[float] = field(default_factory=lambda: [0.0, 0.75])  # [start, end) fraction of training where skipping may happen
+    # Inside a skip window, compute the frozen layers' output once (eval-mode normalisation, no augmentation)
+    # and train the layers above on it; meant for bias_scope last:K (see wus_tune.frozen_prefix).
+    cache_frozen_prefix: bool = False
+    cache_max_mb: float = 1024.0  # cap on that cache (MiB on the training device); over it, ordinary skip steps
 
     @property
     def variant(self) -> str:
@@ -225,6 +229,7 @@ class WUSConfig:
         _check_range("wus.bias_lr_factor", self.bias_lr_factor, low=0.0, high=100.0)
         _check_range("wus.lr_decay", self.lr_decay, low=0.0, high=1.0, low_open=True)
         parse_bias_scope(self.bias_scope)
+        _check_range("wus.cache_max_mb", self.cache_max_mb, low=0.0, high=1e9)
         if len(self.schedule_window) != 2:
             raise ConfigError(f"wus.schedule_window: expected [start, end], got {self.schedule_window}")
         start, end = self.schedule_window
@@ -261,7 +266,8 @@ class TrainConfig:
     epochs: int = 15
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
-    compile: bool = False  # torch.compile the model (CUDA only; ignored on CPU)
+    compile: bool = False  # torch.compile the training step, one graph per training mode (CPU and CUDA)
+    compile_mode: str = "default"  # "default", or "reduce-overhead" (CUDA graphs, one per mode; CUDA only)
     eval_every_epoch: bool = True  # evaluate each epoch for the curves; only evaluations a method needs count as its time
     meta: dict[str, Any] = field(default_factory=dict)  # free-form provenance (study, trial), never read by training
 
@@ -273,6 +279,7 @@ class TrainConfig:
         _check_range("epochs", self.epochs, low=1, high=100_000)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check_choice("compile_mode", self.compile_mode, ("default", "reduce-overhead"))
         from wus_tune.methods import validate_methods  # late: methods import torch
 
         validate_methods(self.methods)

@@ -837,8 +837,8 @@ class _Batches:
         self.pad = crop_padding(*sample.shape[2:]) if sample.ndim == 4 and crop else 0
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.train and self.augment:
+    def __call__(self, x: torch.Tensor, *, augment: bool = True) -> torch.Tensor:
+        if augment and self.train and self.augment:
             b = len(x)
             dy, dx = torch.randint(0, 2 * self.pad + 1, (2, b), device=self.device, generator=self.generator)
             flip = torch.rand(b, device=self.device, generator=self.generator) < 0.5 if self.flip else None
@@ -917,6 +917,14 @@ class DeviceLoader:
             window = slice(i * self.batch_size, (i + 1) * self.batch_size)
             index = order[window] if order is not None else window
             yield self.batches(self.x[index]), self.y[index]
+
+    def batches_in_order(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every example of the split once, in stored order, converted and never augmented (e.g. to cache
+        a frozen prefix's features); the shuffling generator is not touched."""
+        size = batch_size or self.batch_size
+        for start in range(0, len(self.y), size):
+            window = slice(start, start + size)
+            yield self.batches(self.x[window], augment=False), self.y[window]
 
 
 class StreamLoader:

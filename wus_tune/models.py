@@ -164,6 +164,10 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)))
 
+    def forward_chain(self) -> list[nn.Module]:
+        """The modules ``forward`` applies one after another (lets a frozen prefix be split off and cached)."""
+        return [self.stem, self.stages, self.head]
+
 
 def resnet18(input_shape: InputShape, num_classes: int, *, width: float = 1.0, batch_norm: bool = True) -> nn.Module:
     """CIFAR ResNet-18: BasicBlocks [2, 2, 2, 2] with 64/128/256/512 channels and strides 1, 2, 2, 2."""

@@ -32,7 +32,7 @@ SHORT_OPTIONS = {
 }
 
 
-_TOP_LEVEL_FIELDS = ("epochs", "seed", "device", "compile", "eval_every_epoch")
+_TOP_LEVEL_FIELDS = ("epochs", "seed", "device", "compile", "compile_mode", "eval_every_epoch")
 
 
 def add_config_options(parser: ArgumentParser) -> None:

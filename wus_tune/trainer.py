@@ -29,7 +29,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wus_tune.compile_step import ModeCompiled
 from wus_tune.config import TrainConfig
 from wus_tune.errors import ConfigError, TrainingDiverged
 from wus_tune.layers import param_groups
@@ -82,11 +82,12 @@ class TrainResult:
     required_eval_time_s: float  # the evaluations the method needed (final + WUS checks on val_acc)
     time_s: float  # the time objective: train_time_s + required_eval_time_s
     uncharged_time_s: float  # measurement overhead left out of time_s (FLOP counting on a kind's first step)
+    compile_time_s: float  # the untimed warm-up with compile on (every step mode's graphs); 0 eagerly; not in time_s
     total_steps: int
     skipped_steps: int
     skip_fraction: float
     flops_per_step: float  # one step of the first step's kind (the ordinary step) at the configured batch size
-    flops_per_skip_step: float  # the first skip-kind step's FLOPs; flops_per_step when no step skipped
+    flops_per_skip_step: float  # FLOPs of the most frequent skip kind's step; flops_per_step when no step skipped
     train_flops: float
     baseline_train_flops: float  # the same steps, none skipped
     flops_fraction: float  # train_flops / baseline_train_flops
@@ -196,8 +197,14 @@ def fit(
     owner = _step_owner(methods)
     checks = _Checks(methods, run, loaders.val is not None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    train_model = _maybe_compile(model, config, device, methods)
+    train_model = _maybe_compile(model, config, device)
+    warm_timer = _Timer(device)  # synchronises, so queued GPU work of the warm-up is counted in it
+    warm_start = warm_timer.now()
     eval_flops_per_sample = _warm_up(train_model, model, optimizer, loaders, autocast, methods)
+    compile_time = warm_timer.now() - warm_start if isinstance(train_model, ModeCompiled) else 0.0
+    if progress and compile_time:
+        print(f"compiled {train_model.compilations} graphs (training modes and evaluation) in {compile_time:.1f}s, "
+              "not counted as training time", flush=True)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule scales each group's own peak
     ledger = _Ledger(_Timer(device), eval_flops_per_sample * loaders.val_size, loaders.val_size)
@@ -259,6 +266,7 @@ def fit(
                 if counting:  # FLOPs follow autograd on the eager model, which a compiled graph hides
                     ctx.forward = _autocast_forward(model, autocast)
                 loss, logits = _train_step(ctx, methods, owner)
+            y = ctx.targets  # an owner training on other examples (a feature cache) sets them
             if on_step is not None:
                 on_step(step)
             correct = (logits.detach().argmax(1) == y).sum()
@@ -305,7 +313,7 @@ def fit(
     test_acc = None
     if loaders.test is not None:
         _, test_acc = ledger.evaluate(lambda: _evaluate(train_model, loaders.test, autocast), charged=False)
-    result = _result(config, records, ledger, run, model, test_acc, device)
+    result = _result(config, records, ledger, run, model, test_acc, device, compile_time)
     result.work_counts = ledger.work_counts()
     if relative_to is not None:
         start = time.perf_counter()
@@ -354,7 +362,7 @@ def _prepare(config: TrainConfig, device: torch.device, *, model: Any = None,
     val = data.loader("val", batch_size=eval_batch, device=device, channels_last=cuda) if data.size("val") else None
     test = data.loader("test", batch_size=eval_batch, device=device, channels_last=cuda) if data.has("test") else None
     run = RunInfo(config=config, device=device, steps_per_epoch=len(train), total_steps=len(train) * config.epochs,
-                  batch_size=batch_size)
+                  batch_size=batch_size, train_loader=train)
     return run, data, _Loaders(train, val, test, data.size("val")), model
 
 
@@ -381,15 +389,15 @@ def _step_owner(methods: list[Method]) -> Method | None:
     return owners[0] if owners else None
 
 
-def _maybe_compile(model: nn.Module, config: TrainConfig, device: torch.device, methods: list[Method]) -> nn.Module:
-    if not (config.compile and device.type == "cuda"):
+def _maybe_compile(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
+    """The model compiled with one graph per training mode (which parameters require grad), so a method
+    that freezes weights (WUS) gets a cheaper graph in its frozen steps; CPU (inductor) and CUDA."""
+    if not config.compile:
         return model
-    if any(m.warm_up_modes(model) for m in methods):
-        # Measured on torch 2.11 (docs/benchmarks.md): the compiled graph does not re-specialise when
-        # requires_grad flips, so a mode that freezes weights still runs the full backward.
-        warnings.warn("compile with a method that freezes weights (WUS): torch.compile keeps computing frozen "
-                      "weights' gradients, so those steps save no time; train eagerly to benefit", stacklevel=3)
-    return torch.compile(model)
+    cuda_graphs = config.compile_mode == "reduce-overhead"
+    if cuda_graphs and device.type != "cuda":
+        raise ConfigError("compile_mode: reduce-overhead (CUDA graphs) needs a CUDA device")
+    return ModeCompiled(model, cuda_graphs=cuda_graphs)
 
 
 def _warm_up(train_model: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, loaders: _Loaders,
@@ -734,7 +742,7 @@ class _EpochSums:
 
 
 def _result(config: TrainConfig, records: list[EpochRecord], ledger: _Ledger, run: RunInfo, model: nn.Module,
-            test_acc: float | None, device: torch.device) -> TrainResult:
+            test_acc: float | None, device: torch.device, compile_time: float) -> TrainResult:
     final = records[-1]
     if final.val_acc is None:  # val_fraction == 0: report training accuracy, say so in the curves
         val_loss, val_acc = final.train_loss, final.train_acc
@@ -742,7 +750,9 @@ def _result(config: TrainConfig, records: list[EpochRecord], ledger: _Ledger, ru
         val_loss, val_acc = final.val_loss, final.val_acc
     kinds = list(ledger.kinds.items())
     flops_full = kinds[0][1].flops_per_step  # the first step's kind: the run's ordinary step
-    flops_skip = next((k.flops_per_step for name, k in kinds if _is_skip(name)), flops_full)
+    # the skip kind with most steps: a window's one-off first step (e.g. building a cache) is not typical
+    skip_kinds = [k for name, k in kinds if _is_skip(name)]
+    flops_skip = max(skip_kinds, key=lambda k: k.steps).flops_per_step if skip_kinds else flops_full
     train_flops = sum(r.flops for r in records)
     baseline_flops = run.total_steps * flops_full
     skipped = sum(r.skipped_steps for r in records)
@@ -751,7 +761,7 @@ def _result(config: TrainConfig, records: list[EpochRecord], ledger: _Ledger, ru
         config=config.to_dict(), epochs=records, val_acc=val_acc, val_loss=val_loss, test_acc=test_acc,
         best_val_acc=max(val_accs, default=val_acc), train_time_s=ledger.train_time, eval_time_s=ledger.eval_time,
         required_eval_time_s=ledger.required_eval_time, time_s=ledger.train_time + ledger.required_eval_time,
-        uncharged_time_s=ledger.uncharged_time, total_steps=run.total_steps, skipped_steps=skipped,
+        uncharged_time_s=ledger.uncharged_time, compile_time_s=compile_time, total_steps=run.total_steps, skipped_steps=skipped,
         skip_fraction=skipped / max(1, run.total_steps), flops_per_step=flops_full, flops_per_skip_step=flops_skip,
         train_flops=train_flops, baseline_train_flops=baseline_flops,
         flops_fraction=train_flops / baseline_flops if baseline_flops else 1.0,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wus_tune._study.space import Param, SearchSpace
+from wus_tune._study.space import SearchSpace
 from wus_tune.errors import UsageError
 
 if TYPE_CHECKING:

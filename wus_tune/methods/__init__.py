@@ -85,12 +85,16 @@ class RunInfo:
     steps_per_epoch: int
     total_steps: int
     batch_size: int  # the training batch size actually used (optim.batch_size, capped by the dataset)
+    # the training split's loader, for a method that reads the whole set (WUS's frozen-prefix cache uses
+    # len(train_loader.y) and train_loader.batches_in_order()); None outside wus_tune.fit
+    train_loader: Any = None
 
 
 @dataclass
 class StepContext:
     """One training step as a method sees it. ``step`` and ``epoch`` count from 0. ``loss`` and ``logits``
-    are set once the forward has run (before ``before_step``; from the owner's StepCost otherwise)."""
+    are set once the forward has run (before ``before_step``; from the owner's StepCost otherwise). An owner
+    that trains on other examples than the batch (WUS on cached features) sets ``targets`` to theirs."""
 
     run: RunInfo
     model: torch.nn.Module
