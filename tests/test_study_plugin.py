@@ -25,8 +25,8 @@ def first_layer(model):
 
 
 class FreezeFirst(Method):
-    name = "freeze_first"
-    SEARCH_SPACE = {"methods.freeze_first.at": {"type": "float", "low": 0.3, "high": 0.7,
+    name = "freeze_early"
+    SEARCH_SPACE = {"methods.freeze_early.at": {"type": "float", "low": 0.3, "high": 0.7,
                                                 "doc": "fraction of training after which layer 1 is frozen"}}
 
     def __init__(self, at: float = 0.5):
@@ -46,12 +46,12 @@ class FreezeFirst(Method):
             self.frozen_steps += 1
 
     def end_epoch(self, model, run):
-        return {"freeze_first/frozen_steps": float(self.frozen_steps)}
+        return {"freeze_early/frozen_steps": float(self.frozen_steps)}
 '''
 
 ENTRY_POINTS = """
 [wus_tune.methods]
-freeze_first = freeze_pkg:FreezeFirst
+freeze_early = freeze_pkg:FreezeFirst
 """
 
 SPEC = """
@@ -61,7 +61,7 @@ train:
   data: {name: digits}
   epochs: 2
   device: cpu
-methods: [none, freeze_first]
+methods: [none, freeze_early]
 baseline_fractions: []
 n_trials: 3
 sampler_options: {n_startup_trials: 1}
@@ -80,7 +80,7 @@ def test_a_method_from_an_entry_point_runs_in_a_study(tmp_path):
     (tmp_path / "spec.yaml").write_text(SPEC)
     from wus_tune.methods import registry
 
-    assert "freeze_first" not in registry()  # wus_tune itself knows nothing of it
+    assert "freeze_early" not in registry()  # wus_tune itself knows nothing of it
 
     env = worker_env(PYTHONPATH=f"{site}:{ROOT}")
     found = subprocess.run(
@@ -88,7 +88,7 @@ def test_a_method_from_an_entry_point_runs_in_a_study(tmp_path):
          "print([x.name for x in e(group='wus_tune.methods')])"],  # fmt: skip
         capture_output=True, text=True, env=env, cwd=tmp_path,
     )
-    assert "freeze_first" in found.stdout, found.stderr
+    assert "freeze_early" in found.stdout, found.stderr
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     done = subprocess.run(
         [sys.executable, "-m", "wus_tune.study", "--spec", "spec.yaml", "--tracking-uri", tracking, "--seed", "0"],
@@ -104,17 +104,17 @@ def test_a_method_from_an_entry_point_runs_in_a_study(tmp_path):
     by_method = {}
     for t in trials:
         by_method.setdefault(t.user_attrs["method"], []).append(t)
-    assert len(by_method["none"]) >= 1 and any(t.user_attrs["role"] == "method-default" for t in by_method["freeze_first"])
+    assert len(by_method["none"]) >= 1 and any(t.user_attrs["role"] == "method-default" for t in by_method["freeze_early"])
     client = MlflowClient(tracking_uri=tracking)
     for t in trials:
         config = t.user_attrs["config"]
         metrics = client.get_run(t.user_attrs["mlflow_run_id"]).data.metrics
         frozen = [v for k, v in metrics.items() if k.endswith("frozen_steps")]  # the method's epoch metric
-        if t.user_attrs["method"] == "freeze_first":
-            assert "freeze_first" in config["methods"]
-            at = config["methods"]["freeze_first"].get("at", 0.5)
+        if t.user_attrs["method"] == "freeze_early":
+            assert "freeze_early" in config["methods"]
+            at = config["methods"]["freeze_early"].get("at", 0.5)
             assert 0.3 <= at <= 0.7 and frozen and frozen[0] > 0, metrics  # it ran, and froze the layer
             if t.user_attrs["role"] == "search":
-                assert "methods.freeze_first.at" in t.params  # its own search space was sampled
+                assert "methods.freeze_early.at" in t.params  # its own search space was sampled
         else:
-            assert "freeze_first" not in config["methods"] and not frozen
+            assert "freeze_early" not in config["methods"] and not frozen
