@@ -162,22 +162,15 @@ def fit(
 ) -> TrainResult:
     """Train one model as ``config`` says and return its measurements.
 
-    ``model``: an ``nn.Module`` (a copy is trained; ``result.model`` is it) or a factory
-    ``f(input_shape, num_classes) -> nn.Module``; ``data``: ``(x, y)`` tensors or a mapping of splits, as a
-    data factory returns (:func:`wus_tune.data.load_dataset`). Given, they replace ``config.model`` /
-    ``config.data``'s source, and ``result.config`` records where they came from.
-
-    ``on_epoch`` is called after each epoch (a study logs it and may stop the run by raising).
-    ``relative_to``: the baseline config (same data; a plain run) to express the run's time in
-    (``relative_time``); ``timing``: how its prices are measured. ``on_step(step)`` is called after every
-    training step, inside the timed part: time spent there counts as wall time, as any disturbance would,
-    but it is no work of the run (tests inject slowdowns through it).
-    ``probes``: record the signals at these points (``TrainResult.probes``) and snapshot the run at some
-    of them (:mod:`wus_tune.run_state`). ``resume_from``: go on from a snapshot (or its path) instead of
-    training its prefix; the snapshot's epoch records are passed to ``on_epoch`` first, and its time and
-    FLOPs are this run's (each method in its ``method_states`` takes up its state).
-    Raises :class:`~wus_tune.errors.TrainingDiverged` when the loss stops being finite, and
-    :class:`~wus_tune.errors.UsageError` subclasses for bad input.
+    ``model``: an ``nn.Module`` (a copy is trained) or a factory ``f(input_shape, num_classes)``; ``data``:
+    ``(x, y)`` tensors or a mapping of splits (:func:`wus_tune.data.load_dataset`); ``result.config`` records
+    where they came from. ``on_epoch(record)`` after each epoch (a study may stop the run by raising).
+    ``relative_to``: the baseline config to price the run's work in (``relative_time``, :mod:`wus_tune.timing`,
+    measured as ``timing`` says); ``on_step(step)`` after every step, inside the timed part (tests inject
+    slowdowns there). ``probes``: record the signals at these points and snapshot some of them;
+    ``resume_from``: go on from such a snapshot (:mod:`wus_tune.run_state`), its records passed to
+    ``on_epoch`` first. Raises :class:`~wus_tune.errors.TrainingDiverged` when the loss stops being finite,
+    and :class:`~wus_tune.errors.UsageError` subclasses for bad input.
     """
     # ---- set-up: data, model, methods, optimizer, warm-up ----
     from wus_tune.plugins import record_sources
@@ -188,23 +181,11 @@ def fit(
     torch.manual_seed(config.seed)
     given_model = model  # what the baseline's pricing copy is built from, too
     run, data, loaders, model = _prepare(config, device, model=model, data=data)
-    methods = build_methods(config)
-    for method in methods:
-        model = method.setup(model, run)
-    optimizer = _make_optimizer(model, config, methods, run)
-    for method in methods:
-        method.attach(model, optimizer, run)
-    owner = _step_owner(methods)
+    model, methods, optimizer, owner = _with_methods(model, config, run)
     checks = _Checks(methods, run, loaders.val is not None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    train_model = _maybe_compile(model, config, device)
-    warm_timer = _Timer(device)  # synchronises, so queued GPU work of the warm-up is counted in it
-    warm_start = warm_timer.now()
-    eval_flops_per_sample = _warm_up(train_model, model, optimizer, loaders, autocast, methods)
-    compile_time = warm_timer.now() - warm_start if isinstance(train_model, ModeCompiled) else 0.0
-    if progress and compile_time:
-        print(f"compiled {train_model.compilations} graphs (training modes and evaluation) in {compile_time:.1f}s, "
-              "not counted as training time", flush=True)
+    train_model, eval_flops_per_sample, compile_time = _compile_and_warm_up(model, optimizer, loaders, autocast,
+                                                                            methods, config, device, progress)  # fmt: skip
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]  # the schedule scales each group's own peak
     ledger = _Ledger(_Timer(device), eval_flops_per_sample * loaders.val_size, loaders.val_size)
@@ -219,26 +200,12 @@ def fit(
     tracer = _Probes(probes, run, ledger)
     start_epoch, start_batch, resumed_from, partial = 0, 0, None, None
     if resume_from is not None:
-        state = resume_from if isinstance(resume_from, RunState) else RunState.load(resume_from)
-        records, step, start_epoch, start_batch, partial = _resume(state, model, optimizer, methods, loaders, ledger,
-                                                                   tracer, device)  # fmt: skip
-        resumed_from = {"point": state.point, "step": state.step, "epoch": state.epoch, "batch": state.batch,
-                        "train_time_s": ledger.train_time, "required_eval_time_s": ledger.required_eval_time}  # fmt: skip
-        for record in records if on_epoch is not None else ():
-            on_epoch(record)
+        records, step, start_epoch, start_batch, partial, resumed_from = _resume_from(
+            resume_from, model, optimizer, methods, loaders, ledger, tracer, device, on_epoch)
 
     def snapshot(epoch: int, batch: int, sums: _EpochSums | None, loader_rng: torch.Tensor) -> None:
-        if not tracer.saves_now():
-            return
-        RunState(
-            point=len(tracer.records), step=step, epoch=epoch, batch=batch,
-            model={k: v.detach().clone() for k, v in model.state_dict().items()},
-            optimizer=copy.deepcopy(optimizer.state_dict()), torch_rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state_all() if device.type == "cuda" else None, loader_rng=loader_rng.clone(),
-            counters=ledger.snapshot(mid_epoch=sums is not None), epoch_partial=sums.state() if sums else {},
-            records=[asdict(r) for r in records], probes=[asdict(p) for p in tracer.records], config=config.to_dict(),
-            method_states={m.name: st for m in methods if (st := m.state_dict()) is not None},
-        ).save(snapshot_path(probes.save_dir, len(tracer.records)))  # fmt: skip
+        _snapshot(tracer, probes, config, model, optimizer, methods, ledger, records, device,
+                  step=step, epoch=epoch, batch=batch, sums=sums, loader_rng=loader_rng)  # fmt: skip
 
     # ---- epochs ----
     for epoch in range(start_epoch, config.epochs):
@@ -289,14 +256,7 @@ def fit(
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"training loss is {mean_loss} in epoch {epoch + 1}")
 
-        tracer.mark()
-        epoch_val = checks.end_epoch((epoch + 1) / config.epochs, validate)
-        last_epoch = epoch == config.epochs - 1
-        wants_val = config.eval_every_epoch or last_epoch or tracer.wants_epoch_val()
-        if epoch_val is None and loaders.val is not None and wants_val:
-            epoch_val = validate(charged=last_epoch)  # every run needs its final evaluation
-        if tracer.at_epoch_end():
-            tracer.record(step, (epoch + 1) / config.epochs, epoch_val, sum(r.flops for r in records))
+        epoch_val = _end_of_epoch_evaluation(epoch, step, config, checks, tracer, loaders, validate, records)
         extra: dict[str, float] = {}
         for method in methods:
             extra.update(method.end_epoch(model, run))
@@ -316,18 +276,99 @@ def fit(
     result = _result(config, records, ledger, run, model, test_acc, device, compile_time)
     result.work_counts = ledger.work_counts()
     if relative_to is not None:
-        start = time.perf_counter()
-        prices = _price_work(relative_to, specimens, data=data, loaders=loaders, device=device, autocast=autocast,
-                             loss_fn=loss_fn, model=model, given_model=given_model,
-                             options=timing or TimingOptions())  # fmt: skip
-        specimens.clear()
-        result.unit_costs = {k: m.to_dict() for k, m in prices["measurements"].items()}
-        result.relative_time = relative_time(result.work_counts, prices["costs"], prices["baseline_counts"])
-        result.reference_time_s = run_seconds(prices["baseline_counts"], prices["costs"])
-        result.modelled_time_s = run_seconds(result.work_counts, prices["costs"])
-        result.timing_overhead_s = time.perf_counter() - start
+        _attach_prices(result, relative_to, specimens, data=data, loaders=loaders, device=device, autocast=autocast,
+                       loss_fn=loss_fn, model=model, given_model=given_model, options=timing or TimingOptions())  # fmt: skip
     result.probes, result.resumed_from = tracer.records, resumed_from
     return result
+
+
+def _with_methods(model: nn.Module, config: TrainConfig, run: RunInfo) -> tuple[nn.Module, list[Method], Any, Any]:
+    """The config's methods set up on the model, the optimizer (built by a method or the config), and
+    the method that owns the step (None: the trainer's own step)."""
+    methods = build_methods(config)
+    for method in methods:
+        model = method.setup(model, run)
+    optimizer = _make_optimizer(model, config, methods, run)
+    for method in methods:
+        method.attach(model, optimizer, run)
+    return model, methods, optimizer, _step_owner(methods)
+
+
+def _end_of_epoch_evaluation(epoch: int, step: int, config: TrainConfig, checks: _Checks, tracer: _Probes,
+                             loaders: _Loaders, validate: Callable[[bool], tuple[float, float]],
+                             records: list[EpochRecord]) -> tuple[float, float] | None:  # fmt: skip
+    """The epoch's validation (loss, acc): a method's check, or the curve's pass, or the final one (the
+    only one every run is charged for); None when the epoch is not evaluated."""
+    tracer.mark()
+    epoch_val = checks.end_epoch((epoch + 1) / config.epochs, validate)
+    last_epoch = epoch == config.epochs - 1
+    wants_val = config.eval_every_epoch or last_epoch or tracer.wants_epoch_val()
+    if epoch_val is None and loaders.val is not None and wants_val:
+        epoch_val = validate(charged=last_epoch)  # every run needs its final evaluation
+    if tracer.at_epoch_end():
+        tracer.record(step, (epoch + 1) / config.epochs, epoch_val, sum(r.flops for r in records))
+    return epoch_val
+
+
+def _compile_and_warm_up(model: nn.Module, optimizer: torch.optim.Optimizer, loaders: _Loaders, autocast: Any,
+                         methods: list[Method], config: TrainConfig, device: torch.device,
+                         progress: bool) -> tuple[Any, float, float]:  # fmt: skip
+    """The model to train (compiled per mode when asked), the evaluation FLOPs per sample, and the
+    compile time: the untimed warm-up when compiling, reported apart from the training time."""
+    train_model = _maybe_compile(model, config, device)
+    warm_timer = _Timer(device)  # synchronises, so queued GPU work of the warm-up is counted in it
+    warm_start = warm_timer.now()
+    eval_flops_per_sample = _warm_up(train_model, model, optimizer, loaders, autocast, methods)
+    compile_time = warm_timer.now() - warm_start if isinstance(train_model, ModeCompiled) else 0.0
+    if progress and compile_time:
+        print(f"compiled {train_model.compilations} graphs (training modes and evaluation) in {compile_time:.1f}s, "
+              "not counted as training time", flush=True)
+    return train_model, eval_flops_per_sample, compile_time
+
+
+def _resume_from(resume_from: RunState | str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 methods: list[Method], loaders: _Loaders, ledger: _Ledger, tracer: _Probes, device: torch.device,
+                 on_epoch: Callable[[EpochRecord], None] | None) -> tuple[Any, ...]:  # fmt: skip
+    """Take up a snapshot: (records, step, epoch, batch, partial epoch, what was resumed); the snapshot's
+    epoch records go to ``on_epoch`` first."""
+    state = resume_from if isinstance(resume_from, RunState) else RunState.load(resume_from)
+    records, step, start_epoch, start_batch, partial = _resume(state, model, optimizer, methods, loaders, ledger,
+                                                               tracer, device)  # fmt: skip
+    resumed_from = {"point": state.point, "step": state.step, "epoch": state.epoch, "batch": state.batch,
+                    "train_time_s": ledger.train_time, "required_eval_time_s": ledger.required_eval_time}  # fmt: skip
+    for record in records if on_epoch is not None else ():
+        on_epoch(record)
+    return records, step, start_epoch, start_batch, partial, resumed_from
+
+
+def _snapshot(tracer: _Probes, probes: Probes | None, config: TrainConfig, model: nn.Module,
+              optimizer: torch.optim.Optimizer, methods: list[Method], ledger: _Ledger, records: list[EpochRecord],
+              device: torch.device, *, step: int, epoch: int, batch: int, sums: _EpochSums | None,
+              loader_rng: torch.Tensor) -> None:  # fmt: skip
+    """Save the run's state at this probe point when the plan keeps it (:mod:`wus_tune.run_state`)."""
+    if not tracer.saves_now():
+        return
+    RunState(
+        point=len(tracer.records), step=step, epoch=epoch, batch=batch,
+        model={k: v.detach().clone() for k, v in model.state_dict().items()},
+        optimizer=copy.deepcopy(optimizer.state_dict()), torch_rng=torch.get_rng_state(),
+        cuda_rng=torch.cuda.get_rng_state_all() if device.type == "cuda" else None, loader_rng=loader_rng.clone(),
+        counters=ledger.snapshot(mid_epoch=sums is not None), epoch_partial=sums.state() if sums else {},
+        records=[asdict(r) for r in records], probes=[asdict(p) for p in tracer.records], config=config.to_dict(),
+        method_states={m.name: st for m in methods if (st := m.state_dict()) is not None},
+    ).save(snapshot_path(probes.save_dir, len(tracer.records)))  # fmt: skip
+
+
+def _attach_prices(result: TrainResult, reference: TrainConfig, specimens: dict[str, Any], **kwargs: Any) -> None:
+    """Price the run's work against ``reference`` (wus_tune.timing) and write the relative-time fields."""
+    start = time.perf_counter()
+    prices = _price_work(reference, specimens, **kwargs)
+    specimens.clear()
+    result.unit_costs = {k: m.to_dict() for k, m in prices["measurements"].items()}
+    result.relative_time = relative_time(result.work_counts, prices["costs"], prices["baseline_counts"])
+    result.reference_time_s = run_seconds(prices["baseline_counts"], prices["costs"])
+    result.modelled_time_s = run_seconds(result.work_counts, prices["costs"])
+    result.timing_overhead_s = time.perf_counter() - start
 
 
 # ---- set-up helpers ------------------------------------------------------------------------------
