@@ -210,7 +210,7 @@ def fit(
     # ---- epochs ----
     for epoch in range(start_epoch, config.epochs):
         model.train()
-        loader_rng = loaders.train.generator.get_state()  # this epoch's data order, for a mid-epoch snapshot
+        loader_rng = _data_order(loaders.train)  # this epoch's data order, for a mid-epoch snapshot
         ledger.start_epoch()
         sums = _EpochSums(device)
         skip_batches = 0
@@ -263,7 +263,7 @@ def fit(
         record = sums.record(epoch, epoch_val, optimizer, run.steps_per_epoch, train_seconds, ledger, extra)
         records.append(record)
         if tracer.at_epoch_end():
-            snapshot(epoch + 1, 0, None, loaders.train.generator.get_state())
+            snapshot(epoch + 1, 0, None, _data_order(loaders.train))
         if progress:
             _print_epoch(record, config.epochs)
         if on_epoch is not None:
@@ -345,8 +345,10 @@ def _snapshot(tracer: _Probes, probes: Probes | None, config: TrainConfig, model
               optimizer: torch.optim.Optimizer, methods: list[Method], ledger: _Ledger, records: list[EpochRecord],
               device: torch.device, *, step: int, epoch: int, batch: int, sums: _EpochSums | None,
               loader_rng: torch.Tensor) -> None:  # fmt: skip
-    """Save the run's state at this probe point when the plan keeps it (:mod:`wus_tune.run_state`)."""
-    if not tracer.saves_now():
+    """Save the run's state at this probe point when the plan keeps it (:mod:`wus_tune.run_state`).
+    A streamed dataset has no data order to restore (``loader_rng`` None): nothing is saved, so trials
+    that would fork from this run train from scratch."""
+    if not tracer.saves_now() or loader_rng is None:
         return
     RunState(
         point=len(tracer.records), step=step, epoch=epoch, batch=batch,
@@ -357,6 +359,12 @@ def _snapshot(tracer: _Probes, probes: Probes | None, config: TrainConfig, model
         records=[asdict(r) for r in records], probes=[asdict(p) for p in tracer.records], config=config.to_dict(),
         method_states={m.name: st for m in methods if (st := m.state_dict()) is not None},
     ).save(snapshot_path(probes.save_dir, len(tracer.records)))  # fmt: skip
+
+
+def _data_order(loader: Any) -> torch.Tensor | None:
+    """The state of a device-resident loader's shuffling generator; None for a streamed Dataset."""
+    generator = getattr(loader, "generator", None)
+    return generator.get_state() if generator is not None else None
 
 
 def _attach_prices(result: TrainResult, reference: TrainConfig, specimens: dict[str, Any], **kwargs: Any) -> None:
