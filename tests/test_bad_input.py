@@ -153,7 +153,7 @@ WRONG = {
     "max_trials": "x", "heartbeat_interval": 0.5, "grace_period": "x", "max_retry": "x", "reconnect_timeout": "x",
     "ray": 5, "gpus_per_trial": "x", "cpus_per_trial": "x",
     "confirm": "yes", "baseline_repeats": 1.5,
-    "reuse": 5,
+    "reuse": 5, "pruner": "sometimes", "pruner_options": [1],
 }  # fmt: skip
 OUT_OF_RANGE = {
     "seed": -1, "n_trials": 0, "timeout": 0, "constraint_delta": float("nan"), "baseline_fractions": [0.0],
