@@ -38,10 +38,15 @@ def start(cwd: Path, *args: str, log: str) -> subprocess.Popen:
                             stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
 
 
+_STORAGES: dict[str, object] = {}  # one storage (one connection pool) per URL: polling must not open a pool each time
+
+
 def load(name: str, url: str) -> optuna.Study:
     from wus_tune._study.storage import open_storage
 
-    return optuna.load_study(study_name=name, storage=open_storage(url))
+    if url not in _STORAGES:
+        _STORAGES[url] = open_storage(url)
+    return optuna.load_study(study_name=name, storage=_STORAGES[url])
 
 
 def trials(name: str, url: str) -> list[optuna.trial.FrozenTrial]:
