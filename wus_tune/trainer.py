@@ -877,12 +877,7 @@ def _price_work(reference: TrainConfig, specimens: dict[str, Any], *, data: Any,
     ref_model = build_model(reference.model, data.input_shape, data.num_classes, model=given_model).to(device)
     if device.type == "cuda":
         ref_model = ref_model.to(memory_format=torch.channels_last)
-    ref_methods = build_methods(reference)
-    for method in ref_methods:
-        ref_model = method.setup(ref_model, ref_run)
-    ref_opt = _make_optimizer(ref_model, reference, ref_methods, ref_run)
-    for method in ref_methods:
-        method.attach(ref_model, ref_opt, ref_run)
+    ref_model, ref_methods, ref_opt, _ = _with_methods(ref_model, reference, ref_run)
     rx, ry = next(iter(ref_loader))
     ref_loss = nn.CrossEntropyLoss(label_smoothing=reference.optim.label_smoothing)
     probes[BASELINE_STEP] = step_probe(ref_model, ref_opt, ref_methods, ref_run, rx, ry, ref_loss)
