@@ -42,12 +42,15 @@ DIRECTIONS = ("maximize", "minimize")
 
 
 def quickstart(name: str, *, sampler_seed: int, random: bool, pruner: str, trials: int, storage: str,
-               train: dict[str, Any]) -> Any:  # fmt: skip
+               train: dict[str, Any], spec: str = str(ROOT / "studies" / "quickstart-digits.yaml")) -> Any:  # fmt: skip
     import yaml
 
     from wus_tune._study.spec import StudySpec
 
-    raw = yaml.safe_load((ROOT / "studies" / "quickstart-digits.yaml").read_text())
+    raw = yaml.safe_load(Path(spec).read_text())
+    data = raw.get("train", {}).get("data", {})
+    if data.get("data_dir"):  # the study runs in a scratch directory: resolve a path relative to where we started
+        data["data_dir"] = str(Path(data["data_dir"]).resolve())
     for dotted, value in train.items():  # --width / --epochs: the quickstart made cheaper for a shared CPU
         node = raw["train"]
         *parents, leaf = dotted.split(".")
@@ -58,7 +61,7 @@ def quickstart(name: str, *, sampler_seed: int, random: bool, pruner: str, trial
                tracking_uri="none", pruner=pruner)  # fmt: skip
     if random:
         raw["sampler_options"] = {"n_startup_trials": 10**6}
-    return StudySpec.from_dict(raw, "quickstart")
+    return StudySpec.from_dict(raw, spec)
 
 
 class Recorder:
@@ -89,7 +92,7 @@ def hv(points: list[tuple[float, float]], reference: tuple[float, ...]) -> float
 
 
 def run_one(workdir: Path, label: str, *, seed: int, random: bool, pruner: str, trials: int,
-            train: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+            train: dict[str, Any], spec: str) -> dict[str, Any]:  # fmt: skip
     import optuna
 
     from wus_tune.study import run_study
@@ -97,9 +100,15 @@ def run_one(workdir: Path, label: str, *, seed: int, random: bool, pruner: str, 
     name = f"{label}-s{seed}"
     storage = f"sqlite:///{workdir / (name + '.db')}"
     rec = Recorder()
+    spec_ = quickstart(name, sampler_seed=seed, random=random, pruner=pruner, trials=trials, storage=storage,
+                       train=train, spec=spec)  # fmt: skip
     start = time.perf_counter()
-    run_study(quickstart(name, sampler_seed=seed, random=random, pruner=pruner, trials=trials, storage=storage, train=train),
-              fit=rec, echo=None, worker=True)  # fmt: skip  # worker: no report files or plots, the trials only
+    cwd = os.getcwd()
+    os.chdir(workdir)  # the baseline's fork snapshots go to studies/<name>/ there, not into the repository
+    try:
+        run_study(spec_, fit=rec, echo=None, worker=True)  # worker: no report files or plots, the trials only
+    finally:
+        os.chdir(cwd)
     wall = time.perf_counter() - start
     study = optuna.load_study(study_name=name, storage=storage)
     rows = []
@@ -218,6 +227,8 @@ def rerun(run: dict[str, Any], count: int) -> list[dict[str, Any]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--spec", default=str(ROOT / "studies" / "quickstart-digits.yaml"),
+                   help="the study (benchmarks/specs/vgg11-cifar10-subset.yaml: the CIFAR-10 subset)")
     p.add_argument("--trials", type=int, default=25, help="trials per study (the 5 enqueued ones included)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--samplers", default="tpe,random")
@@ -245,7 +256,7 @@ def main() -> int:
             for label in args.samplers.split(","):
                 for pruner in args.pruners.split(","):
                     run = run_one(work, f"{label}-{pruner}", seed=seed, random=label == "random", pruner=pruner,
-                                  trials=args.trials, train=train)  # fmt: skip
+                                  trials=args.trials, train=train, spec=args.spec)  # fmt: skip
                     runs.append(run)
                     print(f"{label:>6} {pruner:>6} seed {seed}: {sum(r['state'] == 'PRUNED' for r in run['trials'])} pruned, "
                           f"{run['wall_s']:.0f} s", flush=True)  # fmt: skip
@@ -264,7 +275,7 @@ def main() -> int:
             entry["pruned_numbers"] = [t["number"] for t in run["trials"] if t["state"] == "PRUNED"]
         table.append(entry)
         print(json.dumps({k: v for k, v in entry.items() if k != "history"}), flush=True)
-    out = {"reference": reference, "baseline": baseline, "settings": settings.to_dict(), "trials": args.trials,
+    out = {"spec": args.spec, "reference": reference, "baseline": baseline, "settings": settings.to_dict(), "trials": args.trials,
            "train": train, "seeds": seeds, "threads": torch.get_num_threads(), "load_before": load,
            "load_after": os.getloadavg(), "runs": table,
            "curves": {f"{r['label']}-s{r['seed']}": [{k: t[k] for k in ("number", "state", "role", "values", "pruned_at", "curve")}

@@ -36,7 +36,9 @@ MODES = {
     "off": {"replay": False, "fork": False, "calibrate": False},
     "replay+fork": {"replay": True, "fork": True, "calibrate": False},
     "all": {"replay": True, "fork": True, "calibrate": True},
+    "all+pareto": {"replay": True, "fork": True, "calibrate": True},  # with the Pareto-aware pruner (issue 11)
 }
+PRUNER = {"all+pareto": "pareto"}
 
 
 def run_one(spec_path: str, mode: str, seed: int, trials: int, objectives: str, workdir: Path) -> dict:
@@ -48,7 +50,10 @@ def run_one(spec_path: str, mode: str, seed: int, trials: int, objectives: str, 
     raw = yaml.safe_load(Path(spec_path).read_text())
     name = f"{raw.get('name', 'study')}-{mode}-{seed}"
     raw |= {"name": name, "n_trials": trials, "seed": seed, "objectives": objectives, "tracking_uri": "none",
-            "storage": f"sqlite:///{workdir}/{name}.db", "reuse": MODES[mode]}  # fmt: skip
+            "storage": f"sqlite:///{workdir}/{name}.db", "reuse": MODES[mode], "pruner": PRUNER.get(mode, "none")}  # fmt: skip
+    data = raw.get("train", {}).get("data", {})
+    if data.get("data_dir"):  # the study runs in workdir: a data path relative to where we started must not break
+        data["data_dir"] = str(Path(data["data_dir"]).resolve())
     spec = StudySpec.from_dict(raw, spec_path)
     start = time.perf_counter()
     cwd = os.getcwd()
@@ -59,6 +64,7 @@ def run_one(spec_path: str, mode: str, seed: int, trials: int, objectives: str, 
         os.chdir(cwd)
     wall = time.perf_counter() - start
     cands = [c for c in outcome.analysis.candidates if c.state == "COMPLETE"]
+    pruned = [c for c in outcome.analysis.candidates if c.state == "PRUNED"]
     wus = [c for c in cands if c.wus]
     res = lambda c: c.attrs.get("result") or {}  # noqa: E731
     never = [c for c in wus if c.attrs.get("reused") or not res(c).get("skip_fraction")]
@@ -67,7 +73,11 @@ def run_one(spec_path: str, mode: str, seed: int, trials: int, objectives: str, 
     return {
         "mode": mode, "seed": seed, "trials": len(cands), "wall_s": wall,
         "fit_s": sum(float(res(c).get("fit_s", 0.0)) for c in cands),
-        "compute_flops": sum(float(res(c).get("compute_flops", res(c).get("cost_flops", 0.0))) for c in cands),
+        # a pruned trial has no result: its FLOPs up to the rung that stopped it (a fork's prefix included,
+        # so an upper bound) are the last point of its stored curve
+        "compute_flops": sum(float(res(c).get("compute_flops", res(c).get("cost_flops", 0.0))) for c in cands)
+        + sum(float((c.attrs.get("epoch_values") or [[0, 0, 0]])[-1][2]) for c in pruned),
+        "pruned": len(pruned),
         "wus_trials": len(wus), "never_skip": len(never), "trained_never_skip": len(trained_never),
         "reused": sum(1 for c in cands if c.attrs.get("reused")),
         "forked": sum(1 for c in cands if c.attrs.get("forked")),
@@ -98,8 +108,8 @@ def main() -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print()
-    print(f"| mode | studies | trials | fit time (s) | FLOPs | vs off | WUS trials never skipping | trained, never skipping | reused | forked | hypervolume |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| mode | studies | trials | fit time (s) | FLOPs | vs off | WUS trials never skipping | trained, never skipping | reused | forked | pruned | hypervolume |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     off = [r for r in rows if r["mode"] == "off"]
     for mode in args.modes.split(","):
         rs = [r for r in rows if r["mode"] == mode]
@@ -108,6 +118,7 @@ def main() -> int:
         print(f"| {mode} | {len(rs)} | {rs[0]['trials']} | {statistics.fmean(r['fit_s'] for r in rs):.1f} | {flops:.3g} | {rel} | "
               f"{sum(r['never_skip'] for r in rs)}/{sum(r['wus_trials'] for r in rs)} | "
               f"{sum(r['trained_never_skip'] for r in rs)} | {sum(r['reused'] for r in rs)} | {sum(r['forked'] for r in rs)} | "
+              f"{sum(r.get('pruned', 0) for r in rs)} | "
               f"{statistics.fmean(r['hypervolume'] for r in rs):.4g} |")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
