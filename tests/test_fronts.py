@@ -233,84 +233,42 @@ def test_confirm_reruns_interleaved_and_logs_under_the_parent_run(digits_study, 
     assert main(["--study", "fronts", "--confirm", "0"]) == 2
 
 
-def test_spec_confirm_makes_the_study_confirm_its_pick(study_dir, one_torch_thread):
-    spec = StudySpec.from_dict({"name": "self-confirm", "train": {**TINY, "epochs": 2}, "baseline_fractions": [0.5],
-                                "n_trials": 3, "confirm": 1})  # fmt: skip
+def test_confirm_a_named_trial(digits_study, capsys):
+    from wus_tune.pareto import main
+
+    outcome = digits_study
+    frontier = next(c for c in outcome.analysis.complete if c.role == "baseline-frontier")
+    assert main(["--study", "fronts", "--trial", str(frontier.number), "--confirm", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"confirmation of trial {frontier.number} (trial {frontier.number})" in out
+    picks = [line for line in out.splitlines() if line.startswith("confirm round") and " pick " in line]
+    assert len(picks) == 1 and f"trial {frontier.number:>3}" in picks[0]
+    conf = optuna.load_study(study_name="fronts", storage="sqlite:///studies/fronts.db").user_attrs["confirmation"]
+    assert conf["pick"] == frontier.number and conf["rule"] == f"trial {frontier.number}"
+    # a named trial has no rule's promise: the floor is its own claim minus the tolerance
+    assert conf["accuracy_floor_pts"] == pytest.approx(conf["claimed_acc_delta_pts"] - 1.0)
+    assert main(["--study", "fronts", "--trial", "99", "--confirm", "1"]) == 2
+    assert capsys.readouterr().err.startswith("error: --trial 99: study 'fronts' has no such trial")
+
+
+def test_feasibility_and_the_progress_line_use_the_pooled_baseline(study_dir, one_torch_thread):
+    from wus_tune.pareto import Candidate, with_feasibility
+
+    base = [Candidate(0, "COMPLETE", (0.90, 1.0), role="baseline", uses_method=False),
+            Candidate(1, "COMPLETE", (0.96, 1.0), role="baseline", uses_method=False),
+            Candidate(2, "COMPLETE", (0.98, 1.0), role="baseline", uses_method=False)]  # fmt: skip
+    trial = Candidate(3, "COMPLETE", (0.955, 0.5))
+    # against the first baseline (90%) it would be feasible at any delta; the median is 96%
+    assert [c.feasible for c in with_feasibility([*base, trial], ("accuracy", "relative_time"), 0.4)] == [False, True, True, False]
+    assert with_feasibility([*base, trial], ("accuracy", "relative_time"), 0.6)[-1].feasible
+
     lines: list[str] = []
-    outcome = run_study(spec, tracking_uri="none", echo=lines.append, report_dir="report")
-    assert outcome.confirmation is not None and outcome.confirmation.repeats == 1
-    assert json.loads((study_dir / "report" / "confirmation.json").read_text())["pick"] == outcome.selected.number
-    assert any(line.startswith("confirmation of trial") for line in lines)
-    with pytest.raises(Exception, match="confirm"):
-        StudySpec.from_dict({"train": TINY, "confirm": -1}).resolve()
-
-
-# ---- held-out test accuracy: reported, never used ------------------------------------------------------
-
-
-def _image_folder(root, with_test: bool):
-    from sklearn.datasets import load_digits
-    from torchvision.io import write_png
-
-    digits = load_digits()
-    images = (torch.from_numpy(digits.images) * 16).clamp(0, 255).to(torch.uint8)
-    for i, (img, label) in enumerate(zip(images[:600], digits.target[:600])):
-        split = "test" if i % 5 == 0 else "train"
-        if split == "test" and not with_test:
-            continue
-        folder = root / split / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_png(img[None], str(folder / f"{i:04d}.png"))
-    return root
-
-
-def test_test_accuracy_is_reported_and_never_used_to_select(study_dir, one_torch_thread):
-    outcomes = {}
-    for with_test in (True, False):
-        data = _image_folder(study_dir / f"digits-{with_test}", with_test)
-        spec = StudySpec.from_dict({
-            "name": f"heldout-{with_test}", "objectives": "accuracy,cost", "baseline_fractions": [0.5], "n_trials": 4,
-            "train": {**TINY, "data": {"name": "imagefolder", "data_dir": str(data), "val_fraction": 0.2, "augment": False}},
-        })  # fmt: skip
-        lines: list[str] = []
-        outcomes[with_test] = (run_study(spec, tracking_uri="none", echo=lines.append, report_dir=f"r{with_test}"), lines)
-    (held, held_lines), (plain, plain_lines) = outcomes[True], outcomes[False]
-    # identical selection and identical objective values, whether the test split exists or not
-    assert [c.values for c in held.analysis.complete] == [c.values for c in plain.analysis.complete]
-    assert [c.params for c in held.analysis.complete] == [c.params for c in plain.analysis.complete]
-    assert held.selected.number == plain.selected.number
-    assert all(c.attrs["result"]["test_acc"] is not None for c in held.analysis.complete)
-    assert all(c.attrs["result"]["test_acc"] is None for c in plain.analysis.complete)
-    assert any("held-out test" in line and "never used to select" in line for line in held_lines)
-    assert not any("held-out test" in line for line in plain_lines)
-    assert "test_acc" in (study_dir / "rTrue" / "trials.csv").read_text().splitlines()[0]
-
-
-# ---- the tuned-plain yardstick ------------------------------------------------------------------------
-
-
-def test_methods_that_tune_the_optimizer_get_tuned_plain_trials_with_the_same_budget(study_dir, one_torch_thread):
-    from wus_tune.methods import registry
-
-    assert registry()["edge_of_chaos"].tunes_optimizer and not registry()["approx_ops"].tunes_optimizer
-    spec = StudySpec.from_dict({"name": "yardstick", "train": {**TINY, "epochs": 2}, "methods": ["edge_of_chaos", "wus"],
-                                "baseline_fractions": [], "enqueue_wus_default": False, "n_trials": 8,
-                                "sampler_options": {"n_startup_trials": 2}})  # fmt: skip
-    lines: list[str] = []
-    outcome = run_study(spec, tracking_uri="none", echo=lines.append, report_dir="report")
-    trials = outcome.analysis.candidates
-    tuned = [c for c in trials if c.role == "tuned-plain" and c.state == "COMPLETE"]
-    by_method = [c for c in trials if c.attrs.get("method") == "edge_of_chaos"]
-    assert tuned and len(by_method) >= len(tuned) >= len(by_method) - 1  # one per method trial (the last may wait)
-    study = optuna.load_study(study_name="yardstick", storage="sqlite:///studies/yardstick.db")
-    waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
-    assert len(tuned) + len(waiting) == len(by_method)
-    base = TrainConfig.from_dict(spec.train)
-    for c in tuned:
-        assert c.attrs["method"] == "none" and "edge_of_chaos" not in (c.config.get("methods") or {})
-        assert {"optim.lr", "optim.momentum", "optim.batch_size", "optim.weight_decay"} <= set(c.params)
-    assert any(c.config["optim"]["lr"] != base.optim.lr for c in tuned)  # searched, not the base recipe
-    frontier = {c.number for c in outcome.analysis.frontier}
-    assert not frontier & {c.number for c in tuned}  # not part of the fixed baseline frontier
-    assert any(line.startswith("tuned plain (the methods' optimizer knobs, no method)") for line in lines)
-    assert any(line.strip().startswith("edge_of_chaos:") for line in lines)
+    spec = StudySpec.from_dict({"name": "pooled-line", "train": TINY, "baseline_fractions": [0.5], "baseline_repeats": 2,
+                                "enqueue_wus_default": False, "n_trials": 4})  # fmt: skip
+    outcome = run_study(spec, tracking_uri="none", echo=lines.append)
+    roles = [c.role for c in sorted(outcome.analysis.complete, key=lambda c: c.number)]
+    assert roles[:3] == ["baseline", "baseline-frontier", "baseline"]  # the second baseline ends before trial 3 runs
+    pooled = outcome.analysis.baseline.values
+    last = outcome.analysis.by_number(3)
+    line = next(x for x in lines if x.startswith("trial   3 COMPLETE"))
+    assert f"{pooled[1] / last.values[1]:.2f}x {100 * (last.values[0] - pooled[0]):+.2f} pts vs baseline" in line

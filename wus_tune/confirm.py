@@ -2,7 +2,7 @@
 
 ``python -m wus_tune.pareto --study S --confirm K`` (or a spec's ``confirm: K``) trains, in this one
 process, K rounds of three configs with fresh seeds: the full-length baseline, the pick (the study's
-rule, or ``--select``) and the baseline-frontier point whose time is nearest the pick's (a plain run at
+rule, ``--select``, or any completed trial given with ``--trial N``) and the baseline-frontier point whose time is nearest the pick's (a plain run at
 fewer epochs: what simply training less achieves). Each round runs the three interleaved, in an order
 rotated from round to round, so a load on the machine hits the three alike. From the rounds:
 
@@ -14,8 +14,8 @@ rotated from round to round, so a load on the machine hits the three alike. From
 The claim is the study's own: speed-up = baseline time / pick time in the study's time objective,
 accuracy delta = pick - baseline (its pooled median). It is *confirmed* when the median measured
 speed-up is at least ``1 - SPEED_TOLERANCE`` of the claimed one and the mean accuracy difference holds:
-for ``fastest-within:D`` at least ``-D`` points (the rule's promise), otherwise at least the claimed
-delta minus ``ACCURACY_TOLERANCE_PTS``. The result is stored on the Optuna study (user attribute
+for ``fastest-within:D`` at least ``-D`` points (the rule's promise), otherwise (other rules, a trial
+named with ``--trial``) at least the claimed delta minus ``ACCURACY_TOLERANCE_PTS``. The result is stored on the Optuna study (user attribute
 ``confirmation``), logged to MLflow under the study's parent run (metrics ``confirm/*``, one child run per
 training, ``confirmation.json`` / ``confirmation.txt``) and printed.
 """
@@ -143,8 +143,10 @@ def confirm(
     repeats: int = 3,
     fit: Callable[..., TrainResult] | None = None,
     say: Callable[[str], None] | None = print,
+    trial: int | None = None,
 ) -> Confirmation:
-    """Re-run the pick, the baseline and the frontier point ``repeats`` times each (see the module docstring)."""
+    """Re-run the pick, the baseline and the frontier point ``repeats`` times each (see the module docstring).
+    ``trial``: confirm that completed trial instead of the one ``rule`` picks."""
     from wus_tune.config import TrainConfig
 
     if fit is None:
@@ -153,7 +155,7 @@ def confirm(
         raise UsageError(f"--confirm: expected a number of repeats >= 1, got {repeats!r}")
     if analysis.baseline is None:
         raise UsageError(f"study {study_name!r} has no completed baseline trial to confirm against")
-    pick = analysis.select(rule)
+    pick = analysis.select(rule) if trial is None else _completed(analysis, trial, study_name)
     base = analysis.baseline
     front = frontier_point(analysis, pick)
     for c in (pick, base) + ((front,) if front else ()):
@@ -167,7 +169,7 @@ def confirm(
     claimed_speedup = base.values[1] / pick.values[1] if pick.values[1] > 0 else math.inf
     claimed_delta = (pick.values[0] - base.values[0]) * 100
     conf = Confirmation(
-        study=study_name, rule=str(rule), objective=analysis.objectives[1], repeats=repeats, pick=pick.number,
+        study=study_name, rule=str(rule) if trial is None else f"trial {trial}", objective=analysis.objectives[1], repeats=repeats, pick=pick.number,
         baseline=base.number, frontier=front.number if front else None, claimed_speedup=claimed_speedup,
         claimed_acc_delta_pts=claimed_delta,
     )  # fmt: skip
@@ -185,11 +187,22 @@ def confirm(
                 say(f"confirm round {r + 1}/{repeats} {role:<9} trial {run.trial:>3} seed {seed}: "
                     f"val {run.val_acc:.2%}" + ("" if run.test_acc is None else f" test {run.test_acc:.2%}")
                     + f"  {run.time_s:.2f}s" + ("" if run.relative_time is None else f"  {run.relative_time:.3f} baseline runs"))  # fmt: skip
-    _summarise(conf, rule)
+    _summarise(conf, rule if trial is None else None)
     return conf
 
 
-def _summarise(conf: Confirmation, rule: Rule) -> None:
+def _completed(analysis: Analysis, number: int, study_name: str) -> Candidate:
+    try:
+        c = analysis.by_number(number)
+    except KeyError:
+        raise UsageError(f"--trial {number}: study {study_name!r} has no such trial") from None
+    if c.state != "COMPLETE" or c.values is None:
+        raise UsageError(f"--trial {number}: trial {number} is {c.state}, not COMPLETE: nothing to confirm")
+    return c
+
+
+def _summarise(conf: Confirmation, rule: Rule | None) -> None:
+    """``rule``: the rule that picked the trial (its promise sets the accuracy floor); None for a named trial."""
     by = {(run.role, run.round): run for run in conf.runs}
     rounds = range(conf.repeats)
     b = [by[("baseline", r)] for r in rounds]
@@ -209,7 +222,7 @@ def _summarise(conf: Confirmation, rule: Rule) -> None:
             if all(run.test_acc is not None for run in runs):
                 conf.test_acc[role] = spread([run.test_acc for run in runs])
     conf.speed_ok = conf.speedup["median"] >= (1 - SPEED_TOLERANCE) * conf.claimed_speedup
-    if rule.kind == "fastest-within":
+    if rule is not None and rule.kind == "fastest-within":
         conf.accuracy_floor_pts = -rule.value
     else:
         conf.accuracy_floor_pts = conf.claimed_acc_delta_pts - ACCURACY_TOLERANCE_PTS
@@ -226,12 +239,13 @@ def confirm_study(
     say: Callable[[str], None] | None = print,
     tracking_uri: str | None = None,
     report_dir: Any = None,
+    trial: int | None = None,
 ) -> Confirmation:
     """:func:`confirm`, then store the result on the study, log it to MLflow under the study's parent run
     (when it has one and ``tracking_uri`` reaches it) and write it into ``report_dir`` (when given)."""
     from pathlib import Path
 
-    conf = confirm(analysis, study_name=study.study_name, rule=rule, repeats=repeats, fit=fit, say=say)
+    conf = confirm(analysis, study_name=study.study_name, rule=rule, repeats=repeats, fit=fit, say=say, trial=trial)
     study.set_user_attr("confirmation", _jsonable(conf.to_dict()))
     text = conf.summary()
     if report_dir is not None:

@@ -489,9 +489,9 @@ def pooled_baseline(baselines: Sequence[Candidate]) -> Candidate | None:
 
 def with_feasibility(cands: Sequence[Candidate], objectives: Sequence[str], constraint_delta: float) -> list[Candidate]:
     """``cands`` with ``feasible`` = accuracy >= baseline accuracy - ``constraint_delta`` points (the
-    first COMPLETE baseline's; all feasible while there is none)."""
+    median over the COMPLETE baselines, as every comparison uses; all feasible while there is none)."""
     k = list(objectives).index("accuracy")
-    baseline = next((c for c in cands if c.role == "baseline" and c.state == "COMPLETE" and c.values), None)
+    baseline = pooled_baseline([c for c in cands if c.role == "baseline" and c.state == "COMPLETE" and c.values])
     if baseline is None:
         return [replace(c, feasible=True) for c in cands]
     floor = baseline.values[k] - constraint_delta / 100
@@ -627,12 +627,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<study>.db)")
     p.add_argument("--select", help="knee | fastest-within:D (points) | most-accurate-under:S (seconds, FLOPs or N%%); "
                    "default: the study's own rule (the one its best_config.yaml used)")
-    p.add_argument("--trial", type=int, help="export this trial's config instead (any trial with a config, the baseline too)")
+    p.add_argument("--trial", type=int, help="export (--out) or confirm (--confirm) this trial instead of the rule's pick "
+                   "(any trial with a config, the baseline too)")  # fmt: skip
     p.add_argument("--out", help="write the chosen config here (YAML or .json), for wus_tune.train --config")
     p.add_argument("--all", action="store_true", help="list every completed trial, not only the front")
     p.add_argument("--format", choices=("text", "json"), default="text", help="text table (default) or JSON on stdout")
     p.add_argument("--confirm", type=int, metavar="K",
-                   help="re-run the pick, the baseline and the frontier point K times each (fresh seeds, interleaved) "
+                   help="re-run the pick (or --trial), the baseline and the frontier point K times each (fresh seeds, interleaved) "
                         "and say whether the study's claim holds (wus_tune.confirm)")  # fmt: skip
     p.add_argument("--tracking-uri", help="MLflow URI to log a confirmation under the study's parent run "
                    "(default: the study's own, when it holds no password)")  # fmt: skip
@@ -685,7 +686,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.confirm:
             from wus_tune.confirm import confirm_study
 
-            confirm_study(study, analysis, rule=rule, repeats=args.confirm, say=say, tracking_uri=args.tracking_uri)
+            confirm_study(study, analysis, rule=rule, repeats=args.confirm, say=say, tracking_uri=args.tracking_uri,
+                          trial=args.trial)  # fmt: skip
         elif args.format == "text":
             from wus_tune.confirm import stored_summary
 

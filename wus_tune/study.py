@@ -542,15 +542,10 @@ class _TrialPrinter:
         if trial.values is None:
             self.say(f"{head} {a.get('fail_reason') or (a.get('pruned') or {}).get('reason', '')}")
             return
-        if a.get("role") == "baseline":
-            self.baseline = tuple(trial.values)
-        elif self.baseline is None:
-            from wus_tune._study.objective import baseline_accuracy
+        if a.get("role") == "baseline" or self.baseline is None:  # the pooled median, as the report's table
+            from wus_tune._study.objective import baseline_values
 
-            acc = baseline_accuracy(study)
-            if acc is not None:
-                b = next(t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("role") == "baseline" and t.values)
-                self.baseline = tuple(b.values)
+            self.baseline = baseline_values(study)
         acc, cost = trial.values[0], trial.values[1]
         name = self.study_def.objectives[1]
         text = f"{head} acc {acc:.2%}  {name} {cost:.2f}{'s' if name == 'time' else ''}"

@@ -242,7 +242,8 @@ class Objective:
         if role == "baseline":
             base_acc: float | None = accuracy
         else:
-            base_acc = baseline_accuracy(trial.study)
+            pooled = baseline_values(trial.study)
+            base_acc = None if pooled is None else pooled[0]
         if base_acc is None:
             return 0.0
         return (base_acc - self.study.constraint_delta / 100) - accuracy
@@ -282,10 +283,15 @@ def timing_metrics(result: TrainResult) -> dict[str, float]:
     return out
 
 
-def baseline_accuracy(study: optuna.Study) -> float | None:
+def baseline_values(study: optuna.Study) -> tuple[float, ...] | None:
+    """The baseline as every comparison sees it: each objective's median over the COMPLETE baseline
+    trials (``baseline_repeats``; :func:`wus_tune.pareto.pooled_baseline`); None while none has completed."""
+    import statistics
+
     import optuna
 
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.user_attrs.get("role") == "baseline" and t.values:
-            return float(t.values[0])
-    return None
+    done = [t.values for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.user_attrs.get("role") == "baseline" and t.values]  # fmt: skip
+    if not done:
+        return None
+    return tuple(float(statistics.median(v[k] for v in done)) for k in range(len(done[0])))
