@@ -54,6 +54,10 @@ def build(input_shape, num_classes, hidden=16, blocks=2):
     return Net(d_in, num_classes, hidden, blocks)
 
 
+def two_layer(input_shape, num_classes, hidden=32):
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
 def not_a_module(input_shape, num_classes):
     return [nn.Linear(4, 2)]
 
@@ -329,3 +333,22 @@ def test_entry_point_plugins_are_listed_and_used_by_name(package, tmp_path, monk
     result = fit(config)
     assert result.num_params == 6 * 4 + 2 * 4 + 4 * 3 + 3  # Linear(6, 4, bias=False), LayerNorm(4), Linear(4, 3)
     assert result.config["model"]["factory"] is None and result.config["model"]["name"] == "acme-net"
+
+
+def test_a_method_that_needs_a_certain_network_checks_the_users_built_module(package, study_dir):
+    """gauss_newton needs Linear -> ReLU -> Linear: from a built-in model's config that is known when the spec
+    is resolved; a user's factory is judged on the module it builds, with one clear line when it does not fit."""
+    from wus_tune.study import StudySpec
+
+    pkg, _ = package
+    base = spec_for(pkg)["train"] | {"methods": {"gauss_newton": {"damping": 1e-3}}}
+    two_layer = TrainConfig.from_dict({**base, "model": {"factory": f"{pkg}.nets:two_layer", "kwargs": {"hidden": 24}}})
+    result = fit(two_layer)
+    assert result.val_acc is not None and result.train_flops > 0
+    with pytest.raises(ConfigError, match="needs a two-layer ReLU MLP"):
+        fit(TrainConfig.from_dict(base))  # blocks with LayerNorm: refused on the built module
+    spec = spec_for(pkg) | {"methods": ["gauss_newton"]}
+    spec["train"] = {**spec["train"], "model": {"factory": f"{pkg}.nets:two_layer"}}
+    StudySpec.from_dict(spec).resolve()  # a user's factory is not refused from its config
+    with pytest.raises(Exception, match="two-layer mlp"):
+        StudySpec.from_dict(spec | {"train": {**spec["train"], "model": {"name": "mlp", "depth": 3}}}).resolve()

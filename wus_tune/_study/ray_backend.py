@@ -360,7 +360,7 @@ def run(
         return False
 
     signals: list[int] = []
-    with _interrupts(signals):  # a second Ctrl-C while the tasks are cancelled is ignored
+    with w.interrupts(signals, plain=True):  # a second Ctrl-C while the tasks are cancelled is ignored
         try:
             while True:
                 while len(in_flight) < slots and room():
@@ -429,31 +429,6 @@ def run(
         say(f"ray: {result.tasks} tasks, {result.lost_workers} lost workers; per trial Ray added "
             f"{1000 * ordered[len(ordered) // 2]:.0f} ms (median task round trip minus the trial){setup}")  # fmt: skip
     return result.status
-
-
-@contextlib.contextmanager
-def _interrupts(fired: list[int]) -> Any:
-    """SIGINT / SIGTERM raise KeyboardInterrupt once, the signal kept in ``fired`` (Ray's ``wait`` turns
-    any exception raised in a signal handler into a plain KeyboardInterrupt); a second one is ignored
-    while the running tasks are cancelled."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        if not fired:
-            fired.append(signum)
-            raise KeyboardInterrupt
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def _gcs_address(ray: Any) -> str | None:

@@ -241,19 +241,22 @@ class Heartbeat:
 
 
 @contextlib.contextmanager
-def interrupts() -> Iterator[None]:
-    """SIGINT and SIGTERM raise :class:`Interrupted` once; a second signal during the cleanup is ignored."""
+def interrupts(fired: list[int] | None = None, *, plain: bool = False) -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` once, the signal appended to ``fired``; a second signal
+    during the cleanup is ignored. ``plain``: raise a bare KeyboardInterrupt instead (under Ray, whose
+    ``wait`` turns any exception raised in a signal handler into one; ``fired`` then tells which signal)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired = []
+    fired = [] if fired is None else fired
 
     def handler(signum: int, _frame: Any) -> None:
         if fired:
             return
         fired.append(signum)
-        name = signal.Signals(signum).name
-        raise Interrupted(f"interrupted by {name}" + (" (Ctrl-C)" if signum == signal.SIGINT else ""))
+        if plain:
+            raise KeyboardInterrupt
+        raise Interrupted(f"interrupted by {signal_name(signum)}" + (" (Ctrl-C)" if signum == signal.SIGINT else ""))
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -199,7 +199,11 @@ class Method:
 
     @classmethod
     def check_model(cls, model: Any, config: Any) -> str | None:
-        """None when the method can act on ``model`` (a ModelConfig); else a one-line reason."""
+        """None when the method can act on ``model`` (a ModelConfig); else a one-line reason.
+
+        Called when a spec is resolved, before anything is built, so it can judge only what the config
+        says (a built-in model's name and depth); a method that needs the module itself (a user's
+        factory or plug-in model) checks it in ``setup`` and raises a ConfigError there."""
         return None
 
     # ---- run-time hooks (see the module docstring) -------------------------------------------------

@@ -527,7 +527,12 @@ class GaussNewton(Method):
 
     @classmethod
     def check_model(cls, model: Any, config: Any) -> str | None:
-        if model.name != "mlp" or model.depth != 2:
+        from wus_tune.plugins import BUILTIN_MODELS
+
+        # Only a built-in model is known from its config; a user's own network (a factory or a plug-in) may
+        # well be Linear -> ReLU -> Linear, and setup checks the built module (two_layer_parts).
+        builtin = model.factory is None and model.name in BUILTIN_MODELS
+        if builtin and (model.name != "mlp" or model.depth != 2):
             return (f"gauss_newton needs a two-layer mlp (model.name: mlp, model.depth: 2), "
                     f"not {model.name} with depth {model.depth}")
         return None
