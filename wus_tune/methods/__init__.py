@@ -68,6 +68,10 @@ Baseline reuse (classmethods; a study asks them in :mod:`wus_tune._study.reuse`)
                                      (space with its own knobs' ranges fitted to the baseline's probes,
                                      note lines); default unchanged
 
+A trial is predicted only when exactly one of its methods opts in and its config equals the baseline's
+outside that method's section (``RECORDED_KNOBS`` included). The answer must be exact, not an estimate:
+a trial reused on a wrong ``Deviation`` is recorded with the baseline's values, a wrong result.
+
 A config names methods and their keyword arguments (``methods: {approx_ops: {sample_ratio: 0.5}}``);
 ``Method(**params)`` round-trips a tuned config, because ``__init__`` only stores keyword arguments.
 Installed packages add methods through the entry-point group ``wus_tune.methods``
@@ -92,8 +96,8 @@ if TYPE_CHECKING:
     from wus_tune.config import TrainConfig
 
 __all__ = [
-    "Method", "RunInfo", "StepContext", "StepCost", "CheckPlan", "BaselineRecording", "Deviation", "register", "registry", "build_methods",
-    "validate_methods", "ENTRY_POINT_GROUP",
+    "Method", "RunInfo", "StepContext", "StepCost", "CheckPlan", "BaselineRecording", "Deviation", "register",
+    "registry", "build_methods", "validate_methods", "ENTRY_POINT_GROUP",
 ]
 
 
