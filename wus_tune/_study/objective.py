@@ -179,7 +179,7 @@ class Objective:
         return plan
 
     def _reuse(self, trial: optuna.Trial, role: str, run: Any, plan: reuse.Decision, start: float) -> tuple[float, ...]:
-        """A trial that never skips on the baseline's signal: the baseline's values, not trained."""
+        """A trial that never deviates from the baseline's run: the baseline's values, not trained."""
         from types import SimpleNamespace
 
         b = plan.baseline
