@@ -117,7 +117,7 @@ def deviating_method(config: TrainConfig) -> tuple[type[Method] | None, str]:
     other methods need not be predictable: they then differ from the baseline's config (fork_blocker)."""
     predictable = predictable_methods(config)
     if len(predictable) > 1:
-        return None, f"{' and '.join(c.name for c in predictable)} both deviate from the baseline (reuse predicts one method)"
+        return None, f"{' and '.join(sorted(c.name for c in predictable))} both deviate from the baseline (reuse predicts one method)"
     if not predictable:
         return None, "no method of this trial can be predicted from a baseline run"
     return predictable[0], ""
