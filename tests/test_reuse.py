@@ -17,6 +17,7 @@ from wus_tune._study import reuse
 from wus_tune._study.space import SearchSpace
 from wus_tune._study.spec import StudySpec
 from wus_tune.config import TrainConfig, WUSConfig
+from wus_tune.methods.wus import variations
 from wus_tune.run_state import Probes, RunState, snapshot_path
 from wus_tune.study import run_study
 from wus_tune.trainer import fit
@@ -296,8 +297,8 @@ def test_calibrated_thresholds_lie_between_quantiles_of_the_baselines_variation(
     signal = [0.30, 0.55, 0.68, 0.74, 0.78, 0.80, 0.81, 0.815, 0.82, 0.82]
     out, notes = reuse.calibrate_space(space, config(), _probes(signal))
     tau, window, warmup = out["wus.threshold"], out["wus.window"], out["wus.warmup"]
-    seen = reuse.variations(signal, [p["progress"] for p in _probes(signal)], windows=range(1, int(window.high) + 1),
-                            warmup=0, schedule_window=(0.0, 0.95))  # fmt: skip
+    seen = variations(signal, [p["progress"] for p in _probes(signal)], windows=range(1, int(window.high) + 1),
+                      warmup=0, schedule_window=(0.0, 0.95))  # fmt: skip
     assert min(seen) < tau.low < tau.high <= max(seen) + 1e-4 and tau.log
     assert (window.low, window.high) == (1, 3) and (warmup.low, warmup.high) == (0, 2)  # 4 checks before 0.5
     assert len(notes) == 1 and notes[0].startswith("reuse: search space calibrated")

@@ -159,12 +159,15 @@ class Objective:
         return tuple(objective[name] for name in self.study.objectives)
 
     def _plan(self, trial: optuna.Trial, config: TrainConfig, role: str) -> reuse.Decision:
-        """Replay / fork / train for a WUS trial (waiting for a baseline another worker is training)."""
+        """Replay / fork / train for a trial of a method the baseline can predict (waiting for a baseline
+        another worker is training)."""
         spec = self.study.reuse
-        if role == "baseline" or not config.wus.enabled or not (spec.replay or spec.fork):
+        if role == "baseline" or not (spec.replay or spec.fork):
             return reuse.Decision("train")
-        base_config = self.study.base.to_dict() | {"wus": {**self.study.base.to_dict()["wus"], "enabled": False}}
-        blocker = reuse.fork_blocker(config.to_dict(), base_config)
+        if not reuse.predictable_methods(config):
+            return reuse.Decision("train")  # plain, or only methods a baseline cannot predict: nothing to say
+        # the baseline trial's config: whether it could serve this trial is known before waiting for it
+        blocker = reuse.fork_blocker(config.to_dict(), self.reference.to_dict())
         if blocker is None:
             baseline, why = reuse.wait_for_baseline(trial.study, timeout_s=spec.baseline_wait_s,
                                                     while_waiting=self.while_waiting)  # fmt: skip
@@ -176,7 +179,7 @@ class Objective:
         return plan
 
     def _reuse(self, trial: optuna.Trial, role: str, run: Any, plan: reuse.Decision, start: float) -> tuple[float, ...]:
-        """A trial that never skips on the baseline's signal: the baseline's values, not trained."""
+        """A trial that never deviates from the baseline's run: the baseline's values, not trained."""
         from types import SimpleNamespace
 
         b = plan.baseline
@@ -197,7 +200,8 @@ class Objective:
         if baseline is None:
             return self.study.space
         explicit = tuple((self.study.spec.get("search_space") or {}).keys())
-        self._calibrated, notes = reuse.calibrate_space(self.study.space, self.study.base, baseline.probes, explicit=explicit)
+        self._calibrated, notes = reuse.calibrate_space(self.study.space, self.study.base, baseline.probes,
+                                                        explicit=explicit, methods=reuse.study_methods(self.study))  # fmt: skip
         if reuse.CALIBRATED_ATTR not in study.user_attrs:
             study.set_user_attr(reuse.CALIBRATED_ATTR, self._calibrated.to_json())
             for note in notes:
@@ -212,8 +216,8 @@ class Objective:
                 "sample_s": self._sample_s}  # fmt: skip
 
     def _config(self, trial: optuna.Trial) -> tuple[TrainConfig, str, tuple[str, Any]]:
-        """The trial's config, role and variant (the partner method's virtual key and its value, e.g.
-        ``("wus.variant", "wus+lr")``); stores them on the trial."""
+        """The trial's config, role and variant (the partner method's first virtual key and the value the
+        trial ran, :func:`~wus_tune._study.catalog.partner_label`); stores them on the trial."""
         from wus_tune._study.catalog import partner_label
 
         attrs = trial.user_attrs

@@ -1,28 +1,34 @@
 """Studies that learn from their own baseline: replay, fork, and a search space calibrated on its signal.
 
-With the same seed, a WUS trial *is* the baseline until its first skip window starts: same data order,
-same updates, same accuracies (bit for bit on the CPU). The controller's decisions up to then depend
-only on the signal it watches, which the baseline records at every check (:class:`~wus_tune.run_state.Probes`).
-So, before a WUS trial trains:
+With the same seed, a trial of a *predictable* method is the baseline until a point the method can find
+on the baseline's probes: same data order, same updates, same accuracies (bit for bit on the CPU). A
+method opts in through the baseline-reuse hooks of :class:`~wus_tune.methods.Method`
+(``baseline_recording``, ``RECORDED_KNOBS``, ``deviation_checks``, ``replay_baseline``,
+``calibrate_space``); WUS is one (its first skip window, found by replaying its controller on the
+recorded accuracy), and every method without them trains from scratch. The baseline records what the
+study's predictable methods ask for at every probe (:class:`~wus_tune.run_state.Probes`). So, before
+such a trial trains:
 
-* **Replay.** The baseline's signal goes through the real controller with the trial's knobs
-  (:func:`wus_tune.wus.replay`). A trial that would never skip is not trained: it completes with the
-  baseline's values, marked ``reused: baseline`` (Optuna user attribute, MLflow tag), and is never a
-  new point of the front.
-* **Fork.** A trial whose first skip window starts after check ``k`` resumes from the baseline's
-  snapshot at the latest saved check ``j <= k`` (:class:`~wus_tune.run_state.RunState`, files in the
-  study's folder), with the controller's state replayed up to ``j``. Its time objective charges the
-  prefix at the baseline's measured cost (training time, plus the validation passes of the prefix's
-  checks when the trial watches ``val_acc``), so forked and unforked trials compare fairly.
-* **Calibration.** Once the baseline's signal is known, the ranges of the knobs that decide when
-  skipping starts (threshold, window, warm-up) are derived from it (:func:`calibrate_space`); a range
-  the spec gives explicitly is kept, with a one-line warning when it cannot fire on that signal.
+* **Replay.** The method finds, on the baseline's probes, the probe after which the trial first trains
+  differently (:class:`~wus_tune.methods.Deviation`). A trial that never deviates is not trained: it
+  completes with the baseline's values, marked ``reused: baseline`` (Optuna user attribute, MLflow tag),
+  and is never a new point of the front.
+* **Fork.** A trial that first deviates after probe ``k`` resumes from the baseline's snapshot at the
+  latest saved probe ``j <= k`` (:class:`~wus_tune.run_state.RunState`, files in the study's folder),
+  with the method's state as the trial would have it at ``j``. Its time objective charges the prefix at
+  the baseline's measured cost (training time, plus the validation passes of the prefix's probes when
+  the method's own run pays for them, e.g. WUS watching ``val_acc``), so forked and unforked trials
+  compare fairly.
+* **Calibration.** Once the baseline's signal is known, each method may fit the ranges of its own knobs
+  to it (WUS: the threshold, window and warm-up that decide when skipping starts); a range the spec
+  gives explicitly is kept, with a one-line warning when it cannot fire on that signal.
 
-A trial can be replayed or forked only when its config equals the baseline's apart from the WUS knobs
-that do not change what is recorded (``wus.signal`` and ``wus.check_every`` must match, and so must the
-epochs, the schedule, every other section and the plug-in methods); :func:`fork_blocker` says why not.
-The baseline snapshots only checks where some trial of the space could start skipping, at most
-``max_checkpoints`` of them (evenly spread; a trial forks from the latest one before its deviation).
+A trial can be replayed or forked only when exactly one of its methods is predictable and its config
+equals the baseline's outside that method's section, apart from the method's ``RECORDED_KNOBS``, which
+must match too (WUS: its signal and check cadence); so must the epochs, the schedule, every other
+section and every other method. :func:`fork_blocker` says why not. The baseline snapshots only probes
+after which some trial of the space could first deviate, at most ``max_checkpoints`` of them (evenly
+spread; a trial forks from the latest one before its deviation).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ if TYPE_CHECKING:
     import optuna
 
     from wus_tune.config import TrainConfig
+    from wus_tune.methods import BaselineRecording, Deviation, Method
     from wus_tune.run_state import Probes, RunState
 
 # Trial user attributes (Optuna) written here
@@ -49,18 +56,17 @@ SIGNAL_ATTR = "reuse_signal"  # on the baseline: its ProbeRecord dicts
 CHECKPOINTS_ATTR = "reuse_checkpoints"  # on the baseline: {"dir", "points", "bytes"}
 REUSED_ATTR = "reused"  # "baseline" on a trial completed with the baseline's values
 FORKED_ATTR = "forked"  # {"trial", "point", "step", "epoch", "first_skip", "prefix_time_s"}
-NOT_FORKED_ATTR = "reuse_skipped"  # why a WUS trial trained from scratch
+NOT_FORKED_ATTR = "reuse_skipped"  # why a trial of a predictable method trained from scratch
 CALIBRATED_ATTR = "search_space_calibrated"  # on the study: the calibrated space (JSON)
-CALIBRATED_KEYS = ("wus.threshold", "wus.window", "wus.warmup")  # and the schedule-window end
 
 
 @dataclass
 class ReuseSpec:
     """The spec's ``reuse:`` section (every key optional)."""
 
-    replay: bool = True  # a WUS trial that would never skip on the baseline's signal is not trained
-    fork: bool = True  # a WUS trial resumes from the baseline's snapshot at its first skip window
-    calibrate: bool = True  # threshold / window / warm-up ranges from the baseline's signal
+    replay: bool = True  # a trial that never deviates from the baseline's run is not trained
+    fork: bool = True  # a trial resumes from the baseline's snapshot before its first deviation
+    calibrate: bool = True  # the methods' knob ranges fitted to the baseline's signal (WUS: when skipping starts)
     checkpoint_dir: str | None = None  # default: studies/<study>/baseline_checkpoints
     max_checkpoints: int = 8  # snapshots the baseline keeps at most
     keep_checkpoints: bool = True  # false: the snapshots are deleted when the study's run ends
@@ -98,22 +104,47 @@ def remove_checkpoints(spec: ReuseSpec, study_name: str) -> int:
 # ---- which trials can learn from the baseline ------------------------------------------------------
 
 
-def fork_blocker(trial: Mapping[str, Any], baseline: Mapping[str, Any]) -> str | None:
-    """Why a WUS trial's config cannot be replayed on / forked from the baseline's run; None if it can.
+def predictable_methods(config: TrainConfig) -> list[type[Method]]:
+    """The methods on in ``config`` whose deviation from plain training a baseline run can predict (their
+    ``baseline_recording`` is not None)."""
+    from wus_tune.methods import registry
 
-    Both are ``TrainConfig.to_dict()``; the trial must equal the baseline apart from the WUS knobs that
-    do not change the recorded signal."""
-    if not trial.get("wus", {}).get("enabled"):
-        return "no WUS"
-    tw, bw = trial["wus"], baseline["wus"]
-    for key in ("signal", "check_every"):
-        if tw.get(key) != bw.get(key):
-            return f"wus.{key} {tw.get(key)!r} differs from the baseline's {bw.get(key)!r} (its recorded signal)"
-    differs = sorted(k for k in set(trial) | set(baseline) if k not in ("wus", "meta") and trial.get(k) != baseline.get(k))
+    return [cls for cls in registry().values() if cls.enabled(config) and cls.baseline_recording(config) is not None]
+
+
+def deviating_method(config: TrainConfig) -> tuple[type[Method] | None, str]:
+    """The one predictable method of ``config`` (:func:`predictable_methods`), or None and why not. Its
+    other methods need not be predictable: they then differ from the baseline's config (fork_blocker)."""
+    predictable = predictable_methods(config)
+    if len(predictable) > 1:
+        return None, f"{' and '.join(sorted(c.name for c in predictable))} both deviate from the baseline (reuse predicts one method)"
+    if not predictable:
+        return None, "no method of this trial can be predicted from a baseline run"
+    return predictable[0], ""
+
+
+def fork_blocker(trial: Mapping[str, Any], baseline: Mapping[str, Any]) -> str | None:
+    """Why a trial's config cannot be replayed on / forked from the baseline's run; None if it can.
+
+    Both are ``TrainConfig.to_dict()``; the trial must equal the baseline outside its predictable
+    method's section, and in that section in the knobs that change what the baseline records."""
+    from wus_tune.config import TrainConfig
+
+    method, why = deviating_method(TrainConfig.from_dict(dict(trial)))
+    if method is None:
+        return why
+    section = method.config_section()
+    trial_rest, own = _without(trial, section)
+    baseline_rest, recorded = _without(baseline, section)
+    for key in method.RECORDED_KNOBS:
+        if own.get(key) != recorded.get(key):
+            return f"{section}.{key} {own.get(key)!r} differs from the baseline's {recorded.get(key)!r} (its recorded signal)"
+    differs = sorted(k for k in set(trial_rest) | set(baseline_rest)
+                     if k != "meta" and trial_rest.get(k) != baseline_rest.get(k))  # fmt: skip
     if differs:
         detail = []
         for k in differs:
-            a, b = trial.get(k), baseline.get(k)
+            a, b = trial_rest.get(k), baseline_rest.get(k)
             if isinstance(a, Mapping) and isinstance(b, Mapping):
                 detail += [f"{k}.{s}" for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
             else:
@@ -122,37 +153,70 @@ def fork_blocker(trial: Mapping[str, Any], baseline: Mapping[str, Any]) -> str |
     return None
 
 
+def _without(config: Mapping[str, Any], section: str) -> tuple[dict[str, Any], Mapping[str, Any]]:
+    """(``config`` without the dotted ``section``, that section's mapping or {})."""
+    head, _, rest = section.partition(".")
+    out = dict(config)
+    if not rest:
+        return out, out.pop(head, None) or {}
+    out[head], value = _without(out.get(head) or {}, rest)
+    return out, value
+
+
 def signal_of(probes: Sequence[Mapping[str, Any]], signal: str) -> list[float] | None:
+    """The accuracy ``signal`` ("val_acc", else the running training accuracy) at each probe; None when
+    some probe lacks it."""
     values = [p.get("val_acc") if signal == "val_acc" else p.get("train_acc") for p in probes]
     return None if any(v is None for v in values) else [float(v) for v in values]
+
+
+def unlike_recording(probes: Sequence[Mapping[str, Any]], wanted: BaselineRecording, epochs: int) -> str | None:
+    """Why the baseline's probes are not the ones ``wanted`` asks for (another cadence, no validation
+    accuracy); None when they are."""
+    if wanted.val_acc and (not probes or signal_of(probes, "val_acc") is None):
+        return "the baseline recorded no val_acc signal"
+    if not probes:
+        return "the baseline recorded no probes"
+    if wanted.every_steps:
+        same = all(p["step"] == (i + 1) * wanted.every_steps for i, p in enumerate(probes))
+    else:
+        same = len(probes) == epochs and all(p["progress"] == (i + 1) / epochs for i, p in enumerate(probes))
+    if not same:
+        return f"the baseline's probes are not at the trial's checks ({_cadence(wanted.every_steps)})"
+    return None
+
+
+def _cadence(every_steps: int) -> str:
+    return f"every {every_steps} steps" if every_steps else "at each epoch's end"
 
 
 # ---- the baseline's snapshots -------------------------------------------------------------------
 
 
-def candidate_points(space: SearchSpace, base: TrainConfig, progress: Sequence[float]) -> list[int]:
-    """Checks (1-based; ``progress[k - 1]`` is the training fraction at check ``k``) after which some
-    trial of ``space`` could start its first skip window: after the smallest warm-up and the smallest
-    window, inside the widest schedule window."""
+def study_methods(study_def: Any) -> list[type[Method]]:
+    """The method classes a study's trials may run (the parts of its ``methods:`` choices)."""
+    from wus_tune._study.space import method_parts
+    from wus_tune.methods import registry
 
-    def bound(key: str, default: float, high: bool) -> float:
-        if key in space and space[key].type != "categorical":
-            return space[key].high if high else space[key].low
-        return default
-
-    w = base.wus
-    first = int(max(bound("wus.warmup", w.warmup, False) + 1, bound("wus.window", w.window, False) + 1))
-    start = bound("wus.schedule_window[0]", w.schedule_window[0], False)
-    end = bound("wus.schedule_window[1]", w.schedule_window[1], True)
-    return [k for k in range(first, len(progress) + 1) if start <= progress[k - 1] < end]
+    known = registry()
+    names = dict.fromkeys(part for choice in getattr(study_def, "methods", ()) for part in method_parts(choice))
+    return [known[name] for name in names if name in known]
 
 
-def check_progress(config: TrainConfig, steps_per_epoch: int) -> list[float]:
-    """The training fraction at each check, as the trainer passes it to the controller."""
-    every, total = config.wus.check_every, steps_per_epoch * config.epochs
-    if every == 0:
+def candidate_points(space: SearchSpace, base: TrainConfig, progress: Sequence[float],
+                     methods: Sequence[type[Method]]) -> list[int]:  # fmt: skip
+    """Probes (1-based; ``progress[k - 1]`` is the training fraction at probe ``k``) after which some
+    trial of ``space`` running one of ``methods`` could first deviate (each method's ``deviation_checks``)."""
+    return sorted({k for cls in methods for k in cls.deviation_checks(space, base, progress)})
+
+
+def check_progress(config: TrainConfig, steps_per_epoch: int, every_steps: int) -> list[float]:
+    """The training fraction at each probe every ``every_steps`` steps (0: each epoch's end), as the
+    trainer records it."""
+    total = steps_per_epoch * config.epochs
+    if every_steps == 0:
         return [(e + 1) / config.epochs for e in range(config.epochs)]
-    return [k * every / total for k in range(1, total // every + 1)]
+    return [k * every_steps / total for k in range(1, total // every_steps + 1)]
 
 
 def spread(points: Sequence[int], at_most: int) -> list[int]:
@@ -177,19 +241,24 @@ def steps_per_epoch(config: TrainConfig) -> int:
 
 
 def baseline_probes(study_def: Any, base: TrainConfig) -> Probes:
-    """What the baseline records: the signal at every check of the base config's cadence, and the
-    snapshots forks may start from."""
+    """What the baseline records: the probes its study's predictable methods ask for (the first one's
+    cadence; a method asking for another one trains from scratch), and the snapshots forks may start from."""
+    from wus_tune.methods import BaselineRecording
     from wus_tune.run_state import Probes
 
     reuse: ReuseSpec = study_def.reuse
+    asked = [(cls, r) for cls in study_methods(study_def) if (r := cls.baseline_recording(base)) is not None]
+    every = asked[0][1].every_steps if asked else 0
+    served = [(cls, r) for cls, r in asked if r.every_steps == every]
+    wanted = BaselineRecording(every_steps=every, val_acc=any(r.val_acc for _, r in served))
     save: list[int] = []
-    if reuse.fork:
-        try:  # epoch-end checks need no data; per-step ones need the steps per epoch
-            progress = check_progress(base, steps_per_epoch(base) if base.wus.check_every else 1)
+    if reuse.fork and served:
+        try:  # epoch-end probes need no data; per-step ones need the steps per epoch
+            progress = check_progress(base, steps_per_epoch(base) if every else 1, every)
         except Exception:  # a user's own data the registry cannot load here: record the signal, keep no snapshot
             progress = []
-        save = spread(candidate_points(study_def.space, base, progress), reuse.max_checkpoints)
-    return Probes(every=base.wus.check_every, val=base.wus.signal == "val_acc", save_at=tuple(save),
+        save = spread(candidate_points(study_def.space, base, progress, [cls for cls, _ in served]), reuse.max_checkpoints)
+    return Probes(every=wanted.every_steps, val=wanted.val_acc, save_at=tuple(save),
                   save_dir=str(checkpoint_dir(reuse, study_def.name)) if save else None)  # fmt: skip
 
 
@@ -231,16 +300,15 @@ class Baseline:
 class Decision:
     kind: str  # "reuse" (not trained), "fork" (resume from a snapshot), "train" (from scratch)
     reason: str = ""  # why "train" (for the report)
-    first_skip: int | None = None
+    first_skip: int | None = None  # the probe after which the trial first deviates (tag: first_skip_check)
     point: int | None = None  # the snapshot a fork resumes from
-    replay: Any = None  # the wus.Replay
+    replay: Deviation | None = None  # the deviating method's answer on the baseline's probes
     baseline: Baseline | None = None
+    method: type[Method] | None = None  # the deviating method
 
 
 def decide(config: TrainConfig, baseline: Baseline | None, spec: ReuseSpec, *, why_no_baseline: str = "") -> Decision:
-    """Replay the baseline's signal with the trial's knobs; reuse, fork or train."""
-    from wus_tune.wus import replay
-
+    """Ask the trial's deviating method where it leaves the baseline's run; reuse, fork or train."""
     if not (spec.replay or spec.fork):
         return Decision("train", "reuse is off")
     if baseline is None:
@@ -248,22 +316,29 @@ def decide(config: TrainConfig, baseline: Baseline | None, spec: ReuseSpec, *, w
     blocker = fork_blocker(config.to_dict(), baseline.config)
     if blocker is not None:
         return Decision("train", blocker)
-    signal = signal_of(baseline.probes, config.wus.signal)
-    if signal is None or not signal:
-        return Decision("train", f"the baseline recorded no {config.wus.signal} signal")
-    result = replay(signal, config.wus, progress=[p["progress"] for p in baseline.probes], total_checks=len(signal))
-    if result.first_skip is None:
+    method, _ = deviating_method(config)
+    assert method is not None  # fork_blocker found it
+    wanted = method.baseline_recording(config)
+    assert wanted is not None
+    unlike = unlike_recording(baseline.probes, wanted, int(baseline.config["epochs"]))
+    if unlike is not None:
+        return Decision("train", unlike, method=method)
+    result = method.replay_baseline(config, baseline.probes)
+    first = result.check
+    if first is None:
         if spec.replay:
-            return Decision("reuse", replay=result, baseline=baseline)
-        return Decision("train", "replay is off")
+            return Decision("reuse", replay=result, baseline=baseline, method=method)
+        return Decision("train", "replay is off", method=method)
+    if first == 0:
+        return Decision("train", f"{method.name} trains differently from its first step", replay=result, method=method)
     if not spec.fork:
-        return Decision("train", "fork is off", first_skip=result.first_skip, replay=result)
-    point = baseline.snapshot_before(result.first_skip)
+        return Decision("train", "fork is off", first_skip=first, replay=result, method=method)
+    point = baseline.snapshot_before(first)
     if point is None:
         where = baseline.checkpoints.get("dir")
-        return Decision("train", f"no baseline snapshot at or before check {result.first_skip}"
-                        + (f" in {where}" if where else ""), first_skip=result.first_skip, replay=result)  # fmt: skip
-    return Decision("fork", first_skip=result.first_skip, point=point, replay=result, baseline=baseline)
+        return Decision("train", f"no baseline snapshot at or before check {first}" + (f" in {where}" if where else ""),
+                        first_skip=first, replay=result, method=method)  # fmt: skip
+    return Decision("fork", first_skip=first, point=point, replay=result, baseline=baseline, method=method)
 
 
 def plan_tags(plan: Decision) -> dict[str, str]:
@@ -303,22 +378,23 @@ def record_run(trial: optuna.Trial, plan: Decision, result: Any, fit_kwargs: Map
 
 
 def fork_state(decision: Decision, baseline: Baseline, config: TrainConfig) -> RunState:
-    """The baseline's snapshot made into the trial's: the controller's replayed state at the point, its
-    metrics on the prefix's epoch records, and the prefix's checks charged when the trial watches
-    ``val_acc`` (a WUS run evaluates at each check; the baseline's passes were measured, not charged)."""
+    """The baseline's snapshot made into the trial's: the deviating method's state at the point, its
+    metrics on the prefix's epoch records, and the prefix's probes charged when the method's own run
+    pays for their validation passes (the baseline's passes were measured, not charged)."""
     from wus_tune.run_state import RunState, snapshot_path
 
-    point = decision.point
-    assert point is not None
+    point, result, method = decision.point, decision.replay, decision.method
+    assert point is not None and result is not None and method is not None
     state = RunState.load(snapshot_path(baseline.checkpoints["dir"], point))
-    state.method_states["wus"] = decision.replay.states[point - 1]
+    if result.states and result.states[point - 1] is not None:
+        state.method_states[method.name] = result.states[point - 1]
     probes = state.probes[:point]
-    # each finished epoch shows the controller's metrics after its last check, as a live run logs them
-    for record in state.records:
+    # each finished epoch shows the method's metrics after its last probe, as a live run logs them
+    for record in state.records if result.metrics else ():
         at_end = [i for i, p in enumerate(probes) if p["step"] <= record["epoch"] * record["steps"]]
         if at_end:
-            record["extra"] = {**record.get("extra", {}), **decision.replay.metrics[at_end[-1]]}
-    if config.wus.signal == "val_acc":
+            record["extra"] = {**record.get("extra", {}), **result.metrics[at_end[-1]]}
+    if result.charges_probes:
         state.counters["required_eval_time_s"] += sum(p["eval_time_s"] for p in probes)
         state.counters["required_eval_flops"] += sum(p["eval_flops"] for p in probes)
     return state
@@ -374,104 +450,19 @@ def wait_for_baseline(study: optuna.Study, *, timeout_s: float, poll_s: float = 
 # ---- the calibrated space ----------------------------------------------------------------------------
 
 
-def variations(signal: Sequence[float], progress: Sequence[float], *, windows: Sequence[int], warmup: int,
-               schedule_window: tuple[float, float]) -> list[float]:  # fmt: skip
-    """Every variation the plateau test could see before a first skip window: for each window ``W``, the
-    range of the ``W + 1`` accuracies ending at each check that lies after ``warmup`` and inside
-    ``schedule_window``."""
-    out = []
-    for w in windows:
-        for i in range(w, len(signal)):  # check i + 1 (1-based) sees accuracies i - w .. i
-            if i + 1 <= warmup or not schedule_window[0] <= progress[i] < schedule_window[1]:
-                continue
-            window = signal[i - w : i + 1]
-            out.append(max(window) - min(window))
-    return out
+def calibrate_space(space: SearchSpace, base: TrainConfig, probes: Sequence[Mapping[str, Any]], *,
+                    explicit: Sequence[str] = (), methods: Sequence[type[Method]] | None = None,
+                    ) -> tuple[SearchSpace, list[str]]:  # fmt: skip
+    """``space`` with each method's knob ranges fitted to the baseline's probes (``Method.calibrate_space``,
+    for ``methods``, default every registered one), and the one-line notes to print. A key in
+    ``explicit`` (the spec's own ``search_space`` entries) keeps its range."""
+    from wus_tune.methods import registry
 
-
-def _quantile(xs: Sequence[float], q: float) -> float:
-    s = sorted(xs)
-    pos = q * (len(s) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def _int_range(space: SearchSpace, key: str, default: tuple[int, int]) -> tuple[int, int]:
-    if key in space and space[key].type == "int":
-        return int(space[key].low), int(space[key].high)
-    return default
-
-
-def calibrate_space(
-    space: SearchSpace,
-    base: TrainConfig,
-    probes: Sequence[Mapping[str, Any]],
-    *,
-    explicit: Sequence[str] = (),
-    low_q: float = 0.1,
-    high_q: float = 0.9,
-) -> tuple[SearchSpace, list[str]]:
-    """``space`` with the ranges of the knobs that decide when skipping starts derived from the baseline's
-    signal, and the one-line notes to print.
-
-    * schedule-window end: its range is kept unless fewer than 3 checks lie before its low end; then
-      the low end moves to just after the 3rd check (skipping must be able to start somewhere);
-    * with ``m`` checks before that low end: window ``W`` 1 .. min(its high, m - 1) and warm-up
-      0 .. min(its high, m - 2), so every sampled window and warm-up leaves a check where a plateau can
-      start a skip window whatever end is sampled;
-    * threshold ``tau`` (log): from the ``low_q`` to the ``high_q`` quantile of the variations the
-      plateau test could see (every window of the range, every check inside the widest schedule window),
-      nudged up by 1e-4 because the test is strict (``variation < tau``): small thresholds start skipping
-      late or never, large ones early.
-
-    A key in ``explicit`` (the spec's own ``search_space`` entries) keeps its range; when the ranges
-    together cannot fire on this signal, one warning line says so.
-    """
-    signal = signal_of(probes, base.wus.signal)
-    if not signal or "wus.threshold" not in space:
-        return space, []
-    progress = [float(p["progress"]) for p in probes]
-    n = len(signal)
-    params = {p.key: p for p in space.params}
-    mine = {k for k in params if k not in explicit}
-    w = base.wus
-    end_key = "wus.schedule_window[1]"
-    start = params["wus.schedule_window[0]"].low if "wus.schedule_window[0]" in params else w.schedule_window[0]
-    if end_key in params and params[end_key].type == "float":
-        e = params[end_key]
-        if end_key in mine and n >= 4 and sum(p < e.low for p in progress) < 3:
-            low = min(progress[2] + 0.5 / n, float(e.high) - 0.01)
-            params[end_key] = e = replace(e, low=float(f"{max(low, start + 0.01):.4g}"), high=max(float(e.high), low))
-        end_low, end_high = float(e.low), float(e.high)
-    else:
-        end_low = end_high = w.schedule_window[1]
-    m = sum(1 for p in progress if p < end_low)  # a skip window can start at check i only if i >= W + 1 and i > warm-up
-    for key, cap, floor in (("wus.window", m - 1, 1), ("wus.warmup", m - 2, 0)):
-        if key in mine and params[key].type == "int" and m >= 2:
-            p = params[key]
-            params[key] = replace(p, low=floor, high=max(floor, min(int(p.high), cap)))
-    calibrated = SearchSpace(tuple(params.values()))
-    w_lo, w_hi = _int_range(calibrated, "wus.window", (w.window, w.window))
-    warm_lo, _ = _int_range(calibrated, "wus.warmup", (w.warmup, w.warmup))
-    seen = variations(signal, progress, windows=range(w_lo, w_hi + 1), warmup=warm_lo, schedule_window=(start, end_high))
-    tau = params["wus.threshold"]
-    if not seen:
-        return calibrated, [f"warning: the baseline's {n} checks leave no room for a plateau test (window {w_lo}..{w_hi}, "
-                            f"warm-up from {warm_lo}); no WUS trial of this space can skip"]  # fmt: skip
-    eps = 1e-4
-    if "wus.threshold" not in mine or tau.type != "float":
-        if float(tau.high) <= min(seen):
-            return calibrated, [
-                f"warning: search_space.wus.threshold {tau.low:g}..{tau.high:g} cannot fire on the baseline's signal "
-                f"(its smallest variation over windows {w_lo}..{w_hi} is {min(seen):.4g}); those trials equal the "
-                "baseline and are reused, not trained"]  # fmt: skip
-        return calibrated, []
-    low = max(_quantile(seen, low_q), eps) + eps
-    high = max(_quantile(seen, high_q) + eps, low * 2)
-    params["wus.threshold"] = replace(tau, low=float(f"{low:.4g}"), high=float(f"{high:.4g}"))
-    out = SearchSpace(tuple(params.values()))
-    shown = ", ".join(f"{k} {out[k].low:g}..{out[k].high:g}" for k in (*CALIBRATED_KEYS, end_key) if k in mine and k in out)
-    return out, [f"reuse: search space calibrated on the baseline's {w.signal} ({n} checks): {shown}"]
+    notes: list[str] = []
+    for cls in registry().values() if methods is None else methods:
+        space, more = cls.calibrate_space(space, base, probes, explicit=explicit)
+        notes += more
+    return space, notes
 
 
 def snapshot_bytes(directory: str | Path, points: Sequence[int]) -> int:

@@ -48,6 +48,30 @@ Run-time hooks (each optional), in the order :func:`wus_tune.fit` calls them::
         metrics = method.end_epoch(model, run)      # logged with the method's prefix: "lp_sphere/sparsity"
     state = method.state_dict()                     # at a snapshot (fit's probes); load_state_dict(state) on resume
 
+Baseline reuse (classmethods; a study asks them in :mod:`wus_tune._study.reuse`). A method whose trial
+*is* plain training up to a point it can compute from a plain run's probes opts in by overriding
+``baseline_recording``; with the defaults its trials train from scratch::
+
+    config_section()                 dotted key of its settings ("methods.<name>"; WUS: "wus")
+    RECORDED_KNOBS                   its knobs that change what the baseline records; a trial must share the
+                                     baseline's values (WUS: signal, check_every)
+    baseline_recording(config)       BaselineRecording(every_steps, val_acc): the probes a baseline of this
+                                     config must record; None (default): not predictable from a baseline
+    deviation_checks(space, base, progress)
+                                     the probes after which some trial of the space could first deviate
+                                     (the baseline snapshots only these); default none
+    replay_baseline(config, probes)  Deviation(check, states, metrics, charges_probes): the probe after
+                                     which the trial first trains differently (None: never, it is the
+                                     baseline) and what a fork from an earlier probe loads; default: it
+                                     deviates from the first step
+    calibrate_space(space, base, probes, explicit)
+                                     (space with its own knobs' ranges fitted to the baseline's probes,
+                                     note lines); default unchanged
+
+A trial is predicted only when exactly one of its methods opts in and its config equals the baseline's
+outside that method's section (``RECORDED_KNOBS`` included). The answer must be exact, not an estimate:
+a trial reused on a wrong ``Deviation`` is recorded with the baseline's values, a wrong result.
+
 A config names methods and their keyword arguments (``methods: {approx_ops: {sample_ratio: 0.5}}``);
 ``Method(**params)`` round-trips a tuned config, because ``__init__`` only stores keyword arguments.
 Installed packages add methods through the entry-point group ``wus_tune.methods``
@@ -59,7 +83,7 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, ContextManager
 
@@ -68,11 +92,12 @@ from wus_tune.errors import ConfigError, one_line
 if TYPE_CHECKING:
     import torch
 
+    from wus_tune._study.space import SearchSpace
     from wus_tune.config import TrainConfig
 
 __all__ = [
-    "Method", "RunInfo", "StepContext", "StepCost", "CheckPlan", "register", "registry", "build_methods",
-    "validate_methods", "ENTRY_POINT_GROUP",
+    "Method", "RunInfo", "StepContext", "StepCost", "CheckPlan", "BaselineRecording", "Deviation", "register",
+    "registry", "build_methods", "validate_methods", "ENTRY_POINT_GROUP",
 ]
 
 
@@ -131,6 +156,34 @@ class CheckPlan:
     signal: str
 
 
+@dataclass(frozen=True)
+class BaselineRecording:
+    """What a plain baseline run must record for a method's trials to be predicted from it: a probe
+    (:class:`wus_tune.run_state.Probes`) every ``every_steps`` optimizer steps (0: at each epoch's end),
+    with a validation pass at each probe when ``val_acc``."""
+
+    every_steps: int
+    val_acc: bool
+
+
+@dataclass
+class Deviation:
+    """Where a trial first trains differently from the baseline, found on the baseline's probes, and what
+    a run forked from the baseline's snapshot at probe ``j <= check`` takes over.
+
+    ``check`` is the 1-based probe after which the trial leaves plain training (0: from its first step;
+    None: never, the trial *is* the baseline). ``states[j - 1]`` is the method's ``state_dict()`` after
+    probe ``j`` as the trial would have it (loaded on a fork; empty: the method keeps no state);
+    ``metrics[j - 1]`` its ``end_epoch`` metrics then (shown on the fork's prefix epochs; empty: none).
+    ``charges_probes``: the trial's own run pays a validation pass at each probe (a ``val_acc`` CheckPlan),
+    so a fork is charged the prefix's passes, which the baseline measured but did not pay."""
+
+    check: int | None
+    states: Sequence[dict[str, Any] | None] = ()
+    metrics: Sequence[dict[str, float]] = ()
+    charges_probes: bool = False
+
+
 class Method:
     """Base class: override the hooks you need. ``name`` is the registry key and the metric prefix.
 
@@ -185,7 +238,7 @@ class Method:
         """Dotted-key overrides of each default trial: the searched ``methods.<name>.*`` knobs at the
         constructor's defaults, overlaid by :attr:`DEFAULT_TRIAL`."""
         signature = inspect.signature(cls.__init__).parameters
-        prefix = f"methods.{cls.name}."
+        prefix = f"{cls.config_section()}."
         knobs = [key[len(prefix):] for key in cls.SEARCH_SPACE if key.startswith(prefix)]
         trial = {f"{prefix}{k}": signature[k].default for k in knobs
                  if k in signature and signature[k].default is not inspect.Parameter.empty}
@@ -205,6 +258,44 @@ class Method:
         says (a built-in model's name and depth); a method that needs the module itself (a user's
         factory or plug-in model) checks it in ``setup`` and raises a ConfigError there."""
         return None
+
+    # ---- baseline reuse (classmethods; see the module docstring) --------------------------------------
+
+    # Its own knobs (under config_section()) that change what the baseline records: a trial whose value
+    # differs from the baseline's cannot be predicted from it.
+    RECORDED_KNOBS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def config_section(cls) -> str:
+        """The dotted TrainConfig key holding this method's settings."""
+        return f"methods.{cls.name}"
+
+    @classmethod
+    def baseline_recording(cls, config: TrainConfig) -> BaselineRecording | None:
+        """The probes a plain run of ``config`` must record to predict this method's trials from it; None:
+        they cannot be predicted (they train from scratch)."""
+        return None
+
+    @classmethod
+    def deviation_checks(cls, space: SearchSpace, base: TrainConfig, progress: Sequence[float]) -> list[int]:
+        """The probes (1-based; ``progress[k - 1]`` is the training fraction at probe ``k``) after which
+        some trial of ``space`` on ``base`` could first deviate from plain training: the baseline keeps a
+        snapshot only there."""
+        return []
+
+    @classmethod
+    def replay_baseline(cls, config: TrainConfig, probes: Sequence[Mapping[str, Any]]) -> Deviation:
+        """Where a trial of ``config`` first deviates from the baseline whose probes (ProbeRecord dicts,
+        as :meth:`baseline_recording` asked) are given. Called only when :meth:`baseline_recording` is
+        not None and the trial equals the baseline outside this method's section."""
+        return Deviation(check=0)
+
+    @classmethod
+    def calibrate_space(cls, space: SearchSpace, base: TrainConfig, probes: Sequence[Mapping[str, Any]], *,
+                        explicit: Sequence[str] = ()) -> tuple[SearchSpace, list[str]]:  # fmt: skip
+        """``space`` with this method's knob ranges fitted to the baseline's probes, and the one-line notes
+        to print; a key in ``explicit`` (the spec's own ``search_space:`` entries) keeps its range."""
+        return space, []
 
     # ---- run-time hooks (see the module docstring) -------------------------------------------------
 

@@ -13,23 +13,37 @@ above the frozen prefix on the prefix's features, computed once per window
 
 Its configuration is the ``wus:`` section of a TrainConfig (:class:`~wus_tune.config.WUSConfig`), not a
 ``methods:`` entry; the study's virtual key ``wus.variant`` (``none``/``wus``/``wus+lr``) is expanded here.
+
+Baseline reuse: until its first skip window a WUS trial *is* the plain run, and the controller's decisions
+up to then depend only on the accuracy it watches. So a plain baseline that records that signal at every
+check (``baseline_recording``) predicts the trial: :func:`wus_tune.wus.replay` runs the real controller on
+it (``replay_baseline``), the first skip window can start only after the smallest warm-up and window,
+inside the widest schedule window (``deviation_checks``), and the ranges of the knobs that decide when
+skipping starts are fitted to the signal (:func:`calibrate_space`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from wus_tune.errors import ConfigError
-from wus_tune.methods import CheckPlan, Method, RunInfo, StepContext, StepCost, register
+from wus_tune.methods import BaselineRecording, CheckPlan, Deviation, Method, RunInfo, StepContext, StepCost, register
+
+if TYPE_CHECKING:
+    from wus_tune._study.space import SearchSpace
+    from wus_tune.config import TrainConfig
 
 VARIANT_KEY = "wus.variant"
 VARIANTS = ("none", "wus", "wus+lr")
 _WUS_ON = {VARIANT_KEY: ["wus", "wus+lr"]}
 _WUS_LR = {VARIANT_KEY: ["wus+lr"]}
+CALIBRATED_KEYS = ("wus.threshold", "wus.window", "wus.warmup")  # and the schedule-window end
 
 
 def variant_overrides(variant: str) -> dict[str, Any]:
@@ -107,6 +121,51 @@ class WUS(Method):
     def expand_virtual(cls, values: dict[str, Any]) -> dict[str, Any]:
         variant = values.pop(VARIANT_KEY, None)
         return {} if variant is None else variant_overrides(variant)
+
+    # ---- baseline reuse ----------------------------------------------------------------------------
+
+    RECORDED_KNOBS = ("signal", "check_every")
+
+    @classmethod
+    def config_section(cls) -> str:
+        return "wus"
+
+    @classmethod
+    def baseline_recording(cls, config: TrainConfig) -> BaselineRecording:
+        return BaselineRecording(every_steps=config.wus.check_every, val_acc=config.wus.signal == "val_acc")
+
+    @classmethod
+    def deviation_checks(cls, space: SearchSpace, base: TrainConfig, progress: Sequence[float]) -> list[int]:
+        """After the smallest warm-up and the smallest window, inside the widest schedule window."""
+
+        def bound(key: str, default: float, high: bool) -> float:
+            if key in space and space[key].type != "categorical":
+                return space[key].high if high else space[key].low
+            return default
+
+        w = base.wus
+        first = int(max(bound("wus.warmup", w.warmup, False) + 1, bound("wus.window", w.window, False) + 1))
+        start = bound("wus.schedule_window[0]", w.schedule_window[0], False)
+        end = bound("wus.schedule_window[1]", w.schedule_window[1], True)
+        return [k for k in range(first, len(progress) + 1) if start <= progress[k - 1] < end]
+
+    @classmethod
+    def replay_baseline(cls, config: TrainConfig, probes: Sequence[Mapping[str, Any]]) -> Deviation:
+        """The real controller with the trial's knobs on the baseline's signal (:func:`wus_tune.wus.replay`);
+        on ``val_acc`` the trial's own checks are validation passes it pays for."""
+        from wus_tune.wus import replay
+
+        signal = _signal(probes, config.wus.signal)
+        if signal is None:  # the study checks the probes against baseline_recording first
+            raise ValueError(f"the probes lack the {config.wus.signal} signal WUS watches")
+        result = replay(signal, config.wus, progress=[p["progress"] for p in probes], total_checks=len(signal))
+        return Deviation(check=result.first_skip, states=result.states, metrics=result.metrics,
+                         charges_probes=config.wus.signal == "val_acc")  # fmt: skip
+
+    @classmethod
+    def calibrate_space(cls, space: SearchSpace, base: TrainConfig, probes: Sequence[Mapping[str, Any]], *,
+                        explicit: Sequence[str] = ()) -> tuple[SearchSpace, list[str]]:  # fmt: skip
+        return calibrate_space(space, base, probes, explicit=explicit)
 
     # ---- run-time hooks --------------------------------------------------------------------------
 
@@ -212,3 +271,114 @@ class WUS(Method):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.controller.load_state_dict(state)
+
+
+# ---- the search space calibrated on a baseline's signal ------------------------------------------------
+
+
+def _signal(probes: Sequence[Mapping[str, Any]], signal: str) -> list[float] | None:
+    """The accuracy the controller watches at each probe; None when some probe lacks it."""
+    values = [p.get("val_acc") if signal == "val_acc" else p.get("train_acc") for p in probes]
+    return None if any(v is None for v in values) else [float(v) for v in values]
+
+
+def variations(signal: Sequence[float], progress: Sequence[float], *, windows: Sequence[int], warmup: int,
+               schedule_window: tuple[float, float]) -> list[float]:  # fmt: skip
+    """Every variation the plateau test could see before a first skip window: for each window ``W``, the
+    range of the ``W + 1`` accuracies ending at each check that lies after ``warmup`` and inside
+    ``schedule_window``."""
+    out = []
+    for w in windows:
+        for i in range(w, len(signal)):  # check i + 1 (1-based) sees accuracies i - w .. i
+            if i + 1 <= warmup or not schedule_window[0] <= progress[i] < schedule_window[1]:
+                continue
+            window = signal[i - w : i + 1]
+            out.append(max(window) - min(window))
+    return out
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _int_range(space: SearchSpace, key: str, default: tuple[int, int]) -> tuple[int, int]:
+    if key in space and space[key].type == "int":
+        return int(space[key].low), int(space[key].high)
+    return default
+
+
+def calibrate_space(
+    space: SearchSpace,
+    base: TrainConfig,
+    probes: Sequence[Mapping[str, Any]],
+    *,
+    explicit: Sequence[str] = (),
+    low_q: float = 0.1,
+    high_q: float = 0.9,
+) -> tuple[SearchSpace, list[str]]:
+    """``space`` with the ranges of the knobs that decide when skipping starts derived from the baseline's
+    signal, and the one-line notes to print.
+
+    * schedule-window end: its range is kept unless fewer than 3 checks lie before its low end; then
+      the low end moves to just after the 3rd check (skipping must be able to start somewhere);
+    * with ``m`` checks before that low end: window ``W`` 1 .. min(its high, m - 1) and warm-up
+      0 .. min(its high, m - 2), so every sampled window and warm-up leaves a check where a plateau can
+      start a skip window whatever end is sampled;
+    * threshold ``tau`` (log): from the ``low_q`` to the ``high_q`` quantile of the variations the
+      plateau test could see (every window of the range, every check inside the widest schedule window),
+      nudged up by 1e-4 because the test is strict (``variation < tau``): small thresholds start skipping
+      late or never, large ones early.
+
+    A key in ``explicit`` (the spec's own ``search_space`` entries) keeps its range; when the ranges
+    together cannot fire on this signal, one warning line says so.
+    """
+    from wus_tune._study.space import SearchSpace
+
+    signal = _signal(probes, base.wus.signal)
+    if not signal or "wus.threshold" not in space:
+        return space, []
+    progress = [float(p["progress"]) for p in probes]
+    n = len(signal)
+    params = {p.key: p for p in space.params}
+    mine = {k for k in params if k not in explicit}
+    w = base.wus
+    end_key = "wus.schedule_window[1]"
+    start = params["wus.schedule_window[0]"].low if "wus.schedule_window[0]" in params else w.schedule_window[0]
+    if end_key in params and params[end_key].type == "float":
+        e = params[end_key]
+        if end_key in mine and n >= 4 and sum(p < e.low for p in progress) < 3:
+            low = min(progress[2] + 0.5 / n, float(e.high) - 0.01)
+            params[end_key] = e = replace(e, low=float(f"{max(low, start + 0.01):.4g}"), high=max(float(e.high), low))
+        end_low, end_high = float(e.low), float(e.high)
+    else:
+        end_low = end_high = w.schedule_window[1]
+    m = sum(1 for p in progress if p < end_low)  # a skip window can start at check i only if i >= W + 1 and i > warm-up
+    for key, cap, floor in (("wus.window", m - 1, 1), ("wus.warmup", m - 2, 0)):
+        if key in mine and params[key].type == "int" and m >= 2:
+            p = params[key]
+            params[key] = replace(p, low=floor, high=max(floor, min(int(p.high), cap)))
+    calibrated = SearchSpace(tuple(params.values()))
+    w_lo, w_hi = _int_range(calibrated, "wus.window", (w.window, w.window))
+    warm_lo, _ = _int_range(calibrated, "wus.warmup", (w.warmup, w.warmup))
+    seen = variations(signal, progress, windows=range(w_lo, w_hi + 1), warmup=warm_lo, schedule_window=(start, end_high))
+    tau = params["wus.threshold"]
+    if not seen:
+        return calibrated, [f"warning: the baseline's {n} checks leave no room for a plateau test (window {w_lo}..{w_hi}, "
+                            f"warm-up from {warm_lo}); no WUS trial of this space can skip"]  # fmt: skip
+    eps = 1e-4
+    if "wus.threshold" not in mine or tau.type != "float":
+        if float(tau.high) <= min(seen):
+            return calibrated, [
+                f"warning: search_space.wus.threshold {tau.low:g}..{tau.high:g} cannot fire on the baseline's signal "
+                f"(its smallest variation over windows {w_lo}..{w_hi} is {min(seen):.4g}); those trials equal the "
+                "baseline and are reused, not trained"]  # fmt: skip
+        return calibrated, []
+    low = max(_quantile(seen, low_q), eps) + eps
+    high = max(_quantile(seen, high_q) + eps, low * 2)
+    params["wus.threshold"] = replace(tau, low=float(f"{low:.4g}"), high=float(f"{high:.4g}"))
+    out = SearchSpace(tuple(params.values()))
+    shown = ", ".join(f"{k} {out[k].low:g}..{out[k].high:g}" for k in (*CALIBRATED_KEYS, end_key) if k in mine and k in out)
+    return out, [f"reuse: search space calibrated on the baseline's {w.signal} ({n} checks): {shown}"]
