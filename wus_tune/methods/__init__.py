@@ -381,19 +381,22 @@ def validate_methods(spec: dict[str, dict[str, Any]]) -> None:
 def build_methods(spec: Any) -> list[Method]:
     """The methods a config runs, in order. ``spec`` is a TrainConfig (WUS included when on) or a config's
     ``methods`` mapping; bad names or arguments raise ConfigError."""
+    known = registry()
+    # a method with a section of its own (WUS: "wus") is switched on there, not under methods:
+    own_section = {name: cls for name, cls in known.items() if cls.config_section() != f"methods.{name}"}
     if not isinstance(spec, dict):
         config = spec
-        return [cls.from_config(config) for cls in registry().values() if cls.name == "wus" and cls.enabled(config)] + \
-            build_methods(config.methods)
+        return [cls.from_config(config) for cls in own_section.values() if cls.enabled(config)] + build_methods(config.methods)
     if not spec:
         return []
-    known = registry()
     methods = []
     for name, params in spec.items():
-        if name == "wus":
-            raise ConfigError("methods.wus: WUS is configured in its own section (wus: {enabled: true, ...})")
+        if name in own_section:
+            section = own_section[name].config_section()
+            raise ConfigError(f"methods.{name}: {name} is configured in its own section ({section}: {{enabled: true, ...}})")
         if name not in known:
-            raise ConfigError(f"methods.{name}: unknown method; choose from {', '.join(sorted(set(known) - {'wus'})) or 'none'}")
+            listed = ", ".join(sorted(set(known) - set(own_section))) or "none"
+            raise ConfigError(f"methods.{name}: unknown method; choose from {listed}")
         methods.append(_construct(known[name], params or {}))
     return methods
 
