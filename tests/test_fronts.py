@@ -205,7 +205,9 @@ def test_confirm_reruns_interleaved_and_logs_under_the_parent_run(digits_study, 
     from wus_tune.pareto import main
 
     outcome = digits_study
-    assert main(["--study", "fronts", "--confirm", "2"]) == 0
+    # a method trial (the rule may pick a frontier trial, which has no frontier runs of its own)
+    wus = next(c for c in outcome.analysis.complete if c.uses_method)
+    assert main(["--study", "fronts", "--confirm", "2", "--trial", str(wus.number)]) == 0
     out = capsys.readouterr().out
     assert "confirmation of trial" in out and ("\n  confirmed:" in out or "\n  not confirmed:" in out)
     rounds = [line for line in out.splitlines() if line.startswith("confirm round")]
@@ -213,7 +215,7 @@ def test_confirm_reruns_interleaved_and_logs_under_the_parent_run(digits_study, 
     assert [line.split()[3] for line in rounds[:3]] != [line.split()[3] for line in rounds[3:]]  # order rotated
     study = optuna.load_study(study_name="fronts", storage="sqlite:///studies/fronts.db")
     conf = study.user_attrs["confirmation"]
-    assert conf["repeats"] == 2 and conf["pick"] == outcome.selected.number and len(conf["runs"]) == 6
+    assert conf["repeats"] == 2 and conf["pick"] == wus.number and len(conf["runs"]) == 6
     assert {r["seed"] for r in conf["runs"]} == {1000, 1001}
     assert conf["verdict"] in ("confirmed", "not confirmed")
     assert conf["confirmed"] == (conf["speed_ok"] and conf["accuracy_ok"])
@@ -245,6 +247,8 @@ def test_confirm_a_named_trial(digits_study, capsys):
     assert len(picks) == 1 and f"trial {frontier.number:>3}" in picks[0]
     conf = optuna.load_study(study_name="fronts", storage="sqlite:///studies/fronts.db").user_attrs["confirmation"]
     assert conf["pick"] == frontier.number and conf["rule"] == f"trial {frontier.number}"
+    # a frontier trial is its own yardstick: baseline and pick only, nothing trained twice per round
+    assert conf["frontier"] is None and sorted(r["role"] for r in conf["runs"]) == ["baseline", "pick"]
     # a named trial has no rule's promise: the floor is its own claim minus the tolerance
     assert conf["accuracy_floor_pts"] == pytest.approx(conf["claimed_acc_delta_pts"] - 1.0)
     assert main(["--study", "fronts", "--trial", "99", "--confirm", "1"]) == 2

@@ -128,9 +128,10 @@ class Confirmation:
 
 
 def frontier_point(analysis: Analysis, pick: Candidate) -> Candidate | None:
-    """The plain frontier trial (not a full-length baseline) whose time is nearest the pick's (in log ratio)."""
+    """The plain frontier trial (not a full-length baseline) whose time is nearest the pick's (in log ratio);
+    None when the pick is a plain frontier trial itself (it is its own yardstick: no runs twice over)."""
     points = [c for c in analysis.frontier if c.role != "baseline" and c.values[1] > 0]
-    if not points or not pick.values[1] > 0:
+    if any(c.number == pick.number for c in analysis.frontier) or not points or not pick.values[1] > 0:
         return None
     return min(points, key=lambda c: (abs(math.log(c.values[1] / pick.values[1])), c.number))
 
