@@ -236,6 +236,15 @@ def test_python_api_takes_the_objects_themselves(study_dir):
     with pytest.raises(ConfigError, match="was given as a Python object"):
         fit(best)  # without the objects the config says what is missing
 
+    from wus_tune.production import train_production
+
+    # production training of that config takes the same objects, and logs the model (its input example
+    # comes from the data given, not from the config's "<python>:tuple")
+    prod = train_production(best, model=small_net, data=(x, y), epochs=1, out_dir="production",
+                            tracking_uri="sqlite:///mlruns/mlflow.db", progress=False)  # fmt: skip
+    assert prod.result.num_params == result.num_params and prod.model_uri
+    assert (study_dir / "production" / "model.pt").is_file()
+
     module = small_net((5,), 2)
     before = [p.clone() for p in module.parameters()]
     trained = fit(TrainConfig.from_dict({"epochs": 1, "device": "cpu"}), model=module, data=(x, y))

@@ -110,10 +110,14 @@ def train_production(
     register_as: str | None = None,
     alias: str | None = None,
     progress: bool = True,
+    model: Any = None,
+    data: Any = None,
 ) -> ProductionRun:
     """Train ``config`` (anything :func:`load_config` takes) and keep the result.
 
     ``epochs``/``overrides`` adjust the config (e.g. the full data set: ``{"data.subset": None}``).
+    ``model``/``data``: the objects a study was given in Python (its config then records
+    ``"<python>:<name>"``), handed to :func:`wus_tune.fit` as they were to the study.
     ``tracking_uri="none"`` keeps MLflow out; otherwise the run goes to ``experiment`` with params,
     per-epoch metrics, final metrics and artifacts. ``register_as`` (with optional ``alias``) registers
     the logged model.
@@ -159,7 +163,7 @@ def train_production(
         run = start_run(client, experiment_id, run_name=run_name or f"{cfg.model.name}-{cfg.data.name}",
                         params=params, tags=tags)  # fmt: skip
     try:
-        result = fit(cfg, on_epoch=run.log_epoch if run else None, progress=progress)
+        result = fit(cfg, on_epoch=run.log_epoch if run else None, progress=progress, model=model, data=data)
     except BaseException as e:
         if run is not None:
             run.fail(e)
@@ -171,12 +175,14 @@ def train_production(
         prod.run_id = run.run_id
         client.log_artifacts(run.run_id, str(out))
         if log_model or register_as:
-            prod.model_uri, prod.model_version = _log_model(client, tracking_uri, run.run_id, result, register_as, alias)
+            prod.model_uri, prod.model_version = _log_model(client, tracking_uri, run.run_id, result, register_as, alias,
+                                                            data=data)  # fmt: skip
         run.finish(result, {"accuracy": result.val_acc, "time": result.time_s, "cost": result.cost_flops})
     return prod
 
 
-def _log_model(client: Any, tracking_uri: str, run_id: str, result: TrainResult, register_as: str | None, alias: str | None) -> tuple[str, str | None]:
+def _log_model(client: Any, tracking_uri: str, run_id: str, result: TrainResult, register_as: str | None,
+               alias: str | None, *, data: Any = None) -> tuple[str, str | None]:  # fmt: skip
     """``mlflow.pytorch.log_model`` (pt2 format) inside the run; register and alias it if asked."""
     import mlflow
     import mlflow.pytorch
@@ -186,7 +192,7 @@ def _log_model(client: Any, tracking_uri: str, run_id: str, result: TrainResult,
     from wus_tune.config import TrainConfig
 
     cfg = TrainConfig.from_dict(result.config)
-    shape = load_dataset(cfg.data).input_shape
+    shape = load_dataset(cfg.data, data=data).input_shape  # the data the run was given, not reloaded from the config
     model = result.model.cpu().eval()
     example = torch.zeros((2, *shape), dtype=torch.float32)  # batch 2: a batch of 1 would be specialised
     previous = mlflow.get_tracking_uri()
