@@ -116,12 +116,22 @@ def config_for(method: str) -> TrainConfig:
 
 
 def reason_not_applicable(method: str, build, config: TrainConfig) -> str | None:
-    """The method's own check, on the config that records the user's factory (what the study asks)."""
+    """The method's own checks, as the study asks them: on the config that records the user's factory,
+    then on the network it builds."""
     from wus_tune.plugins import record_sources
 
     config = record_sources(config, model=build)
-    check = getattr(registry().get(method), "check_model", None)
-    return check(config.model, config) if check is not None else None
+    cls = registry()[method]
+    return cls.check_model(config.model, config) or cls.check_module(_built(build), config)
+
+
+def _built(build):
+    """The user's network for the check (input shape of the data it is paired with in MODELS)."""
+    for b, data in MODELS.values():
+        if b is build:
+            x, _ = data()
+            return b(tuple(x.shape[1:]), 2)
+    raise KeyError(build)
 
 
 @pytest.mark.parametrize("method", method_names())

@@ -412,8 +412,9 @@ def _launch(study: optuna.Study, spec: StudySpec, study_def: Study, slots: Seque
 
 def _preflight(study_def: Study, *, model: Any = None, data: Any = None) -> str:
     """Check the device, load the data once (decoded and cached for the trials) and build the model once:
-    a bad factory or bad data is one line before any trial (methods that cannot apply to the model were
-    refused when the spec was resolved: ``check_model``). Returns the device."""
+    a bad factory, bad data or a compared method that cannot act on the built model (``check_module``) is
+    one line before any trial. Returns the device."""
+    from wus_tune._study.catalog import check_method_module
     from wus_tune.plugins import prepare
     from wus_tune.trainer import resolve_device
 
@@ -424,6 +425,7 @@ def _preflight(study_def: Study, *, model: Any = None, data: Any = None) -> str:
         hint = "" if ("--dataset digits" in str(e) or study_def.base.data.factory or data is not None) else (
             "; point --data-dir at the data, or use --dataset digits")  # fmt: skip
         raise DataError(f"{e}{hint}") from None
+    check_method_module(study_def.methods, study_def.base, net)
     del net
     return str(device)
 

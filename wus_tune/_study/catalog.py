@@ -140,6 +140,16 @@ def check_method_model(methods: Sequence[str], base: TrainConfig) -> None:
                 raise UsageError(f"methods: {reason}")
 
 
+def check_method_module(methods: Sequence[str], base: TrainConfig, module: Any) -> None:
+    """Each compared method's check of the built network (``check_module``): a user's model that a
+    method cannot act on is one line before any trial."""
+    known = methods_registry()
+    for name in dict.fromkeys(part for m in methods for part in method_parts(m)):
+        reason = known[name].check_module(module, base)
+        if reason:
+            raise UsageError(f"methods: {reason}")
+
+
 def method_space(
     methods: Sequence[str], params: Mapping[str, Param], *, defaults: bool, effective_ratio: bool
 ) -> dict[str, Param]:

@@ -20,6 +20,7 @@ Study data (classmethods and class attributes)::
     default_trials()          [dotted-key overrides of each default trial]
     expand_virtual(values)    pops its virtual keys (WUS: wus.variant) and returns the overrides they imply
     check_model(model, cfg)   None, or a one-line reason why it cannot act on this ModelConfig
+    check_module(net, cfg)    the same for the built nn.Module (asked once before a study's first trial)
 
 Run-time hooks (each optional), in the order :func:`wus_tune.fit` calls them::
 
@@ -255,8 +256,14 @@ class Method:
         """None when the method can act on ``model`` (a ModelConfig); else a one-line reason.
 
         Called when a spec is resolved, before anything is built, so it can judge only what the config
-        says (a built-in model's name and depth); a method that needs the module itself (a user's
-        factory or plug-in model) checks it in ``setup`` and raises a ConfigError there."""
+        says (a built-in model's name and depth); the built network is :meth:`check_module`'s."""
+        return None
+
+    @classmethod
+    def check_module(cls, module: torch.nn.Module, config: Any) -> str | None:
+        """None when the method can act on the built network ``module`` (a user's factory or object
+        included); else a one-line reason. A study asks it once before any trial, on the model its
+        trials will build; ``setup`` should raise a ConfigError for the same reason."""
         return None
 
     # ---- baseline reuse (classmethods; see the module docstring) --------------------------------------

@@ -530,11 +530,19 @@ class GaussNewton(Method):
         from wus_tune.plugins import BUILTIN_MODELS
 
         # Only a built-in model is known from its config; a user's own network (a factory or a plug-in) may
-        # well be Linear -> ReLU -> Linear, and setup checks the built module (two_layer_parts).
+        # well be Linear -> ReLU -> Linear: check_module judges the built one.
         builtin = model.factory is None and model.name in BUILTIN_MODELS
         if builtin and (model.name != "mlp" or model.depth != 2):
             return (f"gauss_newton needs a two-layer mlp (model.name: mlp, model.depth: 2), "
                     f"not {model.name} with depth {model.depth}")
+        return None
+
+    @classmethod
+    def check_module(cls, module: nn.Module, config: Any) -> str | None:
+        try:
+            two_layer_parts(module)
+        except UnsupportedModelError as e:
+            return str(e)
         return None
 
     def __init__(
