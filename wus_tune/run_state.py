@@ -19,7 +19,7 @@ Torch only, like the trainer.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,13 @@ class ProbeRecord:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ProbeRecord:
         return cls(**raw)
+
+
+def signal_of(probes: Sequence[Mapping[str, Any]], signal: str) -> list[float] | None:
+    """The accuracy ``signal`` ("val_acc", else the running training accuracy) at each probe (ProbeRecord
+    dicts); None when some probe lacks it."""
+    values = [p.get("val_acc") if signal == "val_acc" else p.get("train_acc") for p in probes]
+    return None if any(v is None for v in values) else [float(v) for v in values]
 
 
 @dataclass

@@ -126,26 +126,27 @@ def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
     return tuple(methods)
 
 
+def method_classes(methods: Sequence[str]) -> list[Any]:
+    """The registered classes of the methods that ``methods`` (choices like ``"approx_ops+wus"``) name,
+    each once, in order; names the registry does not know are left out (check_methods refuses them)."""
+    known = methods_registry()
+    names = dict.fromkeys(part for m in methods for part in method_parts(m))
+    return [known[name] for name in names if name in known]
+
+
 def check_method_model(methods: Sequence[str], base: TrainConfig) -> None:
     """Each compared method's own check that the base model suits it (``check_model``)."""
-    known = methods_registry()
-    seen: list[str] = []
-    for m in methods:
-        for name in method_parts(m):
-            if name in seen:
-                continue
-            seen.append(name)
-            reason = known[name].check_model(base.model, base)
-            if reason:
-                raise UsageError(f"methods: {reason}")
+    for cls in method_classes(methods):
+        reason = cls.check_model(base.model, base)
+        if reason:
+            raise UsageError(f"methods: {reason}")
 
 
 def check_method_module(methods: Sequence[str], base: TrainConfig, module: Any) -> None:
     """Each compared method's check of the built network (``check_module``): a user's model that a
     method cannot act on is one line before any trial."""
-    known = methods_registry()
-    for name in dict.fromkeys(part for m in methods for part in method_parts(m)):
-        reason = known[name].check_module(module, base)
+    for cls in method_classes(methods):
+        reason = cls.check_module(module, base)
         if reason:
             raise UsageError(f"methods: {reason}")
 

@@ -37,12 +37,13 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wus_tune._study.space import SearchSpace
 from wus_tune.errors import UsageError
+from wus_tune.run_state import signal_of
 
 if TYPE_CHECKING:
     import optuna
@@ -163,13 +164,6 @@ def _without(config: Mapping[str, Any], section: str) -> tuple[dict[str, Any], M
     return out, value
 
 
-def signal_of(probes: Sequence[Mapping[str, Any]], signal: str) -> list[float] | None:
-    """The accuracy ``signal`` ("val_acc", else the running training accuracy) at each probe; None when
-    some probe lacks it."""
-    values = [p.get("val_acc") if signal == "val_acc" else p.get("train_acc") for p in probes]
-    return None if any(v is None for v in values) else [float(v) for v in values]
-
-
 def unlike_recording(probes: Sequence[Mapping[str, Any]], wanted: BaselineRecording, epochs: int) -> str | None:
     """Why the baseline's probes are not the ones ``wanted`` asks for (another cadence, no validation
     accuracy); None when they are."""
@@ -195,12 +189,9 @@ def _cadence(every_steps: int) -> str:
 
 def study_methods(study_def: Any) -> list[type[Method]]:
     """The method classes a study's trials may run (the parts of its ``methods:`` choices)."""
-    from wus_tune._study.space import method_parts
-    from wus_tune.methods import registry
+    from wus_tune._study.catalog import method_classes
 
-    known = registry()
-    names = dict.fromkeys(part for choice in getattr(study_def, "methods", ()) for part in method_parts(choice))
-    return [known[name] for name in names if name in known]
+    return method_classes(getattr(study_def, "methods", ()))
 
 
 def candidate_points(space: SearchSpace, base: TrainConfig, progress: Sequence[float],

@@ -34,6 +34,7 @@ from torch import nn
 
 from wus_tune.errors import ConfigError
 from wus_tune.methods import BaselineRecording, CheckPlan, Deviation, Method, RunInfo, StepContext, StepCost, register
+from wus_tune.run_state import signal_of
 
 if TYPE_CHECKING:
     from wus_tune._study.space import SearchSpace
@@ -155,7 +156,7 @@ class WUS(Method):
         on ``val_acc`` the trial's own checks are validation passes it pays for."""
         from wus_tune.wus import replay
 
-        signal = _signal(probes, config.wus.signal)
+        signal = signal_of(probes, config.wus.signal)
         if signal is None:  # the study checks the probes against baseline_recording first
             raise ValueError(f"the probes lack the {config.wus.signal} signal WUS watches")
         result = replay(signal, config.wus, progress=[p["progress"] for p in probes], total_checks=len(signal))
@@ -276,12 +277,6 @@ class WUS(Method):
 # ---- the search space calibrated on a baseline's signal ------------------------------------------------
 
 
-def _signal(probes: Sequence[Mapping[str, Any]], signal: str) -> list[float] | None:
-    """The accuracy the controller watches at each probe; None when some probe lacks it."""
-    values = [p.get("val_acc") if signal == "val_acc" else p.get("train_acc") for p in probes]
-    return None if any(v is None for v in values) else [float(v) for v in values]
-
-
 def variations(signal: Sequence[float], progress: Sequence[float], *, windows: Sequence[int], warmup: int,
                schedule_window: tuple[float, float]) -> list[float]:  # fmt: skip
     """Every variation the plateau test could see before a first skip window: for each window ``W``, the
@@ -337,7 +332,7 @@ def calibrate_space(
     """
     from wus_tune._study.space import SearchSpace
 
-    signal = _signal(probes, base.wus.signal)
+    signal = signal_of(probes, base.wus.signal)
     if not signal or "wus.threshold" not in space:
         return space, []
     progress = [float(p["progress"]) for p in probes]
