@@ -290,12 +290,11 @@ def timing_metrics(result: TrainResult) -> dict[str, float]:
 def baseline_values(study: optuna.Study) -> tuple[float, ...] | None:
     """The baseline as every comparison sees it: each objective's median over the COMPLETE baseline
     trials (``baseline_repeats``; :func:`wus_tune.pareto.pooled_baseline`); None while none has completed."""
-    import statistics
-
     import optuna
 
-    done = [t.values for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    from wus_tune.pareto import candidate_from_trial, pooled_baseline
+
+    done = [candidate_from_trial(t) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if t.user_attrs.get("role") == "baseline" and t.values]  # fmt: skip
-    if not done:
-        return None
-    return tuple(float(statistics.median(v[k] for v in done)) for k in range(len(done[0])))
+    pooled = pooled_baseline(done)
+    return None if pooled is None else tuple(pooled.values)
