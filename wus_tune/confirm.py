@@ -2,22 +2,24 @@
 
 ``python -m wus_tune.pareto --study S --confirm K`` (or a spec's ``confirm: K``) trains, in this one
 process, K rounds of three configs with fresh seeds: the full-length baseline, the pick (the study's
-rule, ``--select``, or any completed trial given with ``--trial N``) and the baseline-frontier point whose time is nearest the pick's (a plain run at
-fewer epochs: what simply training less achieves). Each round runs the three interleaved, in an order
-rotated from round to round, so a load on the machine hits the three alike. From the rounds:
+rule, ``--select``, or any completed trial given with ``--trial N``) and the baseline-frontier point
+whose time is nearest the pick's (a plain run at fewer epochs: what simply training less achieves). Each
+round runs the three interleaved, in an order rotated from round to round, so a load on the machine hits
+the three alike. From the rounds:
 
-* measured speed-up: per round, baseline wall time / pick wall time (paired); median, min, max. The
-  same ratio in relative time (each run priced against the baseline, :mod:`wus_tune.timing`) is shown too;
+* measured speed-up: per round, baseline wall time / pick wall time (paired); median, min, max. The same
+  ratio in relative time (each run priced against the baseline, :mod:`wus_tune.timing`) is shown too;
 * accuracy difference, pick - baseline and pick - frontier point, in points: mean, std, min, max;
 * held-out test accuracy of the three (when the dataset has a test split; never used for selection).
 
 The claim is the study's own: speed-up = baseline time / pick time in the study's time objective,
 accuracy delta = pick - baseline (its pooled median). It is *confirmed* when the median measured
-speed-up is at least ``1 - SPEED_TOLERANCE`` of the claimed one and the mean accuracy difference holds:
-for ``fastest-within:D`` at least ``-D`` points (the rule's promise), otherwise (other rules, a trial
-named with ``--trial``) at least the claimed delta minus ``ACCURACY_TOLERANCE_PTS``. The result is stored on the Optuna study (user attribute
-``confirmation``), logged to MLflow under the study's parent run (metrics ``confirm/*``, one child run per
-training, ``confirmation.json`` / ``confirmation.txt``) and printed.
+speed-up is at least ``1 - SPEED_TOLERANCE`` of the claimed one and the mean accuracy difference holds: for
+``fastest-within:D`` at least ``-D`` points (the rule's promise), otherwise (other rules, a trial named
+with ``--trial``) at least the claimed delta minus ``ACCURACY_TOLERANCE_PTS``. The result is stored on
+the Optuna study (user attribute ``confirmation``), logged to MLflow under the study's parent run
+(metrics ``confirm/*``, one child run per training, ``confirmation.json`` / ``confirmation.txt``) and
+printed.
 """
 
 from __future__ import annotations
@@ -170,8 +172,8 @@ def confirm(
     claimed_speedup = base.values[1] / pick.values[1] if pick.values[1] > 0 else math.inf
     claimed_delta = (pick.values[0] - base.values[0]) * 100
     conf = Confirmation(
-        study=study_name, rule=str(rule) if trial is None else f"trial {trial}", objective=analysis.objectives[1], repeats=repeats, pick=pick.number,
-        baseline=base.number, frontier=front.number if front else None, claimed_speedup=claimed_speedup,
+        study=study_name, rule=str(rule) if trial is None else f"trial {trial}", objective=analysis.objectives[1],
+        repeats=repeats, pick=pick.number, baseline=base.number, frontier=front.number if front else None, claimed_speedup=claimed_speedup,
         claimed_acc_delta_pts=claimed_delta,
     )  # fmt: skip
     roles = list(configs)
