@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wus_tune.compile_step import ModeCompiled  # noqa: E402
 from wus_tune.config import ModelConfig, WUSConfig  # noqa: E402
-from wus_tune.frozen_prefix import split_frozen_prefix  # noqa: E402
+from wus_tune.methods.wus.frozen_prefix import split_frozen_prefix  # noqa: E402
 from wus_tune.models import build_model  # noqa: E402
-from wus_tune.wus import layer_groups, param_groups, skip_frozen_parameters  # noqa: E402
+from wus_tune.methods.wus.rule import layer_groups, param_groups, skip_frozen_parameters  # noqa: E402
 
 
 def _step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, frozen: list) -> float:

@@ -10,7 +10,7 @@ from torch import nn
 
 from wus_tune.compile_step import ModeCompiled, dynamo_graph_count
 from wus_tune.config import WUSConfig
-from wus_tune.wus import WUSController, param_groups
+from wus_tune.methods.wus.rule import WUSController, param_groups
 
 
 def _tiny() -> nn.Sequential:

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from wus_tune.config import WUSConfig
-from wus_tune.frozen_prefix import (
+from wus_tune.methods.wus.frozen_prefix import (
     PrefixCacheSession,
     build_feature_cache,
     sequential_chain,
     split_frozen_prefix,
 )
-from wus_tune.wus import WUSController, param_groups, skip_frozen_parameters
+from wus_tune.methods.wus.rule import WUSController, param_groups, skip_frozen_parameters
 
 
 def _tiny() -> nn.Sequential:

@@ -17,11 +17,11 @@ from wus_tune._study import reuse
 from wus_tune._study.space import SearchSpace
 from wus_tune._study.spec import StudySpec
 from wus_tune.config import TrainConfig, WUSConfig
-from wus_tune.methods.wus import variations
+from wus_tune.methods.wus.method import variations
 from wus_tune.run_state import Probes, RunState, snapshot_path
 from wus_tune.study import run_study
 from wus_tune.trainer import fit
-from wus_tune.wus import WUSController, replay
+from wus_tune.methods.wus.rule import WUSController, replay
 
 TINY = {"model": {"name": "mlp", "width": 0.25}, "data": {"name": "digits"}, "device": "cpu", "epochs": 5,
         "schedule": {"name": "step"}}  # fmt: skip

@@ -10,7 +10,7 @@ from torch import nn
 
 from wus_tune.config import WUSConfig
 from wus_tune.errors import ConfigError
-from wus_tune.wus import (
+from wus_tune.methods.wus.rule import (
     WUSController,
     accuracy_variation,
     layer_groups,

@@ -18,7 +18,7 @@ from wus_tune.config import (
 from wus_tune.errors import ConfigError, DataError, TrainingDiverged, UsageError
 from wus_tune.methods import Method, RunInfo, StepContext, StepCost
 from wus_tune.trainer import EpochRecord, TrainResult, fit
-from wus_tune.wus import WUSController, accuracy_variation, param_groups, should_skip
+from wus_tune.methods.wus.rule import WUSController, accuracy_variation, param_groups, should_skip
 
 __version__ = "0.1.0"
 

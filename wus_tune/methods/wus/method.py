@@ -154,7 +154,7 @@ class WUS(Method):
     def replay_baseline(cls, config: TrainConfig, probes: Sequence[Mapping[str, Any]]) -> Deviation:
         """The real controller with the trial's knobs on the baseline's signal (:func:`wus_tune.wus.replay`);
         on ``val_acc`` the trial's own checks are validation passes it pays for."""
-        from wus_tune.wus import replay
+        from wus_tune.methods.wus.rule import replay
 
         signal = signal_of(probes, config.wus.signal)
         if signal is None:  # the study checks the probes against baseline_recording first
@@ -171,7 +171,7 @@ class WUS(Method):
     # ---- run-time hooks --------------------------------------------------------------------------
 
     def attach(self, model: nn.Module, optimizer: Any, run: RunInfo) -> None:
-        from wus_tune.wus import WUSController
+        from wus_tune.methods.wus.rule import WUSController
 
         cfg = self.config
         total_checks = run.config.epochs if cfg.check_every == 0 else run.total_steps // cfg.check_every
@@ -183,7 +183,7 @@ class WUS(Method):
     def _attach_cache(self, model: nn.Module, run: RunInfo) -> None:
         import torch
 
-        from wus_tune.frozen_prefix import PrefixCacheSession, cache_bytes, split_frozen_prefix
+        from wus_tune.methods.wus.frozen_prefix import PrefixCacheSession, cache_bytes, split_frozen_prefix
 
         if run.train_loader is None or not hasattr(run.train_loader, "batches_in_order"):
             raise ConfigError("wus.cache_frozen_prefix: needs a device-resident training set (a streamed "
