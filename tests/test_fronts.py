@@ -31,14 +31,14 @@ class ScriptedClock:
     def __call__(self) -> float:
         return self.now
 
-    def probe(self, costs: list[float] | float, units: float = 1.0) -> timing.Probe:
+    def probe(self, costs: list[float] | float, units: float = 1.0) -> timing.Workload:
         script = iter(costs) if isinstance(costs, list) else None
 
         def run() -> float:
             self.now += next(script) if script is not None else costs
             return units
 
-        return timing.Probe(run=run)
+        return timing.Workload(run=run)
 
 
 def test_run_seconds_and_relative_time_are_counts_times_prices():
@@ -73,7 +73,7 @@ def test_bursts_are_sized_to_min_burst_and_a_drifting_load_cancels_when_paired()
     # slows down round by round (each round's two bursts see the same load)
     load = iter([1, 1, 1, 1] + [1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
 
-    def make(cost: float) -> timing.Probe:
+    def make(cost: float) -> timing.Workload:
         factor = {"f": 1.0}
 
         def prepare() -> None:
@@ -83,7 +83,7 @@ def test_bursts_are_sized_to_min_burst_and_a_drifting_load_cancels_when_paired()
             clock.now += cost * factor["f"]
             return 1.0
 
-        return timing.Probe(run=run, prepare=prepare)
+        return timing.Workload(run=run, prepare=prepare)
 
     probes = {"baseline:step": make(1 / 128), "step:skip:all": make(1 / 512)}  # binary fractions: exact sums
     m = timing.measure_interleaved(probes, timing.TimingOptions(rounds=5, min_burst_s=1 / 64), clock=clock,

@@ -18,7 +18,7 @@ from wus_tune._study.space import SearchSpace
 from wus_tune._study.spec import StudySpec
 from wus_tune.config import TrainConfig, WUSConfig
 from wus_tune.methods.wus.method import variations
-from wus_tune.run_state import Probes, RunState, snapshot_path
+from wus_tune.run_state import RecordingPlan, RunState, snapshot_path
 from wus_tune.study import run_study
 from wus_tune.trainer import fit
 from wus_tune.methods.wus.rule import WUSController, replay
@@ -85,7 +85,7 @@ def recorded(tmp_path_factory):
     out = {}
     for signal, every in (("val_acc", 0), ("train_acc", 0), ("val_acc", 5), ("train_acc", 7)):
         base = config(signal=signal, check_every=every)
-        b = fit(base, probes=Probes(every=every, val=signal == "val_acc"))
+        b = fit(base, recording=RecordingPlan(every=every, val=signal == "val_acc"))
         out[(signal, every)] = (base, b.probes)
     return out
 
@@ -122,7 +122,7 @@ def test_replay_matches_the_live_controller_in_the_trainer(recorded, monkeypatch
 @pytest.mark.parametrize("signal,every", [("val_acc", 0), ("train_acc", 0), ("val_acc", 5), ("train_acc", 7)])
 def test_a_forked_trial_is_bit_identical_to_its_from_scratch_twin(tmp_path, signal, every):
     base = config(signal=signal, check_every=every)
-    baseline = fit(base, probes=Probes(every=every, val=signal == "val_acc", save_at=range(1, 100), save_dir=str(tmp_path)))
+    baseline = fit(base, recording=RecordingPlan(every=every, val=signal == "val_acc", save_at=range(1, 100), save_dir=str(tmp_path)))
     wus = base.replace({"wus.enabled": True, "wus.threshold": 0.15, "wus.window": 1, "wus.warmup": 2, "wus.schedule_window": [0.0, 0.95],
                         "wus.skip_length": 2, "wus.lr_decay": 0.5, "wus.bias_lr_factor": 2.0})  # fmt: skip
     probes = [p.__dict__ for p in baseline.probes]

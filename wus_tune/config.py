@@ -36,10 +36,6 @@ from wus_tune.errors import ConfigError
 
 CONFIG_VERSION = 1
 
-# The built-ins; the registry (wus_tune.plugins) adds the entry points of installed packages.
-MODEL_NAMES = ("mlp", "alexnet", "vgg11", "vgg16", "resnet18")
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder")
-
 
 @dataclass
 class ModelConfig:
@@ -48,7 +44,7 @@ class ModelConfig:
     # A name holding ":" is taken as a factory (`--model my_pkg.nets:build`).
     factory: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
-    factory_version: str | None = None  # the factory's package version, recorded when the config is checked
+    factory_version: str | None = None  # the factory's package version, recorded when the config is built
     width: float = 1.0  # channel multiplier; 0.25 makes VGG-11 trainable on a laptop CPU
     hidden: int = 256  # mlp only: hidden units (scaled by width)
     depth: int = 2  # mlp only: number of linear layers (2 = one hidden layer)
@@ -71,7 +67,7 @@ class DataConfig:
     # mapping {train, val, test: (x, y) or a torch Dataset} (docs/data.md). A name holding ":" is a factory.
     factory: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
-    factory_version: str | None = None  # the factory's package version, recorded when the config is checked
+    factory_version: str | None = None  # the factory's package version, recorded when the config is built
     # cifar10/100: torchvision's root (downloaded there if `download`), an ImageFolder directory, or a
     # .tar.gz of one; imagefolder: the directory or archive (required). None: a per-user cache directory.
     data_dir: str | None = None
@@ -122,8 +118,9 @@ def _dataset_names() -> dict[str, str]:
 
 
 def _check_source(section: str, cfg: Any, registry: Any) -> None:
-    """A registered name, or a factory that imports; records (or checks) the factory package's version."""
-    from wus_tune import plugins
+    """A registered name, or a factory that imports; warns when the installed package is not the version
+    the config recorded."""
+    from wus_tune.plugins import OBJECT_PREFIX, check_path, load_object, package_version
 
     if cfg.factory is None:
         known = registry()
@@ -132,14 +129,12 @@ def _check_source(section: str, cfg: Any, registry: Any) -> None:
                               f"or give an import path as {section}.factory")  # fmt: skip
         return
     key = f"{section}.factory"
-    plugins.check_path(key, cfg.factory)
-    if cfg.factory.startswith(plugins.OBJECT_PREFIX):
+    check_path(key, cfg.factory)
+    if cfg.factory.startswith(OBJECT_PREFIX):
         return  # handed over as a Python object: nothing to import
-    plugins.load_object(cfg.factory, key)
-    installed = plugins.package_version(cfg.factory)
-    if cfg.factory_version is None:
-        cfg.factory_version = installed
-    elif installed is not None and installed != cfg.factory_version:
+    load_object(cfg.factory, key)
+    installed = package_version(cfg.factory)
+    if cfg.factory_version is not None and installed is not None and installed != cfg.factory_version:
         import warnings
 
         warnings.warn(f"{key}: {cfg.factory} is version {installed}, the config was made with {cfg.factory_version}",
@@ -290,10 +285,21 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def record_versions(self) -> "TrainConfig":
+        """Write the installed version of each factory's package (``model.factory_version``,
+        ``data.factory_version``) where the config records none: the provenance every result carries."""
+        from wus_tune.plugins import OBJECT_PREFIX, package_version
+
+        for part in (self.model, self.data):
+            if part.factory is not None and part.factory_version is None and not part.factory.startswith(OBJECT_PREFIX):
+                part.factory_version = package_version(part.factory)
+        return self
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
-        """Build and validate a config; unknown keys and wrong types raise ConfigError with the key path."""
-        return _build(cls, raw, "").validate()
+        """Build and validate a config, and record its factories' versions (:meth:`record_versions`);
+        unknown keys and wrong types raise ConfigError with the key path."""
+        return _build(cls, raw, "").validate().record_versions()
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

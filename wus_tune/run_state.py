@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["Probes", "ProbeRecord", "RunState", "snapshot_path"]
+__all__ = ["RecordingPlan", "ProbeRecord", "RunState", "snapshot_path"]
 
 
 @dataclass(frozen=True)
-class Probes:
+class RecordingPlan:
     """Where a run records its signals and which of those points it snapshots."""
 
     every: int = 0  # 0: at the end of each epoch; N > 0: after every N optimizer steps
@@ -40,9 +40,9 @@ class Probes:
 
     def __post_init__(self) -> None:
         if self.every < 0:
-            raise ValueError(f"Probes.every: expected >= 0, got {self.every}")
+            raise ValueError(f"RecordingPlan.every: expected >= 0, got {self.every}")
         if self.save_at and self.save_dir is None:
-            raise ValueError("Probes.save_at needs save_dir")
+            raise ValueError("RecordingPlan.save_at needs save_dir")
 
 
 @dataclass

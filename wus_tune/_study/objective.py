@@ -120,7 +120,7 @@ class Objective:
                 return self._reuse(trial, role, run, plan, start)
             kwargs: dict[str, Any] = {}
             if role == "baseline" and self.study.reuse.any:
-                kwargs["probes"] = reuse.baseline_probes(self.study, config)
+                kwargs["recording"] = reuse.baseline_plan(self.study, config)
             elif plan.kind == "fork":
                 kwargs["resume_from"] = reuse.fork_state(plan, plan.baseline, config)
             on_epoch = run.log_epoch

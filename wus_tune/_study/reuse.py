@@ -6,7 +6,7 @@ method opts in through the baseline-reuse hooks of :class:`~wus_tune.methods.Met
 (``baseline_recording``, ``RECORDED_KNOBS``, ``deviation_checks``, ``replay_baseline``,
 ``calibrate_space``); WUS is one (its first skip window, found by replaying its controller on the
 recorded accuracy), and every method without them trains from scratch. The baseline records what the
-study's predictable methods ask for at every probe (:class:`~wus_tune.run_state.Probes`). So, before
+study's predictable methods ask for at every probe (:class:`~wus_tune.run_state.RecordingPlan`). So, before
 such a trial trains:
 
 * **Replay.** The method finds, on the baseline's probes, the probe after which the trial first trains
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
     from wus_tune.config import TrainConfig
     from wus_tune.methods import BaselineRecording, Deviation, Method
-    from wus_tune.run_state import Probes, RunState
+    from wus_tune.run_state import RecordingPlan, RunState
 
 # Trial user attributes (Optuna) written here
 SIGNAL_ATTR = "reuse_signal"  # on the baseline: its ProbeRecord dicts
@@ -231,11 +231,11 @@ def steps_per_epoch(config: TrainConfig) -> int:
     return max(1, n // batch)
 
 
-def baseline_probes(study_def: Any, base: TrainConfig) -> Probes:
+def baseline_plan(study_def: Any, base: TrainConfig) -> RecordingPlan:
     """What the baseline records: the probes its study's predictable methods ask for (the first one's
     cadence; a method asking for another one trains from scratch), and the snapshots forks may start from."""
     from wus_tune.methods import BaselineRecording
-    from wus_tune.run_state import Probes
+    from wus_tune.run_state import RecordingPlan
 
     reuse: ReuseSpec = study_def.reuse
     asked = [(cls, r) for cls in study_methods(study_def) if (r := cls.baseline_recording(base)) is not None]
@@ -249,7 +249,7 @@ def baseline_probes(study_def: Any, base: TrainConfig) -> Probes:
         except Exception:  # a user's own data the registry cannot load here: record the signal, keep no snapshot
             progress = []
         save = spread(candidate_points(study_def.space, base, progress, [cls for cls, _ in served]), reuse.max_checkpoints)
-    return Probes(every=wanted.every_steps, val=wanted.val_acc, save_at=tuple(save),
+    return RecordingPlan(every=wanted.every_steps, val=wanted.val_acc, save_at=tuple(save),
                   save_dir=str(checkpoint_dir(reuse, study_def.name)) if save else None)  # fmt: skip
 
 
@@ -347,14 +347,14 @@ def record_run(trial: optuna.Trial, plan: Decision, result: Any, fit_kwargs: Map
 
     ``compute_flops`` is what this run actually executed (a fork's prefix was the baseline's)."""
     out: dict[str, Any] = {"compute_flops": float(getattr(result, "cost_flops", 0.0))}
-    probes = fit_kwargs.get("probes")
-    if probes is not None:
+    recording = fit_kwargs.get("recording")
+    if recording is not None:
         from dataclasses import asdict
 
         trial.set_user_attr(SIGNAL_ATTR, [asdict(p) for p in getattr(result, "probes", [])])
-        points = [p for p in probes.save_at] if probes.save_dir else []
-        size = snapshot_bytes(probes.save_dir, points) if points else 0
-        trial.set_user_attr(CHECKPOINTS_ATTR, {"dir": probes.save_dir, "points": points, "bytes": size})
+        points = [p for p in recording.save_at] if recording.save_dir else []
+        size = snapshot_bytes(recording.save_dir, points) if points else 0
+        trial.set_user_attr(CHECKPOINTS_ATTR, {"dir": recording.save_dir, "points": points, "bytes": size})
         out["checkpoint_bytes"] = size
     state = fit_kwargs.get("resume_from")
     if state is not None:

@@ -160,7 +160,7 @@ class CheckPlan:
 @dataclass(frozen=True)
 class BaselineRecording:
     """What a plain baseline run must record for a method's trials to be predicted from it: a probe
-    (:class:`wus_tune.run_state.Probes`) every ``every_steps`` optimizer steps (0: at each epoch's end),
+    (:class:`wus_tune.run_state.RecordingPlan`) every ``every_steps`` optimizer steps (0: at each epoch's end),
     with a validation pass at each probe when ``val_acc``."""
 
     every_steps: int
