@@ -85,8 +85,8 @@ class RunState:
     torch_rng: torch.Tensor
     cuda_rng: list[torch.Tensor] | None
     loader_rng: torch.Tensor  # the training loader's generator at the start of ``epoch``
-    counters: dict[str, float]  # train_time_s, eval_time_s, required_eval_time_s, required_eval_flops, skipped_steps
-    epoch_partial: dict[str, float]  # loss, correct, seen, skipped, train_time_s, eval_time_s of the epoch so far
+    counters: dict[str, Any]  # train_time_s, eval_time_s, required_eval_time_s, required_eval_flops, kinds
+    epoch_partial: dict[str, Any]  # loss, correct, seen, steps per kind of the epoch so far
     records: list[dict[str, Any]]  # EpochRecord dicts of the finished epochs
     probes: list[dict[str, Any]]  # ProbeRecord dicts up to this point
     config: dict[str, Any]  # the TrainConfig of the run that took it

@@ -207,7 +207,7 @@ def resolve_study(
     resolved study and the device it trains on."""
     import copy
 
-    from wus_tune._study.guideline import calibrated
+    from wus_tune._study.spec import prepare_sections
     from wus_tune._study.storage import check_tracking_uri, default_journal
 
     if spec is None:
@@ -215,10 +215,10 @@ def resolve_study(
     elif not isinstance(spec, StudySpec):
         spec = StudySpec.load(spec)
     spec = dataclasses.replace(spec, train=copy.deepcopy(spec.train))
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(StudySpec)} - {"source"})
-    if unknown:
-        raise UsageError(f"run_study: unknown option {unknown[0]!r}")
-    spec = dataclasses.replace(spec, **options)
+    try:
+        spec = spec.replace(**options)
+    except UsageError as e:
+        raise UsageError(f"run_study: {e}") from None
     for key, value in (overrides or {}).items():
         spec.set_train(key, value)
     if spec.ray is not None:  # Ray places the trials (wus_tune._study.ray_backend); this process only drives
@@ -238,7 +238,7 @@ def resolve_study(
         study_def = dataclasses.replace(study_def, storage=default_journal(study_def.name))
     study_def = dataclasses.replace(study_def, spec=_public_spec(study_def.spec))
     device = _preflight(study_def, model=model, data=data)
-    study_def = calibrated(spec, study_def, fit=fit, say=say)  # edge_of_chaos.growth_rate: auto: one short run
+    study_def = prepare_sections(spec, study_def, fit=fit, say=say)  # e.g. a growth rate "auto": one short run
     if study_def.tracking_uri is not None:
         check_tracking_uri(study_def.tracking_uri)
     elif not worker:  # the report goes to a local directory: find out now if it cannot
@@ -469,27 +469,21 @@ def _parent_tags(study_def: Study, device: str) -> dict[str, Any]:
 
 
 def initial_trials(study_def: Study) -> list[tuple[str, dict[str, Any]]]:
-    """(role, fixed values) of the trials a new study runs first: the full-length baseline (the partner
-    method off: its virtual keys at their first value), the partner's default trial (role
-    ``<partner>-default``, e.g. ``wus-default``), the baseline frontier (``baseline_fractions`` of the
-    epochs; crossed with every ``schedule.name`` choice when the schedule is searched), one default
-    trial per compared method and
-    the edge-of-chaos guideline's trials (``study_def.method_trials``), then the spec's ``enqueue`` entries.
+    """(role, fixed values) of the trials a new study runs first: the full-length baseline (method
+    ``none``), the first compared method's default trial (role ``<method>-default``, e.g. ``wus-default``),
+    the baseline frontier (``baseline_fractions`` of the epochs; crossed with every ``schedule.name``
+    choice when the schedule is searched), the other compared methods' default trials and those a
+    method's spec section adds (the edge-of-chaos guideline's, ``study_def.method_trials``), more
+    baselines (``baseline_repeats``), then the spec's ``enqueue`` entries.
 
     Every searched knob of these trials is fixed at the base config's value, so "baseline" and the
-    partner's default mean the spec's own recipe, not a sampled one.
+    methods' defaults mean the spec's own recipe, not a sampled one.
     """
-    from wus_tune._study.catalog import partner, partner_virtual
-
     base, space = study_def.base, study_def.space
     epochs = base.epochs
-    methods = METHOD_KEY in space  # a study comparing methods: the baselines are method "none"
-    plain = space.fixed_at_base(base, partner_virtual(0) | ({METHOD_KEY: "none"} if methods else {}))
+    plain = space.fixed_at_base(base, {METHOD_KEY: "none"})
     out: list[tuple[str, dict[str, Any]]] = [("baseline", plain | {"epochs": epochs})]
-    own = partner()
-    if study_def.enqueue_wus_default and own is not None and (not methods or own.name in space[METHOD_KEY].choices):
-        trial = own.default_trials()[0] | ({METHOD_KEY: own.name} if methods else {})
-        out.append((f"{own.name}-default", space.fixed_at_base(base, trial) | {"epochs": epochs}))
+    out += [(role, dict(values)) for role, values in study_def.lead_trials]
     budgets = sorted({max(1, round(f * epochs)) for f in study_def.baseline_fractions} - {epochs}, reverse=True)
     schedules = [base.schedule.name]
     if "schedule.name" in space and space["schedule.name"].type == "categorical":
@@ -529,17 +523,15 @@ class _TrialPrinter:
     """Optuna callback: one line per finished trial."""
 
     def __init__(self, study_def: Study, say: Callable[[str], None], ran: list[int]) -> None:
-        from wus_tune._study.catalog import partner_name
+        from wus_tune._study.report import step_mix
 
-        self.study_def, self.say, self.ran = study_def, say, ran
-        self.partner = partner_name()
+        self.study_def, self.say, self.ran, self.step_mix = study_def, say, ran, step_mix
         self.baseline: tuple[float, ...] | None = None
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.ran.append(trial.number)
         a = trial.user_attrs
-        # the compared method (approx_ops+wus), or for the partner alone its variant (wus+lr)
-        label = a["method"] if a.get("method") not in (None, self.partner) else a.get("variant", "?")
+        label = a.get("variant", "?")  # what the trial ran: none, wus+lr, approx_ops+wus
         head = f"trial {trial.number:>3} {trial.state.name:<8} {a.get('role', 'search'):<17} {label:<6}"
         if trial.values is None:
             self.say(f"{head} {a.get('fail_reason') or (a.get('pruned') or {}).get('reason', '')}")
@@ -554,8 +546,8 @@ class _TrialPrinter:
         if self.baseline is not None and cost > 0:
             text += f"  {self.baseline[1] / cost:.2f}x {100 * (acc - self.baseline[0]):+.2f} pts vs baseline"
         res = a.get("result") or {}
-        if res.get("skip_fraction"):
-            text += f"  skipped {res['skip_fraction']:.0%}"
+        if mix := self.step_mix(res):
+            text += f"  steps {mix}"
         for name, value in zip(self.study_def.objectives[2:], trial.values[2:]):
             if name in ("sparsity", "params"):
                 text += f"  {name} {value:.1%}" if name == "sparsity" else f"  {name} {value:,.0f}"

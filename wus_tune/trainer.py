@@ -42,14 +42,16 @@ from wus_tune.compile_step import ModeCompiled
 from wus_tune.config import TrainConfig
 from wus_tune.errors import ConfigError, TrainingDiverged
 from wus_tune.layers import param_groups
-from wus_tune.methods import Method, RunInfo, StepContext, build_methods
+from wus_tune.methods import Method, RunInfo, StepContext, build_methods, registry
 from wus_tune.run_state import ProbeRecord, RecordingPlan, RunState, snapshot_path
 from wus_tune.schedules import lr_multiplier
 from wus_tune.timing import (
     BASELINE_EVAL, BASELINE_STEP, EVAL, TimingOptions, Workload, costs_of, measure_interleaved, relative_time, run_seconds,
 )  # fmt: skip
 
-__all__ = ["fit", "TrainResult", "EpochRecord", "resolve_device"]
+__all__ = ["fit", "TrainResult", "EpochRecord", "resolve_device", "FULL_KIND"]
+
+FULL_KIND = "full"  # the kind of an ordinary step: no method named it (each names its own kinds, step_kind())
 
 
 @dataclass
@@ -60,9 +62,8 @@ class EpochRecord:
     val_loss: float | None  # None when the epoch was not evaluated
     val_acc: float | None
     lr: float  # peak-group learning rate at the epoch's last step
-    skipping: bool  # weight updates skipped for most of the epoch's steps
-    skipped_steps: int
     steps: int
+    steps_by_kind: dict[str, int]  # the epoch's steps per step kind ({"full": 9, "skip:all": 3})
     train_time_s: float
     eval_time_s: float
     flops: float  # training FLOPs executed in the epoch (forward + backward)
@@ -84,12 +85,11 @@ class TrainResult:
     uncharged_time_s: float  # measurement overhead left out of time_s (FLOP counting on a kind's first step)
     compile_time_s: float  # the untimed warm-up with compile on (every step mode's graphs); 0 eagerly; not in time_s
     total_steps: int
-    skipped_steps: int
-    skip_fraction: float
+    changed_steps: int  # steps of a kind a method named (not the ordinary full step): skipped, approximated, ...
+    changed_step_fraction: float  # changed_steps / total_steps
     flops_per_step: float  # one step of the first step's kind (the ordinary step) at the configured batch size
-    flops_per_skip_step: float  # FLOPs of the most frequent skip kind's step; flops_per_step when no step skipped
     train_flops: float
-    baseline_train_flops: float  # the same steps, none skipped
+    baseline_train_flops: float  # the same number of steps, each of the first step's kind
     flops_fraction: float  # train_flops / baseline_train_flops
     cost_flops: float  # the cost objective: train_flops + FLOPs of the required evaluations
     step_kinds: dict[str, dict[str, float]]  # per step kind ("full", "skip:last:1"): steps and flops_per_step
@@ -223,7 +223,7 @@ def fit(
                 continue
             _set_learning_rates(optimizer, peak_lrs, lr_multiplier(config.schedule, step, run.total_steps),
                                 methods, run)
-            kind = "+".join(k for k in (m.step_kind() for m in methods) if k) or "full"
+            kind = "+".join(k for k in (m.step_kind() for m in methods) if k) or FULL_KIND
             ctx = StepContext(run=run, model=model, optimizer=optimizer, inputs=x, targets=y, step=step, epoch=epoch,
                               forward=_autocast_forward(train_model, autocast), loss_fn=loss_fn)
             if relative_to is not None and kind not in ledger.kinds:
@@ -529,11 +529,6 @@ def _train_step(ctx: StepContext, methods: list[Method], owner: Method | None) -
     return ctx.loss, ctx.logits
 
 
-def _is_skip(kind: str) -> bool:
-    """Step kinds with a part starting ``skip`` skip weight updates (the contract's naming)."""
-    return any(part.startswith("skip") for part in kind.split("+"))
-
-
 class _Checks:
     """The methods' checks (:class:`~wus_tune.methods.CheckPlan`): when they fall due, on what signal."""
 
@@ -761,31 +756,31 @@ class _EpochSums:
         self.loss = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device)
         self.seen = 0
-        self.skipped = 0
+        self.kinds: dict[str, int] = {}
 
     def add(self, loss: torch.Tensor, correct: torch.Tensor, seen: int, kind: str) -> None:
         self.loss += loss.detach() * seen
         self.correct += correct
         self.seen += seen
-        self.skipped += _is_skip(kind)
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
 
     def mean_loss(self) -> float:
         return float(self.loss) / max(1, self.seen)
 
     def state(self) -> dict[str, float]:
-        return {"loss": float(self.loss), "correct": float(self.correct), "seen": self.seen, "skipped": self.skipped}
+        return {"loss": float(self.loss), "correct": float(self.correct), "seen": self.seen, "kinds": dict(self.kinds)}
 
     def restore(self, state: dict[str, float]) -> None:
         self.loss += state["loss"]  # float32 -> float -> float32 is exact
         self.correct += state["correct"]
-        self.seen, self.skipped = int(state["seen"]), int(state["skipped"])
+        self.seen, self.kinds = int(state["seen"]), {str(k): int(n) for k, n in state["kinds"].items()}
 
     def record(self, epoch: int, val: tuple[float, float] | None, optimizer: torch.optim.Optimizer, steps: int,
                train_seconds: float, ledger: _Ledger, extra: dict[str, float]) -> EpochRecord:
         return EpochRecord(
             epoch=epoch + 1, train_loss=self.mean_loss(), train_acc=float(self.correct) / max(1, self.seen),
             val_loss=val[0] if val else None, val_acc=val[1] if val else None, lr=optimizer.param_groups[0]["lr"],
-            skipping=self.skipped * 2 > steps, skipped_steps=self.skipped, steps=steps, train_time_s=train_seconds,
+            steps=steps, steps_by_kind=dict(self.kinds), train_time_s=train_seconds,
             eval_time_s=ledger.epoch_eval_time, flops=ledger.epoch_flops, extra=extra,
         )
 
@@ -799,19 +794,16 @@ def _result(config: TrainConfig, records: list[EpochRecord], ledger: _Ledger, ru
         val_loss, val_acc = final.val_loss, final.val_acc
     kinds = list(ledger.kinds.items())
     flops_full = kinds[0][1].flops_per_step  # the first step's kind: the run's ordinary step
-    # the skip kind with most steps: a window's one-off first step (e.g. building a cache) is not typical
-    skip_kinds = [k for name, k in kinds if _is_skip(name)]
-    flops_skip = max(skip_kinds, key=lambda k: k.steps).flops_per_step if skip_kinds else flops_full
     train_flops = sum(r.flops for r in records)
     baseline_flops = run.total_steps * flops_full
-    skipped = sum(r.skipped_steps for r in records)
+    changed = sum(k.steps for name, k in kinds if name != FULL_KIND)
     val_accs = [r.val_acc for r in records if r.val_acc is not None]
     return TrainResult(
         config=config.to_dict(), epochs=records, val_acc=val_acc, val_loss=val_loss, test_acc=test_acc,
         best_val_acc=max(val_accs, default=val_acc), train_time_s=ledger.train_time, eval_time_s=ledger.eval_time,
         required_eval_time_s=ledger.required_eval_time, time_s=ledger.train_time + ledger.required_eval_time,
-        uncharged_time_s=ledger.uncharged_time, compile_time_s=compile_time, total_steps=run.total_steps, skipped_steps=skipped,
-        skip_fraction=skipped / max(1, run.total_steps), flops_per_step=flops_full, flops_per_skip_step=flops_skip,
+        uncharged_time_s=ledger.uncharged_time, compile_time_s=compile_time, total_steps=run.total_steps, changed_steps=changed,
+        changed_step_fraction=changed / max(1, run.total_steps), flops_per_step=flops_full,
         train_flops=train_flops, baseline_train_flops=baseline_flops,
         flops_fraction=train_flops / baseline_flops if baseline_flops else 1.0,
         cost_flops=train_flops + ledger.required_eval_flops,
@@ -833,6 +825,12 @@ def _same_optimizer_work(config: TrainConfig, reference: TrainConfig, n_train: i
     )  # fmt: skip
 
 
+def _changing(methods: dict[str, Any]) -> dict[str, Any]:
+    """The entries of methods that change the network or its ordinary step (not ``plain_full_steps``)."""
+    known = registry()
+    return {name: params for name, params in methods.items() if not getattr(known.get(name), "plain_full_steps", False)}
+
+
 def _price_work(reference: TrainConfig, specimens: dict[str, Any], *, data: Any, loaders: _Loaders,
                 device: torch.device, autocast: Any, loss_fn: Any, model: nn.Module, given_model: Any,
                 options: TimingOptions) -> dict[str, Any]:
@@ -841,11 +839,11 @@ def _price_work(reference: TrainConfig, specimens: dict[str, Any], *, data: Any,
     sync = _Timer(device).sync
     x, y = next(iter(loaders.train))
     workloads: dict[str, Workload] = {}
-    # Work identical to the baseline's (same network, batch size and optimizer, no method but WUS, whose
-    # full step is a plain one) is priced by the baseline's own workload: a plain run's relative time is then
-    # exactly its share of the baseline's steps and evaluation.
+    # Work identical to the baseline's (same network, batch size and optimizer, no method but those whose full
+    # step is a plain one: Method.plain_full_steps) is priced by the baseline's own workload: a plain run's
+    # relative time is then exactly its share of the baseline's steps and evaluation.
     config = next(iter(specimens.values()))[3].config if specimens else reference
-    same_net = config.model == reference.model and config.methods == reference.methods
+    same_net = config.model == reference.model and _changing(config.methods) == _changing(reference.methods)
     aliases = {"step:full": BASELINE_STEP} if same_net and _same_optimizer_work(config, reference, data.size("train")) else {}
     if same_net:
         aliases[EVAL] = BASELINE_EVAL
@@ -931,7 +929,7 @@ def _print_bar(epoch: int, epochs: int, done: int, total: int) -> None:
 
 def _print_epoch(r: EpochRecord, epochs: int) -> None:
     val = f"val {r.val_acc:6.2%} " if r.val_acc is not None else ""
-    mode = f"skip {r.skipped_steps}/{r.steps} " if r.skipped_steps else ""
+    mode = "".join(f"{kind} {n}/{r.steps} " for kind, n in r.steps_by_kind.items() if kind != FULL_KIND)
     line = (f"epoch {r.epoch:>3}/{epochs}  loss {r.train_loss:.4f}  train {r.train_acc:6.2%}  {val}"
             f"lr {r.lr:.4g}  {mode}{r.train_time_s:.1f}s")
     if sys.stderr.isatty():

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 CONSTRAINT_KEY = "accuracy_floor"  # value = (baseline accuracy - delta) - accuracy; feasible when <= 0
 RESULT_FIELDS = ("val_acc", "best_val_acc", "test_acc", "time_s", "train_time_s", "eval_time_s", "cost_flops",
-                 "skip_fraction", "flops_fraction", "total_steps", "skipped_steps", "relative_time",
+                 "changed_step_fraction", "flops_fraction", "total_steps", "changed_steps", "relative_time",
                  "reference_time_s", "modelled_time_s", "timing_overhead_s", "work_counts")  # fmt: skip
 
 
@@ -104,13 +104,11 @@ class Objective:
         run: Any = NullTrialRun()
         fit_s = 0.0
         try:
-            config, role, (variant_key, variant) = self._config(trial)
+            config, role, label = self._config(trial)
             params = {k: v for k, v in flat_config(config.to_dict()).items() if not k.startswith("meta")}
-            if variant_key:
-                params[variant_key] = variant
-            tags = {"optuna.study_name": self.study.name, "wus_tune.role": role, "wus_tune.variant": variant}
-            if METHOD_KEY in self.study.space:  # the compared method, a param and a tag to filter on
-                params[METHOD_KEY] = tags["wus_tune.method"] = trial.user_attrs.get("method", "none")
+            tags = {"optuna.study_name": self.study.name, "wus_tune.role": role, "wus_tune.variant": label}
+            # the method choice, a param and a tag to filter on ("none": the plain recipe)
+            params[METHOD_KEY] = tags["wus_tune.method"] = trial.user_attrs.get("method", "none")
             plan = self._plan(trial, config, role)
             tags.update(reuse.plan_tags(plan))
             run = self.tracker.start_trial(trial.number, params=params, tags=tags)
@@ -215,10 +213,10 @@ class Objective:
         return {"fit_s": fit_s, "overhead_s": time.perf_counter() - start - fit_s, "mlflow_s": run.overhead_s,
                 "sample_s": self._sample_s}  # fmt: skip
 
-    def _config(self, trial: optuna.Trial) -> tuple[TrainConfig, str, tuple[str, Any]]:
-        """The trial's config, role and variant (the partner method's first virtual key and the value the
-        trial ran, :func:`~wus_tune._study.catalog.partner_label`); stores them on the trial."""
-        from wus_tune._study.catalog import partner_label
+    def _config(self, trial: optuna.Trial) -> tuple[TrainConfig, str, str]:
+        """The trial's config, role and label (what it ran: ``none``, ``wus+lr``, ``approx_ops+wus``;
+        :func:`~wus_tune._study.catalog.trial_label`); stores them on the trial."""
+        from wus_tune._study.catalog import trial_label
 
         attrs = trial.user_attrs
         role = str(attrs.get("role", "search"))
@@ -231,13 +229,11 @@ class Objective:
             values[METHOD_KEY] = "none"
         config = apply_values(self.study.base, values)
         config.meta = {**config.meta, "study": self.study.name, "trial": trial.number}
-        label = partner_label(config, values, chosen=lambda key: key in self.study.space or key in fixed)
-        variant = label[1]
+        label = trial_label(values.get(METHOD_KEY, "none"), config)
         if "role" not in attrs:
             trial.set_user_attr("role", role)
-        trial.set_user_attr("variant", variant)
-        if METHOD_KEY in values:  # a study comparing methods: "none" marks the plain recipe
-            trial.set_user_attr("method", values[METHOD_KEY])
+        trial.set_user_attr("variant", label)
+        trial.set_user_attr("method", values.get(METHOD_KEY, "none"))  # "none": the plain recipe
         trial.set_user_attr("config", config.to_dict())
         return config, role, label
 
