@@ -1,17 +1,14 @@
 """Baseline reuse through a method's study declaration: a plug-in that is plain training until a known
-fraction of training opts in with the hooks alone, and the study code that reuses baselines names no method.
+fraction of training opts in with the hooks alone (that no study code names a method: tests/test_imports.py).
 
 A tiny digits MLP (width 0.25, 4 epochs of 12 steps); about 20 s on 2 cores."""
 
 from __future__ import annotations
 
-import pathlib
-import re
 
 import pytest
 import torch
 
-import wus_tune
 from wus_tune import methods as methods_module
 from wus_tune._study import reuse
 from wus_tune._study.spec import StudySpec
@@ -158,15 +155,3 @@ def test_probes_at_another_cadence_than_the_method_asks_are_not_replayed():
     assert "every 5 steps" in reuse.unlike_recording(epoch_ends, BaselineRecording(every_steps=5, val_acc=False), 4)
     assert reuse.unlike_recording(epoch_ends, BaselineRecording(every_steps=0, val_acc=True), 4) == \
         "the baseline recorded no val_acc signal"  # fmt: skip
-
-
-def test_the_study_side_of_reuse_names_no_method():
-    root = pathlib.Path(wus_tune.__file__).parent
-    pattern = re.compile(r"\.wus\b|[\"']wus[\"'.+]|\bwus\.")
-    offenders = [
-        f"{name}:{i}: {line.strip()}"
-        for name in ("_study/reuse.py", "_study/objective.py")
-        for i, line in enumerate((root / name).read_text().splitlines(), 1)
-        if pattern.search(line)
-    ]  # fmt: skip
-    assert offenders == []

@@ -203,7 +203,7 @@ def load_dataset(cfg: DataConfig, data: Any = None) -> Dataset:
     that fits ``cfg.memory_budget_mb`` is materialised into tensors once; a larger one is streamed.
     Wrong types, shapes or dtypes raise a one-line :class:`DataError`.
     """
-    from wus_tune import plugins
+    import wus_tune.plugins as plugins
 
     if data is None:
         key = "data.factory" if cfg.factory else "data.name"

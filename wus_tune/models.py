@@ -217,7 +217,7 @@ def build_model(
     config sets to other than their defaults) and must
     return an ``nn.Module``; anything else is a one-line ConfigError.
     """
-    from wus_tune import plugins
+    import wus_tune.plugins as plugins
 
     if isinstance(model, nn.Module):
         return copy.deepcopy(model)

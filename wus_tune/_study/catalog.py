@@ -106,7 +106,7 @@ def check_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",")]
     if not isinstance(methods, (list, tuple)) or not methods:
-        raise UsageError(f"methods: expected a non-empty list such as [wus, approx_ops], got {methods!r}")
+        raise UsageError(f"methods: expected a non-empty list of method names (--list shows them), got {methods!r}")
     for i, m in enumerate(methods):
         try:
             method_parts(m)
