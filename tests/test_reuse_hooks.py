@@ -5,7 +5,6 @@ A tiny digits MLP (width 0.25, 4 epochs of 12 steps); about 20 s on 2 cores."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
