@@ -5,7 +5,9 @@ third-party method found through its entry point."""
 from __future__ import annotations
 
 import math
+import re
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,6 +163,7 @@ class FreezeFirstStudy(MethodStudy):
     method = FreezeFirst
     combines_with = ("wus",)
     SEARCH_SPACE = {"methods.freeze_first.at": {"type": "float", "low": 0.3, "high": 0.7, "doc": "when to freeze"}}
+    DEFAULT_TRIAL = {"at": 0.4}
 '''
 
 
@@ -188,4 +191,15 @@ def test_a_method_from_an_installed_package_trains_through_its_entry_point(tmp_p
     assert kinds["first_frozen"]["flops_per_step"] < kinds["full"]["flops_per_step"]  # no weight gradient there
     assert result.epochs[-1].extra == {"freeze_first/frozen": 1.0}
     assert declarations()["freeze_first"].search_space()["methods.freeze_first.at"]["high"] == 0.7
+    assert declarations()["freeze_first"].default_trials() == [{"methods.freeze_first.at": 0.4}]
     assert combinable("wus", "freeze_first")
+
+
+def test_the_example_of_adding_a_method_md_is_this_plugin():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "methods" / "adding_a_method.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, flags=re.S).group(1)
+
+    def lines(text):
+        return [line.split("  #")[0].rstrip() for line in text.strip().splitlines() if line.strip()]
+
+    assert lines(code) == lines(textwrap.dedent(PLUGIN))
