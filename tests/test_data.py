@@ -120,7 +120,7 @@ def test_cifar_torchvision_path_agrees_with_own_reader(tmp_path: Path, monkeypat
     monkeypatch.setattr(CIFAR10, "train_list", [[f, md5(f)] for f, _ in CIFAR10.train_list])
     monkeypatch.setattr(CIFAR10, "test_list", [[f, md5(f)] for f, _ in CIFAR10.test_list])
     monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5(CIFAR10.meta["filename"])})
-    monkeypatch.setattr(data, "_read_cifar_pickles", lambda *a: pytest.fail("own reader used"))
+    monkeypatch.setattr(data.builtin, "_read_cifar_pickles", lambda *a: pytest.fail("own reader used"))
     theirs = load_dataset(DataConfig(**{**vars(cfg), "cache_dir": str(tmp_path / "c2")}))
     for field in ("train_x", "train_y", "test_x", "test_y"):
         assert torch.equal(getattr(ours, field), getattr(theirs, field)), field
@@ -201,7 +201,7 @@ def test_imagefolder_archive_and_cache_reuse(tmp_path: Path, cache_dir: Path, mo
     cached = list(cache_dir.glob("set.tar.gz-*.pt"))
     assert len(cached) == 1
     mtime = cached[0].stat().st_mtime_ns
-    monkeypatch.setattr(data, "_decode_image", lambda *a: pytest.fail("decoded again despite the cache"))
+    monkeypatch.setattr(data.image_folder, "_decode_image", lambda *a: pytest.fail("decoded again despite the cache"))
     again = load_dataset(_folder_cfg(archive))
     assert torch.equal(again.train_x, ds.train_x) and again.classes == ds.classes
     as_cifar = load_dataset(DataConfig(name="cifar10", data_dir=str(archive), val_fraction=0.0))  # same cache

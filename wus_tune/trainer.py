@@ -173,7 +173,7 @@ def fit(
     and :class:`~wus_tune.errors.UsageError` subclasses for bad input.
     """
     # ---- set-up: data, model, methods, optimizer, warm-up ----
-    from wus_tune.plugins import record_sources
+    from wus_tune.provenance import record_sources
 
     config = record_sources(config, model=model, data=data)  # objects handed over: say where they came from
     config.validate()
@@ -392,9 +392,9 @@ class _Loaders:
 
 def _prepare(config: TrainConfig, device: torch.device, *, model: Any = None,
              data: Any = None) -> tuple[RunInfo, Any, _Loaders, nn.Module]:  # fmt: skip
-    """Data, loaders and model: through :func:`wus_tune.plugins.prepare`, the one way models and data
+    """Data, loaders and model: through :func:`wus_tune.prepare.prepare`, the one way models and data
     enter (a config's names and factories, or the objects given to :func:`fit`)."""
-    from wus_tune.plugins import prepare
+    from wus_tune.prepare import prepare
 
     cuda = device.type == "cuda"
     if cuda:

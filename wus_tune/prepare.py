@@ -1,0 +1,22 @@
+"""The dataset and the model of a config, checked against each other before anything trains."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wus_tune.data import Dataset, load_dataset
+from wus_tune.models import build_model, check_output
+
+__all__ = ["prepare"]
+
+
+def prepare(config: Any, *, model: Any = None, data: Any = None, device: Any = "cpu") -> tuple[Dataset, Any]:
+    """The dataset and the model of ``config`` (or the objects given), checked against each other: the
+    model's logits for two training inputs must be ``(2, num_classes)``. Everything the trainer and the
+    study's pre-flight need; every failure is one UsageError line."""
+    dataset = load_dataset(config.data, data=data)
+    net = build_model(config.model, dataset.input_shape, dataset.num_classes, model=model)
+    at = next(net.parameters()).device  # a model handed over on its device is checked there
+    sample = dataset.loader("train", batch_size=2, drop_last=False).batches(dataset.sample(2)).to(at)
+    check_output(net, sample, dataset.num_classes, "model.factory" if (model is not None or config.model.factory) else "model")
+    return dataset, net.to(device)
