@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from wus_tune.data.walk import walk_files
 from wus_tune.errors import one_line
 
 __all__ = ["CACHE_VERSION", "Decoded", "cached", "cache_root", "default_cache_dir", "path_key"]
@@ -51,12 +52,12 @@ def path_key(path: Path) -> dict[str, Any]:
         st = path.stat()
         return {"source": "file", "path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     digest = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames.sort()
-        for file in sorted(filenames):
-            full = os.path.join(dirpath, file)
-            st = os.stat(full)
-            digest.update(f"{os.path.relpath(full, path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for rel, full in walk_files(path):  # the files decoding reads, behind symbolic links too
+        try:
+            st = full.stat()
+        except OSError:  # a broken link: decoding says so if it is an image, and ignores it if not
+            continue
+        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return {"source": "dir", "path": str(path), "files": digest.hexdigest()}
 
 

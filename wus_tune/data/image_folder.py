@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import warnings
 import zlib
@@ -13,6 +12,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from wus_tune.data.cache import Decoded
+from wus_tune.data.walk import walk_files
 from wus_tune.errors import DataError, one_line
 
 __all__ = ["IMAGE_EXTENSIONS", "has_class_folders", "load_image_folder"]
@@ -104,16 +104,12 @@ def _tar_members(path: Path) -> Iterator[tuple[str, bytes]]:
 
 
 def _dir_files(path: Path) -> Iterator[tuple[str, bytes]]:
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for file in sorted(filenames):
-            full = Path(dirpath, file)
-            rel = full.relative_to(path).as_posix()
-            if _is_image(rel):
-                try:
-                    yield rel, full.read_bytes()
-                except OSError as e:
-                    raise DataError(f"{full}: cannot read ({e.strerror or e})") from None
+    for rel, full in walk_files(path):
+        if _is_image(rel):
+            try:
+                yield rel, full.read_bytes()
+            except OSError as e:
+                raise DataError(f"{full}: cannot read ({e.strerror or e})") from None
 
 
 def _decode_image(data: bytes, name: str) -> torch.Tensor:

@@ -80,7 +80,11 @@ class _Loader:
     """The one constructor both loaders share: their options, the device and the transform of each batch."""
 
     def __init__(self, sample: torch.Tensor, options: LoaderOptions | None, fields: dict[str, Any]) -> None:
-        self.options = dataclasses.replace(options, **fields) if options is not None else LoaderOptions(**fields)
+        if options is None:
+            options = LoaderOptions(**fields)
+        elif fields:
+            options = dataclasses.replace(options, **fields)
+        self.options = options
         self.device = torch.device(self.options.device)
         self.batch_size, self.train = self.options.batch_size, self.options.train
         self.batches = BatchTransform(sample, self.options, self.device)
