@@ -18,5 +18,6 @@ def prepare(config: Any, *, model: Any = None, data: Any = None, device: Any = "
     net = build_model(config.model, dataset.input_shape, dataset.num_classes, model=model)
     at = next(net.parameters()).device  # a model handed over on its device is checked there
     sample = dataset.loader("train", batch_size=2, drop_last=False).batches(dataset.sample(2)).to(at)
-    check_output(net, sample, dataset.num_classes, "model.factory" if (model is not None or config.model.factory) else "model")
+    key = "model.factory" if (model is not None or config.model.factory) else "model"
+    check_output(net, sample, dataset.num_classes, key)
     return dataset, net.to(device)

@@ -160,7 +160,9 @@ class StreamLoader(_Loader):
     loading time it does not save. :attr:`wait_s` says how much of it was waiting for data.
     """
 
-    def __init__(self, dataset: Any, options: LoaderOptions | None = None, *, num_workers: int = 2, **fields: Any) -> None:
+    def __init__(
+        self, dataset: Any, options: LoaderOptions | None = None, *, num_workers: int = 2, **fields: Any
+    ) -> None:
         from torch.utils.data import DataLoader
 
         super().__init__(torch.as_tensor(dataset[0][0]).unsqueeze(0), options, fields)
