@@ -13,7 +13,7 @@ files. The file format (YAML or JSON) is the nested dict of :meth:`TrainConfig.t
     epochs: 15
     seed: 0
 
-A user's own model and data are factories named by import path (see :mod:`wus_tune.plugins`)::
+A user's own model and data are factories named by import path (see :mod:`wus_tune.factories`)::
 
     model: {factory: "my_pkg.nets:build", kwargs: {hidden: 64}, factory_version: "1.2.0"}
     data: {factory: "my_pkg.data:load", kwargs: {fold: 0}}
@@ -106,13 +106,13 @@ def _factory_from_name(cfg: Any, default_name: str) -> None:
 
 
 def _model_names() -> dict[str, str]:
-    from wus_tune.plugins import model_registry
+    from wus_tune.registry import model_registry
 
     return model_registry()
 
 
 def _dataset_names() -> dict[str, str]:
-    from wus_tune.plugins import dataset_registry
+    from wus_tune.registry import dataset_registry
 
     return dataset_registry()
 
@@ -120,7 +120,8 @@ def _dataset_names() -> dict[str, str]:
 def _check_source(section: str, cfg: Any, registry: Any) -> None:
     """A registered name, or a factory that imports; warns when the installed package is not the version
     the config recorded."""
-    from wus_tune.plugins import OBJECT_PREFIX, check_path, load_object, package_version
+    from wus_tune.factories import OBJECT_PREFIX, check_path, load_object
+    from wus_tune.provenance import package_version
 
     if cfg.factory is None:
         known = registry()
@@ -224,7 +225,8 @@ class TrainConfig:
     def record_versions(self) -> "TrainConfig":
         """Write the installed version of each factory's package (``model.factory_version``,
         ``data.factory_version``) where the config records none: the provenance every result carries."""
-        from wus_tune.plugins import OBJECT_PREFIX, package_version
+        from wus_tune.factories import OBJECT_PREFIX
+        from wus_tune.provenance import package_version
 
         for part in (self.model, self.data):
             if part.factory is not None and part.factory_version is None and not part.factory.startswith(OBJECT_PREFIX):

@@ -43,7 +43,7 @@ from wus_tune.config import TrainConfig
 from wus_tune.errors import ConfigError, TrainingDiverged
 from wus_tune.layers import param_groups
 from wus_tune.methods import Method, RunInfo, StepContext, build_methods, registry
-from wus_tune.run_state import ProbeRecord, RecordingPlan, RunState, snapshot_path
+from wus_tune.run_state import ProbeRecord, RecordingPlan, RunState, origin_of, snapshot_path
 from wus_tune.schedules import lr_multiplier
 from wus_tune.timing import (
     BASELINE_EVAL, BASELINE_STEP, EVAL, TimingOptions, Workload, costs_of, measure_interleaved, relative_time, run_seconds,
@@ -133,6 +133,9 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"device: {name!r} requested but this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
     return device
 
 
@@ -173,7 +176,7 @@ def fit(
     and :class:`~wus_tune.errors.UsageError` subclasses for bad input.
     """
     # ---- set-up: data, model, methods, optimizer, warm-up ----
-    from wus_tune.plugins import record_sources
+    from wus_tune.provenance import record_sources
 
     config = record_sources(config, model=model, data=data)  # objects handed over: say where they came from
     config.validate()
@@ -197,6 +200,7 @@ def fit(
     records: list[EpochRecord] = []
     specimens: dict[str, Any] = {}  # step kind -> copy of the training state before its first step, to price it
     step = 0
+    recording = recording.resolved(run.steps_per_epoch, config.epochs) if recording is not None else None
     recorder = _Recorder(recording, run, ledger)
     start_epoch, start_batch, resumed_from, partial = 0, 0, None, None
     if resume_from is not None:
@@ -358,6 +362,7 @@ def _snapshot(recorder: _Recorder, recording: RecordingPlan | None, config: Trai
         counters=ledger.snapshot(mid_epoch=sums is not None), epoch_partial=sums.state() if sums else {},
         records=[asdict(r) for r in records], probes=[asdict(p) for p in recorder.records], config=config.to_dict(),
         method_states={m.name: st for m in methods if (st := m.state_dict()) is not None},
+        origin=origin_of(config.to_dict()),
     ).save(snapshot_path(recording.save_dir, len(recorder.records)))  # fmt: skip
 
 
@@ -392,9 +397,9 @@ class _Loaders:
 
 def _prepare(config: TrainConfig, device: torch.device, *, model: Any = None,
              data: Any = None) -> tuple[RunInfo, Any, _Loaders, nn.Module]:  # fmt: skip
-    """Data, loaders and model: through :func:`wus_tune.plugins.prepare`, the one way models and data
+    """Data, loaders and model: through :func:`wus_tune.prepare.prepare`, the one way models and data
     enter (a config's names and factories, or the objects given to :func:`fit`)."""
-    from wus_tune.plugins import prepare
+    from wus_tune.prepare import prepare
 
     cuda = device.type == "cuda"
     if cuda:
