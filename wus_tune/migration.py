@@ -48,7 +48,8 @@ def migrate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     """``raw`` (a config mapping) in the current version. Version 1, or no version and a ``wus:``
     section: the section becomes the ``methods.wus`` entry when it was enabled and goes otherwise."""
     data = dict(raw)
-    if data.get("version", 1 if _SECTION in data else CONFIG_VERSION) != 1:
+    version = data.get("version", 1 if _SECTION in data else CONFIG_VERSION)
+    if isinstance(version, bool) or version != 1:  # a bool is no version: the config's own check says so
         return data
     deprecated("config version 1 (a `wus:` section)", f"version {CONFIG_VERSION} (`methods: {{wus: ...}}`); save it again to update the file")
     section = _section(data.pop(_SECTION, None), _SECTION)

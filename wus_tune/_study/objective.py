@@ -1,7 +1,9 @@
 """The Optuna objective: trial -> TrainConfig -> ``fit`` -> objective values, with one MLflow child run.
 
 What a trial stores in its user attributes (read by :mod:`wus_tune.pareto` and the report):
-``role``, ``variant``, ``config`` (the full TrainConfig dict, so any trial can be exported),
+``role``, ``method`` (the method choice: ``none``, ``wus``, ``approx_ops+wus``), ``variant`` (what it ran,
+:func:`~wus_tune._study.catalog.trial_label`: ``none``, ``wus``, ``wus+lr``, ``approx_ops+wus``), ``config``
+(the full TrainConfig dict, so any trial can be exported),
 ``mlflow_run_id``, ``result`` (summary figures and the timing of the machinery: ``fit_s``,
 ``overhead_s``, ``mlflow_s``), and ``fail_reason`` plus ``timing`` when it raised.
 
@@ -113,7 +115,7 @@ class Objective:
             plan = self._plan(trial, config, role)
             kwargs: dict[str, Any] = {}
             if role == "baseline" and self.study.reuse.any:
-                kwargs["recording"] = reuse.baseline_plan(self.study, config, trial.number)
+                kwargs["recording"] = reuse.baseline_plan(self.study, trial.number)
             elif plan.kind == "fork":
                 plan, state = self._fork(trial, plan, config)
                 if state is not None:

@@ -220,14 +220,17 @@ def spread(points: Sequence[int], at_most: int) -> list[int]:
     return sorted({points[round(i * step)] for i in range(at_most)})
 
 
-def baseline_plan(study_def: Any, base: TrainConfig, trial_number: int) -> RecordingPlan:
+def baseline_plan(study_def: Any, trial_number: int) -> RecordingPlan:
     """What baseline trial ``trial_number`` records: the probes its study's predictable methods ask for
     (the first one's cadence; a method asking for another one trains from scratch), and the snapshots
-    forks may start from (in the trial's own folder, :func:`baseline_dir`)."""
+    forks may start from (in the trial's own folder, :func:`baseline_dir`). The methods read their knobs in
+    the study's base config (its ``methods`` entries: what WUS watches, and how often), which a baseline's
+    own config, running no method, leaves out."""
     from wus_tune.methods.study import BaselineRecording
     from wus_tune.run_state import RecordingPlan
 
     reuse: ReuseSpec = study_def.reuse
+    base: TrainConfig = study_def.base
     asked = [(cls, r) for cls in study_methods(study_def) if (r := cls.baseline_recording(base)) is not None]
     every = asked[0][1].every_steps if asked else 0
     served = [(cls, r) for cls, r in asked if r.every_steps == every]

@@ -10,7 +10,9 @@ study: training never imports the study side.
 A config switches a method on by naming it with its keyword arguments (``methods: {wus: {threshold: 0.02},
 approx_ops: {sample_ratio: 0.5}}``); :func:`build_methods` builds them in that order. ``Method(**params)``
 round-trips a tuned config, because ``__init__`` only stores keyword arguments (the constructor's
-keyword-only arguments, or the fields of a ``params_type`` dataclass: WUS's are :class:`WUSConfig`'s).
+keyword-only arguments, or the fields of a ``params_type`` dataclass: WUS's are ``WUSConfig``'s).
+Besides ``name`` and ``params_type``, a class says where its study declaration is (``study``) and whether
+its ordinary steps are the plain model's (``plain_full_steps``: they are then priced as the baseline's).
 
 The hooks (each optional), in the order :func:`wus_tune.fit` calls them::
 

@@ -2,7 +2,8 @@
 
 When the watched accuracy stops moving, stop updating the weights (and stop computing their gradients)
 while the biases keep training; after ``skip_length`` checks, full updates resume and the signal is
-measured afresh. WUS+LR couples the skip windows to the learning rate.
+measured afresh. WUS+LR couples the skip windows to the learning rate (``variant: wus+lr``, the default,
+applies ``bias_lr_factor`` and ``lr_decay``; ``variant: wus`` leaves them out).
 
 The rule, exactly (all accuracies are fractions in [0, 1]):
 
