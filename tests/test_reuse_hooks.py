@@ -113,7 +113,8 @@ def test_a_plugin_method_is_reused_and_forked_through_the_hooks(study_dir):
     for n in (2, 3):  # not trained: the baseline's values
         assert by[n].attrs["reused"] == "baseline" and n not in counting.results
         assert by[n].values == by[0].values and by[n].state == "COMPLETE"
-    assert by[1].attrs["forked"]["point"] == 2 and by[4].attrs["forked"]["point"] == 3
+    assert by[1].attrs.get("forked", {}).get("point") == 2, (by[1].attrs.get("reuse_skipped"), lines)
+    assert by[4].attrs["forked"]["point"] == 3
     assert counting.resumed == {0: False, 1: True, 4: True}
     assert any(line.startswith("reuse: 2 trials equal to the baseline") for line in lines)
     for n in (1, 4):  # forked == trained from scratch, bit for bit on the CPU

@@ -32,7 +32,8 @@ def test_fit_reports_measurements_and_learns():
     assert result.changed_steps == 0 and result.flops_fraction == 1.0 and set(result.step_kinds) == {"full"}
     assert result.flops_per_step > 0 and result.train_flops == result.total_steps * result.flops_per_step
     assert result.cost_flops > result.train_flops  # plus the final evaluation
-    assert result.time_s == pytest.approx(result.train_time_s + result.required_eval_time_s)
+    assert result.time_s == pytest.approx(result.train_time_s + result.required_eval_time_s + result.hook_time_s
+                                          + result.compile_time_s) and result.compile_time_s == 0.0
     # only the final evaluation is charged to a baseline; the per-epoch curve evaluations are not
     assert result.required_eval_time_s < result.eval_time_s
     assert all(e.val_acc is not None for e in result.epochs)

@@ -79,6 +79,8 @@ class ProbeRecord:
     eval_time_s: float  # this point's validation pass
     eval_flops: float  # FLOPs of this point's validation pass
     train_flops: float  # training FLOPs up to this point (cumulative)
+    eval_work_s: float = 0.0  # this point's validation pass on the work clock (wus_tune.clock)
+    eval_samples: int = 0  # samples it evaluated
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ProbeRecord:

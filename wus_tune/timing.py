@@ -75,6 +75,9 @@ class Workload:
     run: Callable[[], float]
     prepare: Callable[[], None] | None = None
     sync: Callable[[], None] | None = None  # e.g. torch.cuda.synchronize: queued device work belongs to the burst
+    # a burst repeats at least this many units: a streamed loader's workers keep a few batches ready, which a
+    # burst gets for free, so its bursts must be long against that buffer to see the steady rate
+    min_units: int = 1
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,7 @@ def measure_interleaved(
             sizes[kind] = options.max_burst
         else:
             sizes[kind] = max(1, min(options.max_burst, math.ceil(options.min_burst_s / seconds)))
+        sizes[kind] = max(sizes[kind], workloads[kind].min_units)
     samples: dict[str, list[float]] = {k: [] for k in kinds}
     units_seen: dict[str, float] = {}
     for r in range(options.rounds):

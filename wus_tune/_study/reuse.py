@@ -423,9 +423,12 @@ def fork_state(decision: Decision, baseline: Baseline, config: TrainConfig) -> R
         at_end = [i for i, p in enumerate(probes) if p["step"] <= record["epoch"] * record["steps"]]
         if at_end:
             record["extra"] = {**record.get("extra", {}), **result.metrics[at_end[-1]]}
-    if result.charges_probes:
-        state.counters["required_eval_time_s"] += sum(p["eval_time_s"] for p in probes)
-        state.counters["required_eval_flops"] += sum(p["eval_flops"] for p in probes)
+    if result.charges_probes:  # the twin evaluated at each of these checks: the same time, FLOPs, samples and work
+        counters = state.counters
+        counters["required_eval_time_s"] += sum(p["eval_time_s"] for p in probes)
+        counters["required_eval_flops"] += sum(p["eval_flops"] for p in probes)
+        counters["charged_eval_samples"] = counters.get("charged_eval_samples", 0) + sum(p.get("eval_samples", 0) for p in probes)
+        counters["eval_work_s"] = counters.get("eval_work_s", 0.0) + sum(p.get("eval_work_s", 0.0) for p in probes)
     return state
 
 

@@ -69,20 +69,24 @@ class FeatureCache:
     features: torch.Tensor  # (N, ...) on the training device
     targets: torch.Tensor  # (N,)
     generator: torch.Generator
+    order: torch.Tensor | None = None  # this pass's permutation
+    position: int = 0  # batches of it drawn
 
     @property
     def nbytes(self) -> int:
         return self.features.numel() * self.features.element_size()
 
-    def batch_indices(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """Endless batches: a fresh permutation of the cache per pass, last partial batch dropped
-        (unless the cache is smaller than one batch)."""
+    def next_indices(self, batch_size: int) -> torch.Tensor:
+        """The next batch of an endless sequence: a fresh permutation of the cache per pass, last partial
+        batch dropped (unless the cache is smaller than one batch). A position, not a Python generator, so
+        a session can be copied (the pricing copies the training state) and saved."""
         n = len(self.targets)
         per_pass = max(1, n // batch_size)
-        while True:
-            order = torch.randperm(n, device=self.targets.device, generator=self.generator)
-            for i in range(per_pass):
-                yield order[i * batch_size:(i + 1) * batch_size]
+        if self.order is None or self.position >= per_pass:
+            self.order = torch.randperm(n, device=self.targets.device, generator=self.generator)
+            self.position = 0
+        i, self.position = self.position, self.position + 1
+        return self.order[i * batch_size:(i + 1) * batch_size]
 
 
 def cache_bytes(prefix: nn.Module, sample: torch.Tensor, num_images: int, autocast_dtype: torch.dtype | None = None) -> tuple[int, torch.Size, torch.dtype]:
@@ -167,7 +171,6 @@ class PrefixCacheSession:
         self.fallbacks = 0  # frozen periods that ran without a cache (over the cap, or no prefix)
         self.peak_bytes = 0
         self._open = False  # inside a frozen period (with or without a cache)
-        self._indices: Iterator[torch.Tensor] | None = None
 
     @property
     def active(self) -> bool:
@@ -197,14 +200,13 @@ class PrefixCacheSession:
         self.cache, self.top = cache, top
         self.builds += 1
         self.peak_bytes = max(self.peak_bytes, cache.nbytes)
-        self._indices = cache.batch_indices(self.batch_size)
         return True
 
     def step_loss(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, logits, targets)`` of the top on the next cached batch (call ``loss.backward()``)."""
-        assert self.cache is not None and self.top is not None and self._indices is not None, "begin() first"
-        index = next(self._indices)
+        assert self.cache is not None and self.top is not None, "begin() first"
+        index = self.cache.next_indices(self.batch_size)
         features, targets = self.cache.features[index], self.cache.targets[index]
         with _autocast(features.device.type, self.autocast_dtype):
             logits = self.top(features)
@@ -212,5 +214,5 @@ class PrefixCacheSession:
 
     def end(self) -> None:
         """Close the frozen period and free the cache."""
-        self.cache = self.top = self._indices = None
+        self.cache = self.top = None
         self._open = False
