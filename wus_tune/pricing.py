@@ -57,6 +57,7 @@ from wus_tune.timing import BASELINE_EVAL, BASELINE_STEP, Measurement, TimingOpt
 __all__ = ["RunWork", "Pricing", "price_run"]
 
 COVERAGE_LINE = 0.90  # under this share of explained work, the study says which work is unpriced
+STREAMED_BURST_S = 0.2  # a burst reading data through worker processes: long against their 10 ms CPU-time ticks
 
 
 @dataclass
@@ -227,7 +228,7 @@ def _step_workload(net: nn.Module, opt: torch.optim.Optimizer, methods: list[Met
         return 1.0
 
     return Workload(run=one, prepare=batches.drain if batches.streamed else None, sync=sync,
-                    min_units=2 * batches.buffered or 1)  # fmt: skip
+                    min_units=2 * batches.buffered or 1, min_burst_s=STREAMED_BURST_S if batches.buffered else None)  # fmt: skip
 
 
 def _eval_workload(net: nn.Module, batches: _Batches, autocast: Any, sync: Callable[[], None] | None) -> Workload:
@@ -242,7 +243,7 @@ def _eval_workload(net: nn.Module, batches: _Batches, autocast: Any, sync: Calla
         return float(len(x))
 
     return Workload(run=one, prepare=batches.drain if batches.streamed else None, sync=sync,
-                    min_units=2 * batches.buffered or 1)  # fmt: skip
+                    min_units=2 * batches.buffered or 1, min_burst_s=STREAMED_BURST_S if batches.buffered else None)  # fmt: skip
 
 
 def _baseline(work: RunWork, reference: TrainConfig, ref_data: Any) -> tuple[nn.Module, Any, list[Method], RunInfo, int]:

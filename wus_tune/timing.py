@@ -78,6 +78,9 @@ class Workload:
     # a burst repeats at least this many units: a streamed loader's workers keep a few batches ready, which a
     # burst gets for free, so its bursts must be long against that buffer to see the steady rate
     min_units: int = 1
+    # and lasts at least this long (None: TimingOptions.min_burst_s); the CPU time of worker processes is read
+    # from /proc in 10 ms ticks, so bursts that include it must be long against a tick
+    min_burst_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -150,11 +153,14 @@ def measure_interleaved(
     for kind in kinds:
         burst(workloads[kind], 1)  # warm-up: allocator, autotuning, first-call caches
         seconds, _ = burst(workloads[kind], 1)
+        work = workloads[kind]
+        min_burst_s = options.min_burst_s if work.min_burst_s is None else max(work.min_burst_s, options.min_burst_s)
+        max_burst = max(options.max_burst, work.min_units)
         if seconds <= 0:
-            sizes[kind] = options.max_burst
+            sizes[kind] = max_burst
         else:
-            sizes[kind] = max(1, min(options.max_burst, math.ceil(options.min_burst_s / seconds)))
-        sizes[kind] = max(sizes[kind], workloads[kind].min_units)
+            sizes[kind] = max(1, min(max_burst * (1 if work.min_burst_s is None else 8), math.ceil(min_burst_s / seconds)))
+        sizes[kind] = max(sizes[kind], work.min_units)
     samples: dict[str, list[float]] = {k: [] for k in kinds}
     units_seen: dict[str, float] = {}
     for r in range(options.rounds):

@@ -420,7 +420,8 @@ def _step(t: _Training, x: torch.Tensor, y: torch.Tensor, step: int, epoch: int)
                       forward=autocast_forward(t.train_model, t.autocast), loss_fn=t.loss_fn)  # fmt: skip
     if t.keep_specimens and kind not in t.specimens and not is_one_off(kind):
         with t.ledger.check_time():  # not part of any step
-            t.specimens[kind] = copy.deepcopy((t.model, t.optimizer, t.methods, t.run))
+            shared = {id(x): x for x in (t.data, *vars(t.loaders).values())}  # a copy trains on the same data
+            t.specimens[kind] = copy.deepcopy((t.model, t.optimizer, t.methods, t.run), shared)
     with t.ledger.step(kind) as counting:
         if counting:  # FLOPs follow autograd on the eager model, which a compiled graph hides
             ctx.forward = autocast_forward(t.model, t.autocast)

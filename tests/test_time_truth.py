@@ -1,0 +1,135 @@
+"""Honest time: a run's relative time moves with its wall-time ratio to the baseline, whatever the work is.
+
+Each case injects real CPU work (wus_tune.testing) into the trial only, never its baseline, and trains both
+in this one process: slow training data (streamed; device-resident with costly augmentation), slow
+validation data with val_acc checks, a method whose end_epoch works, a method whose step is slower than its
+FLOPs say, the frozen-prefix cache, compilation on the CPU. The slowdowns are large (2-4x), so direction and
+rough size must hold on a busy test machine: relative time within 25% of the wall-time ratio. Quiet-machine
+figures: benchmarks/time_truth.py (docs/benchmarks.md). About 60 s on 2 cores without the compile case.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import wus_tune.testing  # noqa: F401  (registers slow_epoch_end and slow_step)
+from wus_tune.config import TrainConfig
+from wus_tune.trainer import fit
+
+DIGITS = {"model": {"name": "mlp", "width": 1.0}, "device": "cpu", "epochs": 6, "schedule": {"name": "step"},
+          "data": {"factory": "wus_tune.testing:slow_digits", "val_fraction": 0.0}}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+def measured_work(result) -> float:
+    """The run's work as measured while it ran, on the work clock (CPU seconds of the process and its data
+    workers): every step of each kind at its measured seconds per step, the charged evaluations, the one-off
+    work. What the prices must explain; unlike wall time it does not move when other jobs share the cores."""
+    total = 0.0
+    for kind, s in result.work_seconds.items():
+        count = result.work_counts.get(kind, s["units"])
+        total += s["seconds"] / s["units"] * count if s["units"] else s["seconds"]
+    return total
+
+
+def both(baseline: TrainConfig, trial: TrainConfig, rounds: int = 2) -> tuple[float, float, float, object]:
+    """(wall-time ratio trial / baseline, measured-work ratio, relative-time ratio, the trial's last result),
+    from ``rounds`` pairs trained alternately, so a load that comes and goes hits both alike."""
+    sums = [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    for _ in range(rounds):
+        for i, config in enumerate((baseline, trial)):
+            result = fit(config, relative_to=baseline)
+            for j, value in enumerate((result.time_s, measured_work(result), result.relative_time)):
+                sums[i][j] += value
+    return (*(t / b for t, b in zip(sums[1], sums[0])), result)
+
+
+def assert_follows(wall: float, work: float, relative: float, *, at_least: float) -> None:
+    """The injected work slowed the trial (by its measured work and in the direction of its wall time), and its
+    relative time follows the measured work within 25% (the wall-time figures on a quiet machine:
+    benchmarks/time_truth.py)."""
+    assert work >= at_least and wall > 1.0, f"the injected work did not slow the trial: work {work:.2f}, wall {wall:.2f}"
+    assert relative == pytest.approx(work, rel=0.25), f"relative time ratio {relative:.2f} vs measured work {work:.2f} (wall {wall:.2f})"
+
+
+def config(**changes) -> TrainConfig:
+    return TrainConfig.from_dict(DIGITS).replace(changes)
+
+
+def test_slow_streamed_training_data_is_charged():
+    baseline = config(**{"data.memory_budget_mb": 0, "data.num_workers": 0})
+    trial = baseline.replace({"data.kwargs": {"train_ms": 0.02}})
+    wall, work, relative, result = both(baseline, trial)
+    assert_follows(wall, work, relative, at_least=2.0)
+    assert result.coverage > 0.9
+
+
+def test_slow_streamed_training_data_in_worker_processes_is_charged():
+    """The decoding happens in a DataLoader worker process: its CPU time is read from /proc, in 10 ms ticks, and
+    the worker competes with the trainer for the cores, so on a shared test machine only the direction and
+    the charge are checked here; benchmarks/time_truth.py measures the size on a quiet one."""
+    baseline = config(**{"data.memory_budget_mb": 0, "data.num_workers": 1})
+    trial = baseline.replace({"data.kwargs": {"train_ms": 0.02}})
+    wall, work, relative, result = both(baseline, trial)
+    assert result.work_seconds["workers"]["seconds"] > 0  # the decoding happened in the worker process
+    assert work > 1.5 and wall > 1.2 and relative > 1.5
+
+
+def test_costly_augmentation_on_the_device_is_charged():
+    images = {"model": {"name": "mlp", "width": 0.05, "depth": 1}, "device": "cpu", "epochs": 4,
+              "data": {"factory": "wus_tune.testing:random_images", "kwargs": {"n": 2000}, "val_fraction": 0.0,
+                       "augment": False}}  # fmt: skip
+    baseline = TrainConfig.from_dict(images)
+    wall, work, relative, _ = both(baseline, baseline.replace({"data.augment": True}))
+    assert_follows(wall, work, relative, at_least=1.3)
+
+
+def test_slow_validation_data_under_val_acc_checks_is_charged():
+    baseline = config(**{"data.memory_budget_mb": 0, "data.num_workers": 0, "data.kwargs": {"val_ms": 0.0}})
+    checks = {"methods.wus": {"threshold": 0.0, "signal": "val_acc"}}  # checks every epoch, never skips
+    trial = baseline.replace({"data.kwargs": {"val_ms": 0.05}} | checks)
+    wall, work, relative, result = both(baseline, trial)
+    assert_follows(wall, work, relative, at_least=2.0)
+    assert result.work_counts["eval"] > 0
+
+
+def test_a_method_whose_end_epoch_works_pays_for_it():
+    baseline = config()
+    trial = baseline.replace({"methods.slow_epoch_end": {"seconds": 0.02}})
+    wall, work, relative, result = both(baseline, trial)
+    assert_follows(wall, work, relative, at_least=2.0)
+    assert result.work_seconds["one-off:hooks"]["seconds"] >= 6 * 0.02 * 0.9
+
+
+def test_a_step_slower_than_its_flops_is_priced_as_it_ran():
+    baseline = config()
+    trial = baseline.replace({"methods.slow_step": {"seconds": 0.001}})
+    wall, work, relative, result = both(baseline, trial)
+    assert_follows(wall, work, relative, at_least=2.0)
+    assert result.flops_fraction == 1.0  # the same FLOPs: only the measurement sees the extra work
+
+
+def test_the_frozen_prefix_cache_is_priced_with_its_builds():
+    wide = {"model.width": 2.0, "model.depth": 3, "epochs": 6}
+    baseline = config(**wide)
+    trial = baseline.replace({"methods.wus": {"threshold": 1.0, "window": 1, "warmup": 1, "skip_length": 2,
+                                              "bias_scope": "last:1", "signal": "train_acc",
+                                              "schedule_window": [0.0, 1.0], "cache_frozen_prefix": True}})  # fmt: skip
+    wall, work, relative, result = both(baseline, trial)
+    builds = [k for k in result.work_seconds if k.startswith("one-off:build:")]
+    assert builds and result.changed_steps > 0  # skip windows ran on a cache, each built once
+    assert relative == pytest.approx(work, rel=0.25), (relative, work, wall)
+
+
+@pytest.mark.slow
+def test_compiling_on_the_cpu_is_charged_to_the_run_that_compiles():
+    baseline = config(epochs=2)
+    trial = baseline.replace({"compile": True})
+    wall, work, relative, result = both(baseline, trial)
+    assert result.compile_time_s > 0 and result.work_seconds["one-off:compile"]["seconds"] > 0
+    assert_follows(wall, work, relative, at_least=2.0)
