@@ -53,7 +53,8 @@ def _one_thread(one_torch_thread):
 
 def assert_each_reused_trial_equals_its_twin(trials: list[optuna.trial.FrozenTrial]) -> tuple[int, int]:
     """Re-train every forked and replayed trial from its stored config, from scratch: the same accuracy,
-    steps per kind and FLOPs. Returns (forked, replayed) counts."""
+    steps per kind, evaluated samples and FLOPs (the work a relative time prices). Returns (forked, replayed)
+    counts."""
     forked = replayed = 0
     baselines = {t.number: t for t in trials if t.user_attrs.get("role") == "baseline"}
     for t in trials:
@@ -68,15 +69,15 @@ def assert_each_reused_trial_equals_its_twin(trials: list[optuna.trial.FrozenTri
             source = baselines[attrs["forked"]["trial"]]
             assert source.user_attrs["config"]["seed"] == config.seed == attrs["forked"]["seed"], t.number
             assert twin.changed_steps > 0, t.number
-            for name in ("val_acc", "changed_steps", "cost_flops", "flops_fraction", "total_steps"):
+            for name in ("val_acc", "changed_steps", "cost_flops", "flops_fraction", "total_steps", "work_counts"):
                 assert stored[name] == getattr(twin, name), (t.number, name)
         else:
             replayed += 1
             source = baselines[stored["reused_from"]]
             assert source.user_attrs["config"]["seed"] == config.seed, t.number
             assert twin.changed_steps == 0, t.number
-            for name in ("val_acc", "changed_steps", "flops_fraction", "total_steps"):
-                assert stored[name] == getattr(twin, name), (t.number, name)
+            for name in ("val_acc", "changed_steps", "flops_fraction", "total_steps", "cost_flops", "work_counts"):
+                assert stored[name] == getattr(twin, name), (t.number, name)  # the checks the twin pays included
     return forked, replayed
 
 

@@ -133,3 +133,27 @@ def test_compiling_on_the_cpu_is_charged_to_the_run_that_compiles():
     wall, work, relative, result = both(baseline, trial)
     assert result.compile_time_s > 0 and result.work_seconds["one-off:compile"]["seconds"] > 0
     assert_follows(wall, work, relative, at_least=2.0)
+
+
+def test_a_study_that_searches_the_frozen_prefix_cache_runs_to_completion(study_dir):
+    """Copying the training state to price a skip step reached the cache's batch iterator, which could not be
+    copied: every skipping trial of such a study failed. Now each is priced, its cache builds charged."""
+    from wus_tune._study.spec import StudySpec
+    from wus_tune.study import run_study
+
+    spec = StudySpec.from_dict({
+        "name": "cached", "train": {"model": {"name": "mlp", "width": 1.0, "depth": 3}, "data": {"name": "digits"},
+                                    "device": "cpu", "epochs": 6},
+        "baseline_fractions": [], "tracking_uri": "none", "n_trials": 5, "sampler_options": {"n_startup_trials": 5},
+        "search_space": {"methods.wus.cache_frozen_prefix": {"choices": [True, False]},
+                         "methods.wus.bias_scope": {"choices": ["last:1"]}, "methods.wus.threshold": {"low": 0.2, "high": 0.5},
+                         "methods.wus.warmup": {"low": 1, "high": 1}, "methods.wus.window": {"low": 1, "high": 1}},
+        "enqueue": [{"methods.wus.cache_frozen_prefix": True, "methods.wus.threshold": 0.4}],
+    })  # fmt: skip
+    outcome = run_study(spec, echo=None)
+    states = [c.state for c in outcome.analysis.candidates]
+    assert states == ["COMPLETE"] * 5, [(c.number, c.state, c.attrs.get("fail_reason")) for c in outcome.analysis.candidates]
+    cached = [c for c in outcome.analysis.candidates if c.config["methods"].get("wus", {}).get("cache_frozen_prefix")
+              and c.attrs["result"]["changed_steps"]]  # fmt: skip
+    assert cached and all(c.attrs["result"]["relative_time"] > 0 for c in cached)
+    assert any(any(kind.endswith("cache-build") for kind in c.attrs["result"]["work_counts"]) for c in cached)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from wus_tune._study import reuse
 from wus_tune._study.space import METHOD_KEY, apply_values, flat_config
 from wus_tune.errors import TrainingDiverged
+from wus_tune.pricing import coverage_line
 from wus_tune.pareto import objective_values
 
 if TYPE_CHECKING:
@@ -32,9 +33,10 @@ if TYPE_CHECKING:
     from wus_tune.trainer import TrainResult
 
 CONSTRAINT_KEY = "accuracy_floor"  # value = (baseline accuracy - delta) - accuracy; feasible when <= 0
-RESULT_FIELDS = ("val_acc", "best_val_acc", "test_acc", "time_s", "train_time_s", "eval_time_s", "cost_flops",
-                 "changed_step_fraction", "flops_fraction", "total_steps", "changed_steps", "relative_time",
-                 "reference_time_s", "modelled_time_s", "timing_overhead_s", "work_counts")  # fmt: skip
+RESULT_FIELDS = ("val_acc", "best_val_acc", "test_acc", "time_s", "train_time_s", "eval_time_s", "required_eval_time_s",
+                 "hook_time_s", "compile_time_s", "cost_flops", "changed_step_fraction", "flops_fraction", "total_steps",
+                 "changed_steps", "relative_time", "reference_time_s", "modelled_time_s", "coverage", "unpriced",
+                 "timing_overhead_s", "work_counts")  # fmt: skip
 
 
 def one_line(e: BaseException) -> str:
@@ -143,6 +145,8 @@ class Objective:
             summary = {k: getattr(result, k, None) for k in RESULT_FIELDS} | {"epochs": len(result.epochs)}
             summary["unit_costs"] = {k: v["seconds"] for k, v in (getattr(result, "unit_costs", None) or {}).items()}
             summary |= reuse.record_run(trial, plan, result, kwargs)
+            if (line := coverage_line(trial.number, summary)) is not None:
+                self.say(line)
             if "no_snapshots" in summary:
                 self.say(f"reuse: baseline trial {trial.number} kept no snapshots ({summary.pop('no_snapshots')}): "
                          "trials that deviate from it train from scratch")  # fmt: skip
@@ -200,10 +204,11 @@ class Objective:
         from types import SimpleNamespace
 
         b = plan.baseline
-        objective = dict(zip(self.study.objectives, b.values))
+        summary = reuse.reused_summary(b, plan.replay)
+        objective = dict(zip(self.study.objectives, b.values))  # its twin's: the baseline's, plus the checks it pays
+        objective |= objective_values(SimpleNamespace(**(summary | {"epochs": []})), self.study.objectives)
         if self.study.constraint_delta is not None:
             trial.set_constraint(CONSTRAINT_KEY, self._constraint(trial, role, objective["accuracy"]))
-        summary = reuse.reused_summary(b)
         trial.set_user_attr(reuse.REUSED_ATTR, "baseline")
         trial.set_user_attr("result", summary | {"reused_from": b.number} | self._timing(start, 0.0, run))
         run.finish(SimpleNamespace(**(summary | {"epochs": []})), objective)
@@ -303,7 +308,7 @@ def baseline_configs(study: Study) -> list[TrainConfig]:
 
 def timing_metrics(result: TrainResult) -> dict[str, float]:
     """The relative-time figures of a result, as MLflow metrics (``timing/price/step:full`` & co)."""
-    out = {k: v for k in ("relative_time", "reference_time_s", "modelled_time_s", "timing_overhead_s")
+    out = {k: v for k in ("relative_time", "reference_time_s", "modelled_time_s", "timing_overhead_s", "coverage")
            if isinstance(v := getattr(result, k, None), (int, float))}  # fmt: skip
     for kind, cost in (getattr(result, "unit_costs", None) or {}).items():
         out[f"timing/price/{kind}"] = cost["seconds"]

@@ -432,11 +432,32 @@ def fork_state(decision: Decision, baseline: Baseline, config: TrainConfig) -> R
     return state
 
 
-def reused_summary(baseline: Baseline) -> dict[str, Any]:
-    """The ``result`` attribute of a trial completed with the baseline's values: the baseline's figures."""
+def reused_summary(baseline: Baseline, replay: Deviation | None = None) -> dict[str, Any]:
+    """The ``result`` attribute of a trial completed without training: its twin's figures. Its twin trains
+    the baseline's steps; when its method's own run pays a validation pass at each check (``charges_probes``:
+    WUS watching ``val_acc``) the twin pays those too, so its time, FLOPs, evaluated samples and relative
+    time are the baseline's plus the passes of every probe but the last (which is the final evaluation both
+    pay), at the baseline's measured cost and prices."""
     res = dict(baseline.attrs.get("result") or {})
     drop = ("fit_s", "overhead_s", "mlflow_s", "sample_s", "checkpoint_bytes")
-    return {k: v for k, v in res.items() if k not in drop} | {"compute_flops": 0.0}
+    res = {k: v for k, v in res.items() if k not in drop} | {"compute_flops": 0.0}
+    if replay is None or not replay.charges_probes or len(baseline.probes) < 2:
+        return res
+    passes = baseline.probes[:-1]
+    seconds, samples = sum(p["eval_time_s"] for p in passes), sum(p.get("eval_samples", 0) for p in passes)
+    for key in ("time_s", "required_eval_time_s", "eval_time_s"):
+        if key in res:
+            res[key] += seconds
+    res["cost_flops"] = res.get("cost_flops", 0.0) + sum(p["eval_flops"] for p in passes)
+    counts = dict(res.get("work_counts") or {})
+    counts["eval"] = counts.get("eval", 0.0) + samples
+    res["work_counts"] = counts
+    prices = res.get("unit_costs") or {}
+    price = prices.get("eval", prices.get("baseline:eval"))
+    if price is not None and res.get("modelled_time_s") is not None and res.get("reference_time_s"):
+        res["modelled_time_s"] += samples * price
+        res["relative_time"] = res["modelled_time_s"] / res["reference_time_s"]
+    return res
 
 
 # ---- finding the baseline, waiting for it ------------------------------------------------------------
