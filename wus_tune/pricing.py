@@ -11,8 +11,7 @@ process, interleaved with the same measurement of the baseline's step (:func:`wu
 and each *one-off* piece of work is charged at its measured seconds::
 
     price_k              seconds per unit of kind k, measured now, paired with the baseline's step
-    rho                  the run's own pace: measured seconds per unit of its main kind / its price
-    run(work)            = sum_k count_k * price_k + one_off_seconds / rho
+    run(work)            = sum_k count_k * price_k + one_off_seconds
     relative_time        = run(this run) / run(the baseline config)
 
 Recurring kinds are priced on the **real data path**: a unit of a step kind fetches the next batch from a
@@ -21,9 +20,12 @@ DataLoader workers) and runs the step the run ran (the methods' hooks, an owner'
 training state taken just before that kind's first step; a unit of evaluation is an evaluated sample of the
 run's own validation loader. The baseline's step and evaluation run on its own model, optimizer and data.
 One-off work -- a step that builds something (a ``...build`` kind: WUS's frozen-prefix cache), the methods'
-``end_epoch`` and checks, compilation -- is charged at its in-run work seconds divided by ``rho``, which
-puts them at the pricing moment's pace. The baseline pays its own compilation (the run's compile of the
-modes the baseline has too: its ordinary step and the evaluation) when it compiles.
+``end_epoch`` and checks, compilation -- is charged at its in-run work seconds: on a CPU's work clock a
+descheduled process is not charged for the wait, and a method's single-threaded Python work (a hook) costs
+what it costs under any load. (Scaling it by the run's pace against its probes was tried: under a busy loop
+on the other core, two torch threads' spinning slowed the steps 2-3x in CPU time while a hook's Python did
+not slow at all, so the scaled hook was charged a third of its cost.) The baseline pays its own compilation
+(the run's compile of the modes the baseline has too: its ordinary step and the evaluation) when it compiles.
 
 A compiled run's graphs cannot be copied into a probe, so a run with ``compile: true`` prices its kinds at
 their in-run seconds per unit, and the baseline's step and evaluation at the run's own ordinary step and
@@ -90,7 +92,7 @@ class Pricing:
     coverage: float
     unpriced: dict[str, float] = field(default_factory=dict)  # kind -> its measured / explained seconds, when over 1.1
     prices: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> Measurement.to_dict()
-    one_off_s: float = 0.0  # the run's one-off work at the pricing moment's pace
+    one_off_s: float = 0.0  # the run's one-off work, at its measured work seconds
     overhead_s: float = 0.0  # the pricing itself (wall seconds, charged to nothing)
 
 
@@ -128,15 +130,15 @@ def price_run(work: RunWork, reference: TrainConfig, options: TimingOptions | No
         prices[kind] = measured["seconds"] / measured["units"] / pace
     run_s = sum(n * prices[k] for k, n in recurring.items())
     one_off = sum(s["seconds"] for k, s in work.seconds.items() if k.startswith("one-off:"))
-    run_s += one_off / pace
+    run_s += one_off
     reference_s = sum(n * prices[k] for k, n in reference_counts.items())
     if reference.compile:
-        reference_s += work.baseline_compile_s / pace
+        reference_s += work.baseline_compile_s
     if not reference_s > 0:
         raise ValueError(f"the baseline run costs {reference_s!r} s at these prices; it must be positive")
     return Pricing(
         relative_time=run_s / reference_s, run_s=run_s, reference_s=reference_s, pace=pace, coverage=coverage,
-        unpriced=unpriced, prices={k: m.to_dict() for k, m in measurements.items()}, one_off_s=one_off / pace,
+        unpriced=unpriced, prices={k: m.to_dict() for k, m in measurements.items()}, one_off_s=one_off,
         overhead_s=time.perf_counter() - start,
     )  # fmt: skip
 
