@@ -60,7 +60,7 @@ def load_config(
 
 def config_from_study(study_name: str, *, storage: str | None = None, select: str | None = None) -> TrainConfig:
     """The config of the trial that ``select`` picks (default: the study's own ``select`` rule)."""
-    from wus_tune.pareto import export_config, load_analysis
+    from wus_tune._study.candidates import export_config, load_analysis
 
     study, analysis = load_analysis(study_name, storage)
     rule = select or (study.user_attrs.get("spec") or {}).get("select") or "knee"

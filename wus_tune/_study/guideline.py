@@ -38,13 +38,12 @@ Spec section (every key optional)::
 
 ``growth_rate: auto`` trains the base recipe for ``calibration_epochs`` epochs with a constant learning
 rate, no weight decay and no WUS, and fits ``c`` to its ``J**2`` per epoch
-(:func:`~wus_tune.methods.edge_of_chaos.fit_growth_rate`); :func:`wus_tune.study.run_study` does this
-before creating the study and prints ``c`` (write it into the spec to skip the run next time).
+(:func:`~wus_tune.methods.edge_of_chaos.fit_growth_rate`); :func:`wus_tune._study.spec.calibrated` does this
+before the study is created and prints ``c`` (write it into the spec to skip the run next time).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +53,6 @@ from wus_tune._study.space import METHOD_KEY, RATIO_KEY
 from wus_tune.errors import UsageError
 
 if TYPE_CHECKING:
-    from wus_tune._study.spec import Study, StudySpec
     from wus_tune.config import TrainConfig
     from wus_tune.trainer import TrainResult
 
@@ -206,21 +204,6 @@ def calibrate_growth_rate(
     if not (math.isfinite(c) and c > 0):
         raise UsageError(f"edge_of_chaos.growth_rate: calibration gave c = {c:g} (J**2 did not grow); give a number")
     return c, {"ratio": g, "j2_per_epoch": j2, "val_acc": result.val_acc, "time_s": result.time_s}
-
-
-def calibrated(
-    spec: StudySpec, study: Study, *, fit: Callable[..., TrainResult] | None, say: Callable[[str], None]
-) -> Study:
-    """``study`` resolved again with ``edge_of_chaos.growth_rate: auto`` replaced by a calibrated number;
-    unchanged without ``auto``. ``study`` is ``spec.resolve()``, so the rest is already validated."""
-    eoc = spec.edge_of_chaos
-    if eoc is None or eoc.growth_rate != "auto":
-        return study
-    say(f"edge_of_chaos: calibrating the growth rate c ({eoc.calibration_epochs} epochs, no weight decay) ...")
-    c, info = calibrate_growth_rate(study.base, epochs=eoc.calibration_epochs, fit=fit)
-    say(f"edge_of_chaos: c = {c:.4g} (ratio {info['ratio']:.3g}, J^2 {info['j2_per_epoch'][0]:.3f} -> "
-        f"{info['j2_per_epoch'][-1]:.3f}); put 'growth_rate: {c:.4g}' in the spec to skip this run")  # fmt: skip
-    return dataclasses.replace(spec, edge_of_chaos=dataclasses.replace(eoc, growth_rate=c)).resolve()
 
 
 def _check_positive(key: str, v: Any) -> None:

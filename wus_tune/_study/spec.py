@@ -55,32 +55,33 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wus_tune.errors import ConfigError, UsageError, check_number
 from wus_tune._study.catalog import check_method_model, check_methods, method_default_trials
+from wus_tune._study.front import OBJECTIVES, Rule, parse_rule
 from wus_tune._study.guideline import EdgeOfChaosSpec, Guideline, with_j_logging
 from wus_tune._study.guideline import resolve as resolve_guideline
 from wus_tune._study.reuse import ReuseSpec
-from wus_tune._study.space import SearchSpace, apply_values
+from wus_tune._study.space import METHOD_KEY, SearchSpace, apply_values
 from wus_tune._study.storage import DEFAULT_TRACKING_URI, default_storage
-from wus_tune.pareto import OBJECTIVES, Rule, parse_rule
+from wus_tune.errors import ConfigError, UsageError, check_number
 
 if TYPE_CHECKING:
     import optuna
 
     from wus_tune._study.pruning import PrunerSettings
     from wus_tune.config import TrainConfig
+    from wus_tune.trainer import TrainResult
 
 SAMPLERS = ("tpe", "nsga2", "gp")
 
 
 @dataclass
 class StudySpec:
-    """The raw spec, as written; :meth:`resolve` validates it into a :class:`Study`."""
+    """The raw spec, as written; :meth:`resolve` validates it into a :class:`ResolvedStudy`."""
 
     name: str | None = None
     description: str = ""
@@ -160,7 +161,7 @@ class StudySpec:
         d.pop("source")
         return d
 
-    def resolve(self) -> Study:
+    def resolve(self) -> ResolvedStudy:
         """Validate everything (names, ranges, the base config, every corner of the search space) without
         touching any store. Raises :class:`UsageError` with one line."""
         where = f"{self.source}: " if self.source and self.source != "cli" else ""
@@ -169,73 +170,26 @@ class StudySpec:
         except UsageError as e:
             raise UsageError(f"{where}{e}") from None
 
-    def _resolve(self) -> Study:
+    def _resolve(self) -> ResolvedStudy:
+        """The steps of :meth:`resolve`, in the order their errors are reported."""
+        from wus_tune._study.pruning import parse_settings
         from wus_tune.config import TrainConfig
 
         objectives = parse_objectives(self.objectives)
-        if self.sampler not in SAMPLERS:
-            raise UsageError(f"sampler: unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        _check_int("seed", self.seed, 0)
-        _check_int("confirm", self.confirm, 0)
-        _check_int("baseline_repeats", self.baseline_repeats, 1)
-        if self.n_trials is not None:
-            _check_int("n_trials", self.n_trials, 1)
-        for key in ("timeout", "constraint_delta", "accuracy_margin", "cost_factor"):
-            if getattr(self, key) is not None:
-                check_number(key, getattr(self, key), what="a finite number")
-        if self.timeout is not None and self.timeout <= 0:
-            raise UsageError(f"timeout: must be positive seconds, got {self.timeout:g}")
-        if self.accuracy_margin < 0 or self.cost_factor < 1:
-            raise UsageError("accuracy_margin must be >= 0 and cost_factor >= 1")
-        from wus_tune._study.workers import check_settings
-
-        check_settings(self)
-        from wus_tune._study.ray_backend import check_settings as check_ray_settings
-
-        check_ray_settings(self)
-        for i, f in enumerate(self.baseline_fractions):
-            if not 0 < f <= 1:
-                raise UsageError(f"baseline_fractions[{i}]: {f:g} is out of range (0, 1]")
+        self._check_settings()
         rule = parse_rule(self.select)
-        from wus_tune._study.pruning import parse_settings
-
         pruner = parse_settings(self.pruner, self.pruner_options)
         reuse = self.reuse.validate()
         base = TrainConfig.from_dict(self.train)
         methods = check_methods(self.methods)
         check_method_model(methods, base)
-        guide: Guideline | None = None
-        overrides = dict(self.search_space)
-        if self.edge_of_chaos is not None:
-            guide = resolve_guideline(self.edge_of_chaos, base, methods)
-            base = with_j_logging(base, self.edge_of_chaos)
-            if guide.weight_decay_range is not None:  # the guideline's range; a spec entry still wins
-                low, high = guide.weight_decay_range
-                overrides = {"optim.weight_decay": {"low": low, "high": high, "log": True}} | overrides
-        space = SearchSpace.build(
-            overrides, defaults=self.default_search_space, methods=methods,
-            effective_ratio=guide is not None and guide.effective_ratio,
-        )  # fmt: skip
-        space.check(base)
-        method_trials = method_default_trials(space, base, methods)
-        if guide is not None and guide.configs:  # the guideline's trials replace edge of chaos's default
-            method_trials = [t for t in method_trials if t[1].get("method") != "edge_of_chaos"]
-            method_trials += [("guideline", space.fixed_at_base(base, values)) for values in guide.configs]
-        for _, values in method_trials:
-            try:
-                apply_values(base, values)
-            except ConfigError as e:
-                raise UsageError(f"methods: the default trial {values.get('method')!r} is not a valid config: {e}") from None
-        for i, entry in enumerate(self.enqueue):
-            try:
-                apply_values(base, entry)
-            except ConfigError as e:
-                raise UsageError(f"enqueue[{i}]: {e}") from None
+        base, space, guide = self._search_space(base, methods)
+        method_trials = self._method_trials(base, space, methods, guide)
+        self._check_enqueue(base)
         make_sampler(self.sampler, self.sampler_options, seed=self.seed)  # bad options fail here
         name = self.name or f"{base.model.name}-{base.data.name}"
-        storage = self.storage or default_storage(name)
         tracking = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-        return Study(
+        return ResolvedStudy(
             name=name,
             base=base,
             space=space,
@@ -245,7 +199,7 @@ class StudySpec:
             seed=self.seed,
             n_trials=self.n_trials,
             timeout=self.timeout,
-            storage=storage,
+            storage=self.storage or default_storage(name),
             default_storage=self.storage is None,
             tracking_uri=None if tracking.lower() == "none" else tracking,
             constraint_delta=self.constraint_delta,
@@ -265,10 +219,77 @@ class StudySpec:
             reuse=reuse,
         )
 
+    def _check_settings(self) -> None:
+        """The scalar keys: sampler, counts, numbers, the workers' and Ray's keys, the baseline fractions."""
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"sampler: unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        _check_int("seed", self.seed, 0)
+        _check_int("confirm", self.confirm, 0)
+        _check_int("baseline_repeats", self.baseline_repeats, 1)
+        if self.n_trials is not None:
+            _check_int("n_trials", self.n_trials, 1)
+        for key in ("timeout", "constraint_delta", "accuracy_margin", "cost_factor"):
+            if getattr(self, key) is not None:
+                check_number(key, getattr(self, key), what="a finite number")
+        if self.timeout is not None and self.timeout <= 0:
+            raise UsageError(f"timeout: must be positive seconds, got {self.timeout:g}")
+        if self.accuracy_margin < 0 or self.cost_factor < 1:
+            raise UsageError("accuracy_margin must be >= 0 and cost_factor >= 1")
+        from wus_tune._study.ray_plan import check_settings as check_ray_settings
+        from wus_tune._study.workers import check_settings
+
+        check_settings(self)
+        check_ray_settings(self)
+        for i, f in enumerate(self.baseline_fractions):
+            if not 0 < f <= 1:
+                raise UsageError(f"baseline_fractions[{i}]: {f:g} is out of range (0, 1]")
+
+    def _search_space(self, base: TrainConfig, methods: tuple[str, ...]) -> tuple[TrainConfig, SearchSpace, Guideline | None]:
+        """The search space over ``methods``, checked against the base config; with an ``edge_of_chaos``
+        section, its guideline too (and the base config that logs J)."""
+        guide: Guideline | None = None
+        overrides = dict(self.search_space)
+        if self.edge_of_chaos is not None:
+            guide = resolve_guideline(self.edge_of_chaos, base, methods)
+            base = with_j_logging(base, self.edge_of_chaos)
+            if guide.weight_decay_range is not None:  # the guideline's range; a spec entry still wins
+                low, high = guide.weight_decay_range
+                overrides = {"optim.weight_decay": {"low": low, "high": high, "log": True}} | overrides
+        space = SearchSpace.build(
+            overrides, defaults=self.default_search_space, methods=methods,
+            effective_ratio=guide is not None and guide.effective_ratio,
+        )  # fmt: skip
+        space.check(base)
+        return base, space, guide
+
+    @staticmethod
+    def _method_trials(base: TrainConfig, space: SearchSpace, methods: tuple[str, ...],
+                       guide: Guideline | None) -> list[tuple[str, dict[str, Any]]]:  # fmt: skip
+        """One default trial per compared method (the guideline's trials replace edge of chaos's), each
+        checked to make a valid config."""
+        method_trials = method_default_trials(space, base, methods)
+        if guide is not None and guide.configs:  # the guideline's trials replace edge of chaos's default
+            method_trials = [t for t in method_trials if t[1].get("method") != "edge_of_chaos"]
+            method_trials += [("guideline", space.fixed_at_base(base, values)) for values in guide.configs]
+        for _, values in method_trials:
+            try:
+                apply_values(base, values)
+            except ConfigError as e:
+                raise UsageError(f"methods: the default trial {values.get('method')!r} is not a valid config: {e}") from None
+        return method_trials
+
+    def _check_enqueue(self, base: TrainConfig) -> None:
+        for i, entry in enumerate(self.enqueue):
+            try:
+                apply_values(base, entry)
+            except ConfigError as e:
+                raise UsageError(f"enqueue[{i}]: {e}") from None
+
 
 @dataclass(frozen=True)
-class Study:
-    """A validated spec: what :func:`wus_tune.study.run_study` runs."""
+class ResolvedStudy:
+    """A validated spec: what :func:`wus_tune.study.run_study` runs (not an ``optuna.Study``: the Optuna
+    study it runs in is opened from ``name`` and ``storage``)."""
 
     name: str
     base: TrainConfig
@@ -302,6 +323,60 @@ class Study:
     @property
     def directions(self) -> list[str]:
         return [OBJECTIVES[o][0] for o in self.objectives]
+
+
+def initial_trials(study_def: ResolvedStudy) -> list[tuple[str, dict[str, Any]]]:
+    """(role, fixed values) of the trials a new study runs first: the full-length baseline (the partner
+    method off: its virtual keys at their first value), the partner's default trial (role
+    ``<partner>-default``, e.g. ``wus-default``), the baseline frontier (``baseline_fractions`` of the
+    epochs; crossed with every ``schedule.name`` choice when the schedule is searched), one default
+    trial per compared method and
+    the edge-of-chaos guideline's trials (``study_def.method_trials``), then the spec's ``enqueue`` entries.
+
+    Every searched knob of these trials is fixed at the base config's value, so "baseline" and the
+    partner's default mean the spec's own recipe, not a sampled one.
+    """
+    from wus_tune._study.catalog import partner, partner_virtual
+
+    base, space = study_def.base, study_def.space
+    epochs = base.epochs
+    methods = METHOD_KEY in space  # a study comparing methods: the baselines are method "none"
+    plain = space.fixed_at_base(base, partner_virtual(0) | ({METHOD_KEY: "none"} if methods else {}))
+    out: list[tuple[str, dict[str, Any]]] = [("baseline", plain | {"epochs": epochs})]
+    own = partner()
+    if study_def.enqueue_wus_default and own is not None and (not methods or own.name in space[METHOD_KEY].choices):
+        trial = own.default_trials()[0] | ({METHOD_KEY: own.name} if methods else {})
+        out.append((f"{own.name}-default", space.fixed_at_base(base, trial) | {"epochs": epochs}))
+    budgets = sorted({max(1, round(f * epochs)) for f in study_def.baseline_fractions} - {epochs}, reverse=True)
+    schedules = [base.schedule.name]
+    if "schedule.name" in space and space["schedule.name"].type == "categorical":
+        schedules += [s for s in space["schedule.name"].choices if s != base.schedule.name]
+    for schedule in schedules:
+        for n in ([] if schedule == base.schedule.name else [epochs]) + budgets:
+            out.append(("baseline-frontier", plain | {"epochs": n, "schedule.name": schedule}))
+    out += [(role, dict(values)) for role, values in study_def.method_trials]
+    # More baselines, with other seeds, measured later in the study: its accuracy and time are medians.
+    out += [("baseline", plain | {"epochs": epochs, "seed": base.seed + k})
+            for k in range(1, getattr(study_def, "baseline_repeats", 1))]  # fmt: skip
+    out += [("enqueued", dict(e)) for e in study_def.enqueue]
+    return out
+
+
+def calibrated(
+    spec: StudySpec, study: ResolvedStudy, *, fit: Callable[..., TrainResult] | None, say: Callable[[str], None]
+) -> ResolvedStudy:
+    """``study`` resolved again with ``edge_of_chaos.growth_rate: auto`` replaced by a calibrated number;
+    unchanged without ``auto``. ``study`` is ``spec.resolve()``, so the rest is already validated."""
+    eoc = spec.edge_of_chaos
+    if eoc is None or eoc.growth_rate != "auto":
+        return study
+    say(f"edge_of_chaos: calibrating the growth rate c ({eoc.calibration_epochs} epochs, no weight decay) ...")
+    from wus_tune._study.guideline import calibrate_growth_rate
+
+    c, info = calibrate_growth_rate(study.base, epochs=eoc.calibration_epochs, fit=fit)
+    say(f"edge_of_chaos: c = {c:.4g} (ratio {info['ratio']:.3g}, J^2 {info['j2_per_epoch'][0]:.3f} -> "
+        f"{info['j2_per_epoch'][-1]:.3f}); put 'growth_rate: {c:.4g}' in the spec to skip this run")  # fmt: skip
+    return dataclasses.replace(spec, edge_of_chaos=dataclasses.replace(eoc, growth_rate=c)).resolve()
 
 
 def parse_objectives(value: Any) -> tuple[str, ...]:

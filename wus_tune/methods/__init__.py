@@ -195,7 +195,7 @@ class Method:
     name: ClassVar[str] = ""
     combines_with_wus: ClassVar[bool] = False  # may run beside WUS in one trial ("approx_ops+wus")
     # its search space has optim.* knobs (edge_of_chaos): a study then also runs tuned-plain trials searching
-    # the same knobs with the same budget, its fair yardstick (wus_tune._study.yardstick)
+    # the same knobs with the same budget, its fair yardstick (wus_tune._study.tuned_plain)
     tunes_optimizer: ClassVar[bool] = False
     measure_only: ClassVar[bool] = False  # changes nothing in training: a base config's entry stays in every trial
     # The method the others combine with ("approx_ops+wus") and the one a study without a ``methods:`` list
