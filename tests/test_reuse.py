@@ -229,7 +229,7 @@ def test_a_study_reuses_and_forks_from_its_baseline(study_dir):
     # snapshots: only the checks a trial could start deviating at, at most max_checkpoints, sizes recorded
     ck = base.attrs["reuse_checkpoints"]
     assert ck["points"] == [3, 4] and ck["bytes"] > 0  # after warm-up 0 and window 2; progress below 0.95
-    assert sorted(p.name for p in (study_dir / "studies" / "reuse" / "baseline_checkpoints").iterdir()) == [
+    assert sorted(p.name for p in (study_dir / "studies" / "reuse" / "baseline_checkpoints" / "trial_00000").iterdir()) == [
         "point_00003.pt", "point_00004.pt"]  # fmt: skip
 
 

@@ -19,14 +19,15 @@ Torch only, like the trainer.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+import os
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["Probes", "ProbeRecord", "RunState", "snapshot_path"]
+__all__ = ["Probes", "ProbeRecord", "RunState", "origin_of", "snapshot_path"]
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,31 @@ class Probes:
     val: bool = True  # evaluate the validation split at each point (timed, never charged to the run)
     save_at: Collection[int] = ()  # point numbers (1-based) whose RunState is written to save_dir
     save_dir: str | None = None
+    # Or chosen by the run once it knows its length: called with the training fraction at each point
+    # (:meth:`point_progress`), returns the points to save. The study uses it, since the steps per epoch
+    # depend on data only the run has (a user's objects, a streamed Dataset).
+    choose_saves: Callable[[Sequence[float]], Collection[int]] | None = None
 
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ValueError(f"Probes.every: expected >= 0, got {self.every}")
-        if self.save_at and self.save_dir is None:
+        if (self.save_at or self.choose_saves) and self.save_dir is None:
             raise ValueError("Probes.save_at needs save_dir")
+
+    def point_progress(self, steps_per_epoch: int, epochs: int) -> list[float]:
+        """The training fraction at each point of a run of ``epochs`` x ``steps_per_epoch`` steps, as the
+        trainer records it."""
+        if self.every == 0:
+            return [(e + 1) / epochs for e in range(epochs)]
+        total = steps_per_epoch * epochs
+        return [k * self.every / total for k in range(1, total // self.every + 1)]
+
+    def resolved(self, steps_per_epoch: int, epochs: int) -> Probes:
+        """These probes with ``save_at`` chosen (:attr:`choose_saves`) for a run of that length."""
+        if self.choose_saves is None:
+            return self
+        chosen = tuple(self.choose_saves(self.point_progress(steps_per_epoch, epochs)))
+        return replace(self, save_at=chosen, choose_saves=None)
 
 
 @dataclass
@@ -91,18 +111,32 @@ class RunState:
     probes: list[dict[str, Any]]  # ProbeRecord dicts up to this point
     config: dict[str, Any]  # the TrainConfig of the run that took it
     method_states: dict[str, Any] = field(default_factory=dict)
+    # Whose snapshot this is: {"study", "trial", "seed"} of the run that took it (``origin_of(config)``), so
+    # a fork can check it resumes the very run its decision was made on.
+    origin: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
+        """Write the snapshot atomically: a temporary file in the same folder, then a rename, so a reader
+        (another worker) never sees half a file and a writer killed mid-way leaves no snapshot at all."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(asdict(self), tmp)
-        tmp.replace(path)  # atomic: a reader never sees half a snapshot
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(asdict(self), tmp)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> RunState:
         return cls(**torch.load(Path(path), map_location="cpu", weights_only=True))
+
+
+def origin_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run a snapshot of ``config`` (a TrainConfig dict) belongs to: its study, trial and seed."""
+    meta = config.get("meta") or {}
+    return {"study": meta.get("study"), "trial": meta.get("trial"), "seed": config.get("seed")}
 
 
 def snapshot_path(directory: str | Path, point: int) -> Path:

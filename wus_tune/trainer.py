@@ -43,7 +43,7 @@ from wus_tune.config import TrainConfig
 from wus_tune.errors import ConfigError, TrainingDiverged
 from wus_tune.layers import param_groups
 from wus_tune.methods import Method, RunInfo, StepContext, build_methods
-from wus_tune.run_state import ProbeRecord, Probes, RunState, snapshot_path
+from wus_tune.run_state import ProbeRecord, Probes, RunState, origin_of, snapshot_path
 from wus_tune.schedules import lr_multiplier
 from wus_tune.timing import (
     BASELINE_EVAL, BASELINE_STEP, EVAL, Probe, TimingOptions, costs_of, measure_interleaved, relative_time, run_seconds,
@@ -197,6 +197,7 @@ def fit(
     records: list[EpochRecord] = []
     specimens: dict[str, Any] = {}  # step kind -> copy of the training state before its first step, to price it
     step = 0
+    probes = probes.resolved(run.steps_per_epoch, config.epochs) if probes is not None else None
     tracer = _Probes(probes, run, ledger)
     start_epoch, start_batch, resumed_from, partial = 0, 0, None, None
     if resume_from is not None:
@@ -358,6 +359,7 @@ def _snapshot(tracer: _Probes, probes: Probes | None, config: TrainConfig, model
         counters=ledger.snapshot(mid_epoch=sums is not None), epoch_partial=sums.state() if sums else {},
         records=[asdict(r) for r in records], probes=[asdict(p) for p in tracer.records], config=config.to_dict(),
         method_states={m.name: st for m in methods if (st := m.state_dict()) is not None},
+        origin=origin_of(config.to_dict()),
     ).save(snapshot_path(probes.save_dir, len(tracer.records)))  # fmt: skip
 
 

@@ -93,6 +93,7 @@ class Objective:
 
             self.pruner = ParetoPruner(study.pruner, study.objectives)
         self.reference = baseline_config(study)  # every trial's time is also priced in units of this run
+        self.baselines = baseline_configs(study)  # its runs (other seeds too): a trial forks from its seed's
         self.say = say or (lambda _: None)
         self.while_waiting = while_waiting  # the stale-trial sweep, run while waiting for the baseline
         self._calibrated: Any = None  # the search space calibrated on the baseline's signal, once known
@@ -112,17 +113,19 @@ class Objective:
             if METHOD_KEY in self.study.space:  # the compared method, a param and a tag to filter on
                 params[METHOD_KEY] = tags["wus_tune.method"] = trial.user_attrs.get("method", "none")
             plan = self._plan(trial, config, role)
+            kwargs: dict[str, Any] = {}
+            if role == "baseline" and self.study.reuse.any:
+                kwargs["probes"] = reuse.baseline_probes(self.study, config, trial.number)
+            elif plan.kind == "fork":
+                plan, state = self._fork(trial, plan, config)
+                if state is not None:
+                    kwargs["resume_from"] = state
             tags.update(reuse.plan_tags(plan))
             run = self.tracker.start_trial(trial.number, params=params, tags=tags)
             if run.run_id:
                 trial.set_user_attr("mlflow_run_id", run.run_id)
             if plan.kind == "reuse":
                 return self._reuse(trial, role, run, plan, start)
-            kwargs: dict[str, Any] = {}
-            if role == "baseline" and self.study.reuse.any:
-                kwargs["probes"] = reuse.baseline_probes(self.study, config)
-            elif plan.kind == "fork":
-                kwargs["resume_from"] = reuse.fork_state(plan, plan.baseline, config)
             on_epoch = run.log_epoch
             if self.pruner is not None:  # may raise optuna.TrialPruned at a rung (wus_tune._study.pruning)
                 on_epoch = _both(run.log_epoch, self.pruner.for_trial(trial, role=role, epochs=config.epochs))
@@ -140,6 +143,9 @@ class Objective:
             summary = {k: getattr(result, k, None) for k in RESULT_FIELDS} | {"epochs": len(result.epochs)}
             summary["unit_costs"] = {k: v["seconds"] for k, v in (getattr(result, "unit_costs", None) or {}).items()}
             summary |= reuse.record_run(trial, plan, result, kwargs)
+            if "no_snapshots" in summary:
+                self.say(f"reuse: baseline trial {trial.number} kept no snapshots ({summary.pop('no_snapshots')}): "
+                         "trials that deviate from it train from scratch")  # fmt: skip
             # One attribute write for all of it: each is a storage transaction (milliseconds on SQLite).
             trial.set_user_attr("result", summary | self._timing(start, fit_s, run))
             run.finish(result, objective, timing_metrics(result))  # last: the run is FINISHED only once everything is recorded
@@ -166,10 +172,11 @@ class Objective:
             return reuse.Decision("train")
         if not reuse.predictable_methods(config):
             return reuse.Decision("train")  # plain, or only methods a baseline cannot predict: nothing to say
-        # the baseline trial's config: whether it could serve this trial is known before waiting for it
-        blocker = reuse.fork_blocker(config.to_dict(), self.reference.to_dict())
+        # the baseline run this trial's config matches (its seed's): known before waiting for it
+        reasons = [reuse.fork_blocker(config.to_dict(), b.to_dict()) for b in self.baselines]
+        blocker = None if None in reasons else reasons[0]
         if blocker is None:
-            baseline, why = reuse.wait_for_baseline(trial.study, timeout_s=spec.baseline_wait_s,
+            baseline, why = reuse.wait_for_baseline(trial.study, config, timeout_s=spec.baseline_wait_s,
                                                     while_waiting=self.while_waiting)  # fmt: skip
             plan = reuse.decide(config, baseline, spec, why_no_baseline=why)
         else:
@@ -177,6 +184,16 @@ class Objective:
         if plan.kind == "train" and plan.reason:
             trial.set_user_attr(reuse.NOT_FORKED_ATTR, plan.reason)
         return plan
+
+    def _fork(self, trial: optuna.Trial, plan: reuse.Decision, config: TrainConfig) -> tuple[reuse.Decision, Any]:
+        """The baseline's snapshot for a forked trial, or (a snapshot refused: unreadable, another run's)
+        a plan to train from scratch, said in one line."""
+        try:
+            return plan, reuse.fork_state(plan, plan.baseline, config)
+        except reuse.SnapshotRefused as e:
+            self.say(f"trial {trial.number}: trains from scratch: {e}")
+            trial.set_user_attr(reuse.NOT_FORKED_ATTR, str(e))
+            return reuse.Decision("train", str(e), first_skip=plan.first_skip, replay=plan.replay, method=plan.method), None
 
     def _reuse(self, trial: optuna.Trial, role: str, run: Any, plan: reuse.Decision, start: float) -> tuple[float, ...]:
         """A trial that never deviates from the baseline's run: the baseline's values, not trained."""
@@ -276,6 +293,16 @@ def baseline_config(study: ResolvedStudy) -> TrainConfig:
     role, values = initial_trials(study)[0]
     assert role == "baseline", role
     return apply_values(study.base, values)
+
+
+def baseline_configs(study: Study) -> list[TrainConfig]:
+    """The configs of the study's full-length baseline runs (``baseline_repeats``: one per seed), the
+    first being :func:`baseline_config`."""
+    from wus_tune._study.space import apply_values
+    from wus_tune.study import initial_trials
+
+    return [apply_values(study.base, values) for role, values in initial_trials(study)
+            if role == "baseline" and values.get("epochs") == study.base.epochs]  # fmt: skip
 
 
 def timing_metrics(result: TrainResult) -> dict[str, float]:

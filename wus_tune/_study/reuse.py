@@ -33,7 +33,9 @@ spread; a trial forks from the latest one before its deviation).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import pickle
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
 SIGNAL_ATTR = "reuse_signal"  # on the baseline: its ProbeRecord dicts
 CHECKPOINTS_ATTR = "reuse_checkpoints"  # on the baseline: {"dir", "points", "bytes"}
 REUSED_ATTR = "reused"  # "baseline" on a trial completed with the baseline's values
-FORKED_ATTR = "forked"  # {"trial", "point", "step", "epoch", "first_skip", "prefix_time_s"}
+FORKED_ATTR = "forked"  # {"trial", "seed", "point", "step", "epoch", "first_skip", "prefix_time_s", "prefix_flops"}
 NOT_FORKED_ATTR = "reuse_skipped"  # why a trial of a predictable method trained from scratch
 CALIBRATED_ATTR = "search_space_calibrated"  # on the study: the calibrated space (JSON)
 
@@ -87,9 +89,17 @@ class ReuseSpec:
 
 
 def checkpoint_dir(spec: ReuseSpec, study_name: str) -> Path:
+    """The folder of the study's baseline snapshots; each baseline run writes its own subfolder
+    (:func:`baseline_dir`)."""
     from wus_tune._study.storage import safe_name
 
     return Path(spec.checkpoint_dir) if spec.checkpoint_dir else Path("studies") / safe_name(study_name) / "baseline_checkpoints"
+
+
+def baseline_dir(spec: ReuseSpec, study_name: str, trial_number: int) -> Path:
+    """Where baseline trial ``trial_number`` keeps its snapshots: one folder per baseline run, so two
+    baselines (other seeds, a re-run) never overwrite each other's states."""
+    return checkpoint_dir(spec, study_name) / f"trial_{trial_number:05d}"
 
 
 def remove_checkpoints(spec: ReuseSpec, study_name: str) -> int:
@@ -97,7 +107,7 @@ def remove_checkpoints(spec: ReuseSpec, study_name: str) -> int:
     directory = checkpoint_dir(spec, study_name)
     if not directory.is_dir():
         return 0
-    freed = sum(p.stat().st_size for p in directory.glob("*.pt"))
+    freed = sum(p.stat().st_size for p in directory.rglob("*.pt"))
     shutil.rmtree(directory, ignore_errors=True)
     return freed
 
@@ -201,15 +211,6 @@ def candidate_points(space: SearchSpace, base: TrainConfig, progress: Sequence[f
     return sorted({k for cls in methods for k in cls.deviation_checks(space, base, progress)})
 
 
-def check_progress(config: TrainConfig, steps_per_epoch: int, every_steps: int) -> list[float]:
-    """The training fraction at each probe every ``every_steps`` steps (0: each epoch's end), as the
-    trainer records it."""
-    total = steps_per_epoch * config.epochs
-    if every_steps == 0:
-        return [(e + 1) / config.epochs for e in range(config.epochs)]
-    return [k * every_steps / total for k in range(1, total // every_steps + 1)]
-
-
 def spread(points: Sequence[int], at_most: int) -> list[int]:
     """At most ``at_most`` of ``points``, evenly spread, the first one always kept."""
     if len(points) <= at_most:
@@ -222,18 +223,10 @@ def spread(points: Sequence[int], at_most: int) -> list[int]:
     return sorted({points[round(i * step)] for i in range(at_most)})
 
 
-def steps_per_epoch(config: TrainConfig) -> int:
-    """Optimizer steps per epoch (the training loader drops the last partial batch)."""
-    from wus_tune.data import load_dataset
-
-    n = len(load_dataset(config.data).train_y)
-    batch = min(config.optim.batch_size, n)
-    return max(1, n // batch)
-
-
-def baseline_probes(study_def: Any, base: TrainConfig) -> Probes:
-    """What the baseline records: the probes its study's predictable methods ask for (the first one's
-    cadence; a method asking for another one trains from scratch), and the snapshots forks may start from."""
+def baseline_probes(study_def: Any, base: TrainConfig, trial_number: int) -> Probes:
+    """What baseline trial ``trial_number`` records: the probes its study's predictable methods ask for
+    (the first one's cadence; a method asking for another one trains from scratch), and the snapshots
+    forks may start from (in the trial's own folder, :func:`baseline_dir`)."""
     from wus_tune.methods import BaselineRecording
     from wus_tune.run_state import Probes
 
@@ -242,15 +235,15 @@ def baseline_probes(study_def: Any, base: TrainConfig) -> Probes:
     every = asked[0][1].every_steps if asked else 0
     served = [(cls, r) for cls, r in asked if r.every_steps == every]
     wanted = BaselineRecording(every_steps=every, val_acc=any(r.val_acc for _, r in served))
-    save: list[int] = []
-    if reuse.fork and served:
-        try:  # epoch-end probes need no data; per-step ones need the steps per epoch
-            progress = check_progress(base, steps_per_epoch(base) if every else 1, every)
-        except Exception:  # a user's own data the registry cannot load here: record the signal, keep no snapshot
-            progress = []
-        save = spread(candidate_points(study_def.space, base, progress, [cls for cls, _ in served]), reuse.max_checkpoints)
-    return Probes(every=wanted.every_steps, val=wanted.val_acc, save_at=tuple(save),
-                  save_dir=str(checkpoint_dir(reuse, study_def.name)) if save else None)  # fmt: skip
+    if not (reuse.fork and served):
+        return Probes(every=wanted.every_steps, val=wanted.val_acc)
+    methods = [cls for cls, _ in served]
+
+    def choose_saves(progress: Sequence[float]) -> list[int]:  # once the run knows its steps per epoch
+        return spread(candidate_points(study_def.space, base, progress, methods), reuse.max_checkpoints)
+
+    return Probes(every=wanted.every_steps, val=wanted.val_acc, choose_saves=choose_saves,
+                  save_dir=str(baseline_dir(reuse, study_def.name, trial_number)))  # fmt: skip
 
 
 # ---- the decision for one trial --------------------------------------------------------------------
@@ -335,10 +328,12 @@ def decide(config: TrainConfig, baseline: Baseline | None, spec: ReuseSpec, *, w
 def plan_tags(plan: Decision) -> dict[str, str]:
     """MLflow tags of a trial's child run: reused, where it forked, or why it trained from scratch."""
     if plan.kind == "reuse":
-        return {"wus_tune.reused": "baseline", "wus_tune.reused_from_trial": str(plan.baseline.number)}
+        return {"wus_tune.reused": "baseline", "wus_tune.reused_from_trial": str(plan.baseline.number),
+                "wus_tune.baseline_seed": str(plan.baseline.config.get("seed"))}  # fmt: skip
     if plan.kind == "fork":
         return {"wus_tune.forked_from_trial": str(plan.baseline.number), "wus_tune.fork_check": str(plan.point),
-                "wus_tune.first_skip_check": str(plan.first_skip)}  # fmt: skip
+                "wus_tune.first_skip_check": str(plan.first_skip),
+                "wus_tune.baseline_seed": str(plan.baseline.config.get("seed"))}  # fmt: skip
     return {"wus_tune.not_forked": plan.reason[:500]} if plan.reason else {}
 
 
@@ -352,15 +347,21 @@ def record_run(trial: optuna.Trial, plan: Decision, result: Any, fit_kwargs: Map
         from dataclasses import asdict
 
         trial.set_user_attr(SIGNAL_ATTR, [asdict(p) for p in getattr(result, "probes", [])])
-        points = [p for p in probes.save_at] if probes.save_dir else []
+        points = saved_points(probes.save_dir) if probes.save_dir else []
         size = snapshot_bytes(probes.save_dir, points) if points else 0
         trial.set_user_attr(CHECKPOINTS_ATTR, {"dir": probes.save_dir, "points": points, "bytes": size})
         out["checkpoint_bytes"] = size
+        epochs = len(result.epochs)
+        wanted = probes.resolved(result.total_steps // epochs, epochs).save_at if probes.save_dir and epochs else ()
+        if wanted and not points:  # the trainer saves nothing where it cannot restore the data order
+            out["no_snapshots"] = ("its training data is streamed (a DataLoader), whose data order a fork "
+                                   "cannot restore")  # fmt: skip
     state = fit_kwargs.get("resume_from")
     if state is not None:
         prefix_flops = float(state.probes[-1]["train_flops"]) + float(state.counters["required_eval_flops"])
         prefix_time = float(state.counters["train_time_s"]) + float(state.counters["required_eval_time_s"])
-        trial.set_user_attr(FORKED_ATTR, {"trial": plan.baseline.number, "point": plan.point, "step": state.step,
+        trial.set_user_attr(FORKED_ATTR, {"trial": plan.baseline.number, "seed": state.origin.get("seed"),
+                                          "point": plan.point, "step": state.step,
                                           "epoch": state.epoch, "first_skip": plan.first_skip,
                                           "prefix_time_s": prefix_time, "prefix_flops": prefix_flops})  # fmt: skip
         out["compute_flops"] -= prefix_flops
@@ -368,15 +369,52 @@ def record_run(trial: optuna.Trial, plan: Decision, result: Any, fit_kwargs: Map
     return out
 
 
+class SnapshotRefused(Exception):
+    """A baseline snapshot a fork must not resume: unreadable, or another run's. One line, for the report."""
+
+
+# what torch.load raises on a truncated or foreign file, and RunState(**...) on a file of another layout
+_UNREADABLE = (OSError, RuntimeError, EOFError, ValueError, TypeError, KeyError, AttributeError, pickle.UnpicklingError)
+
+
+def load_snapshot(baseline: Baseline, point: int) -> RunState:
+    """Baseline ``baseline``'s snapshot at probe ``point``, checked to be that run's own (its recorded
+    trial, seed and config). An unreadable file (truncated by a full disk, an interrupted copy) is set
+    aside as ``*.unreadable`` so no later trial tries it; either way :class:`SnapshotRefused` says why in
+    one line and the trial trains from scratch."""
+    from wus_tune.errors import one_line
+    from wus_tune.run_state import RunState, origin_of, snapshot_path
+
+    path = snapshot_path(baseline.checkpoints["dir"], point)
+    try:
+        state = RunState.load(path)
+    except _UNREADABLE as e:
+        aside = path.with_name(path.name + ".unreadable")
+        with contextlib.suppress(OSError):  # another worker may have set it aside already
+            path.replace(aside)
+        raise SnapshotRefused(f"baseline snapshot {path} is unreadable ({one_line(e, with_type=True)}); "
+                              f"set aside as {aside.name}") from None  # fmt: skip
+    recorded = state.origin or origin_of(state.config)  # snapshots of earlier releases record only the config
+    expected = origin_of(baseline.config)
+    mismatch = [k for k in ("trial", "seed") if recorded.get(k) != expected.get(k)]
+    if not mismatch and {k: v for k, v in state.config.items() if k != "meta"} != {
+            k: v for k, v in baseline.config.items() if k != "meta"}:  # fmt: skip
+        mismatch = ["config"]
+    if mismatch:
+        raise SnapshotRefused(
+            f"baseline snapshot {path} belongs to trial {recorded.get('trial')} (seed {recorded.get('seed')}), not to "
+            f"baseline trial {baseline.number} (seed {expected.get('seed')}) the replay used (mismatch: {', '.join(mismatch)})")
+    return state
+
+
 def fork_state(decision: Decision, baseline: Baseline, config: TrainConfig) -> RunState:
     """The baseline's snapshot made into the trial's: the deviating method's state at the point, its
     metrics on the prefix's epoch records, and the prefix's probes charged when the method's own run
-    pays for their validation passes (the baseline's passes were measured, not charged)."""
-    from wus_tune.run_state import RunState, snapshot_path
-
+    pays for their validation passes (the baseline's passes were measured, not charged). Raises
+    :class:`SnapshotRefused` when the snapshot is not the baseline's own (:func:`load_snapshot`)."""
     point, result, method = decision.point, decision.replay, decision.method
     assert point is not None and result is not None and method is not None
-    state = RunState.load(snapshot_path(baseline.checkpoints["dir"], point))
+    state = load_snapshot(baseline, point)
     if result.states and result.states[point - 1] is not None:
         state.method_states[method.name] = result.states[point - 1]
     probes = state.probes[:point]
@@ -401,14 +439,21 @@ def reused_summary(baseline: Baseline) -> dict[str, Any]:
 # ---- finding the baseline, waiting for it ------------------------------------------------------------
 
 
-def find_baseline(study: optuna.Study) -> tuple[Baseline | None, str, bool]:
-    """(the completed baseline, why there is none, whether one is running)."""
+def find_baseline(study: optuna.Study, config: TrainConfig | None = None) -> tuple[Baseline | None, str, bool]:
+    """(the completed baseline run a trial of ``config`` can be replayed on or forked from, why there is
+    none, whether such a baseline is running). With several baseline runs (``baseline_repeats``: other
+    seeds) it is the one whose config the trial's equals outside its method's section, seed included
+    (:func:`fork_blocker`): the replay's signal and the fork's snapshot then come from the same run.
+    Without ``config``: the first completed baseline."""
     from optuna.trial import TrialState
 
+    wanted = None if config is None else config.to_dict()
     reasons, running = [], False
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get("role") != "baseline":
             continue
+        if wanted is not None and "config" in t.user_attrs and fork_blocker(wanted, t.user_attrs["config"]) is not None:
+            continue  # another seed's (or recipe's) baseline: not this trial's
         if t.state == TrialState.COMPLETE:
             b = Baseline.from_trial(t)
             if b is not None:
@@ -418,17 +463,19 @@ def find_baseline(study: optuna.Study) -> tuple[Baseline | None, str, bool]:
             running = True
         elif t.state == TrialState.FAIL:
             reasons.append(f"baseline trial {t.number} failed ({t.user_attrs.get('fail_reason', 'no reason')})")
-    return None, "; ".join(reasons) or "no baseline trial", running
+    seed = "" if config is None else f" with this trial's seed {config.seed}"
+    return None, "; ".join(reasons) or f"no baseline trial{seed}", running
 
 
-def wait_for_baseline(study: optuna.Study, *, timeout_s: float, poll_s: float = 1.0,
+def wait_for_baseline(study: optuna.Study, config: TrainConfig | None = None, *, timeout_s: float, poll_s: float = 1.0,
                       while_waiting: Callable[[optuna.Study], Any] | None = None) -> tuple[Baseline | None, str]:  # fmt: skip
-    """The completed baseline, waiting while one is RUNNING (another worker trains it) for at most
-    ``timeout_s``. A baseline that fails or goes stale ends the wait: the caller trains from scratch.
-    ``while_waiting`` (the stale-trial sweep) runs at each poll, so a dead baseline worker is noticed."""
+    """The completed baseline run for ``config`` (:func:`find_baseline`), waiting while it is RUNNING
+    (another worker trains it) for at most ``timeout_s``. A baseline that fails or goes stale ends the
+    wait: the caller trains from scratch. ``while_waiting`` (the stale-trial sweep) runs at each poll, so
+    a dead baseline worker is noticed."""
     deadline = time.monotonic() + timeout_s
     while True:
-        baseline, why, running = find_baseline(study)
+        baseline, why, running = find_baseline(study, config)
         if baseline is not None or not running:
             return baseline, why
         if time.monotonic() >= deadline:
@@ -454,6 +501,11 @@ def calibrate_space(space: SearchSpace, base: TrainConfig, probes: Sequence[Mapp
         space, more = cls.calibrate_space(space, base, probes, explicit=explicit)
         notes += more
     return space, notes
+
+
+def saved_points(directory: str | Path) -> list[int]:
+    """The probe points whose snapshot a run wrote to ``directory`` (its own folder)."""
+    return sorted(int(p.stem.removeprefix("point_")) for p in Path(directory).glob("point_*.pt"))
 
 
 def snapshot_bytes(directory: str | Path, points: Sequence[int]) -> int:
