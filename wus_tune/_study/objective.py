@@ -295,11 +295,10 @@ def baseline_config(study: ResolvedStudy) -> TrainConfig:
     return apply_values(study.base, values)
 
 
-def baseline_configs(study: Study) -> list[TrainConfig]:
+def baseline_configs(study: ResolvedStudy) -> list[TrainConfig]:
     """The configs of the study's full-length baseline runs (``baseline_repeats``: one per seed), the
     first being :func:`baseline_config`."""
-    from wus_tune._study.space import apply_values
-    from wus_tune.study import initial_trials
+    from wus_tune._study.spec import initial_trials
 
     return [apply_values(study.base, values) for role, values in initial_trials(study)
             if role == "baseline" and values.get("epochs") == study.base.epochs]  # fmt: skip
