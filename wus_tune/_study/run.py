@@ -92,9 +92,9 @@ def run_study(
     defined in a notebook or ``__main__``, which ``python -m wus_tune.train`` cannot rebuild).
 
     The steps: :func:`resolve_study`, :func:`~wus_tune._study.opening.open_study`,
-    :func:`~wus_tune._study.launch.run_trials`, :func:`analyse_study`, :func:`report_study`. An exception while the trials run
-    reaches the caller as itself, after the report of what was recorded (a failure of that report is
-    only a note then, never a replacement of the original error).
+    :func:`~wus_tune._study.launch.run_trials`, :func:`analyse_study`, :func:`report_study`. An exception
+    while the trials run reaches the caller as itself, after the report of what was recorded (a failure of
+    that report is only a note then, never a replacement of the original error).
     """
     from wus_tune._study import workers as w
     from wus_tune._study.storage import redact
