@@ -248,6 +248,34 @@ def test_train_cli(workdir, capsys, argv, message):
     assert_one_line(code, err, message)
 
 
+MISSING_DEVICE = ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", f"cuda:{torch.cuda.device_count()}"]
+
+
+@pytest.mark.parametrize("out", [[], ["--out", "new/deeper/run"]])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "digits", *MISSING_DEVICE], "device"),  # refused before training
+        (["--dataset", "imagefolder", "--data-dir", "corrupt.tar.gz", "--device", "cpu"], "cannot read the archive"),
+    ],
+)
+def test_train_cli_bad_input_writes_nothing(workdir, capsys, argv, message, out):
+    before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
+    code, err = cli(train_main, ["--model", "mlp", "--epochs", "1", *argv, *out], capsys)
+    assert_one_line(code, err, message)
+    assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before  # no runs/, no --out folders
+
+
+def test_a_cuda_device_the_machine_lacks_is_refused(monkeypatch):
+    from wus_tune.trainer import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine, on any machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError, match=r"'cuda:7' requested but this machine has 1 CUDA device"):
+        resolve_device("cuda:7")
+    assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("cuda") == torch.device("cuda")
+
+
 # ---- inside a study: a trial that cannot run fails with its reason; the study goes on ------------------
 
 

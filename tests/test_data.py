@@ -120,7 +120,7 @@ def test_cifar_torchvision_path_agrees_with_own_reader(tmp_path: Path, monkeypat
     monkeypatch.setattr(CIFAR10, "train_list", [[f, md5(f)] for f, _ in CIFAR10.train_list])
     monkeypatch.setattr(CIFAR10, "test_list", [[f, md5(f)] for f, _ in CIFAR10.test_list])
     monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5(CIFAR10.meta["filename"])})
-    monkeypatch.setattr(data, "_read_cifar_pickles", lambda *a: pytest.fail("own reader used"))
+    monkeypatch.setattr(data.builtin, "_read_cifar_pickles", lambda *a: pytest.fail("own reader used"))
     theirs = load_dataset(DataConfig(**{**vars(cfg), "cache_dir": str(tmp_path / "c2")}))
     for field in ("train_x", "train_y", "test_x", "test_y"):
         assert torch.equal(getattr(ours, field), getattr(theirs, field)), field
@@ -201,7 +201,7 @@ def test_imagefolder_archive_and_cache_reuse(tmp_path: Path, cache_dir: Path, mo
     cached = list(cache_dir.glob("set.tar.gz-*.pt"))
     assert len(cached) == 1
     mtime = cached[0].stat().st_mtime_ns
-    monkeypatch.setattr(data, "_decode_image", lambda *a: pytest.fail("decoded again despite the cache"))
+    monkeypatch.setattr(data.image_folder, "_decode_image", lambda *a: pytest.fail("decoded again despite the cache"))
     again = load_dataset(_folder_cfg(archive))
     assert torch.equal(again.train_x, ds.train_x) and again.classes == ds.classes
     as_cifar = load_dataset(DataConfig(name="cifar10", data_dir=str(archive), val_fraction=0.0))  # same cache
@@ -277,6 +277,45 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     with pytest.raises(DataError, match="no images found"):
         load_dataset(_folder_cfg(tmp_path / "empty"))
+
+
+def _write_folder(root: Path, images: dict[str, torch.Tensor]) -> Path:
+    for name, img in images.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(_png(img))
+    return root
+
+
+def test_imagefolder_follows_symbolic_links(tmp_path: Path) -> None:
+    """Datasets kept on another disk behind links read as if the folders were there (as torchvision's does)."""
+    images = _images()
+    elsewhere = _write_folder(tmp_path / "other-disk" / "images", images)
+    expected = load_dataset(_folder_cfg(elsewhere))
+
+    (tmp_path / "linked-split").mkdir()
+    (tmp_path / "linked-split" / "train").symlink_to(elsewhere, target_is_directory=True)
+    via_split = load_dataset(_folder_cfg(tmp_path / "linked-split"))
+    as_cifar = load_dataset(DataConfig(name="cifar10", data_dir=str(tmp_path / "linked-split"), val_fraction=0.0))
+
+    mixed = _write_folder(tmp_path / "linked-class" / "train", {k: v for k, v in images.items() if not k.startswith("dog/")})
+    (mixed / "dog").symlink_to(elsewhere / "dog", target_is_directory=True)
+    via_class = load_dataset(_folder_cfg(tmp_path / "linked-class"))
+    for ds in (via_split, as_cifar, via_class):
+        assert ds.classes == CLASSES and torch.equal(ds.train_x, expected.train_x)
+        assert torch.equal(ds.train_y, expected.train_y)
+
+    # The cache follows the links too: an image added behind one is seen.
+    (elsewhere / "dog" / "99.png").write_bytes(_png(images["dog/00.png"]))
+    assert len(load_dataset(_folder_cfg(tmp_path / "linked-class")).train_x) == len(expected.train_x) + 1
+
+
+def test_imagefolder_link_cycle_is_one_line(tmp_path: Path) -> None:
+    root = _write_folder(tmp_path / "set", {f"train/{k}": v for k, v in _images().items()})
+    (root / "train" / "cat" / "again").symlink_to(root / "train", target_is_directory=True)  # train/cat/again/cat/...
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"symbolic link .*loops back") as e:
+        load_dataset(_folder_cfg(root))
+    assert "\n" not in str(e.value) and "cat/again" in str(e.value) and time.monotonic() - start < 30
 
 
 # ---- DeviceLoader -----------------------------------------------------------------------------------
@@ -492,6 +531,26 @@ def test_a_dataset_over_the_budget_is_streamed_with_workers() -> None:
     mean, std = ds.mean_std  # estimated from the streamed training items: the same as exact here
     assert mean[0] == pytest.approx(float(torch.stack([_Items(96)[int(i)][0] for i in ds.streamed["train"].indices]).double().mean() / 255), abs=1e-6)
     assert loader.wait_s > 0
+
+
+def test_both_loaders_take_one_options_object() -> None:
+    """One LoaderOptions drives either loader; keywords beside it override its fields."""
+    from wus_tune.data import LoaderOptions, StreamLoader
+
+    items = _Items(40)
+    x = torch.stack([items[i][0] for i in range(40)])
+    y = torch.tensor([items[i][1] for i in range(40)])
+    options = LoaderOptions(batch_size=16, mean=(0.5,), std=(0.25,))
+    resident, streamed = DeviceLoader(x, y, options), StreamLoader(items, options, num_workers=0)
+    assert resident.options is options and len(resident) == len(streamed) == 3  # evaluation: every sample
+    for (xa, ya), (xb, yb) in zip(resident, streamed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    torch.testing.assert_close(next(iter(resident))[0], (x[:16] / 255 - 0.5) / 0.25)
+    training = DeviceLoader(x, y, options, train=True, seed=3)
+    assert training.options.batch_size == 16 and training.train and len(training) == 2
+    assert [b.tolist() for _, b in training] == [b.tolist() for _, b in DeviceLoader(x, y, batch_size=16, train=True, seed=3)]
+    with pytest.raises(ValueError, match="batch_size: expected >= 1, got 0"):
+        DeviceLoader(x, y, options, batch_size=0)
 
 
 def test_streamed_data_time_is_charged_to_baseline_and_wus_alike(one_torch_thread) -> None:

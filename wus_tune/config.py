@@ -13,7 +13,7 @@ files. The file format (YAML or JSON) is the nested dict of :meth:`TrainConfig.t
     epochs: 15
     seed: 0
 
-A user's own model and data are factories named by import path (see :mod:`wus_tune.plugins`)::
+A user's own model and data are factories named by import path (see :mod:`wus_tune.factories`)::
 
     model: {factory: "my_pkg.nets:build", kwargs: {hidden: 64}, factory_version: "1.2.0"}
     data: {factory: "my_pkg.data:load", kwargs: {fold: 0}}
@@ -36,7 +36,7 @@ from wus_tune.errors import ConfigError
 
 CONFIG_VERSION = 1
 
-# The built-ins; the registry (wus_tune.plugins) adds the entry points of installed packages.
+# The built-ins; the registry (wus_tune.registry) adds the entry points of installed packages.
 MODEL_NAMES = ("mlp", "alexnet", "vgg11", "vgg16", "resnet18")
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder")
 
@@ -110,20 +110,21 @@ def _factory_from_name(cfg: Any, default_name: str) -> None:
 
 
 def _model_names() -> dict[str, str]:
-    from wus_tune.plugins import model_registry
+    from wus_tune.registry import model_registry
 
     return model_registry()
 
 
 def _dataset_names() -> dict[str, str]:
-    from wus_tune.plugins import dataset_registry
+    from wus_tune.registry import dataset_registry
 
     return dataset_registry()
 
 
 def _check_source(section: str, cfg: Any, registry: Any) -> None:
     """A registered name, or a factory that imports; records (or checks) the factory package's version."""
-    from wus_tune import plugins
+    from wus_tune.factories import OBJECT_PREFIX, check_path, load_object
+    from wus_tune.provenance import package_version
 
     if cfg.factory is None:
         known = registry()
@@ -132,11 +133,11 @@ def _check_source(section: str, cfg: Any, registry: Any) -> None:
                               f"or give an import path as {section}.factory")  # fmt: skip
         return
     key = f"{section}.factory"
-    plugins.check_path(key, cfg.factory)
-    if cfg.factory.startswith(plugins.OBJECT_PREFIX):
+    check_path(key, cfg.factory)
+    if cfg.factory.startswith(OBJECT_PREFIX):
         return  # handed over as a Python object: nothing to import
-    plugins.load_object(cfg.factory, key)
-    installed = plugins.package_version(cfg.factory)
+    load_object(cfg.factory, key)
+    installed = package_version(cfg.factory)
     if cfg.factory_version is None:
         cfg.factory_version = installed
     elif installed is not None and installed != cfg.factory_version:

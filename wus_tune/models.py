@@ -2,7 +2,7 @@
 networks of the Weight Update Skipping paper, scalable by a channel multiplier.
 
 The built-ins are factories like a user's (``factory(input_shape, num_classes, **kwargs)``), registered
-by import path in :mod:`wus_tune.plugins`.
+by import path in :mod:`wus_tune.registry`.
 
 Every model takes normalised float images ``(B, C, H, W)`` and returns logits ``(B, num_classes)``. The
 layouts follow the usual CIFAR variants (3x3 stems, no ImageNet-style stride-4 entry), so 32x32 inputs keep
@@ -27,6 +27,8 @@ from torch import nn
 
 from wus_tune.config import ModelConfig
 from wus_tune.errors import ConfigError, one_line
+from wus_tune.factories import call_factory, load_object
+from wus_tune.registry import model_registry
 
 __all__ = ["build_model", "check_output", "mlp", "alexnet", "vgg11", "vgg16", "resnet18"]
 
@@ -217,21 +219,19 @@ def build_model(
     config sets to other than their defaults) and must
     return an ``nn.Module``; anything else is a one-line ConfigError.
     """
-    from wus_tune import plugins
-
     if isinstance(model, nn.Module):
         return copy.deepcopy(model)
     if model is not None and not callable(model):
         raise ConfigError(f"model: expected an nn.Module or a factory callable, got {type(model).__name__}")
     key = "model.factory" if (model is not None or cfg.factory) else "model.name"
     if model is None:
-        path = cfg.factory or plugins.model_registry().get(cfg.name)
+        path = cfg.factory or model_registry().get(cfg.name)
         if path is None:
-            raise ConfigError(f"model.name: unknown model {cfg.name!r}; choose one of {', '.join(plugins.model_registry())}")
-        model = plugins.load_object(path, key)
+            raise ConfigError(f"model.name: unknown model {cfg.name!r}; choose one of {', '.join(model_registry())}")
+        model = load_object(path, key)
     defaults = ModelConfig()
     fields = {name: getattr(cfg, name) for name in MODEL_FIELDS if getattr(cfg, name) != getattr(defaults, name)}
-    built = plugins.call_factory(model, key, (tuple(input_shape), num_classes), cfg.kwargs, fields)
+    built = call_factory(model, key, (tuple(input_shape), num_classes), cfg.kwargs, fields)
     if not isinstance(built, nn.Module):
         name = getattr(model, "__qualname__", repr(model))
         raise ConfigError(f"{key}: {name}() returned {type(built).__name__}, not a torch.nn.Module")

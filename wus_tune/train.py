@@ -75,23 +75,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_config_options(parser)
     args, unknown = parser.parse_known_args(argv)
     config = config_from_args(args, unknown)
+    from wus_tune.trainer import fit, resolve_device
+
+    resolve_device(config.device)  # bad input writes nothing: a device this machine lacks is refused first
 
     out = Path(args.out or f"runs/{config.model.name}-{config.data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    created = not out.exists()
+    created = [p for p in (out, *out.parents) if not p.exists()]  # the folders mkdir makes, deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
         config.save(out / "config.yaml")
     except OSError as e:
+        _remove_empty(created)
         raise UsageError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-
-    from wus_tune.trainer import fit
 
     try:
         result = fit(config, progress=not args.quiet)
     except UsageError:  # bad model or data, found when building them: leave nothing behind
         (out / "config.yaml").unlink(missing_ok=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        _remove_empty(created)
         raise
     save_checkpoint(out / "model.pt", result.model, config)
     result.save_json(out / "result.json")
@@ -100,6 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"(train {result.train_time_s:.1f}s, skipped {result.skip_fraction:.0%} of steps, "
           f"{result.flops_fraction:.0%} of the FLOPs) -> {out}/")
     return 0
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this run created, deepest first, up to the first that is not empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def save_checkpoint(path: Path, model: object, config: TrainConfig) -> Path:

@@ -133,6 +133,9 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"device: {name!r} requested but this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
     return device
 
 
@@ -173,7 +176,7 @@ def fit(
     and :class:`~wus_tune.errors.UsageError` subclasses for bad input.
     """
     # ---- set-up: data, model, methods, optimizer, warm-up ----
-    from wus_tune.plugins import record_sources
+    from wus_tune.provenance import record_sources
 
     config = record_sources(config, model=model, data=data)  # objects handed over: say where they came from
     config.validate()
@@ -394,9 +397,9 @@ class _Loaders:
 
 def _prepare(config: TrainConfig, device: torch.device, *, model: Any = None,
              data: Any = None) -> tuple[RunInfo, Any, _Loaders, nn.Module]:  # fmt: skip
-    """Data, loaders and model: through :func:`wus_tune.plugins.prepare`, the one way models and data
+    """Data, loaders and model: through :func:`wus_tune.prepare.prepare`, the one way models and data
     enter (a config's names and factories, or the objects given to :func:`fit`)."""
-    from wus_tune.plugins import prepare
+    from wus_tune.prepare import prepare
 
     cuda = device.type == "cuda"
     if cuda:

@@ -527,7 +527,7 @@ class GaussNewton(Method):
 
     @classmethod
     def check_model(cls, model: Any, config: Any) -> str | None:
-        from wus_tune.plugins import BUILTIN_MODELS
+        from wus_tune.registry import BUILTIN_MODELS
 
         # Only a built-in model is known from its config; a user's own network (a factory or a plug-in) may
         # well be Linear -> ReLU -> Linear: check_module judges the built one.
