@@ -28,15 +28,15 @@ def main() -> None:
         "data": {"name": "cifar10", "data_dir": args.data, "cache_dir": args.cache_dir, "val_fraction": 0.2},
         "optim": {"lr": 0.1, "batch_size": 512},
         "schedule": {"name": "step", "warmup": 0.05},
-        "wus": {"enabled": True, "signal": "train_acc", "window": 1, "threshold": 1.0, "warmup": 1,
-                "skip_length": 1, "bias_scope": "last:1", "schedule_window": [0.0, 1.0]},
+        "methods": {"wus": {"signal": "train_acc", "window": 1, "threshold": 1.0, "warmup": 1,
+                "skip_length": 1, "bias_scope": "last:1", "schedule_window": [0.0, 1.0]}},
         "epochs": args.epochs, "device": "cuda", "eval_every_epoch": False,
     })
     for compiled in (False, True):
         result = fit(base.replace({"compile": compiled}))
         print(f"compile={compiled}: train {result.train_time_s:.2f}s, per-epoch "
               f"{[round(e.train_time_s, 2) for e in result.epochs]}, val {result.val_acc:.2%}, "
-              f"skipped {result.skip_fraction:.0%}", flush=True)
+              f"skipped {result.changed_step_fraction:.0%}", flush=True)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def run(setting_name: str, args: argparse.Namespace, seed: int) -> dict[str, Any
     """One study; returns its figures (and prints its table)."""
     import optuna
 
-    from wus_tune._study.guideline import calibrate_growth_rate
+    from wus_tune.methods.edge_of_chaos.study import calibrate_growth_rate
     from wus_tune.config import TrainConfig
     from wus_tune.study import initial_trials
 
@@ -155,7 +155,7 @@ def run(setting_name: str, args: argparse.Namespace, seed: int) -> dict[str, Any
             "storage": f"sqlite:///{tmp}/study.db",
             "tracking_uri": "none",
             "baseline_fractions": [0.25, 0.5, 0.75],
-            "enqueue_wus_default": False,
+            "enqueue_defaults": False,
             "edge_of_chaos": {
                 "growth_rate": c, "guideline": True, "momentum": [0.9], "batch_sizes": setting["batch_sizes"],
                 "epochs_fractions": setting["fractions"], "narrow_weight_decay": args.narrow,

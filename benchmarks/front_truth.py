@@ -117,7 +117,7 @@ def run_mode(mode: str, spec_path: str, repeats: int, load_procs: int, verbose: 
         "pick": pick.number,
         "pick_role": pick.role,
         "pick_label": pick.attrs.get("variant"),
-        "pick_skip_fraction": pick.attrs["result"].get("skip_fraction"),
+        "pick_skip_fraction": pick.attrs["result"].get("changed_step_fraction", pick.attrs["result"].get("skip_fraction")),
         "objective": analysis.objectives[1],
         "claimed_speedup": conf.claimed_speedup,
         "wall_objective_claim": wall_claim,

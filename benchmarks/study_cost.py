@@ -65,9 +65,9 @@ def run_one(spec_path: str, mode: str, seed: int, trials: int, objectives: str, 
     wall = time.perf_counter() - start
     cands = [c for c in outcome.analysis.candidates if c.state == "COMPLETE"]
     pruned = [c for c in outcome.analysis.candidates if c.state == "PRUNED"]
-    wus = [c for c in cands if c.uses_method and ((c.config or {}).get("wus") or {}).get("enabled")]
+    wus = [c for c in cands if c.uses_method and "wus" in ((c.config or {}).get("methods") or {})]
     res = lambda c: c.attrs.get("result") or {}  # noqa: E731
-    never = [c for c in wus if c.attrs.get("reused") or not res(c).get("skip_fraction")]
+    never = [c for c in wus if c.attrs.get("reused") or not res(c).get("changed_step_fraction")]
     trained_never = [c for c in never if not c.attrs.get("reused")]
     ck = next((c.attrs.get("reuse_checkpoints") for c in cands if c.role == "baseline"), None) or {}
     return {

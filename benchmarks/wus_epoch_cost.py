@@ -39,20 +39,19 @@ def main() -> None:
                  "cache_dir": args.cache_dir, "val_fraction": 0.2},
         "optim": {"lr": 0.05, "batch_size": args.batch_size},
         "schedule": {"name": "step"},
-        "wus": {"enabled": True, "signal": "train_acc", "window": 1, "threshold": 1.0, "warmup": 1,
-                "skip_length": 2, "bias_scope": "last:1", "schedule_window": [0.0, 1.0]},
+        "methods": {"wus": {"signal": "train_acc", "window": 1, "threshold": 1.0, "warmup": 1,
+                "skip_length": 2, "bias_scope": "last:1", "schedule_window": [0.0, 1.0]}},
         "epochs": args.epochs, "device": args.device, "eval_every_epoch": False,
     })
     for name in args.runs:
-        result = fit(base.replace({"compile": "compiled" in name, "wus.cache_frozen_prefix": "cache" in name}))
+        result = fit(base.replace({"compile": "compiled" in name, "methods.wus.cache_frozen_prefix": "cache" in name}))
         times = [e.train_time_s for e in result.epochs]
-        full = [t for t, e in zip(times, result.epochs) if not e.skipped_steps]
-        first_skip = [t for i, (t, e) in enumerate(zip(times, result.epochs))
-                      if e.skipped_steps and not result.epochs[i - 1].skipped_steps]
-        second_skip = [t for i, (t, e) in enumerate(zip(times, result.epochs))
-                       if e.skipped_steps and result.epochs[i - 1].skipped_steps]
+        skips = [e.steps - e.steps_by_kind.get("full", 0) > 0 for e in result.epochs]  # an epoch with skip steps
+        full = [t for t, s in zip(times, skips) if not s]
+        first_skip = [t for i, (t, s) in enumerate(zip(times, skips)) if s and not skips[i - 1]]
+        second_skip = [t for i, (t, s) in enumerate(zip(times, skips)) if s and skips[i - 1]]
         print(f"{name}: train {result.train_time_s:.1f}s (compile {result.compile_time_s:.1f}s apart), "
-              f"val {result.val_acc:.2%}, skipped {result.skip_fraction:.0%}, FLOP ratio {result.flops_fraction:.3f}; "
+              f"val {result.val_acc:.2%}, skipped {result.changed_step_fraction:.0%}, FLOP ratio {result.flops_fraction:.3f}; "
               f"epoch s: full {statistics.median(full):.2f}, window's 1st skip {statistics.median(first_skip):.2f}, "
               f"2nd skip {statistics.median(second_skip):.2f}; all {[round(t, 2) for t in times]}", flush=True)
 

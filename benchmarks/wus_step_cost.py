@@ -7,7 +7,7 @@
 Steps of each kind are interleaved round-robin (so machine noise hits them alike); the median of the
 timed repeats is reported, with the FLOP count of each kind of step beside it. A step is forward,
 backward and the optimizer step. "cached prefix" is a head-only skip step trained on cached features of
-the frozen layers (``wus.cache_frozen_prefix``; building the cache is not in it). With ``--compile`` each
+the frozen layers (``methods.wus.cache_frozen_prefix``; building the cache is not in it). With ``--compile`` each
 mode is compiled by :class:`wus_tune.compile_step.ModeCompiled`; its compile time (first call of the
 mode, forward and backward) is printed apart. The last line is ``compiled last:1 skip/full ratio R``:
 the median over repeats of (head-only skip step time / full step time), both compiled, same round.
@@ -27,10 +27,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wus_tune.compile_step import ModeCompiled  # noqa: E402
-from wus_tune.config import ModelConfig, WUSConfig  # noqa: E402
-from wus_tune.frozen_prefix import split_frozen_prefix  # noqa: E402
+from wus_tune.config import ModelConfig  # noqa: E402
+from wus_tune.methods.wus import WUSConfig  # noqa: E402
+from wus_tune.methods.wus.frozen_prefix import split_frozen_prefix  # noqa: E402
 from wus_tune.models import build_model  # noqa: E402
-from wus_tune.wus import layer_groups, param_groups, skip_frozen_parameters  # noqa: E402
+from wus_tune.methods.wus.rule import layer_groups, param_groups, skip_frozen_parameters  # noqa: E402
 
 
 def _step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, frozen: list) -> float:

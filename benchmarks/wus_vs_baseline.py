@@ -28,23 +28,22 @@ DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared/data/cifa
 
 # Named WUS settings (dotted overrides). The running training accuracy costs no evaluation.
 WUS_SETTINGS: dict[str, dict[str, object]] = {
-    "wus-head": {"wus.enabled": True, "wus.signal": "train_acc", "wus.window": 1, "wus.threshold": 0.01,
-                 "wus.warmup": 4, "wus.skip_length": 3, "wus.bias_scope": "last:1", "wus.schedule_window": [0.0, 1.0]},
-    "wus-top3": {"wus.enabled": True, "wus.signal": "train_acc", "wus.window": 1, "wus.threshold": 0.01,
-                 "wus.warmup": 4, "wus.skip_length": 3, "wus.bias_scope": "last:3", "wus.schedule_window": [0.0, 1.0]},
-    "wus-late-head": {"wus.enabled": True, "wus.signal": "train_acc", "wus.window": 1, "wus.threshold": 0.01,
-                      "wus.warmup": 4, "wus.skip_length": 3, "wus.bias_scope": "last:1", "wus.schedule_window": [0.5, 1.0]},
-    "wus-long-head": {"wus.enabled": True, "wus.signal": "train_acc", "wus.window": 1, "wus.threshold": 0.02,
-                      "wus.warmup": 3, "wus.skip_length": 5, "wus.bias_scope": "last:1", "wus.schedule_window": [0.0, 1.0]},
-    # the same two head-only settings with the frozen prefix cached in each skip window (wus.cache_frozen_prefix)
-    "wus-head-cached": {"wus.enabled": True, "wus.signal": "train_acc", "wus.window": 1, "wus.threshold": 0.01,
-                        "wus.warmup": 4, "wus.skip_length": 3, "wus.bias_scope": "last:1",
-                        "wus.schedule_window": [0.0, 1.0], "wus.cache_frozen_prefix": True},
-    "wus-long-head-cached": {"wus.enabled": True, "wus.signal": "train_acc", "wus.window": 1, "wus.threshold": 0.02,
-                             "wus.warmup": 3, "wus.skip_length": 5, "wus.bias_scope": "last:1",
-                             "wus.schedule_window": [0.0, 1.0], "wus.cache_frozen_prefix": True},
-    "wus-all-val": {"wus.enabled": True, "wus.signal": "val_acc", "wus.window": 2, "wus.threshold": 0.01,
-                    "wus.warmup": 3, "wus.skip_length": 2, "wus.bias_scope": "all", "wus.schedule_window": [0.0, 1.0]},
+    "wus-head": {"methods.wus": {"signal": "train_acc", "window": 1, "threshold": 0.01, "warmup": 4, "skip_length": 3,
+                                 "bias_scope": "last:1", "schedule_window": [0.0, 1.0]}},
+    "wus-top3": {"methods.wus": {"signal": "train_acc", "window": 1, "threshold": 0.01, "warmup": 4, "skip_length": 3,
+                                 "bias_scope": "last:3", "schedule_window": [0.0, 1.0]}},
+    "wus-late-head": {"methods.wus": {"signal": "train_acc", "window": 1, "threshold": 0.01, "warmup": 4, "skip_length": 3,
+                                      "bias_scope": "last:1", "schedule_window": [0.5, 1.0]}},
+    "wus-long-head": {"methods.wus": {"signal": "train_acc", "window": 1, "threshold": 0.02, "warmup": 3, "skip_length": 5,
+                                      "bias_scope": "last:1", "schedule_window": [0.0, 1.0]}},
+    # the same two head-only settings with the frozen prefix cached in each skip window (cache_frozen_prefix)
+    "wus-head-cached": {"methods.wus": {"signal": "train_acc", "window": 1, "threshold": 0.01, "warmup": 4, "skip_length": 3,
+                                        "bias_scope": "last:1", "schedule_window": [0.0, 1.0], "cache_frozen_prefix": True}},
+    "wus-long-head-cached": {"methods.wus": {"signal": "train_acc", "window": 1, "threshold": 0.02, "warmup": 3,
+                                             "skip_length": 5, "bias_scope": "last:1", "schedule_window": [0.0, 1.0],
+                                             "cache_frozen_prefix": True}},
+    "wus-all-val": {"methods.wus": {"signal": "val_acc", "window": 2, "threshold": 0.01, "warmup": 3, "skip_length": 2,
+                                    "bias_scope": "all", "schedule_window": [0.0, 1.0]}},
 }
 
 
@@ -64,7 +63,7 @@ def base_config(args: argparse.Namespace) -> TrainConfig:
 def run(config: TrainConfig) -> dict[str, float]:
     result = fit(config)
     return {"time_s": result.time_s, "val_acc": result.val_acc, "flops": result.train_flops,
-            "skip_fraction": result.skip_fraction, "epochs": config.epochs}
+            "skip_fraction": result.changed_step_fraction, "epochs": config.epochs}
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from wus_tune import TrainConfig, fit
 from wus_tune.errors import UsageError
+from wus_tune._study.catalog import declarations
 from wus_tune.methods import registry
 
 
@@ -98,7 +99,7 @@ def features(n=96):
 MODELS = {"vit": (TinyViT, images), "tied": (Tied, features), "frozen": (FrozenBackbone, images),
           "convbn": (ConvBN, images)}  # fmt: skip
 # WUS that skips once two checks are seen (window 1), so skip windows really happen in a three-epoch run.
-EAGER_WUS = {"enabled": True, "warmup": 0, "threshold": 1.0, "window": 1, "skip_length": 1,
+EAGER_WUS = {"warmup": 0, "threshold": 1.0, "window": 1, "skip_length": 1,
              "schedule_window": [0.0, 1.0]}  # fmt: skip
 
 
@@ -109,7 +110,7 @@ def method_names():
 def config_for(method: str) -> TrainConfig:
     raw = {"epochs": 3, "device": "cpu", "optim": {"batch_size": 16, "lr": 0.02}, "data": {"val_fraction": 0.25}}
     if method == "wus":
-        raw["wus"] = EAGER_WUS
+        raw["methods"] = {"wus": EAGER_WUS}
     else:
         raw["methods"] = {method: {}}
     return TrainConfig.from_dict(raw)
@@ -121,8 +122,8 @@ def reason_not_applicable(method: str, build, config: TrainConfig, input_shape: 
     from wus_tune.plugins import record_sources
 
     config = record_sources(config, model=build)
-    cls = registry()[method]
-    return cls.check_model(config.model, config) or cls.check_module(build(input_shape, 2), config)
+    declared = declarations()[method]
+    return declared.check_model(config.model, config) or declared.check_module(build(input_shape, 2), config)
 
 
 @pytest.mark.parametrize("method", method_names())
@@ -149,7 +150,7 @@ def test_every_method_trains_arbitrary_models_or_says_why_not(kind, method, one_
     if kind == "tied":
         assert trained.b.weight is trained.a.weight and trained.b.bias is trained.a.bias
     if kind == "frozen" and method == "wus":
-        assert result.skipped_steps > 0
+        assert result.changed_steps > 0
     trainable = [n for n, p in initial.named_parameters() if p.requires_grad]
     moved = [n for n in trainable if not torch.equal(named[n].detach(), dict(initial.named_parameters())[n].detach())]
     assert moved, "nothing trained"

@@ -94,7 +94,7 @@ STUDY_CASES = [
     (["--sampler", "cmaes"], "unknown sampler 'cmaes'"),
     (["--objectives", "accuracy,speed"], "unknown objective 'speed'"),
     (["--select", "best"], "selection rule 'best'"),
-    (["--set", "wus.treshold=0.1"], "wus.treshold: unknown key"),
+    (["--set", "methods.wus.treshold=0.1"], "methods.wus.treshold: unknown argument"),
     (["--devices", "x"], "'x' is not a GPU index"),
     (["--devices", "cpu,0"], "either cpu or GPU indices"),
     (["--workers-per-device", "2"], "--workers-per-device needs --devices"),
@@ -148,7 +148,7 @@ def test_devices_without_gpus(workdir, capsys):
 WRONG = {
     "name": 5, "description": 3, "train": [1], "objectives": 7, "methods": "wus,x", "edge_of_chaos": 5, "sampler": 1,
     "sampler_options": [1], "seed": "zero", "n_trials": 2.5, "timeout": "soon", "storage": 5, "tracking_uri": 5,
-    "constraint_delta": "x", "baseline_fractions": 0.5, "enqueue_wus_default": "yes", "enqueue": {"a": 1},
+    "constraint_delta": "x", "baseline_fractions": 0.5, "enqueue_defaults": "yes", "enqueue": {"a": 1},
     "default_search_space": "no", "search_space": [1], "select": 5, "accuracy_margin": "x", "cost_factor": "x",
     "max_trials": "x", "heartbeat_interval": 0.5, "grace_period": "x", "max_retry": "x", "reconnect_timeout": "x",
     "ray": 5, "gpus_per_trial": "x", "cpus_per_trial": "x",
@@ -168,7 +168,10 @@ OUT_OF_RANGE = {
 def test_every_spec_key_is_covered():
     import dataclasses
 
-    keys = {f.name for f in dataclasses.fields(StudySpec)} - {"source"}
+    from wus_tune._study.catalog import declarations
+
+    sections = {name for name, d in declarations().items() if d.SPEC_SECTION is not None}  # edge_of_chaos
+    keys = {f.name for f in dataclasses.fields(StudySpec) if not f.metadata.get("internal")} | sections
     assert keys == set(WRONG), sorted(keys ^ set(WRONG))
 
 
@@ -183,10 +186,10 @@ def test_bad_spec_values_name_the_key(key, value):
 
 def test_inverted_and_unknown_search_space(capsys):
     for space, message in [
-        ({"wus.threshold": {"low": 0.1, "high": 0.01}}, "inverted range"),
-        ({"wus.window": {"low": 4, "high": 1}}, "inverted range"),
+        ({"methods.wus.threshold": {"low": 0.1, "high": 0.01}}, "inverted range"),
+        ({"methods.wus.window": {"low": 4, "high": 1}}, "inverted range"),
         ({"epochs": {"low": 0, "high": 3}}, "search_space.epochs: value 0 is not a valid config"),
-        ({"wus.warmup": {"low": 0, "high": 2, "log": True}}, "log range needs low > 0"),
+        ({"methods.wus.warmup": {"low": 0, "high": 2, "log": True}}, "log range needs low > 0"),
         ({"schedule.name": {"choices": ["cosine", "warp"]}}, "value 'warp' is not a valid config"),
         ({"no.such.key": {"low": 1, "high": 2}}, "no.such.key"),
     ]:
@@ -233,7 +236,7 @@ def test_pareto_cli(finished_study, capsys, argv, message):
         (["--width", "100"], "model.width: 100.0 is out of range"),
         (["--optim.name", "foo"], "optim.name: unknown value 'foo'"),
         (["--schedule", "bogus"], "schedule.name: unknown value 'bogus'"),
-        (["--wus.bias_scope", "last:0"], "wus.bias_scope"),
+        (["--methods.wus.bias_scope", "last:0"], "methods.wus.bias_scope"),
         (["--methods.warp.x", "1"], "methods.warp: unknown method"),
         (["--methods.approx_ops", "1"], "methods.approx_ops: expected a mapping"),
         (["--config", "afile"], "expected a mapping at the top level"),

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from wus_tune.compile_step import ModeCompiled, dynamo_graph_count
-from wus_tune.config import WUSConfig
-from wus_tune.wus import WUSController, param_groups
+from wus_tune import WUSConfig
+from wus_tune.methods.wus.rule import WUSController, param_groups
 
 
 def _tiny() -> nn.Sequential:
@@ -22,7 +22,7 @@ def _tiny() -> nn.Sequential:
 def _setup(backend: str | None):
     model = _tiny()
     opt = torch.optim.SGD(param_groups(model, weight_decay=5e-4), lr=0.1, momentum=0.9)
-    cfg = WUSConfig(enabled=True, window=1, threshold=0.05, warmup=0, skip_length=100, bias_scope="last:1")
+    cfg = WUSConfig(window=1, threshold=0.05, warmup=0, skip_length=100, bias_scope="last:1")
     ctl = WUSController(model, opt, cfg)
     loss_fn = nn.CrossEntropyLoss()
     forward = model if backend is None else ModeCompiled(model, backend=backend)

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_round_trip_yaml_and_json(tmp_path):
-    config = TrainConfig().replace({"wus.enabled": True, "wus.bias_scope": "last:2", "data.subset": 500})
+    config = TrainConfig().replace({"methods.wus": {}, "methods.wus.bias_scope": "last:2", "data.subset": 500})
     for name in ("c.yaml", "c.json"):
         assert TrainConfig.load(config.save(tmp_path / name)) == config
 
@@ -25,20 +25,24 @@ def test_round_trip_yaml_and_json(tmp_path):
 @pytest.mark.parametrize(
     "raw, message",
     [
-        ({"wus": {"treshold": 0.1}}, r"wus\.treshold: unknown key"),
-        ({"wus": {"threshold": 2.0}}, r"wus\.threshold: 2\.0 is out of range"),
-        ({"wus": {"threshold": "high"}}, r"wus\.threshold: expected a number"),
-        ({"wus": {"schedule_window": [0.8, 0.2]}}, r"wus\.schedule_window: start 0\.8 must be below end 0\.2"),
+        ({"methods": {"wus": {"treshold": 0.1}}}, r"methods\.wus\.treshold: unknown argument"),
+        ({"methods": {"wus": {"threshold": 2.0}}}, r"methods\.wus\.threshold: 2\.0 is out of range"),
+        ({"methods": {"wus": {"threshold": "high"}}}, r"methods\.wus\.threshold: expected a number"),
+        ({"methods": {"wus": {"window": 2.5}}}, r"methods\.wus\.window: expected an integer"),
+        ({"methods": {"wus": {"variant": "none"}}}, r"methods\.wus\.variant: unknown value 'none'"),
+        ({"methods": {"wus": {"schedule_window": [0.8, 0.2]}}}, r"methods\.wus\.schedule_window: start 0\.8 must be below end 0\.2"),
+        ({"wus": {"threshold": 2.0}}, r"methods\.wus\.threshold: 2\.0 is out of range"),  # version 1, off: still checked
         ({"model": {"name": "vgg19"}}, r"model\.name: unknown value 'vgg19'"),
         ({"data": {"name": "mnist"}}, r"data\.name: unknown value"),
         ({"epochs": 0}, r"epochs: 0 is out of range"),
         ({"epochs": 1.5}, r"epochs: expected an integer"),
-        ({"version": 2}, r"version: this wus_tune reads config version 1"),
+        ({"version": 3}, r"version: this wus_tune reads config version 2"),
         ({"optim": {"nesterov": "yes"}}, r"optim\.nesterov: expected true or false"),
         ({"schedule": {"milestones": [0.75, 0.5]}}, r"schedule\.milestones: must be increasing"),
         ({"methods": {"warp_drive": {}}}, r"methods\.warp_drive: unknown method"),
         ({"device": "tpu"}, r"device: expected auto"),
         ({"wus": []}, r"wus: expected a mapping"),
+        ({"version": 2, "wus": {}}, r"wus: unknown key"),
     ],
 )
 def test_invalid_configs_name_the_key(raw, message):
@@ -49,11 +53,11 @@ def test_invalid_configs_name_the_key(raw, message):
 def test_cli_trains_on_digits_and_saves_weights_with_config(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["--model", "mlp", "--dataset", "digits", "--epochs", "2", "--device", "cpu",
-                 "--wus.threshold", "0.02", "--out", str(out), "--quiet"])
+                 "--methods.wus.threshold", "0.02", "--out", str(out), "--quiet"])
     assert code == 0
     assert "done: val" in capsys.readouterr().out
     config = TrainConfig.load(out / "config.yaml")
-    assert config.wus.threshold == 0.02 and config.epochs == 2
+    assert config.methods == {"wus": {"threshold": 0.02}} and config.epochs == 2
     checkpoint = torch.load(out / "model.pt", weights_only=True)
     assert TrainConfig.from_dict(checkpoint["config"]) == config
     assert any(k.endswith("weight") for k in checkpoint["state_dict"])
@@ -73,7 +77,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def _bad_input_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     unknown_key = tmp_path / "unknown.yaml"
-    unknown_key.write_text("version: 1\nwus: {enabled: true, thresold: 0.1}\n")
+    unknown_key.write_text("version: 2\nmethods: {wus: {thresold: 0.1}}\n")
     corrupt = tmp_path / "corrupt.yaml"
     corrupt.write_text("model: {name: [vgg11\n")
     blocker = tmp_path / "file"
@@ -81,10 +85,11 @@ def _bad_input_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     return [
         (["--model", "vgg19", "--dataset", "digits"], "model.name: unknown value 'vgg19'"),
         (["--dataset", "mnist"], "data.name: unknown value 'mnist'"),
-        (["--config", str(unknown_key)], "wus.thresold: unknown key"),
+        (["--config", str(unknown_key)], "methods.wus.thresold: unknown argument"),
         (["--config", str(corrupt)], "not valid YAML"),
         (["--config", str(tmp_path / "missing.yaml")], "cannot read config file"),
-        (["--dataset", "digits", "--wus.threshold", "-1"], "wus.threshold: -1.0 is out of range"),
+        (["--dataset", "digits", "--methods.wus.threshold", "-1"], "methods.wus.threshold: -1.0 is out of range"),
+        (["--dataset", "digits", "--method", "warp_drive"], "methods.warp_drive: unknown method"),
         (["--dataset", "imagefolder", "--data-dir", str(tmp_path / "nowhere")], "nowhere"),
         (["--dataset", "digits", "--epochs", "1", "--out", str(blocker / "sub")], "--out"),
         (["--dataset", "digits", "--no-such-option", "1"], "unrecognized argument"),
@@ -125,13 +130,13 @@ def _train_config(argv):
 
 
 @pytest.mark.parametrize("argv", [
-    ["--set", "model.width=0.5", "--set", "wus.threshold=0.02", "--set", "data.data_dir=2024"],
-    ["--model.width", "0.5", "--wus.threshold=0.02", "--data.data_dir", "2024"],
-    ["--set", "model.width=0.5", "--wus.threshold", "0.02", "--set", "data.data_dir=2024"],
+    ["--set", "model.width=0.5", "--set", "methods.wus.threshold=0.02", "--set", "data.data_dir=2024"],
+    ["--model.width", "0.5", "--methods.wus.threshold=0.02", "--data.data_dir", "2024"],
+    ["--set", "model.width=0.5", "--methods.wus.threshold", "0.02", "--set", "data.data_dir=2024"],
 ])  # fmt: skip
 def test_study_and_train_read_the_same_overrides(argv):
     for config in (_study_spec(["--dataset", "digits", *argv]), _train_config(["--dataset", "digits", *argv])):
-        assert config.model.width == 0.5 and config.wus.threshold == 0.02
+        assert config.model.width == 0.5 and config.methods["wus"]["threshold"] == 0.02
         assert config.data.data_dir == "2024"  # a path stays text
 
 

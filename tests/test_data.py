@@ -561,11 +561,11 @@ def test_streamed_data_time_is_charged_to_baseline_and_wus_alike(one_torch_threa
     delay, n = 0.002, 96
     raw = {"epochs": 3, "device": "cpu", "optim": {"batch_size": 16},
            "data": {"val_fraction": 0.25, "memory_budget_mb": 0.001, "num_workers": 0}}  # fmt: skip
-    wus = {**raw, "wus": {"enabled": True, "warmup": 0, "threshold": 1.0, "window": 1, "skip_length": 1,
-                          "schedule_window": [0.0, 1.0]}}  # fmt: skip
+    wus = {**raw, "methods": {"wus": {"warmup": 0, "threshold": 1.0, "window": 1, "skip_length": 1,
+                                       "schedule_window": [0.0, 1.0]}}}  # fmt: skip
     model = lambda shape, k: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, k))  # noqa: E731
     base = fit(TrainConfig.from_dict(raw), model=model, data={"train": _Items(n, delay)})
     skip = fit(TrainConfig.from_dict(wus), model=model, data={"train": _Items(n, delay)})
     loaded = 3 * 72 * delay  # three epochs of the 72 training items
-    assert skip.skipped_steps > 0
+    assert skip.changed_steps > 0
     assert base.train_time_s >= loaded and skip.train_time_s >= loaded

@@ -143,7 +143,7 @@ def test_nan_trial_fails_with_reason_others_go_on_and_no_password_anywhere(tmp_p
 
     secret = "Zq9-s3cret-pw"
     url = sqlalchemy.make_url(postgres_db).set(password=secret).render_as_string(hide_password=False)
-    write_spec(tmp_path / "spec.yaml", enqueue=[{"wus.variant": "wus", "optim.lr": 90.0, "optim.momentum": 0.99}])
+    write_spec(tmp_path / "spec.yaml", enqueue=[{"methods.wus.variant": "wus", "optim.lr": 90.0, "optim.momentum": 0.99}])
     args = ["--spec", "spec.yaml", "--storage", url, "--tracking-uri", mlflow_server, "--max-trials", "5",
             "--devices", "cpu", "--workers", "2", *FAST]  # fmt: skip
     p = start(tmp_path, *args, log="out.log")

@@ -31,12 +31,13 @@ TINY = {"model": {"name": "mlp", "width": 0.25}, "data": {"name": "digits"}, "de
         "schedule": {"name": "step"}}  # fmt: skip
 # WUS settings that first skip after checks 2, 3 and 4 of the seed-0 and seed-1 baselines (and one that never does)
 ENQUEUE = [
-    {"wus.variant": "wus", "wus.threshold": 0.0},
-    {"wus.variant": "wus", "wus.threshold": 0.2, "wus.window": 1, "wus.warmup": 2, "wus.schedule_window[1]": 0.95},
-    {"wus.variant": "wus+lr", "wus.threshold": 0.2, "wus.window": 1, "wus.warmup": 1, "wus.lr_decay": 0.5,
-     "wus.schedule_window[1]": 0.95},
-    {"wus.variant": "wus", "wus.threshold": 0.3, "wus.window": 1, "wus.warmup": 3, "wus.skip_length": 1,
-     "wus.schedule_window[1]": 0.95},
+    {"methods.wus.variant": "wus", "methods.wus.threshold": 0.0},
+    {"methods.wus.variant": "wus", "methods.wus.threshold": 0.2, "methods.wus.window": 1, "methods.wus.warmup": 2,
+     "methods.wus.schedule_window[1]": 0.95},
+    {"methods.wus.variant": "wus+lr", "methods.wus.threshold": 0.2, "methods.wus.window": 1, "methods.wus.warmup": 1,
+     "methods.wus.lr_decay": 0.5, "methods.wus.schedule_window[1]": 0.95},
+    {"methods.wus.variant": "wus", "methods.wus.threshold": 0.3, "methods.wus.window": 1, "methods.wus.warmup": 3,
+     "methods.wus.skip_length": 1, "methods.wus.schedule_window[1]": 0.95},
 ]  # fmt: skip
 
 
@@ -66,15 +67,15 @@ def assert_each_reused_trial_equals_its_twin(trials: list[optuna.trial.FrozenTri
             forked += 1
             source = baselines[attrs["forked"]["trial"]]
             assert source.user_attrs["config"]["seed"] == config.seed == attrs["forked"]["seed"], t.number
-            assert twin.skipped_steps > 0, t.number
-            for name in ("val_acc", "skipped_steps", "cost_flops", "flops_fraction", "total_steps"):
+            assert twin.changed_steps > 0, t.number
+            for name in ("val_acc", "changed_steps", "cost_flops", "flops_fraction", "total_steps"):
                 assert stored[name] == getattr(twin, name), (t.number, name)
         else:
             replayed += 1
             source = baselines[stored["reused_from"]]
             assert source.user_attrs["config"]["seed"] == config.seed, t.number
-            assert twin.skipped_steps == 0, t.number
-            for name in ("val_acc", "skipped_steps", "flops_fraction", "total_steps"):
+            assert twin.changed_steps == 0, t.number
+            for name in ("val_acc", "changed_steps", "flops_fraction", "total_steps"):
                 assert stored[name] == getattr(twin, name), (t.number, name)
     return forked, replayed
 
@@ -211,7 +212,7 @@ def test_find_baseline_picks_the_run_of_the_trials_seed(tmp_path):
         study.enqueue_trial({}, user_attrs={"role": "baseline", "config": config, reuse.SIGNAL_ATTR: [{"val_acc": 0.5}]})
         t = study.ask()
         study.tell(t, [0.9 + seed / 100, 1.0])
-    wus = base.replace({"wus.enabled": True})
+    wus = base.replace({"methods.wus": {}})
     assert reuse.find_baseline(study, wus)[0].number == 0
     assert reuse.find_baseline(study, wus.replace({"seed": 1}))[0].number == 1
     none, why, running = reuse.find_baseline(study, wus.replace({"seed": 5}))
@@ -228,8 +229,8 @@ def _user_data(n: int = 600):
 
 
 def _per_step_spec(name: str, **train) -> StudySpec:
-    enqueue = [{"wus.variant": "wus", "wus.threshold": 0.5, "wus.window": 1, "wus.warmup": 4}]
-    per_step = {"wus": {"signal": "train_acc", "check_every": 4}}  # the baseline records this signal for the trials
+    enqueue = [{"methods.wus.variant": "wus", "methods.wus.threshold": 0.5, "methods.wus.window": 1, "methods.wus.warmup": 4}]
+    per_step = {"methods": {"wus": {"signal": "train_acc", "check_every": 4}}}  # the baseline records this signal for the trials
     base = {"model": {"name": "mlp", "width": 0.25}, "epochs": 4, "device": "cpu", "optim": {"batch_size": 32}} | per_step
     return StudySpec.from_dict({"name": name, "train": base | train, "baseline_fractions": [], "tracking_uri": "none",
                                 "enqueue": enqueue, "n_trials": 3})  # fmt: skip

@@ -31,14 +31,14 @@ class ScriptedClock:
     def __call__(self) -> float:
         return self.now
 
-    def probe(self, costs: list[float] | float, units: float = 1.0) -> timing.Probe:
+    def probe(self, costs: list[float] | float, units: float = 1.0) -> timing.Workload:
         script = iter(costs) if isinstance(costs, list) else None
 
         def run() -> float:
             self.now += next(script) if script is not None else costs
             return units
 
-        return timing.Probe(run=run)
+        return timing.Workload(run=run)
 
 
 def test_run_seconds_and_relative_time_are_counts_times_prices():
@@ -73,7 +73,7 @@ def test_bursts_are_sized_to_min_burst_and_a_drifting_load_cancels_when_paired()
     # slows down round by round (each round's two bursts see the same load)
     load = iter([1, 1, 1, 1] + [1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
 
-    def make(cost: float) -> timing.Probe:
+    def make(cost: float) -> timing.Workload:
         factor = {"f": 1.0}
 
         def prepare() -> None:
@@ -83,7 +83,7 @@ def test_bursts_are_sized_to_min_burst_and_a_drifting_load_cancels_when_paired()
             clock.now += cost * factor["f"]
             return 1.0
 
-        return timing.Probe(run=run, prepare=prepare)
+        return timing.Workload(run=run, prepare=prepare)
 
     probes = {"baseline:step": make(1 / 128), "step:skip:all": make(1 / 512)}  # binary fractions: exact sums
     m = timing.measure_interleaved(probes, timing.TimingOptions(rounds=5, min_burst_s=1 / 64), clock=clock,
@@ -107,11 +107,12 @@ def test_a_plain_run_is_exactly_its_share_of_the_baseline_and_wus_pays_its_evalu
     half = fit(base.replace({"epochs": 2}), relative_to=base)
     steps, evals = r.unit_costs["baseline:step"]["seconds"], r.unit_costs["baseline:eval"]["seconds"]
     assert 0.5 < half.relative_time < 0.6  # half the steps, the same final evaluation
-    wus = fit(base.replace({"wus.enabled": True, "wus.threshold": 0.5, "wus.warmup": 0, "wus.window": 1,
-                            "wus.bias_scope": "last:1", "wus.schedule_window": [0.0, 1.0]}), relative_to=base)  # fmt: skip
-    assert wus.skipped_steps > 0 and wus.work_counts["step:skip:last:1"] == wus.skipped_steps
+    wus = fit(base.replace({"methods.wus": {}, "methods.wus.threshold": 0.5, "methods.wus.warmup": 0, "methods.wus.window": 1,
+                            "methods.wus.bias_scope": "last:1", "methods.wus.schedule_window": [0.0, 1.0]}), relative_to=base)  # fmt: skip
+    assert wus.changed_steps > 0 and wus.work_counts["step:skip:last:1"] == wus.changed_steps
     assert wus.work_counts["eval"] > r.work_counts["eval"]  # its val_acc checks are charged
     assert set(wus.unit_costs) >= {"step:skip:last:1", "baseline:step"}
+    assert "step:full" not in wus.unit_costs and "eval" not in wus.unit_costs  # WUS's full steps are the baseline's
     assert steps > 0 and evals > 0
 
 
@@ -141,7 +142,7 @@ def test_a_study_whose_trials_are_slowed_still_ranks_them_by_what_they_ran(study
         return fit(config, on_step=lambda step: time.sleep(2 * baseline_wall[0] / steps), **kw)
 
     spec = StudySpec.from_dict({"name": "slowed", "train": TINY, "baseline_fractions": [0.5, 0.75],
-                                "enqueue_wus_default": False})  # fmt: skip
+                                "enqueue_defaults": False})  # fmt: skip
     outcome = run_study(spec, n_trials=3, tracking_uri="none", fit=fit_slowed, echo=None)
     cands = {c.config["epochs"]: c for c in outcome.analysis.complete}
     wall = {e: c.attrs["result"]["time_s"] for e, c in cands.items()}
@@ -192,7 +193,7 @@ def test_pooled_baseline_metric_names_trial_export_and_json(digits_study, capsys
     exported = TrainConfig.load("t.yaml")
     assert exported.epochs == 2 and exported.meta["trial"] == frontier.number
     assert main(["--study", "fronts", "--trial", "0", "--out", "b.yaml"]) == 0  # the baseline too
-    assert TrainConfig.load("b.yaml").wus.enabled is False
+    assert TrainConfig.load("b.yaml").methods == {}
     capsys.readouterr()
     assert main(["--study", "fronts", "--trial", "99"]) == 2
     err = capsys.readouterr().err
@@ -268,7 +269,7 @@ def test_feasibility_and_the_progress_line_use_the_pooled_baseline(study_dir, on
 
     lines: list[str] = []
     spec = StudySpec.from_dict({"name": "pooled-line", "train": TINY, "baseline_fractions": [0.5], "baseline_repeats": 2,
-                                "enqueue_wus_default": False, "n_trials": 4})  # fmt: skip
+                                "enqueue_defaults": False, "n_trials": 4})  # fmt: skip
     outcome = run_study(spec, tracking_uri="none", echo=lines.append)
     roles = [c.role for c in sorted(outcome.analysis.complete, key=lambda c: c.number)]
     assert roles[:3] == ["baseline", "baseline-frontier", "baseline"]  # the second baseline ends before trial 3 runs

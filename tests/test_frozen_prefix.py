@@ -8,14 +8,14 @@ import copy
 import torch
 from torch import nn
 
-from wus_tune.config import WUSConfig
-from wus_tune.frozen_prefix import (
+from wus_tune import WUSConfig
+from wus_tune.methods.wus.frozen_prefix import (
     PrefixCacheSession,
     build_feature_cache,
     sequential_chain,
     split_frozen_prefix,
 )
-from wus_tune.wus import WUSController, param_groups, skip_frozen_parameters
+from wus_tune.methods.wus.rule import WUSController, param_groups, skip_frozen_parameters
 
 
 def _tiny() -> nn.Sequential:
@@ -93,7 +93,7 @@ def test_cache_respects_its_cap_and_lives_only_inside_the_window():
     x, y = _data()
     model = _tiny()
     opt = torch.optim.SGD(param_groups(model, weight_decay=0), lr=0.1)
-    ctl = WUSController(model, opt, WUSConfig(enabled=True, window=1, threshold=0.05, warmup=0, skip_length=2,
+    ctl = WUSController(model, opt, WUSConfig(window=1, threshold=0.05, warmup=0, skip_length=2,
                                               bias_scope="last:1"))
     need = len(y) * 8 * 4  # the prefix (through the frozen hidden Linear) gives 8 float32 features per image
     assert build_feature_cache(split_frozen_prefix(_frozen_copy(model))[0], _in_order(x, y), num_images=len(y),

@@ -1,16 +1,20 @@
-"""Every registered method (WUS included) trains through the real trainer, alone and beside WUS, and
-round-trips its config; the contract's errors; a third-party method found through its entry point."""
+"""Every registered method (WUS included) trains through the real trainer, alone and beside the methods it
+combines with, round-trips its config and declares its study side apart; the contract's errors; a
+third-party method found through its entry point."""
 
 from __future__ import annotations
 
 import math
+import re
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from wus_tune import TrainConfig, fit
 from wus_tune.config import ModelConfig
+from wus_tune._study.catalog import combinable, declarations
 from wus_tune.errors import ConfigError
 from wus_tune.methods import Method, build_methods, registry
 
@@ -29,12 +33,12 @@ def _base(**extra) -> TrainConfig:
 
 def _config(name: str, **extra) -> TrainConfig:
     """The base config with ``name`` switched on, on the first mlp depth the method accepts."""
-    cls = registry()[name]
+    declared = declarations()[name]
     base = _base(**extra)
     for depth in (3, 2):
         model = ModelConfig(name="mlp", hidden=32, depth=depth)
-        if cls.check_model(model, base) is None:
-            return base.replace({"model.depth": depth, **cls.switch(True)})
+        if declared.check_model(model, base) is None:
+            return base.replace({"model.depth": depth, f"methods.{name}": base.methods.get(name, {})})
     raise AssertionError(f"{name}: no mlp depth suits it")
 
 
@@ -56,12 +60,12 @@ def test_method_trains_two_batches_and_reports_prefixed_metrics(name):
     assert result.train_flops > 0 and sum(k["steps"] for k in result.step_kinds.values()) == 2
 
 
-@pytest.mark.parametrize("name", [n for n in BUILTIN if registry()[n].combines_with_wus])
+@pytest.mark.parametrize("name", [n for n in BUILTIN if n != "wus" and combinable(n, "wus")])
 def test_method_combines_with_wus(name):
-    result = fit(_config(name, **{"epochs": 3, "wus.enabled": True, "wus.threshold": 1.0, "wus.warmup": 1,
-                                  "wus.window": 1, "wus.schedule_window": [0.0, 1.0]}))
-    assert result.skipped_steps > 0
-    assert any(k.startswith("skip:") or "+skip:" in k for k in result.step_kinds)
+    result = fit(_config(name, **{"epochs": 3, "methods.wus": {"threshold": 1.0, "warmup": 1, "window": 1,
+                                                               "schedule_window": [0.0, 1.0]}}))  # fmt: skip
+    skips = [k for k in result.step_kinds if "skip:all" in k.split("+")]
+    assert skips and sum(result.step_kinds[k]["steps"] for k in skips) > 0
 
 
 @pytest.mark.parametrize("name", BUILTIN)
@@ -72,16 +76,24 @@ def test_constructor_round_trips_params(name):
 
 
 @pytest.mark.parametrize("name", BUILTIN)
-def test_study_data_is_well_formed(name):
+def test_study_data_is_declared_apart_and_well_formed(name):
     cls = registry()[name]
-    for key, param in cls.search_space().items():
+    declared = declarations()[name]
+    assert declared.method is cls and cls.study is not None and declared.__module__ != "wus_tune.methods"
+    assert not {"search_space", "default_trials", "check_model", "replay_baseline"} & set(vars(cls))  # training only
+    for key, param in declared.search_space().items():
         assert param["type"] in ("float", "int", "categorical"), key
         assert param.get("doc"), f"{key} has no doc"
     base = _config(name)
-    for trial in cls.default_trials():
-        values = dict(trial)
-        overrides = cls.expand_virtual(values)
-        base.replace({**overrides, **values})  # a default trial is a valid config
+    for trial in declared.default_trials():
+        base.replace(trial)  # a default trial is a valid config
+
+
+def test_the_training_contract_is_a_dozen_hooks():
+    hooks = [k for k, v in vars(Method).items() if callable(v) and not k.startswith("_")]
+    assert hooks == ["setup", "make_optimizer", "attach", "check_plan", "on_check", "warm_up_modes", "lr_factors",
+                     "step_kind", "owns_step", "train_step", "before_step", "after_step", "end_epoch", "state_dict",
+                     "load_state_dict"]  # fmt: skip
 
 
 def test_gauss_newton_owns_its_step_and_its_solve_is_counted():
@@ -120,14 +132,14 @@ def test_two_methods_owning_the_step_or_the_optimizer_is_a_config_error(monkeypa
 PLUGIN = '''
 from wus_tune.layers import weighted_layers
 from wus_tune.methods import Method
+from wus_tune.methods.study import MethodStudy
 
 
 class FreezeFirst(Method):
     """Freeze the first layer after a fraction of training."""
 
     name = "freeze_first"
-    combines_with_wus = True
-    SEARCH_SPACE = {"methods.freeze_first.at": {"type": "float", "low": 0.3, "high": 0.7, "doc": "when to freeze"}}
+    study = "freeze_first_plugin:FreezeFirstStudy"
 
     def __init__(self, *, at=0.5):
         super().__init__(at=at)
@@ -145,6 +157,13 @@ class FreezeFirst(Method):
 
     def end_epoch(self, model, run):
         return {"freeze_first/frozen": float(self.frozen)}
+
+
+class FreezeFirstStudy(MethodStudy):
+    method = FreezeFirst
+    combines_with = ("wus",)
+    SEARCH_SPACE = {"methods.freeze_first.at": {"type": "float", "low": 0.3, "high": 0.7, "doc": "when to freeze"}}
+    DEFAULT_TRIAL = {"at": 0.4}
 '''
 
 
@@ -171,4 +190,16 @@ def test_a_method_from_an_installed_package_trains_through_its_entry_point(tmp_p
     assert kinds["full"]["steps"] == kinds["first_frozen"]["steps"] == result.total_steps // 2
     assert kinds["first_frozen"]["flops_per_step"] < kinds["full"]["flops_per_step"]  # no weight gradient there
     assert result.epochs[-1].extra == {"freeze_first/frozen": 1.0}
-    assert registry()["freeze_first"].search_space()["methods.freeze_first.at"]["high"] == 0.7
+    assert declarations()["freeze_first"].search_space()["methods.freeze_first.at"]["high"] == 0.7
+    assert declarations()["freeze_first"].default_trials() == [{"methods.freeze_first.at": 0.4}]
+    assert combinable("wus", "freeze_first")
+
+
+def test_the_example_of_adding_a_method_md_is_this_plugin():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "methods" / "adding_a_method.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, flags=re.S).group(1)
+
+    def lines(text):
+        return [line.split("  #")[0].rstrip() for line in text.strip().splitlines() if line.strip()]
+
+    assert lines(code) == lines(textwrap.dedent(PLUGIN))

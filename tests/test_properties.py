@@ -68,7 +68,7 @@ def one_line(e: Exception) -> None:
     assert str(e) and "\n" not in str(e), repr(e)
 
 
-VALID_CONFIG = TrainConfig().replace({"model.name": "mlp", "data.name": "digits", "wus.enabled": True,
+VALID_CONFIG = TrainConfig().replace({"model.name": "mlp", "data.name": "digits", "methods.wus": {},
                                       "methods.approx_ops.sample_ratio": 0.5}).to_dict()  # fmt: skip
 
 
@@ -123,8 +123,8 @@ VALID_SPEC = {
     "timeout": 60.0,
     "constraint_delta": 1.0,
     "baseline_fractions": [0.5, 0.75],
-    "enqueue": [{"wus.variant": "wus", "wus.threshold": 0.02}],
-    "search_space": {"wus.threshold": {"low": 0.002, "high": 0.03}, "epochs": {"low": 2, "high": 4}},
+    "enqueue": [{"methods.wus.variant": "wus", "methods.wus.threshold": 0.02}],
+    "search_space": {"methods.wus.threshold": {"low": 0.002, "high": 0.03}, "epochs": {"low": 2, "high": 4}},
     "select": "fastest-within:1.0",
     "max_trials": 10,
     "heartbeat_interval": 5,

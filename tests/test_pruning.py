@@ -185,7 +185,7 @@ SPEC = {
     "train": TINY,
     "objectives": "accuracy,cost",
     "baseline_fractions": [0.5],
-    "enqueue_wus_default": False,
+    "enqueue_defaults": False,
     # the learning rate is searched too, so trials differ from the first epoch and some fall behind at once
     "search_space": {"optim.lr": {"type": "float", "low": 0.0005, "high": 0.5, "log": True}},
     "sampler_options": {"n_startup_trials": 20},

@@ -16,20 +16,21 @@ from hypothesis import strategies as st
 from wus_tune._study import reuse
 from wus_tune._study.space import SearchSpace
 from wus_tune._study.spec import StudySpec
-from wus_tune.config import TrainConfig, WUSConfig
-from wus_tune.methods.wus import variations
-from wus_tune.run_state import Probes, RunState, snapshot_path
+from wus_tune import TrainConfig, WUSConfig
+from wus_tune.methods.wus.study import knobs as wus_knobs, variations
+from wus_tune.run_state import RecordingPlan, RunState, snapshot_path
 from wus_tune.study import run_study
 from wus_tune.trainer import fit
-from wus_tune.wus import WUSController, replay
+from wus_tune.methods.wus.rule import WUSController, replay
 
 TINY = {"model": {"name": "mlp", "width": 0.25}, "data": {"name": "digits"}, "device": "cpu", "epochs": 5,
         "schedule": {"name": "step"}}  # fmt: skip
 
 
 def config(**wus) -> TrainConfig:
-    cfg = TrainConfig.from_dict(TINY | {"wus": {k: v for k, v in wus.items() if k in ("signal", "check_every")}})
-    return cfg.replace({f"wus.{k}": v for k, v in wus.items()}) if wus else cfg
+    """The plain recipe; given WUS's knobs, the recipe with WUS on with them."""
+    cfg = TrainConfig.from_dict(TINY)
+    return cfg.replace({"methods.wus": wus}) if wus else cfg
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +71,7 @@ def _rule(signal, progress, cfg: WUSConfig, total: int) -> int | None:
 @settings(max_examples=300, deadline=None)
 @given(knobs, st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=1, max_size=12))
 def test_replay_finds_the_first_skip_window_the_rule_defines(k, signal):
-    cfg = WUSConfig(enabled=True, **k)
+    cfg = WUSConfig(**k)
     progress = [(i + 1) / len(signal) for i in range(len(signal))]
     r = replay(signal, cfg, progress=progress, total_checks=len(signal))
     assert r.first_skip == _rule(signal, progress, cfg, len(signal))
@@ -84,9 +85,8 @@ def recorded(tmp_path_factory):
     torch.set_num_threads(1)
     out = {}
     for signal, every in (("val_acc", 0), ("train_acc", 0), ("val_acc", 5), ("train_acc", 7)):
-        base = config(signal=signal, check_every=every)
-        b = fit(base, probes=Probes(every=every, val=signal == "val_acc"))
-        out[(signal, every)] = (base, b.probes)
+        b = fit(config(), recording=RecordingPlan(every=every, val=signal == "val_acc"))
+        out[(signal, every)] = b.probes
     return out
 
 
@@ -96,7 +96,7 @@ def test_replay_matches_the_live_controller_in_the_trainer(recorded, monkeypatch
     """The decision replayed on the baseline's recorded signal is the one the trainer's own controller
     takes on the live WUS run, for every knob combination drawn; and the live run watched the very
     signal the baseline recorded, check by check, up to its first skip window."""
-    base, probes = recorded[cadence]
+    probes = recorded[cadence]
     seen: list[tuple[float, bool]] = []
     observe = WUSController.observe
 
@@ -106,9 +106,9 @@ def test_replay_matches_the_live_controller_in_the_trainer(recorded, monkeypatch
         return skipping
 
     monkeypatch.setattr(WUSController, "observe", spy)
-    live = base.replace({"wus.enabled": True} | {f"wus.{key}": v for key, v in k.items()})
+    live = config(signal=cadence[0], check_every=cadence[1], **k)
     signal = reuse.signal_of([p.__dict__ for p in probes], cadence[0])
-    r = replay(signal, live.wus, progress=[p.progress for p in probes], total_checks=len(signal))
+    r = replay(signal, wus_knobs(live), progress=[p.progress for p in probes], total_checks=len(signal))
     fit(live)
     live_first = next((i + 1 for i, (_, s) in enumerate(seen) if s), None)
     assert live_first == r.first_skip
@@ -121,10 +121,10 @@ def test_replay_matches_the_live_controller_in_the_trainer(recorded, monkeypatch
 
 @pytest.mark.parametrize("signal,every", [("val_acc", 0), ("train_acc", 0), ("val_acc", 5), ("train_acc", 7)])
 def test_a_forked_trial_is_bit_identical_to_its_from_scratch_twin(tmp_path, signal, every):
-    base = config(signal=signal, check_every=every)
-    baseline = fit(base, probes=Probes(every=every, val=signal == "val_acc", save_at=range(1, 100), save_dir=str(tmp_path)))
-    wus = base.replace({"wus.enabled": True, "wus.threshold": 0.15, "wus.window": 1, "wus.warmup": 2, "wus.schedule_window": [0.0, 0.95],
-                        "wus.skip_length": 2, "wus.lr_decay": 0.5, "wus.bias_lr_factor": 2.0})  # fmt: skip
+    base = config()
+    baseline = fit(base, recording=RecordingPlan(every=every, val=signal == "val_acc", save_at=range(1, 100), save_dir=str(tmp_path)))
+    wus = config(signal=signal, check_every=every, threshold=0.15, window=1, warmup=2, schedule_window=[0.0, 0.95],
+                 skip_length=2, lr_decay=0.5, bias_lr_factor=2.0)  # fmt: skip
     probes = [p.__dict__ for p in baseline.probes]
     b = reuse.Baseline(number=0, values=(baseline.val_acc, baseline.time_s), config=base.replace({}).to_dict(),
                        probes=probes, checkpoints={"dir": str(tmp_path), "points": list(range(1, len(probes) + 1))})  # fmt: skip
@@ -133,13 +133,13 @@ def test_a_forked_trial_is_bit_identical_to_its_from_scratch_twin(tmp_path, sign
     assert plan.first_skip < len(probes)  # a skip window that changes training
     scratch = fit(wus)
     forked = fit(wus, resume_from=reuse.fork_state(plan, b, wus))
-    assert forked.resumed_from["point"] == plan.point and scratch.skipped_steps > 0
+    assert forked.resumed_from["point"] == plan.point and scratch.changed_steps > 0
     a, z = scratch.model.state_dict(), forked.model.state_dict()
     assert a.keys() == z.keys() and all(torch.equal(a[n], z[n]) for n in a)
-    for name in ("val_acc", "val_loss", "test_acc", "skipped_steps", "train_flops", "cost_flops", "total_steps"):
+    for name in ("val_acc", "val_loss", "test_acc", "changed_steps", "step_kinds", "train_flops", "cost_flops", "total_steps"):
         assert getattr(scratch, name) == getattr(forked, name), name
     for e1, e2 in zip(scratch.epochs, forked.epochs, strict=True):
-        for name in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "skipped_steps", "flops", "skipping"):
+        for name in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "steps_by_kind", "flops"):
             assert getattr(e1, name) == getattr(e2, name), (e1.epoch, name)
         assert e1.extra == e2.extra, e1.epoch  # the controller's metrics, replayed on the prefix
     # forking earlier (the check itself not kept) trains the checks in between as WUS: the same result
@@ -158,13 +158,18 @@ def test_a_forked_trial_is_bit_identical_to_its_from_scratch_twin(tmp_path, sign
 
 def test_replay_and_fork_are_refused_for_a_different_recipe():
     base = config().to_dict()
-    assert reuse.fork_blocker(config(enabled=True, threshold=0.02).to_dict(), base) is None
-    other_epochs = TrainConfig.from_dict(TINY | {"epochs": 4}).replace({"wus.enabled": True}).to_dict()
+    assert reuse.fork_blocker(config(threshold=0.02).to_dict(), base) is None
+    other_epochs = TrainConfig.from_dict(TINY | {"epochs": 4}).replace({"methods.wus": {}}).to_dict()
     assert "epochs" in reuse.fork_blocker(other_epochs, base)
-    cosine = config(enabled=True).replace({"schedule.name": "cosine"}).to_dict()
+    cosine = config(threshold=0.02).replace({"schedule.name": "cosine"}).to_dict()
     assert "schedule.name" in reuse.fork_blocker(cosine, base)
-    cadence = config(enabled=True, check_every=3).to_dict()
-    assert "wus.check_every" in reuse.fork_blocker(cadence, base)
+    # WUS's own entry may differ from the (plain) baseline's, but it must watch what the baseline recorded
+    cadence = config(check_every=3)
+    assert reuse.fork_blocker(cadence.to_dict(), base) is None
+    epoch_ends = [{"step": 13 * (i + 1), "progress": (i + 1) / 5, "val_acc": 0.5, "train_acc": 0.5} for i in range(5)]
+    b = reuse.Baseline(number=0, values=(0.5, 1.0), config=base, probes=epoch_ends, checkpoints={})
+    plan = reuse.decide(cadence, b, reuse.ReuseSpec())
+    assert plan.kind == "train" and "not at the trial's checks (every 3 steps)" in plan.reason
 
 
 # ---- the study: reused, forked, bounded snapshots, a failed baseline -----------------------------
@@ -174,9 +179,9 @@ def _spec(name, **extra):
     return StudySpec.from_dict({
         "name": name, "train": TINY, "baseline_fractions": [], "tracking_uri": "sqlite:///mlruns/mlflow.db",
         "enqueue": [
-            {"wus.variant": "wus", "wus.threshold": 0.0},  # never fires: no variation is below 0
-            {"wus.variant": "wus", "wus.threshold": 0.2, "wus.window": 1, "wus.warmup": 2,
-             "wus.schedule_window[1]": 0.95},  # fires after check 3
+            {"methods.wus.variant": "wus", "methods.wus.threshold": 0.0},  # never fires: no variation is below 0
+            {"methods.wus.variant": "wus", "methods.wus.threshold": 0.2, "methods.wus.window": 1, "methods.wus.warmup": 2,
+             "methods.wus.schedule_window[1]": 0.95},  # fires after check 3
         ],
         "sampler_options": {"n_startup_trials": 2},
     } | extra)  # fmt: skip
@@ -189,7 +194,7 @@ class CountingFit:
 
     def __call__(self, config, **kw):
         self.calls.append({"trial": config.meta.get("trial"), "resumed": kw.get("resume_from") is not None})
-        if self.fail_baseline and not config.wus.enabled:
+        if self.fail_baseline and "wus" not in config.methods:
             raise RuntimeError("the baseline's machine caught fire")
         return fit(config, **kw)
 
@@ -198,7 +203,7 @@ def test_a_study_reuses_and_forks_from_its_baseline(study_dir):
     from mlflow import MlflowClient
 
     counting = CountingFit()
-    user_space = {"wus.threshold": {"low": 1e-5, "high": 1e-4}, "wus.window": {"low": 2, "high": 2}}
+    user_space = {"methods.wus.threshold": {"low": 1e-5, "high": 1e-4}, "methods.wus.window": {"low": 2, "high": 2}}
     outcome = run_study(_spec("reuse", n_trials=5, search_space=user_space), fit=counting, echo=(lines := []).append)
     by = {c.number: c for c in outcome.analysis.candidates}
     assert [by[n].role for n in range(4)] == ["baseline", "wus-default", "enqueued", "enqueued"]
@@ -216,7 +221,7 @@ def test_a_study_reuses_and_forks_from_its_baseline(study_dir):
     assert fork.attrs["forked"]["point"] == 3 and fork.attrs["forked"]["trial"] == 0
     assert {"trial": fork.number, "resumed": True} in counting.calls
     # the user's threshold range never fires on this signal: one warning line, the range kept
-    assert sum("search_space.wus.threshold 1e-05..0.0001 cannot fire" in line for line in lines) == 1
+    assert sum("search_space.methods.wus.threshold 1e-05..0.0001 cannot fire" in line for line in lines) == 1
     assert by[4].attrs["reused"] == "baseline"  # a search trial drawn from that range
     assert any(line.startswith("reuse: ") and "not trained" in line for line in lines)
     assert any("=baseline" in line for line in lines) and any("forked@3" in line for line in lines)
@@ -235,7 +240,7 @@ def test_a_study_reuses_and_forks_from_its_baseline(study_dir):
 
 def test_snapshots_are_bounded_and_removed_when_not_kept(study_dir):
     spec = _spec("bounded", n_trials=3, tracking_uri="none", reuse={"max_checkpoints": 1, "keep_checkpoints": False},
-                 search_space={"wus.warmup": {"low": 0, "high": 2}})  # fmt: skip
+                 search_space={"methods.wus.warmup": {"low": 0, "high": 2}})  # fmt: skip
     lines: list[str] = []
     outcome = run_study(spec, echo=lines.append)
     base = outcome.analysis.by_number(0)
@@ -296,24 +301,24 @@ def test_calibrated_thresholds_lie_between_quantiles_of_the_baselines_variation(
     space = SearchSpace.build()
     signal = [0.30, 0.55, 0.68, 0.74, 0.78, 0.80, 0.81, 0.815, 0.82, 0.82]
     out, notes = reuse.calibrate_space(space, config(), _probes(signal))
-    tau, window, warmup = out["wus.threshold"], out["wus.window"], out["wus.warmup"]
+    tau, window, warmup = out["methods.wus.threshold"], out["methods.wus.window"], out["methods.wus.warmup"]
     seen = variations(signal, [p["progress"] for p in _probes(signal)], windows=range(1, int(window.high) + 1),
                       warmup=0, schedule_window=(0.0, 0.95))  # fmt: skip
     assert min(seen) < tau.low < tau.high <= max(seen) + 1e-4 and tau.log
     assert (window.low, window.high) == (1, 3) and (warmup.low, warmup.high) == (0, 2)  # 4 checks before 0.5
     assert len(notes) == 1 and notes[0].startswith("reuse: search space calibrated")
     # settings drawn from the calibrated ranges start skipping at different checks, not never
-    firsts = {replay(signal, WUSConfig(enabled=True, threshold=t, window=w, warmup=0), total_checks=10,
+    firsts = {replay(signal, WUSConfig(threshold=t, window=w, warmup=0), total_checks=10,
                      progress=[p["progress"] for p in _probes(signal)]).first_skip
               for t in (tau.low * 1.01, (tau.low * tau.high) ** 0.5, tau.high) for w in (1, 2, 3)}  # fmt: skip
     assert len(firsts - {None}) >= 3
 
 
 def test_an_explicit_user_range_is_kept_and_warned_about_when_it_cannot_fire():
-    space = SearchSpace.build({"wus.threshold": {"low": 0.0001, "high": 0.001}})
+    space = SearchSpace.build({"methods.wus.threshold": {"low": 0.0001, "high": 0.001}})
     signal = [0.3, 0.5, 0.6, 0.7, 0.75, 0.8]
-    out, notes = reuse.calibrate_space(space, config(), _probes(signal), explicit=("wus.threshold",))
-    assert (out["wus.threshold"].low, out["wus.threshold"].high) == (0.0001, 0.001)
+    out, notes = reuse.calibrate_space(space, config(), _probes(signal), explicit=("methods.wus.threshold",))
+    assert (out["methods.wus.threshold"].low, out["methods.wus.threshold"].high) == (0.0001, 0.001)
     assert len(notes) == 1 and "cannot fire on the baseline's signal" in notes[0] and "\n" not in notes[0]
-    ok = SearchSpace.build({"wus.threshold": {"low": 0.01, "high": 0.2}})
-    assert reuse.calibrate_space(ok, config(), _probes(signal), explicit=("wus.threshold",))[1] == []
+    ok = SearchSpace.build({"methods.wus.threshold": {"low": 0.01, "high": 0.2}})
+    assert reuse.calibrate_space(ok, config(), _probes(signal), explicit=("methods.wus.threshold",))[1] == []

@@ -1,22 +1,19 @@
-"""Baseline reuse through the Method contract: a plug-in that is plain training until a known fraction of
-training opts in with the hooks alone, and the study code that reuses baselines names no method.
+"""Baseline reuse through a method's study declaration: a plug-in that is plain training until a known
+fraction of training opts in with the hooks alone (that no study code names a method: tests/test_imports.py).
 
 A tiny digits MLP (width 0.25, 4 epochs of 12 steps); about 20 s on 2 cores."""
 
 from __future__ import annotations
 
-import pathlib
-import re
-
 import pytest
 import torch
 
-import wus_tune
 from wus_tune import methods as methods_module
 from wus_tune._study import reuse
 from wus_tune._study.spec import StudySpec
 from wus_tune.config import TrainConfig
-from wus_tune.methods import BaselineRecording, Deviation, Method
+from wus_tune.methods import Method
+from wus_tune.methods.study import BaselineRecording, Deviation, MethodStudy
 from wus_tune.study import run_study
 from wus_tune.trainer import fit
 
@@ -30,7 +27,7 @@ class LateLR(Method):
     trial is the plain run step for step, so the baseline's epoch-end probes predict it."""
 
     name = "late_lr"
-    SEARCH_SPACE = {START: {"type": "float", "low": 0.3, "high": 1.5, "doc": "fraction of training before the LR drops"}}
+    study = f"{__name__}:LateLRStudy"
 
     def __init__(self, *, start: float = 0.5, factor: float = 0.1) -> None:
         super().__init__(start=start, factor=factor)
@@ -54,7 +51,12 @@ class LateLR(Method):
     def load_state_dict(self, state):
         self.steps, self.scaled = int(state["steps"]), int(state["scaled"])
 
-    # ---- baseline reuse ----
+
+class LateLRStudy(MethodStudy):
+    """LateLR in a study: its trials are predicted from the baseline's epoch-end probes."""
+
+    method = LateLR
+    SEARCH_SPACE = {START: {"type": "float", "low": 0.3, "high": 1.5, "doc": "fraction of training before the LR drops"}}
 
     @classmethod
     def baseline_recording(cls, config):
@@ -139,7 +141,7 @@ def test_a_trial_with_a_method_the_baseline_cannot_predict_trains_from_scratch()
     beside = reuse.fork_blocker(_with(**{"methods.late_lr": {}, "methods.approx_ops": {}}), base)
     assert beside == "methods.approx_ops differ from the baseline's (needs a baseline run of its own)"
     # two predictable methods: reuse predicts one at a time
-    both = reuse.fork_blocker(_with(**{"methods.late_lr": {}, "wus.enabled": True}), base)
+    both = reuse.fork_blocker(_with(**{"methods.late_lr": {}, "methods.wus": {}}), base)
     assert both is not None and "late_lr and wus both deviate from the baseline" in both
     # a method without the hooks: nothing to predict
     assert reuse.predictable_methods(TrainConfig.from_dict(_with(**{"methods.approx_ops": {}}))) == []
@@ -152,15 +154,3 @@ def test_probes_at_another_cadence_than_the_method_asks_are_not_replayed():
     assert "every 5 steps" in reuse.unlike_recording(epoch_ends, BaselineRecording(every_steps=5, val_acc=False), 4)
     assert reuse.unlike_recording(epoch_ends, BaselineRecording(every_steps=0, val_acc=True), 4) == \
         "the baseline recorded no val_acc signal"  # fmt: skip
-
-
-def test_the_study_side_of_reuse_names_no_method():
-    root = pathlib.Path(wus_tune.__file__).parent
-    pattern = re.compile(r"\.wus\b|[\"']wus[\"'.+]|\bwus\.")
-    offenders = [
-        f"{name}:{i}: {line.strip()}"
-        for name in ("_study/reuse.py", "_study/objective.py")
-        for i, line in enumerate((root / name).read_text().splitlines(), 1)
-        if pattern.search(line)
-    ]  # fmt: skip
-    assert offenders == []

@@ -24,7 +24,7 @@ SPEC = {
     "n_trials": 4,
     "baseline_fractions": [0.5],
     # lr 90 with heavy momentum: the loss becomes NaN, so this trial must fail and the study go on.
-    "enqueue": [{"wus.variant": "wus", "optim.lr": 90.0, "optim.momentum": 0.99}],
+    "enqueue": [{"methods.wus.variant": "wus", "optim.lr": 90.0, "optim.momentum": 0.99}],
     "sampler_options": {"n_startup_trials": 2},
 }
 
@@ -71,7 +71,7 @@ def test_study_end_to_end(workdir, capsys):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
-    assert parent.data.tags["objectives"] == "accuracy,relative_time" and "wus.threshold" in parent.data.tags["search_space"]
+    assert parent.data.tags["objectives"] == "accuracy,relative_time" and "methods.wus.threshold" in parent.data.tags["search_space"]
     assert [r.data.tags["mlflow.parentRunId"] for r in children] == [parent.info.run_id] * 4
     assert [r.info.status for r in children] == ["FINISHED", "FINISHED", "FINISHED", "FAILED"]
     failed = children[3]
@@ -79,7 +79,7 @@ def test_study_end_to_end(workdir, capsys):
     assert "error.txt" in [a.path for a in client.list_artifacts(failed.info.run_id)]
     ok = children[0]
     assert ok.data.params["model.name"] == "mlp" and ok.data.tags["optuna.trial_state"] == "COMPLETE"
-    assert {"val_acc", "train_loss", "lr", "skipping", "flops", "epoch_time_s", "time_s", "cost_flops", "relative_time",
+    assert {"val_acc", "train_loss", "lr", "steps/full", "flops", "epoch_time_s", "time_s", "cost_flops", "relative_time",
             "timing/price/baseline:step", "timing/count/step:full"} <= set(ok.data.metrics)
     assert [m.step for m in client.get_metric_history(ok.info.run_id, "val_acc")] == [1, 2]
     assert {r.data.tags.get("pareto_optimal") for r in children[:3]} <= {"true", "false"}
@@ -137,7 +137,7 @@ BAD = [
     (["--sampler", "cmaes"], "unknown sampler 'cmaes'"),
     (["--model", "vgg99"], "model.name: unknown value 'vgg99'"),
     (["--spec", "unknown_key.yaml"], "unknown_key.yaml: n_trails: unknown key"),
-    (["--spec", "inverted.yaml"], "search_space.wus.threshold: inverted range"),
+    (["--spec", "inverted.yaml"], "search_space.methods.wus.threshold: inverted range"),
     (["--storage", "sqlite:////nonexistent-dir/x.db"], "does not exist"),
     (["--storage", "postgresql+psycopg2://me:s3cret@127.0.0.1:1/db"], "me:***@127.0.0.1:1/db: cannot open the Optuna storage"),
     (["--dataset", "cifar10", "--data-dir", "no/such/dir"], "'no/such/dir' does not exist; point --data-dir at the data, or use --dataset digits"),
@@ -149,7 +149,7 @@ BAD = [
 def test_bad_input_is_one_line_and_writes_nothing(workdir, capsys, argv, message):
     (workdir / "unknown_key.yaml").write_text(yaml.safe_dump({**SPEC, "n_trails": 3}))
     (workdir / "inverted.yaml").write_text(
-        yaml.safe_dump({**SPEC, "search_space": {"wus.threshold": {"low": 0.1, "high": 0.01}}})
+        yaml.safe_dump({**SPEC, "search_space": {"methods.wus.threshold": {"low": 0.1, "high": 0.01}}})
     )
     base = ["--model", "mlp", "--dataset", "digits", "--epochs", "1", "--device", "cpu"]
     assert cli(study_main, base + argv) == 2

@@ -11,9 +11,8 @@ import pytest
 import yaml
 
 from wus_tune._cli import run_main
-from wus_tune._study.catalog import method_knobs, plugin_names
-from wus_tune.methods import registry
-from wus_tune._study.space import METHOD_KEY, RATIO_KEY, apply_values, method_parts
+from wus_tune._study.catalog import declarations
+from wus_tune._study.space import METHOD_KEY, RATIO_KEY, apply_values, method_parts, param_from_dict
 from wus_tune._study.spec import StudySpec, parse_objectives
 from wus_tune.config import TrainConfig
 from wus_tune.errors import ConfigError, UsageError
@@ -58,11 +57,8 @@ def test_space_samples_valid_configs_for_each_method(ratio, methods, train):
             config = apply_values(base, values)  # TrainConfig.replace: validated
             TrainConfig.from_dict(config.to_dict())  # and it round-trips
             build_methods(config.methods)
-            trained = {m for m in config.methods if m != "edge_of_chaos"}
-            assert trained == {p for p in parts if p not in ("wus", "edge_of_chaos")}
-            assert config.wus.enabled == ("wus" in parts)
-            assert ("edge_of_chaos" in config.methods) == ("edge_of_chaos" in parts)
-            for name in ("approx_ops", "lp_sphere", "gauss_newton"):  # a method's knobs only with it
+            assert list(config.methods) == list(parts)  # the chosen methods, in the choice's order
+            for name in ("wus", "approx_ops", "lp_sphere", "gauss_newton"):  # a method's knobs only with it
                 knobs = {k for k in trial.params if k.startswith(f"methods.{name}.")}
                 assert bool(knobs) == (name in parts), (choice, trial.params)
             optim_knobs = {"optim.momentum", "optim.batch_size", "optim.weight_decay"} & set(trial.params)
@@ -100,35 +96,39 @@ def test_method_default_trials_follow_the_baselines():
     assert roles == ["baseline", "wus-default", "baseline-frontier"] + ["method-default"] * 2
     assert trials[0][1][METHOD_KEY] == "none" and trials[1][1][METHOD_KEY] == "wus"
     defaults = {v[METHOD_KEY]: v for r, v in trials if r == "method-default"}
-    assert defaults["approx_ops"]["methods.approx_ops.sample_ratio"] == registry()["approx_ops"].DEFAULT_TRIAL["sample_ratio"]
-    assert defaults["lp_sphere+wus"]["wus.variant"] == "wus"
+    known = declarations()
+    assert defaults["approx_ops"]["methods.approx_ops.sample_ratio"] == known["approx_ops"].DEFAULT_TRIAL["sample_ratio"]
+    assert defaults["lp_sphere+wus"]["methods.wus.variant"] == "wus"
+    assert defaults["lp_sphere+wus"]["methods.wus.threshold"] == 0.01  # WUS's default, the base config having none
     for values in defaults.values():
         apply_values(s.base, values)
-    gn = spec(methods=["gauss_newton"], train=TWO_LAYER).resolve()
-    (role, values), = [t for t in initial_trials(gn) if t[0] == "method-default"]
-    assert apply_values(gn.base, values).methods["gauss_newton"]["step_size"] == registry()["gauss_newton"].DEFAULT_TRIAL["step_size"]
+    gn = spec(methods=["gauss_newton"], train=TWO_LAYER).resolve()  # one method: its default runs second
+    (role, values), = [t for t in initial_trials(gn) if t[0].endswith("-default")]
+    assert role == "gauss_newton-default"
+    assert apply_values(gn.base, values).methods["gauss_newton"]["step_size"] == known["gauss_newton"].DEFAULT_TRIAL["step_size"]
     base_cfg = apply_values(s.base, trials[0][1])
-    assert base_cfg.methods == {} and not base_cfg.wus.enabled
-    # without wus among the methods: no WUS knob and no WUS default
+    assert base_cfg.methods == {}
+    # without wus among the methods: no WUS knob and no WUS default; the first method's default runs second
     s = spec(methods=["approx_ops", "lp_sphere"]).resolve()
-    assert not any(k.startswith("wus.") for k in s.space.keys())
-    assert [r for r, _ in initial_trials(s)].count("wus-default") == 0
+    assert not any(k.startswith("methods.wus.") for k in s.space.keys())
+    assert [r for r, _ in initial_trials(s)][:3] == ["baseline", "approx_ops-default", "baseline-frontier"]
 
 
 def test_knob_ranges_are_overridable_and_documented():
     s = spec(methods=["approx_ops"], search_space={"methods.approx_ops.sample_ratio": {"low": 0.4, "high": 0.6}}).resolve()
     p = s.space["methods.approx_ops.sample_ratio"]
     assert (p.low, p.high) == (0.4, 0.6) and p.when == {METHOD_KEY: ("approx_ops",)}  # merged, still conditional
-    for name in plugin_names():
-        for p in method_knobs(name):
-            assert p.doc and p.validate() is p
+    for name, declared in declarations().items():
+        for key, raw in declared.search_space().items():
+            p = param_from_dict(key, raw)
+            assert p.doc and p.validate() is p, (name, key)
 
 
 def test_guideline_trials_and_narrowed_decay():
     eoc = {"growth_rate": 20.0, "guideline": True, "narrow_weight_decay": True, "batch_sizes": [32, 128],
            "epochs_fractions": [0.5, 1.0]}  # fmt: skip
     s = spec(methods=["wus", "edge_of_chaos"], edge_of_chaos=eoc, train={**TINY, "epochs": 4}).resolve()
-    n = s.guideline.n_train
+    n = s.sections["edge_of_chaos"].n_train
     assert n == 1797 - round(1797 * 0.1)
     low, high = narrowed_weight_decay_range(1e-3, growth_rate=20.0, n_train=n)
     wd = s.space["optim.weight_decay"]

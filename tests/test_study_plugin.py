@@ -1,7 +1,8 @@
 """A third-party method joins a study through the ``wus_tune.methods`` entry-point group alone: no file of
 wus_tune is edited. The package is written here, declared by a ``*.dist-info/entry_points.txt`` on
 PYTHONPATH (what ``pip install`` of a package with that entry point leaves), and a digits study run as a
-subprocess compares it with the plain recipe."""
+subprocess compares it with the plain recipe. Its study declaration (search space, default trial) is a
+class of its own that the package names; training never imports it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ PACKAGE = '''
 from torch import nn
 
 from wus_tune.methods import Method
+from wus_tune.methods.study import MethodStudy
 
 
 def first_layer(model):
@@ -26,8 +28,7 @@ def first_layer(model):
 
 class FreezeFirst(Method):
     name = "freeze_early"
-    SEARCH_SPACE = {"methods.freeze_early.at": {"type": "float", "low": 0.3, "high": 0.7,
-                                                "doc": "fraction of training after which layer 1 is frozen"}}
+    study = "freeze_pkg:FreezeFirstStudy"  # read by the study only
 
     def __init__(self, at: float = 0.5):
         super().__init__(at=at)
@@ -47,6 +48,13 @@ class FreezeFirst(Method):
 
     def end_epoch(self, model, run):
         return {"freeze_early/frozen_steps": float(self.frozen_steps)}
+
+
+class FreezeFirstStudy(MethodStudy):
+    method = FreezeFirst
+    SEARCH_SPACE = {"methods.freeze_early.at": {"type": "float", "low": 0.3, "high": 0.7,
+                                                "doc": "fraction of training after which layer 1 is frozen"}}
+    DEFAULT_TRIAL = {"at": 0.4}
 '''
 
 ENTRY_POINTS = """
@@ -105,6 +113,8 @@ def test_a_method_from_an_entry_point_runs_in_a_study(tmp_path):
     for t in trials:
         by_method.setdefault(t.user_attrs["method"], []).append(t)
     assert len(by_method["none"]) >= 1 and any(t.user_attrs["role"] == "method-default" for t in by_method["freeze_early"])
+    default = next(t for t in by_method["freeze_early"] if t.user_attrs["role"] == "method-default")
+    assert default.user_attrs["config"]["methods"]["freeze_early"]["at"] == 0.4  # its own default trial
     client = MlflowClient(tracking_uri=tracking)
     for t in trials:
         config = t.user_attrs["config"]

@@ -7,11 +7,12 @@ from pathlib import Path
 import optuna
 import pytest
 
-from wus_tune._study.space import SearchSpace, apply_values, default_space, flat_config
+from wus_tune._study.space import SearchSpace, apply_values, flat_config
 from wus_tune._study.spec import StudySpec, make_sampler, parse_objectives
 from wus_tune._study.storage import default_storage, mask_url
 from wus_tune.config import TrainConfig
 from wus_tune.errors import UsageError
+from wus_tune.methods.wus.study import WUSStudy
 from wus_tune.study import initial_trials
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
@@ -27,7 +28,8 @@ def test_defaults_resolve():
     assert s.name == "mlp-digits"
     assert s.objectives == ("accuracy", "relative_time") and s.directions == ["maximize", "minimize"]
     assert s.storage == default_storage("mlp-digits") == "sqlite:///studies/mlp-digits.db"
-    assert s.space.keys() == [p.key for p in default_space()]
+    assert s.methods == ("wus",) and s.space.only_method == "wus"  # WUS says compared_by_default
+    assert s.space.keys() == list(WUSStudy.search_space())
     assert str(s.select) == "fastest-within:1"
 
 
@@ -47,19 +49,20 @@ def test_shipped_specs_are_valid(path, monkeypatch):
         ({"sampler": "cmaes"}, "unknown sampler 'cmaes'"),
         ({"train": {**TINY, "model": {"name": "vgg99"}}}, "model.name: unknown value 'vgg99'"),
         ({"trials": 3}, "trials: unknown key"),
-        ({"train": {**TINY, "wus": {"treshold": 0.1}}}, "wus.treshold: unknown key"),
-        ({"search_space": {"wus.threshold": {"low": 0.1, "high": 0.01}}}, "inverted range"),
-        ({"search_space": {"wus.threshold": {"low": 0.01, "hi": 0.1}}}, "wus.threshold.hi: unknown field"),
-        ({"search_space": {"wus.threshold": {"low": 0.01, "high": 2.0}}}, r"value 2.0 is not a valid config"),
-        ({"search_space": {"wus.nope": {"low": 1, "high": 2}}}, "wus.nope"),
-        ({"search_space": {"wus.threshold": {"low": 0, "high": 0.1, "log": True}}}, "log range needs low > 0"),
-        ({"search_space": {"wus.variant": {"choices": ["wus", "fast"]}}}, "wus.variant: value 'fast' is not a valid config"),
+        ({"train": {**TINY, "methods": {"wus": {"treshold": 0.1}}}}, "methods.wus.treshold: unknown argument"),
+        ({"train": {**TINY, "wus": {"treshold": 0.1}}}, "methods.wus.treshold: unknown argument"),  # version 1's spelling
+        ({"search_space": {"methods.wus.threshold": {"low": 0.1, "high": 0.01}}}, "inverted range"),
+        ({"search_space": {"methods.wus.threshold": {"low": 0.01, "hi": 0.1}}}, "wus.threshold.hi: unknown field"),
+        ({"search_space": {"methods.wus.threshold": {"low": 0.01, "high": 2.0}}}, r"value 2.0 is not a valid config"),
+        ({"search_space": {"methods.wus.nope": {"low": 1, "high": 2}}}, "methods.wus.nope"),
+        ({"search_space": {"methods.wus.threshold": {"low": 0, "high": 0.1, "log": True}}}, "log range needs low > 0"),
+        ({"search_space": {"methods.wus.variant": {"choices": ["wus", "fast"]}}}, "wus.variant: value 'fast' is not a valid config"),
         ({"search_space": {"epochs": {"low": 2}}}, "give 'choices', or 'low' and 'high'"),
         ({"sampler_options": {"n_startup": 3}}, "sampler_options"),
         ({"select": "best"}, "selection rule 'best'"),
         ({"baseline_fractions": [0.5, 1.5]}, r"baseline_fractions\[1\]"),
         ({"n_trials": 0}, "n_trials"),
-        ({"enqueue": [{"wus.thresh": 0.1}]}, r"enqueue\[0\]"),
+        ({"enqueue": [{"methods.wus.thresh": 0.1}]}, r"enqueue\[0\]"),
     ],
 )
 def test_bad_specs_name_the_problem(raw, match):
@@ -85,46 +88,42 @@ def test_objectives_parsing():
 
 def test_space_overrides_merge_add_remove():
     space = SearchSpace.build({
-        "wus.threshold": {"low": 0.002, "high": 0.03},        # merge: stays float, log
-        "wus.lr_decay": None,                                  # remove
+        "methods.wus.threshold": {"low": 0.002, "high": 0.03},        # merge: stays float, log
+        "methods.wus.lr_decay": None,                                  # remove
         "schedule.name": {"choices": ["step", "cosine"]},      # add categorical
         "epochs": {"low": 2, "high": 4},                       # add int
-        "wus.signal": {"choices": ["val_acc", "train_acc"]},   # a wus.* knob: WUS-only by default
+        "methods.wus.signal": {"choices": ["val_acc", "train_acc"]},   # a methods.wus.* knob: WUS-only
     })  # fmt: skip
-    t = space["wus.threshold"]
+    t = space["methods.wus.threshold"]
     assert (t.type, t.low, t.high, t.log) == ("float", 0.002, 0.03, True)
-    assert "wus.lr_decay" not in space
+    assert "methods.wus.lr_decay" not in space
     assert space["epochs"].type == "int" and space["schedule.name"].type == "categorical"
-    assert space["wus.signal"].active({"wus.variant": "wus"}) and not space["wus.signal"].active({"wus.variant": "none"})
+    assert space["methods.wus.signal"].active({"method": "wus"}) and not space["methods.wus.signal"].active({"method": "none"})
+    assert space["schedule.name"].when == {}
 
 
-def test_apply_values_variants_and_list_items():
+def test_apply_values_methods_and_list_items():
     base = TrainConfig.from_dict(TINY)
-    cfg = apply_values(base, {"wus.variant": "wus", "wus.threshold": 0.02, "wus.schedule_window[1]": 0.6})
-    assert cfg.wus.enabled and cfg.wus.threshold == 0.02 and cfg.wus.schedule_window == [0.0, 0.6]
-    assert cfg.wus.variant == "wus"
-    cfg = apply_values(base, {"wus.variant": "wus+lr", "wus.lr_decay": 0.5})
-    assert cfg.wus.variant == "wus+lr"
-    plain = apply_values(base, {"wus.variant": "none", "wus.threshold": 0.02, "epochs": 2})
-    assert not plain.wus.enabled and plain.wus.threshold == base.wus.threshold and plain.epochs == 2
+    cfg = apply_values(base, {"method": "wus", "methods.wus.variant": "wus", "methods.wus.threshold": 0.02,
+                              "methods.wus.schedule_window[1]": 0.6})  # fmt: skip
+    assert cfg.methods == {"wus": {"variant": "wus", "threshold": 0.02, "schedule_window": [0.0, 0.6]}}
+    plain = apply_values(base, {"method": "none", "methods.wus.threshold": 0.02, "epochs": 2})
+    assert plain.methods == {} and plain.epochs == 2  # the knobs of a method the trial does not run go
 
 
-def test_the_partner_is_declared_by_its_method_and_labels_a_trial_as_its_config_does():
-    """The study takes "the method others combine with" and its virtual key from the Method class
-    (``partner``, ``VIRTUAL_KEYS``); for a trial that did not choose ``wus.variant`` the label read back
-    through ``expand_virtual`` is the config's own ``WUSConfig.variant``."""
-    from wus_tune._study.catalog import partner, partner_label, partner_virtual
-    from wus_tune.methods import registry
+def test_the_variant_is_a_knob_of_wus_and_labels_a_trial_by_what_it_changes():
+    """WUS+LR is the knob ``methods.wus.variant``: ``wus`` leaves the LR-coupling knobs out, ``wus+lr`` applies
+    them; a trial's label (its ``variant`` attribute) says ``wus+lr`` only where they change something."""
+    from wus_tune._study.catalog import default_methods, trial_label
 
-    assert partner() is registry()["wus"] and [c for c in registry().values() if c.partner] == [partner()]
-    assert partner_virtual(0) == {"wus.variant": "none"} and partner_virtual(-1) == {"wus.variant": "wus+lr"}
+    assert default_methods() == ["wus"]
     base = TrainConfig.from_dict(TINY)
-    for overrides in ({}, {"wus.enabled": True}, {"wus.enabled": True, "wus.lr_decay": 0.5},
-                      {"wus.enabled": True, "wus.bias_lr_factor": 2.0}, {"wus.enabled": False, "wus.lr_decay": 0.5}):
-        config = base.replace(overrides)
-        assert partner_label(config, {}, chosen=lambda key: False) == ("wus.variant", config.wus.variant)
-    on = base.replace({"wus.enabled": True})
-    assert partner_label(on, {"wus.variant": "wus+lr"}, chosen=lambda key: True) == ("wus.variant", "wus+lr")
+    for entry, label in (({}, "wus"), ({"lr_decay": 0.5}, "wus+lr"), ({"variant": "wus", "lr_decay": 0.5}, "wus"),
+                         ({"variant": "wus+lr"}, "wus"), ({"variant": "wus+lr", "bias_lr_factor": 2.0}, "wus+lr")):  # fmt: skip
+        config = base.replace({"methods.wus": entry})
+        assert trial_label("wus", config) == label, entry
+        assert config.methods["wus"] == entry  # the config keeps what was given
+    assert trial_label("none", base) == "none"
     roles = [role for role, _ in initial_trials(spec().resolve())]
     assert roles[:2] == ["baseline", "wus-default"]
 
@@ -136,13 +135,13 @@ def test_sampling_is_conditional():
     for _ in range(12):
         trial = study.ask()
         values = space.sample(trial)
-        seen[values["wus.variant"]].update(values)
+        seen[values["methods.wus.variant"]].update(values)
         study.tell(trial, [0.5, 1.0])
-    assert "wus.lr_decay" in seen["wus+lr"] and "wus.lr_decay" not in seen["wus"]
+    assert "methods.wus.lr_decay" in seen["wus+lr"] and "methods.wus.lr_decay" not in seen["wus"]
     # Fixed values are not suggested and win over the space.
     trial = study.ask()
-    values = space.sample(trial, fixed={"wus.variant": "none"})
-    assert values == {"wus.variant": "none"} and trial.params == {}
+    values = space.sample(trial, fixed={"method": "none"})
+    assert values == {"method": "none"} and trial.params == {}
 
 
 def test_initial_trials_baseline_frontier():
@@ -151,13 +150,13 @@ def test_initial_trials_baseline_frontier():
     roles = [r for r, _ in trials]
     assert roles[:2] == ["baseline", "wus-default"]
     base = trials[0][1]
-    assert base["wus.variant"] == "none" and base["epochs"] == 4 and base["schedule.name"] == "cosine"
+    assert base["method"] == "none" and base["epochs"] == 4 and base["schedule.name"] == "cosine"
     wus = trials[1][1]
-    assert wus["wus.variant"] == "wus" and wus["wus.threshold"] == 0.01 and "wus.lr_decay" not in wus
+    assert wus["methods.wus.variant"] == "wus" and wus["methods.wus.threshold"] == 0.01 and "methods.wus.lr_decay" not in wus
     frontier = {(f["schedule.name"], f["epochs"]) for r, f in trials if r == "baseline-frontier"}
     assert frontier == {("cosine", 2), ("cosine", 3), ("step", 4), ("step", 3), ("step", 2)}
     params, overrides = s.space.split_fixed(base)
-    assert params == {"schedule.name": "cosine"} and overrides["wus.variant"] == "none"
+    assert params == {"schedule.name": "cosine"} and overrides["method"] == "none"
 
 
 def test_mask_url():
@@ -168,8 +167,9 @@ def test_mask_url():
 
 
 def test_flat_config_keys_are_dotted():
-    flat = flat_config(TrainConfig().to_dict())
-    assert flat["wus.threshold"] == 0.01 and flat["wus.schedule_window"] == [0.0, 0.75] and "methods" in flat
+    flat = flat_config(TrainConfig().replace({"methods.wus": {"threshold": 0.01, "schedule_window": [0.0, 0.75]}}).to_dict())
+    assert flat["methods.wus.threshold"] == 0.01 and flat["methods.wus.schedule_window"] == [0.0, 0.75]
+    assert flat["model.kwargs"] == {}  # an empty mapping stays a value
 
 
 def test_a_trial_seeded_sampler_draws_by_study_seed_and_trial_number():

@@ -125,8 +125,8 @@ def test_a_trial_finishing_before_the_baseline_gets_the_right_feasibility_in_the
     study = optuna.create_study(study_name="early", storage=storage, directions=["maximize", "minimize"])
     study.set_user_attr("objectives", ["accuracy", "time"])
     study.set_user_attr("spec", {"constraint_delta": 1.0})
-    dist = {"wus.threshold": FloatDistribution(0.001, 0.05, log=True)}
-    study.add_trial(optuna.trial.create_trial(values=[0.5, 10.0], params={"wus.threshold": 0.01}, distributions=dist,
+    dist = {"methods.wus.threshold": FloatDistribution(0.001, 0.05, log=True)}
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 10.0], params={"methods.wus.threshold": 0.01}, distributions=dist,
                                               user_attrs={"role": "search", "variant": "wus"},
                                               system_attrs={"constraints": [0.0]}))  # fmt: skip
     study.add_trial(optuna.trial.create_trial(values=[0.9, 100.0], user_attrs={"role": "baseline", "variant": "none"},

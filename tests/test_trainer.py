@@ -29,7 +29,7 @@ def test_fit_reports_measurements_and_learns():
     assert result.val_acc > 0.8  # an MLP reaches ~95% on digits; chance is 10%
     assert result.test_acc is None  # digits has no test split
     assert result.total_steps == 4 * result.epochs[0].steps
-    assert result.skipped_steps == 0 and result.flops_fraction == 1.0
+    assert result.changed_steps == 0 and result.flops_fraction == 1.0 and set(result.step_kinds) == {"full"}
     assert result.flops_per_step > 0 and result.train_flops == result.total_steps * result.flops_per_step
     assert result.cost_flops > result.train_flops  # plus the final evaluation
     assert result.time_s == pytest.approx(result.train_time_s + result.required_eval_time_s)
@@ -53,36 +53,39 @@ def test_fit_is_deterministic_for_a_seed(tmp_path):
 def test_wus_skips_and_charges_its_evaluations():
     config = digits_config(**{
         "model.name": "vgg11", "model.width": 0.25, "epochs": 6,
-        "wus.enabled": True, "wus.threshold": 1.0,  # every window is a plateau: skip as soon as allowed
-        "wus.window": 1, "wus.warmup": 1, "wus.skip_length": 2, "wus.bias_scope": "last:1",
-        "wus.schedule_window": [0.0, 1.0], "eval_every_epoch": False,
+        "methods.wus": {}, "methods.wus.threshold": 1.0,  # every window is a plateau: skip as soon as allowed
+        "methods.wus.window": 1, "methods.wus.warmup": 1, "methods.wus.skip_length": 2, "methods.wus.bias_scope": "last:1",
+        "methods.wus.schedule_window": [0.0, 1.0], "eval_every_epoch": False,
     })
     result = fit(config)
-    skipping = [e.skipping for e in result.epochs]
+    skipping = [e.extra["wus/skipping"] for e in result.epochs]  # after each epoch's check (the last ends training)
     # checks at the ends of epochs 2 (first allowed) and 5 start windows of 2 epochs: 3-4 and 6
-    assert skipping == [False, False, True, True, False, True]
-    assert result.skipped_steps == 3 * result.epochs[0].steps
-    assert result.flops_per_skip_step < result.flops_per_step
-    assert result.flops_fraction == pytest.approx(
-        (3 * result.flops_per_step + 3 * result.flops_per_skip_step) / (6 * result.flops_per_step))
+    assert skipping == [0, 1, 1, 0, 1, 0]
+    steps = result.epochs[0].steps
+    assert [e.steps_by_kind for e in result.epochs] == [{"full": steps}] * 2 + [{"skip:last:1": steps}] * 2 + \
+        [{"full": steps}, {"skip:last:1": steps}]  # fmt: skip
+    assert result.changed_steps == 3 * steps and result.changed_step_fraction == 0.5
+    skip_flops = result.step_kinds["skip:last:1"]["flops_per_step"]
+    assert skip_flops < result.flops_per_step
+    assert result.flops_fraction == pytest.approx((3 * result.flops_per_step + 3 * skip_flops) / (6 * result.flops_per_step))
     # the validation signal needed an evaluation at every check: all of them are charged
     assert result.required_eval_time_s == pytest.approx(result.eval_time_s)
     assert result.epochs[-1].extra["wus/skip_windows"] == 2
 
 
 def test_train_acc_signal_needs_no_evaluation():
-    config = digits_config(**{"wus.enabled": True, "wus.signal": "train_acc", "wus.threshold": 1.0,
-                              "wus.warmup": 1, "wus.window": 1, "eval_every_epoch": False})
+    config = digits_config(**{"methods.wus": {}, "methods.wus.signal": "train_acc", "methods.wus.threshold": 1.0,
+                              "methods.wus.warmup": 1, "methods.wus.window": 1, "eval_every_epoch": False})
     result = fit(config)
-    assert result.skipped_steps > 0
+    assert result.step_kinds["skip:all"]["steps"] > 0
     assert sum(e.val_acc is not None for e in result.epochs) == 1  # the final evaluation only
 
 
 def test_step_wise_checks():
-    config = digits_config(**{"wus.enabled": True, "wus.signal": "train_acc", "wus.threshold": 1.0,
-                              "wus.check_every": 5, "wus.warmup": 1, "wus.window": 1, "wus.skip_length": 1})
+    config = digits_config(**{"methods.wus": {}, "methods.wus.signal": "train_acc", "methods.wus.threshold": 1.0,
+                              "methods.wus.check_every": 5, "methods.wus.warmup": 1, "methods.wus.window": 1, "methods.wus.skip_length": 1})
     result = fit(config)
-    assert 0 < result.skipped_steps < result.total_steps
+    assert 0 < result.step_kinds["skip:all"]["steps"] == result.changed_steps < result.total_steps
 
 
 def test_the_warm_up_covers_the_evaluation_pass(monkeypatch):
@@ -105,7 +108,7 @@ def test_the_warm_up_covers_the_evaluation_pass(monkeypatch):
     monkeypatch.setattr(wus_tune.models, "build_model", build_and_watch)
     handle = register_optimizer_step_pre_hook(lambda *_: events.append(("step", 0)))
     try:
-        fit(digits_config(epochs=1, **{"wus.enabled": True}))
+        fit(digits_config(epochs=1, **{"methods.wus": {}}))
     finally:
         handle.remove()
     before_training = events[: events.index(("step", 0))]
@@ -114,13 +117,13 @@ def test_the_warm_up_covers_the_evaluation_pass(monkeypatch):
 
 
 def test_flops_follow_the_step_kinds():
-    config = digits_config(**{"epochs": 3, "wus.enabled": True, "wus.threshold": 1.0, "wus.warmup": 1,
-                              "wus.window": 1, "wus.skip_length": 1, "wus.bias_scope": "last:1",
-                              "wus.schedule_window": [0.0, 1.0]})
+    config = digits_config(**{"epochs": 3, "methods.wus": {}, "methods.wus.threshold": 1.0, "methods.wus.warmup": 1,
+                              "methods.wus.window": 1, "methods.wus.skip_length": 1, "methods.wus.bias_scope": "last:1",
+                              "methods.wus.schedule_window": [0.0, 1.0]})
     result = fit(config)
     kinds = result.step_kinds
     assert set(kinds) == {"full", "skip:last:1"}
-    assert kinds["skip:last:1"]["steps"] == result.skipped_steps > 0
+    assert kinds["skip:last:1"]["steps"] == result.changed_steps > 0
     assert result.train_flops == sum(k["steps"] * k["flops_per_step"] for k in kinds.values())
     assert kinds["skip:last:1"]["flops_per_step"] < kinds["full"]["flops_per_step"]
 
@@ -157,7 +160,7 @@ def test_trainer_runs_without_optuna_or_mlflow(tmp_path):
         "    sys.modules[name] = None  # importing it now raises ImportError\n"
         "from wus_tune.train import main\n"
         f"raise SystemExit(main(['--model', 'mlp', '--dataset', 'digits', '--epochs', '1', '--device', 'cpu',"
-        f" '--wus', '--quiet', '--out', {str(tmp_path / 'run')!r}]))\n"
+        f" '--method', 'wus', '--quiet', '--out', {str(tmp_path / 'run')!r}]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from wus_tune.config import WUSConfig
+from wus_tune import WUSConfig
 from wus_tune.errors import ConfigError
-from wus_tune.wus import (
+from wus_tune.methods.wus.rule import (
     WUSController,
     accuracy_variation,
     layer_groups,
@@ -67,7 +67,7 @@ def _run(controller: WUSController, accuracies, total=None):
 
 
 def test_transitions_warmup_window_length_and_fresh_history():
-    cfg = WUSConfig(enabled=True, window=2, threshold=0.01, warmup=3, skip_length=2, schedule_window=[0.0, 1.0])
+    cfg = WUSConfig(window=2, threshold=0.01, warmup=3, skip_length=2, schedule_window=[0.0, 1.0])
     _, _, ctl = _controller(cfg)
     # flat from the start, but no skipping during the 3 warm-up checks
     modes = _run(ctl, [0.5, 0.5, 0.5, 0.5, 0.7, 0.7, 0.702, 0.704, 0.704, 0.704])
@@ -80,7 +80,7 @@ def test_transitions_warmup_window_length_and_fresh_history():
 
 
 def test_schedule_window_blocks_and_ends_skipping():
-    cfg = WUSConfig(enabled=True, window=1, threshold=0.05, warmup=0, skip_length=5, schedule_window=[0.3, 0.6])
+    cfg = WUSConfig(window=1, threshold=0.05, warmup=0, skip_length=5, schedule_window=[0.3, 0.6])
     _, _, ctl = _controller(cfg)
     modes = _run(ctl, [0.5] * 10, total=10)
     # progress 0.1, 0.2: outside; 0.3: skip starts; 0.6 leaves the window and ends it
@@ -88,7 +88,7 @@ def test_schedule_window_blocks_and_ends_skipping():
 
 
 def test_cap_on_the_skipped_fraction():
-    cfg = WUSConfig(enabled=True, window=1, threshold=0.05, warmup=0, skip_length=100, max_skip_fraction=0.3)
+    cfg = WUSConfig(window=1, threshold=0.05, warmup=0, skip_length=100, max_skip_fraction=0.3)
     _, _, ctl = _controller(cfg, total_checks=10)
     modes = _run(ctl, [0.5] * 10)
     assert sum(modes) == 3
@@ -97,23 +97,23 @@ def test_cap_on_the_skipped_fraction():
 
 def test_cap_needs_total_checks():
     with pytest.raises(ValueError, match="total_checks"):
-        _controller(WUSConfig(enabled=True, max_skip_fraction=0.5))
+        _controller(WUSConfig(max_skip_fraction=0.5))
 
 
 def test_bias_lr_factor_needs_a_bias_group():
     model = _Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="param_groups"):
-        WUSController(model, opt, WUSConfig(enabled=True, bias_lr_factor=2.0))
+        WUSController(model, opt, WUSConfig(bias_lr_factor=2.0))
 
 
 def test_bad_bias_scope_is_a_config_error():
     with pytest.raises(ConfigError, match="bias_scope"):
-        _controller(WUSConfig(enabled=True, bias_scope="last:0"))
+        _controller(WUSConfig(bias_scope="last:0"))
 
 
 def test_lr_coupling_managed_on_the_optimizer():
-    cfg = WUSConfig(enabled=True, window=1, threshold=0.05, warmup=0, skip_length=1, bias_lr_factor=3.0, lr_decay=0.5)
+    cfg = WUSConfig(window=1, threshold=0.05, warmup=0, skip_length=1, bias_lr_factor=3.0, lr_decay=0.5)
     _, opt, ctl = _controller(cfg)
     ctl.observe(0.5)
     ctl.observe(0.5)  # plateau: skip window 1 starts, base LR halves, biases x3
@@ -154,7 +154,7 @@ def _step(model, opt, x, y):
 
 @pytest.mark.parametrize("scope", ["all", "last:1"])
 def test_skip_steps_freeze_weights_bit_identically_and_keep_momentum(scope):
-    cfg = WUSConfig(enabled=True, window=1, threshold=0.05, warmup=0, skip_length=3, bias_scope=scope)
+    cfg = WUSConfig(window=1, threshold=0.05, warmup=0, skip_length=3, bias_scope=scope)
     model, opt, ctl = _controller(cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     x, y = torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,))
@@ -196,7 +196,7 @@ def test_backprop_stops_early_when_only_the_head_trains():
     x, y = torch.randn(32, 1, 4, 4), torch.randint(0, 3, (32,))
 
     def step_flops(scope):
-        cfg = WUSConfig(enabled=True, window=1, threshold=0.05, warmup=0, bias_scope=scope)
+        cfg = WUSConfig(window=1, threshold=0.05, warmup=0, bias_scope=scope)
         model, opt, ctl = _controller(cfg)
         ctl.observe(0.5)
         ctl.observe(0.5)
@@ -217,7 +217,7 @@ def test_a_layer_the_user_froze_stays_frozen_after_a_skip_window():
     model.conv.weight.requires_grad_(False)  # e.g. a pretrained backbone being fine-tuned
     model.bn.weight.requires_grad_(False)
     opt = torch.optim.SGD(param_groups(model, weight_decay=5e-4), lr=0.1, momentum=0.9)
-    ctl = WUSController(model, opt, WUSConfig(enabled=True, window=1, threshold=0.05, warmup=0, skip_length=1))
+    ctl = WUSController(model, opt, WUSConfig(window=1, threshold=0.05, warmup=0, skip_length=1))
     assert all(p.requires_grad for p in ctl.frozen_parameters)  # WUS toggles only what the user trains
     _run(ctl, [0.5, 0.5])
     assert ctl.skipping
@@ -231,7 +231,7 @@ def test_a_layer_the_user_froze_stays_frozen_after_a_skip_window():
 
 
 def test_state_dict_round_trip_resumes_mid_window():
-    cfg = WUSConfig(enabled=True, window=1, threshold=0.05, warmup=0, skip_length=3, lr_decay=0.5,
+    cfg = WUSConfig(window=1, threshold=0.05, warmup=0, skip_length=3, lr_decay=0.5,
                     bias_lr_factor=2.0)
     _, _, ctl = _controller(cfg)
     _run(ctl, [0.5, 0.5, 0.5])  # inside a skip window, one interval done

@@ -13,12 +13,11 @@ from wus_tune.config import (
     OptimConfig,
     ScheduleConfig,
     TrainConfig,
-    WUSConfig,
 )
 from wus_tune.errors import ConfigError, DataError, TrainingDiverged, UsageError
 from wus_tune.methods import Method, RunInfo, StepContext, StepCost
 from wus_tune.trainer import EpochRecord, TrainResult, fit
-from wus_tune.wus import WUSController, accuracy_variation, param_groups, should_skip
+from wus_tune.methods.wus import WUSConfig, WUSController, accuracy_variation, param_groups, should_skip
 
 __version__ = "0.1.0"
 

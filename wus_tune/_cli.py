@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from wus_tune.errors import UsageError
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Call ``main``; a :class:`UsageError` becomes ``error: <message>`` on stderr and status 2."""
+    """Call ``main``; a :class:`UsageError` becomes ``error: <message>`` on stderr and status 2, a
+    deprecation (an old spelling read as today's, :mod:`wus_tune.migration`) ``warning: <message>``."""
+    shown = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+        if issubclass(category, FutureWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
     try:
         return main(argv)
     except UsageError as e:
@@ -21,6 +32,8 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 def parse_value(text: str) -> object:
@@ -44,11 +57,11 @@ class ArgumentParser(argparse.ArgumentParser):
 # ---- config overrides: one syntax for every CLI ---------------------------------------------------------
 #
 # ``--set KEY=VALUE`` (repeatable) and ``--KEY VALUE`` / ``--KEY=VALUE`` for any dotted config key
-# (``--wus.threshold 0.02``, ``--methods.approx_ops.sample_ratio 0.5``), in ``python -m wus_tune.train``
+# (``--optim.lr 0.02``, ``--methods.approx_ops.sample_ratio 0.5``), in ``python -m wus_tune.train``
 # and ``python -m wus_tune.study`` alike.
 
 # Paths and names stay text even when they look like numbers (a directory called "2024").
-TEXT_KEYS = ("device", "compile_mode", "data.data_dir", "data.cache_dir", "model.name", "data.name", "wus.bias_scope")
+TEXT_KEYS = ("device", "compile_mode", "data.data_dir", "data.cache_dir", "model.name", "data.name")
 
 
 def add_set_option(parser: argparse.ArgumentParser, *, what: str = "config key") -> None:

@@ -4,12 +4,12 @@ A :class:`TrainConfig` is what ``python -m wus_tune.train --config FILE`` reads,
 for its chosen trial, and what every result and checkpoint carries, so a run can be reproduced from its
 files. The file format (YAML or JSON) is the nested dict of :meth:`TrainConfig.to_dict`::
 
-    version: 1
+    version: 2
     model: {name: vgg11, width: 0.25}
     data: {name: cifar10, data_dir: ../shared/data/cifar10-train-jpeg.tar.gz, subset: 10000}
     optim: {lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 5.0e-4, batch_size: 128}
     schedule: {name: step, milestones: [0.5, 0.75], gamma: 0.1}
-    wus: {enabled: true, threshold: 0.01, window: 2, skip_length: 2, bias_scope: all}
+    methods: {wus: {threshold: 0.01, window: 2, skip_length: 2, bias_scope: all}}   # speed-up methods on
     epochs: 15
     seed: 0
 
@@ -19,6 +19,7 @@ A user's own model and data are factories named by import path (see :mod:`wus_tu
     data: {factory: "my_pkg.data:load", kwargs: {fold: 0}}
 
 Unknown keys and out-of-range values raise :class:`~wus_tune.errors.ConfigError` naming the key path.
+A file of an older version is read through :mod:`wus_tune.migration`.
 """
 
 from __future__ import annotations
@@ -33,12 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from wus_tune.errors import ConfigError
-
-CONFIG_VERSION = 1
-
-# The built-ins; the registry (wus_tune.registry) adds the entry points of installed packages.
-MODEL_NAMES = ("mlp", "alexnet", "vgg11", "vgg16", "resnet18")
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder")
+from wus_tune.migration import CONFIG_VERSION, migrate_config, migrate_overrides
 
 
 @dataclass
@@ -48,7 +44,7 @@ class ModelConfig:
     # A name holding ":" is taken as a factory (`--model my_pkg.nets:build`).
     factory: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
-    factory_version: str | None = None  # the factory's package version, recorded when the config is checked
+    factory_version: str | None = None  # the factory's package version, recorded when the config is built
     width: float = 1.0  # channel multiplier; 0.25 makes VGG-11 trainable on a laptop CPU
     hidden: int = 256  # mlp only: hidden units (scaled by width)
     depth: int = 2  # mlp only: number of linear layers (2 = one hidden layer)
@@ -59,9 +55,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check_source("model", self, _model_names)
-        _check_range("model.width", self.width, low=1 / 64, high=16)
-        _check_range("model.hidden", self.hidden, low=1, high=1 << 16)
-        _check_range("model.depth", self.depth, low=1, high=16)
+        check_range("model.width", self.width, low=1 / 64, high=16)
+        check_range("model.hidden", self.hidden, low=1, high=1 << 16)
+        check_range("model.depth", self.depth, low=1, high=16)
 
 
 @dataclass
@@ -71,7 +67,7 @@ class DataConfig:
     # mapping {train, val, test: (x, y) or a torch Dataset} (docs/data.md). A name holding ":" is a factory.
     factory: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
-    factory_version: str | None = None  # the factory's package version, recorded when the config is checked
+    factory_version: str | None = None  # the factory's package version, recorded when the config is built
     # cifar10/100: torchvision's root (downloaded there if `download`), an ImageFolder directory, or a
     # .tar.gz of one; imagefolder: the directory or archive (required). None: a per-user cache directory.
     data_dir: str | None = None
@@ -92,11 +88,11 @@ class DataConfig:
 
     def validate(self) -> None:
         _check_source("data", self, _dataset_names)
-        _check_range("data.val_fraction", self.val_fraction, low=0.0, high=0.9)
+        check_range("data.val_fraction", self.val_fraction, low=0.0, high=0.9)
         if self.subset is not None:
-            _check_range("data.subset", self.subset, low=20, high=10**9)
-        _check_range("data.memory_budget_mb", self.memory_budget_mb, low=0.0, high=1e9)
-        _check_range("data.num_workers", self.num_workers, low=0, high=256)
+            check_range("data.subset", self.subset, low=20, high=10**9)
+        check_range("data.memory_budget_mb", self.memory_budget_mb, low=0.0, high=1e9)
+        check_range("data.num_workers", self.num_workers, low=0, high=256)
         if self.factory is None and self.name == "imagefolder" and not self.data_dir:
             raise ConfigError("data.data_dir: dataset 'imagefolder' needs a directory or .tar.gz")
 
@@ -122,7 +118,8 @@ def _dataset_names() -> dict[str, str]:
 
 
 def _check_source(section: str, cfg: Any, registry: Any) -> None:
-    """A registered name, or a factory that imports; records (or checks) the factory package's version."""
+    """A registered name, or a factory that imports; warns when the installed package is not the version
+    the config recorded."""
     from wus_tune.factories import OBJECT_PREFIX, check_path, load_object
     from wus_tune.provenance import package_version
 
@@ -138,9 +135,7 @@ def _check_source(section: str, cfg: Any, registry: Any) -> None:
         return  # handed over as a Python object: nothing to import
     load_object(cfg.factory, key)
     installed = package_version(cfg.factory)
-    if cfg.factory_version is None:
-        cfg.factory_version = installed
-    elif installed is not None and installed != cfg.factory_version:
+    if cfg.factory_version is not None and installed is not None and installed != cfg.factory_version:
         import warnings
 
         warnings.warn(f"{key}: {cfg.factory} is version {installed}, the config was made with {cfg.factory_version}",
@@ -159,13 +154,13 @@ class OptimConfig:
     label_smoothing: float = 0.0
 
     def validate(self) -> None:
-        _check_choice("optim.name", self.name, ("sgd", "adamw"))
-        _check_range("optim.lr", self.lr, low=0.0, high=100.0, low_open=True)
-        _check_range("optim.momentum", self.momentum, low=0.0, high=0.999)
-        _check_range("optim.weight_decay", self.weight_decay, low=0.0, high=1.0)
-        _check_range("optim.bias_weight_decay", self.bias_weight_decay, low=0.0, high=1.0)
-        _check_range("optim.batch_size", self.batch_size, low=1, high=1 << 16)
-        _check_range("optim.label_smoothing", self.label_smoothing, low=0.0, high=0.5)
+        check_choice("optim.name", self.name, ("sgd", "adamw"))
+        check_range("optim.lr", self.lr, low=0.0, high=100.0, low_open=True)
+        check_range("optim.momentum", self.momentum, low=0.0, high=0.999)
+        check_range("optim.weight_decay", self.weight_decay, low=0.0, high=1.0)
+        check_range("optim.bias_weight_decay", self.bias_weight_decay, low=0.0, high=1.0)
+        check_range("optim.batch_size", self.batch_size, low=1, high=1 << 16)
+        check_range("optim.label_smoothing", self.label_smoothing, low=0.0, high=0.5)
         if self.nesterov and self.name == "sgd" and self.momentum == 0:
             raise ConfigError("optim.nesterov: Nesterov momentum needs optim.momentum > 0")
 
@@ -180,78 +175,15 @@ class ScheduleConfig:
     final_lr_fraction: float = 0.0  # cosine/onecycle: LR at the end, as a fraction of the peak
 
     def validate(self) -> None:
-        _check_choice("schedule.name", self.name, ("constant", "cosine", "step", "onecycle"))
-        _check_range("schedule.warmup", self.warmup, low=0.0, high=0.9)
-        _check_range("schedule.gamma", self.gamma, low=0.0, high=1.0, low_open=True)
-        _check_range("schedule.pct_start", self.pct_start, low=0.0, high=1.0, low_open=True, high_open=True)
-        _check_range("schedule.final_lr_fraction", self.final_lr_fraction, low=0.0, high=1.0)
+        check_choice("schedule.name", self.name, ("constant", "cosine", "step", "onecycle"))
+        check_range("schedule.warmup", self.warmup, low=0.0, high=0.9)
+        check_range("schedule.gamma", self.gamma, low=0.0, high=1.0, low_open=True)
+        check_range("schedule.pct_start", self.pct_start, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_range("schedule.final_lr_fraction", self.final_lr_fraction, low=0.0, high=1.0)
         for i, m in enumerate(self.milestones):
-            _check_range(f"schedule.milestones[{i}]", m, low=0.0, high=1.0, low_open=True, high_open=True)
+            check_range(f"schedule.milestones[{i}]", m, low=0.0, high=1.0, low_open=True, high_open=True)
         if list(self.milestones) != sorted(self.milestones):
             raise ConfigError(f"schedule.milestones: must be increasing, got {self.milestones}")
-
-
-@dataclass
-class WUSConfig:
-    """Weight update skipping; see :mod:`wus_tune.wus` for the exact rule."""
-
-    enabled: bool = False
-    signal: Literal["val_acc", "train_acc"] = "val_acc"  # metric watched at each check
-    check_every: int = 0  # 0: check at the end of each epoch; N > 0: every N optimizer steps
-    window: int = 2  # W: number of most recent accuracy changes looked at
-    threshold: float = 0.01  # tau: skip when the accuracy range over the window is below this (fraction, 0.01 = 1 point)
-    warmup: int = 2  # checks at the start with no skipping
-    skip_length: int = 2  # checks a skip window lasts before full updates resume
-    max_skip_fraction: float = 1.0  # cap on the fraction of checks spent skipping
-    bias_scope: str = "all"  # "all", or "last:K" (biases of the last K parameterised layers keep training)
-    train_bn_scale: bool = False  # keep BatchNorm's scale (gamma) training in skip windows, like a bias
-    bias_lr_factor: float = 1.0  # WUS+LR: LR factor of the biases inside skip windows
-    lr_decay: float = 1.0  # WUS+LR: base LR factor applied each time a plateau starts a skip window
-    schedule_window: list[float] = field(default_factory=lambda: [0.0, 0.75])  # [start, end) fraction of training where skipping may happen
-    # Inside a skip window, compute the frozen layers' output once (eval-mode normalisation, no augmentation)
-    # and train the layers above on it; meant for bias_scope last:K (see wus_tune.frozen_prefix).
-    cache_frozen_prefix: bool = False
-    cache_max_mb: float = 1024.0  # cap on that cache (MiB on the training device); over it, ordinary skip steps
-
-    @property
-    def variant(self) -> str:
-        if not self.enabled:
-            return "none"
-        return "wus+lr" if (self.bias_lr_factor != 1.0 or self.lr_decay != 1.0) else "wus"
-
-    def validate(self) -> None:
-        _check_choice("wus.signal", self.signal, ("val_acc", "train_acc"))
-        _check_range("wus.check_every", self.check_every, low=0, high=10**9)
-        _check_range("wus.window", self.window, low=1, high=1000)
-        _check_range("wus.threshold", self.threshold, low=0.0, high=1.0)
-        _check_range("wus.warmup", self.warmup, low=0, high=10**6)
-        _check_range("wus.skip_length", self.skip_length, low=1, high=10**6)
-        _check_range("wus.max_skip_fraction", self.max_skip_fraction, low=0.0, high=1.0)
-        _check_range("wus.bias_lr_factor", self.bias_lr_factor, low=0.0, high=100.0)
-        _check_range("wus.lr_decay", self.lr_decay, low=0.0, high=1.0, low_open=True)
-        parse_bias_scope(self.bias_scope)
-        _check_range("wus.cache_max_mb", self.cache_max_mb, low=0.0, high=1e9)
-        if len(self.schedule_window) != 2:
-            raise ConfigError(f"wus.schedule_window: expected [start, end], got {self.schedule_window}")
-        start, end = self.schedule_window
-        _check_range("wus.schedule_window[0]", start, low=0.0, high=1.0)
-        _check_range("wus.schedule_window[1]", end, low=0.0, high=1.0)
-        if start >= end:
-            raise ConfigError(f"wus.schedule_window: start {start} must be below end {end}")
-
-
-def parse_bias_scope(scope: str) -> int | None:
-    """``"all"`` -> None (every bias trains in skip windows); ``"last:K"`` -> K."""
-    if scope == "all":
-        return None
-    if isinstance(scope, str) and scope.startswith("last:"):
-        try:
-            k = int(scope[5:])
-        except ValueError:
-            k = 0
-        if k >= 1:
-            return k
-    raise ConfigError(f"wus.bias_scope: expected 'all' or 'last:K' with K >= 1, got {scope!r}")
 
 
 @dataclass
@@ -261,7 +193,6 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    wus: WUSConfig = field(default_factory=WUSConfig)
     # Plug-in speed-up methods: {registered name: keyword arguments}. See wus_tune.methods.
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     epochs: int = 15
@@ -275,12 +206,12 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"version: this wus_tune reads config version {CONFIG_VERSION}, got {self.version}")
-        for part in (self.model, self.data, self.optim, self.schedule, self.wus):
+        for part in (self.model, self.data, self.optim, self.schedule):
             part.validate()
-        _check_range("epochs", self.epochs, low=1, high=100_000)
+        check_range("epochs", self.epochs, low=1, high=100_000)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
-        _check_choice("compile_mode", self.compile_mode, ("default", "reduce-overhead"))
+        check_choice("compile_mode", self.compile_mode, ("default", "reduce-overhead"))
         from wus_tune.methods import validate_methods  # late: methods import torch
 
         validate_methods(self.methods)
@@ -291,10 +222,22 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def record_versions(self) -> "TrainConfig":
+        """Write the installed version of each factory's package (``model.factory_version``,
+        ``data.factory_version``) where the config records none: the provenance every result carries."""
+        from wus_tune.factories import OBJECT_PREFIX
+        from wus_tune.provenance import package_version
+
+        for part in (self.model, self.data):
+            if part.factory is not None and part.factory_version is None and not part.factory.startswith(OBJECT_PREFIX):
+                part.factory_version = package_version(part.factory)
+        return self
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
-        """Build and validate a config; unknown keys and wrong types raise ConfigError with the key path."""
-        return _build(cls, raw, "").validate()
+        """Build and validate a config (an older version migrated first), and record its factories'
+        versions (:meth:`record_versions`); unknown keys and wrong types raise ConfigError with the key path."""
+        return build_dataclass(cls, migrate_config(raw), "").validate().record_versions()
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -313,9 +256,10 @@ class TrainConfig:
         return cls.from_dict(load_mapping(path))
 
     def replace(self, overrides: dict[str, Any]) -> "TrainConfig":
-        """A copy with dotted-key overrides applied (``{"wus.threshold": 0.02, "epochs": 10}``), validated."""
+        """A copy with dotted-key overrides applied (``{"optim.lr": 0.02, "methods.wus.threshold": 0.02}``),
+        validated; a key an older version spelled otherwise is read through :mod:`wus_tune.migration`."""
         data = self.to_dict()
-        for dotted, value in overrides.items():
+        for dotted, value in migrate_overrides(overrides, data).items():
             set_dotted(data, dotted, value)
         return TrainConfig.from_dict(data)
 
@@ -344,7 +288,7 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``data["wus"]["threshold"] = value`` for ``dotted == "wus.threshold"``.
+    """Set ``data["optim"]["lr"] = value`` for ``dotted == "optim.lr"``.
 
     Sections must exist; under ``methods`` a method's mapping is created on first use.
     """
@@ -362,12 +306,12 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 # ---- validation helpers ------------------------------------------------------------------------
 
 
-def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}: unknown value {value!r}; choose one of {', '.join(choices)}")
 
 
-def _check_range(
+def check_range(
     key: str, value: Any, *, low: float, high: float, low_open: bool = False, high_open: bool = False
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
@@ -379,7 +323,7 @@ def _check_range(
         raise ConfigError(f"{key}: {value!r} is out of range {lo}{low:g}, {high:g}{hi}")
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
@@ -398,7 +342,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 def _coerce(hint: Any, value: Any, key: str) -> Any:
     """Check ``value`` against a type hint; ints are accepted for floats. Returns the (converted) value."""
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
+        return build_dataclass(hint, value, key)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):

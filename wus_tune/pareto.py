@@ -41,6 +41,8 @@ from wus_tune._study.front import (
     hypervolume,
     hypervolume_history,
     knee,
+    objective_direction,
+    objective_names,
     objective_values,
     on_frontier,
     parse_rule,

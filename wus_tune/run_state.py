@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["Probes", "ProbeRecord", "RunState", "origin_of", "snapshot_path"]
+__all__ = ["RecordingPlan", "ProbeRecord", "RunState", "origin_of", "snapshot_path"]
 
 
 @dataclass(frozen=True)
-class Probes:
+class RecordingPlan:
     """Where a run records its signals and which of those points it snapshots."""
 
     every: int = 0  # 0: at the end of each epoch; N > 0: after every N optimizer steps
@@ -45,9 +45,9 @@ class Probes:
 
     def __post_init__(self) -> None:
         if self.every < 0:
-            raise ValueError(f"Probes.every: expected >= 0, got {self.every}")
+            raise ValueError(f"RecordingPlan.every: expected >= 0, got {self.every}")
         if (self.save_at or self.choose_saves) and self.save_dir is None:
-            raise ValueError("Probes.save_at needs save_dir")
+            raise ValueError("RecordingPlan.save_at needs save_dir")
 
     def point_progress(self, steps_per_epoch: int, epochs: int) -> list[float]:
         """The training fraction at each point of a run of ``epochs`` x ``steps_per_epoch`` steps, as the
@@ -57,7 +57,7 @@ class Probes:
         total = steps_per_epoch * epochs
         return [k * self.every / total for k in range(1, total // self.every + 1)]
 
-    def resolved(self, steps_per_epoch: int, epochs: int) -> Probes:
+    def resolved(self, steps_per_epoch: int, epochs: int) -> RecordingPlan:
         """These probes with ``save_at`` chosen (:attr:`choose_saves`) for a run of that length."""
         if self.choose_saves is None:
             return self
@@ -105,8 +105,8 @@ class RunState:
     torch_rng: torch.Tensor
     cuda_rng: list[torch.Tensor] | None
     loader_rng: torch.Tensor  # the training loader's generator at the start of ``epoch``
-    counters: dict[str, float]  # train_time_s, eval_time_s, required_eval_time_s, required_eval_flops, skipped_steps
-    epoch_partial: dict[str, float]  # loss, correct, seen, skipped, train_time_s, eval_time_s of the epoch so far
+    counters: dict[str, Any]  # train_time_s, eval_time_s, required_eval_time_s, required_eval_flops, kinds
+    epoch_partial: dict[str, Any]  # loss, correct, seen, steps per kind of the epoch so far
     records: list[dict[str, Any]]  # EpochRecord dicts of the finished epochs
     probes: list[dict[str, Any]]  # ProbeRecord dicts up to this point
     config: dict[str, Any]  # the TrainConfig of the run that took it

@@ -80,7 +80,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--sampler", help="tpe (default) | nsga2 | gp")
     p.add_argument("--objectives", help="accuracy,relative_time (default: time in baseline runs, priced per trial) | accuracy,time (wall s) | "
                    "accuracy,cost (FLOPs) | two of them; a last sparsity or params adds that")
-    p.add_argument("--methods", help="the methods compared, e.g. wus,approx_ops,lp_sphere+wus (default wus; docs/study.md)")
+    p.add_argument("--methods", help="the methods compared, comma-separated; a+b runs two in one trial; 'none' the plain "
+                   "recipe (default: those a spec compares by default; --list names them; docs/study.md)")
     p.add_argument("--seed", type=int, help="sampler seed and training seed (default 0)")
     p.add_argument("--constraint-delta", type=float, help="feasible only if accuracy >= baseline - DELTA points")
     p.add_argument("--select", help="rule for best_config.yaml: knee | fastest-within:D | most-accurate-under:S")

@@ -26,7 +26,7 @@ in a counted kind (set-up, warm-up, data shuffling between epochs, Python work i
 and any change of a kind's price along a run (caches warming, thermal throttling) -- docs/study.md.
 
 The arithmetic (:func:`run_seconds`, :func:`relative_time`) and the measurement
-(:func:`measure_interleaved`, with an injectable clock) are plain Python; the trainer builds the probes.
+(:func:`measure_interleaved`, with an injectable clock) are plain Python; the trainer builds the workloads.
 """
 
 from __future__ import annotations
@@ -41,25 +41,17 @@ __all__ = [
     "BASELINE_EVAL",
     "BASELINE_STEP",
     "EVAL",
-    "FULL_STEP",
     "Measurement",
-    "Probe",
     "TimingOptions",
+    "Workload",
     "measure_interleaved",
     "relative_time",
     "run_seconds",
-    "skip_kind",
 ]
 
-FULL_STEP = "step:full"
 EVAL = "eval"  # unit: one evaluated sample
 BASELINE_STEP = "baseline:step"
 BASELINE_EVAL = "baseline:eval"
-
-
-def skip_kind(bias_scope: str) -> str:
-    """The kind of a WUS skip step that keeps the biases of ``bias_scope`` training."""
-    return f"step:skip:{bias_scope}"
 
 
 @dataclass(frozen=True)
@@ -76,7 +68,7 @@ class TimingOptions:
 
 
 @dataclass
-class Probe:
+class Workload:
     """One kind of work to price: ``run()`` does one unit of it and returns how many units it did (1 for a
     step, the batch's samples for an evaluation batch); ``prepare()`` (untimed) runs before each burst."""
 
@@ -122,39 +114,39 @@ def relative_time(
 
 
 def measure_interleaved(
-    probes: Mapping[str, Probe],
+    workloads: Mapping[str, Workload],
     options: TimingOptions = TimingOptions(),
     *,
     paired_with: str | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Measurement]:
-    """Price every probe: one untimed warm-up unit, a timed unit to size the bursts, then ``rounds``
+    """Price every workload: one untimed warm-up unit, a timed unit to size the bursts, then ``rounds``
     rounds of one burst per kind (order rotated each round). Returns kind -> :class:`Measurement`.
 
     ``paired_with`` (a kind): every other kind's price is that kind's median price times the median over
     rounds of the two kinds' price ratio *within* a round, so a load that drifts across rounds cancels
     in the ratio a relative time uses."""
-    kinds = list(probes)
+    kinds = list(workloads)
     if not kinds:
         return {}
 
-    def burst(probe: Probe, n: int) -> tuple[float, float]:
-        if probe.prepare is not None:
-            probe.prepare()
-        if probe.sync is not None:
-            probe.sync()
+    def burst(work: Workload, n: int) -> tuple[float, float]:
+        if work.prepare is not None:
+            work.prepare()
+        if work.sync is not None:
+            work.sync()
         start = clock()
         units = 0.0
         for _ in range(n):
-            units += probe.run()
-        if probe.sync is not None:
-            probe.sync()
+            units += work.run()
+        if work.sync is not None:
+            work.sync()
         return clock() - start, units
 
     sizes: dict[str, int] = {}
     for kind in kinds:
-        burst(probes[kind], 1)  # warm-up: allocator, autotuning, first-call caches
-        seconds, _ = burst(probes[kind], 1)
+        burst(workloads[kind], 1)  # warm-up: allocator, autotuning, first-call caches
+        seconds, _ = burst(workloads[kind], 1)
         if seconds <= 0:
             sizes[kind] = options.max_burst
         else:
@@ -164,9 +156,9 @@ def measure_interleaved(
     for r in range(options.rounds):
         shift = r % len(kinds)
         for kind in kinds[shift:] + kinds[:shift]:
-            seconds, units = burst(probes[kind], sizes[kind])
+            seconds, units = burst(workloads[kind], sizes[kind])
             if units <= 0:
-                raise ValueError(f"probe {kind!r} did no work (returned {units!r} units)")
+                raise ValueError(f"workload {kind!r} did no work (returned {units!r} units)")
             samples[kind].append(seconds / units)
             units_seen[kind] = units
     out = {k: Measurement(statistics.median(v), min(v), max(v), tuple(v), units_seen[k]) for k, v in samples.items()}

@@ -1,9 +1,10 @@
 """Production training: ``python -m wus_tune.train --config best.yaml`` (or options), weights + config saved.
 
-Every config field is an option with its dotted name (``--wus.threshold 0.02``, ``--optim.momentum 0.95``,
+Every config field is an option with its dotted name (``--optim.momentum 0.95``,
 ``--methods.approx_ops.sample_ratio 0.5``), also written ``--set KEY=VALUE`` as in ``python -m
-wus_tune.study``; the common ones have short forms (``--model``, ``--epochs``). Options override the
-``--config`` file. Values are read as YAML (``true``, ``0.5``, ``[0.5, 0.75]``).
+wus_tune.study``; the common ones have short forms (``--model``, ``--epochs``), and ``--method NAME``
+switches a method on at its defaults. Options override the ``--config`` file. Values are read as YAML
+(``true``, ``0.5``, ``[0.5, 0.75]``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from wus_tune._cli import ArgumentParser, add_set_option, config_overrides, override_value, run_main
 from wus_tune.config import TrainConfig
 from wus_tune.errors import UsageError
+from wus_tune.migration import add_old_train_options
 
 SHORT_OPTIONS = {
     "model": "model.name",
@@ -39,8 +41,9 @@ def add_config_options(parser: ArgumentParser) -> None:
     """Short options plus one ``--section.field`` option per config field."""
     for name, dotted in SHORT_OPTIONS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=dotted, metavar=name.upper(), help=f"= --{dotted}")
-    parser.add_argument("--wus", dest="wus.enabled", action="store_const", const="true",
-                        help="enable weight update skipping (= --wus.enabled true)")
+    parser.add_argument("--method", dest="switched_on", action="append", default=[], metavar="NAME",
+                        help="switch a method on at its defaults (repeatable); its knobs: --methods.NAME.KNOB V")
+    add_old_train_options(parser)
     defaults = TrainConfig()
     for section in dataclasses.fields(TrainConfig):
         value = getattr(defaults, section.name)
@@ -56,7 +59,8 @@ def add_config_options(parser: ArgumentParser) -> None:
 def config_from_args(args: object, unknown: Sequence[str]) -> TrainConfig:
     """The config file (if any) with every option given on the command line applied over it."""
     base = TrainConfig.load(args.config) if getattr(args, "config", None) else TrainConfig()
-    overrides = {
+    overrides: dict[str, object] = {f"methods.{name}": base.methods.get(name, {}) for name in getattr(args, "switched_on", [])}
+    overrides |= {
         key: override_value(key, value)
         for key, value in vars(args).items()
         if value is not None and ("." in key or key in _TOP_LEVEL_FIELDS)
@@ -98,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result.save_json(out / "result.json")
     test = f", test {result.test_acc:.2%}" if result.test_acc is not None else ""
     print(f"done: val {result.val_acc:.2%}{test} in {result.time_s:.1f}s "
-          f"(train {result.train_time_s:.1f}s, skipped {result.skip_fraction:.0%} of steps, "
+          f"(train {result.train_time_s:.1f}s, {result.changed_step_fraction:.0%} of the steps changed by a method, "
           f"{result.flops_fraction:.0%} of the FLOPs) -> {out}/")
     return 0
 

@@ -42,14 +42,16 @@ from wus_tune.compile_step import ModeCompiled
 from wus_tune.config import TrainConfig
 from wus_tune.errors import ConfigError, TrainingDiverged
 from wus_tune.layers import param_groups
-from wus_tune.methods import Method, RunInfo, StepContext, build_methods
-from wus_tune.run_state import ProbeRecord, Probes, RunState, origin_of, snapshot_path
+from wus_tune.methods import Method, RunInfo, StepContext, build_methods, registry
+from wus_tune.run_state import ProbeRecord, RecordingPlan, RunState, origin_of, snapshot_path
 from wus_tune.schedules import lr_multiplier
 from wus_tune.timing import (
-    BASELINE_EVAL, BASELINE_STEP, EVAL, Probe, TimingOptions, costs_of, measure_interleaved, relative_time, run_seconds,
+    BASELINE_EVAL, BASELINE_STEP, EVAL, TimingOptions, Workload, costs_of, measure_interleaved, relative_time, run_seconds,
 )  # fmt: skip
 
-__all__ = ["fit", "TrainResult", "EpochRecord", "resolve_device"]
+__all__ = ["fit", "TrainResult", "EpochRecord", "resolve_device", "FULL_KIND"]
+
+FULL_KIND = "full"  # the kind of an ordinary step: no method named it (each names its own kinds, step_kind())
 
 
 @dataclass
@@ -60,9 +62,8 @@ class EpochRecord:
     val_loss: float | None  # None when the epoch was not evaluated
     val_acc: float | None
     lr: float  # peak-group learning rate at the epoch's last step
-    skipping: bool  # weight updates skipped for most of the epoch's steps
-    skipped_steps: int
     steps: int
+    steps_by_kind: dict[str, int]  # the epoch's steps per step kind ({"full": 9, "skip:all": 3})
     train_time_s: float
     eval_time_s: float
     flops: float  # training FLOPs executed in the epoch (forward + backward)
@@ -84,12 +85,11 @@ class TrainResult:
     uncharged_time_s: float  # measurement overhead left out of time_s (FLOP counting on a kind's first step)
     compile_time_s: float  # the untimed warm-up with compile on (every step mode's graphs); 0 eagerly; not in time_s
     total_steps: int
-    skipped_steps: int
-    skip_fraction: float
+    changed_steps: int  # steps of a kind a method named (not the ordinary full step): skipped, approximated, ...
+    changed_step_fraction: float  # changed_steps / total_steps
     flops_per_step: float  # one step of the first step's kind (the ordinary step) at the configured batch size
-    flops_per_skip_step: float  # FLOPs of the most frequent skip kind's step; flops_per_step when no step skipped
     train_flops: float
-    baseline_train_flops: float  # the same steps, none skipped
+    baseline_train_flops: float  # the same number of steps, each of the first step's kind
     flops_fraction: float  # train_flops / baseline_train_flops
     cost_flops: float  # the cost objective: train_flops + FLOPs of the required evaluations
     step_kinds: dict[str, dict[str, float]]  # per step kind ("full", "skip:last:1"): steps and flops_per_step
@@ -105,7 +105,7 @@ class TrainResult:
     reference_time_s: float | None = None  # one full-length baseline run at the measured prices
     modelled_time_s: float | None = None  # this run's counted work at the measured prices (compare time_s)
     timing_overhead_s: float = 0.0  # the pricing itself (not charged)
-    probes: list[ProbeRecord] = field(default_factory=list)  # the signals at each probe point (fit's ``probes``)
+    probes: list[ProbeRecord] = field(default_factory=list)  # the signals at each probe point (fit's ``recording``)
     resumed_from: dict[str, Any] | None = None  # point, step, epoch of the RunState the run went on from
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
@@ -160,7 +160,7 @@ def fit(
     on_step: Callable[[int], None] | None = None,
     model: nn.Module | Callable[..., nn.Module] | None = None,
     data: Any = None,
-    probes: Probes | None = None,
+    recording: RecordingPlan | None = None,
     resume_from: RunState | str | Path | None = None,
 ) -> TrainResult:
     """Train one model as ``config`` says and return its measurements.
@@ -170,7 +170,7 @@ def fit(
     where they came from. ``on_epoch(record)`` after each epoch (a study may stop the run by raising).
     ``relative_to``: the baseline config to price the run's work in (``relative_time``, :mod:`wus_tune.timing`,
     measured as ``timing`` says); ``on_step(step)`` after every step, inside the timed part (tests inject
-    slowdowns there). ``probes``: record the signals at these points and snapshot some of them;
+    slowdowns there). ``recording``: where to record the signals (the probe points) and which points to snapshot;
     ``resume_from``: go on from such a snapshot (:mod:`wus_tune.run_state`), its records passed to
     ``on_epoch`` first. Raises :class:`~wus_tune.errors.TrainingDiverged` when the loss stops being finite,
     and :class:`~wus_tune.errors.UsageError` subclasses for bad input.
@@ -200,15 +200,15 @@ def fit(
     records: list[EpochRecord] = []
     specimens: dict[str, Any] = {}  # step kind -> copy of the training state before its first step, to price it
     step = 0
-    probes = probes.resolved(run.steps_per_epoch, config.epochs) if probes is not None else None
-    tracer = _Probes(probes, run, ledger)
+    recording = recording.resolved(run.steps_per_epoch, config.epochs) if recording is not None else None
+    recorder = _Recorder(recording, run, ledger)
     start_epoch, start_batch, resumed_from, partial = 0, 0, None, None
     if resume_from is not None:
         records, step, start_epoch, start_batch, partial, resumed_from = _resume_from(
-            resume_from, model, optimizer, methods, loaders, ledger, tracer, device, on_epoch)
+            resume_from, model, optimizer, methods, loaders, ledger, recorder, device, on_epoch)
 
     def snapshot(epoch: int, batch: int, sums: _EpochSums | None, loader_rng: torch.Tensor) -> None:
-        _snapshot(tracer, probes, config, model, optimizer, methods, ledger, records, device,
+        _snapshot(recorder, recording, config, model, optimizer, methods, ledger, records, device,
                   step=step, epoch=epoch, batch=batch, sums=sums, loader_rng=loader_rng)  # fmt: skip
 
     # ---- epochs ----
@@ -227,7 +227,7 @@ def fit(
                 continue
             _set_learning_rates(optimizer, peak_lrs, lr_multiplier(config.schedule, step, run.total_steps),
                                 methods, run)
-            kind = "+".join(k for k in (m.step_kind() for m in methods) if k) or "full"
+            kind = "+".join(k for k in (m.step_kind() for m in methods) if k) or FULL_KIND
             ctx = StepContext(run=run, model=model, optimizer=optimizer, inputs=x, targets=y, step=step, epoch=epoch,
                               forward=_autocast_forward(train_model, autocast), loss_fn=loss_fn)
             if relative_to is not None and kind not in ledger.kinds:
@@ -243,15 +243,15 @@ def fit(
             correct = (logits.detach().argmax(1) == y).sum()
             sums.add(loss, correct, len(y), kind)
             checks.add(correct, len(y))
-            tracer.add(correct, len(y))
+            recorder.add(correct, len(y))
             step += 1
             if device.type != "cuda" and not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {batch_index + 1}")
             with ledger.check_time():
                 checks.after_step(step, validate)
-                if tracer.due(step):
-                    val = validate(False) if tracer.plan.val and loaders.val is not None else None
-                    tracer.record(step, step / run.total_steps, val, sum(r.flops for r in records))
+                if recorder.due(step):
+                    val = validate(False) if recorder.plan.val and loaders.val is not None else None
+                    recorder.record(step, step / run.total_steps, val, sum(r.flops for r in records))
                     snapshot(epoch, batch_index + 1, sums, loader_rng)
             if progress and sys.stderr.isatty():
                 _print_bar(epoch, config.epochs, batch_index + 1, run.steps_per_epoch)
@@ -260,13 +260,13 @@ def fit(
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"training loss is {mean_loss} in epoch {epoch + 1}")
 
-        epoch_val = _end_of_epoch_evaluation(epoch, step, config, checks, tracer, loaders, validate, records)
+        epoch_val = _end_of_epoch_evaluation(epoch, step, config, checks, recorder, loaders, validate, records)
         extra: dict[str, float] = {}
         for method in methods:
             extra.update(method.end_epoch(model, run))
         record = sums.record(epoch, epoch_val, optimizer, run.steps_per_epoch, train_seconds, ledger, extra)
         records.append(record)
-        if tracer.at_epoch_end():
+        if recorder.at_epoch_end():
             snapshot(epoch + 1, 0, None, _data_order(loaders.train))
         if progress:
             _print_epoch(record, config.epochs)
@@ -282,7 +282,7 @@ def fit(
     if relative_to is not None:
         _attach_prices(result, relative_to, specimens, data=data, loaders=loaders, device=device, autocast=autocast,
                        loss_fn=loss_fn, model=model, given_model=given_model, options=timing or TimingOptions())  # fmt: skip
-    result.probes, result.resumed_from = tracer.records, resumed_from
+    result.probes, result.resumed_from = recorder.records, resumed_from
     return result
 
 
@@ -298,19 +298,19 @@ def _with_methods(model: nn.Module, config: TrainConfig, run: RunInfo) -> tuple[
     return model, methods, optimizer, _step_owner(methods)
 
 
-def _end_of_epoch_evaluation(epoch: int, step: int, config: TrainConfig, checks: _Checks, tracer: _Probes,
+def _end_of_epoch_evaluation(epoch: int, step: int, config: TrainConfig, checks: _Checks, recorder: _Recorder,
                              loaders: _Loaders, validate: Callable[[bool], tuple[float, float]],
                              records: list[EpochRecord]) -> tuple[float, float] | None:  # fmt: skip
     """The epoch's validation (loss, acc): a method's check, or the curve's pass, or the final one (the
     only one every run is charged for); None when the epoch is not evaluated."""
-    tracer.mark()
+    recorder.mark()
     epoch_val = checks.end_epoch((epoch + 1) / config.epochs, validate)
     last_epoch = epoch == config.epochs - 1
-    wants_val = config.eval_every_epoch or last_epoch or tracer.wants_epoch_val()
+    wants_val = config.eval_every_epoch or last_epoch or recorder.wants_epoch_val()
     if epoch_val is None and loaders.val is not None and wants_val:
         epoch_val = validate(charged=last_epoch)  # every run needs its final evaluation
-    if tracer.at_epoch_end():
-        tracer.record(step, (epoch + 1) / config.epochs, epoch_val, sum(r.flops for r in records))
+    if recorder.at_epoch_end():
+        recorder.record(step, (epoch + 1) / config.epochs, epoch_val, sum(r.flops for r in records))
     return epoch_val
 
 
@@ -331,13 +331,13 @@ def _compile_and_warm_up(model: nn.Module, optimizer: torch.optim.Optimizer, loa
 
 
 def _resume_from(resume_from: RunState | str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 methods: list[Method], loaders: _Loaders, ledger: _Ledger, tracer: _Probes, device: torch.device,
+                 methods: list[Method], loaders: _Loaders, ledger: _Ledger, recorder: _Recorder, device: torch.device,
                  on_epoch: Callable[[EpochRecord], None] | None) -> tuple[Any, ...]:  # fmt: skip
     """Take up a snapshot: (records, step, epoch, batch, partial epoch, what was resumed); the snapshot's
     epoch records go to ``on_epoch`` first."""
     state = resume_from if isinstance(resume_from, RunState) else RunState.load(resume_from)
     records, step, start_epoch, start_batch, partial = _resume(state, model, optimizer, methods, loaders, ledger,
-                                                               tracer, device)  # fmt: skip
+                                                               recorder, device)  # fmt: skip
     resumed_from = {"point": state.point, "step": state.step, "epoch": state.epoch, "batch": state.batch,
                     "train_time_s": ledger.train_time, "required_eval_time_s": ledger.required_eval_time}  # fmt: skip
     for record in records if on_epoch is not None else ():
@@ -345,25 +345,25 @@ def _resume_from(resume_from: RunState | str | Path, model: nn.Module, optimizer
     return records, step, start_epoch, start_batch, partial, resumed_from
 
 
-def _snapshot(tracer: _Probes, probes: Probes | None, config: TrainConfig, model: nn.Module,
+def _snapshot(recorder: _Recorder, recording: RecordingPlan | None, config: TrainConfig, model: nn.Module,
               optimizer: torch.optim.Optimizer, methods: list[Method], ledger: _Ledger, records: list[EpochRecord],
               device: torch.device, *, step: int, epoch: int, batch: int, sums: _EpochSums | None,
               loader_rng: torch.Tensor) -> None:  # fmt: skip
     """Save the run's state at this probe point when the plan keeps it (:mod:`wus_tune.run_state`).
     A streamed dataset has no data order to restore (``loader_rng`` None): nothing is saved, so trials
     that would fork from this run train from scratch."""
-    if not tracer.saves_now() or loader_rng is None:
+    if not recorder.saves_now() or loader_rng is None:
         return
     RunState(
-        point=len(tracer.records), step=step, epoch=epoch, batch=batch,
+        point=len(recorder.records), step=step, epoch=epoch, batch=batch,
         model={k: v.detach().clone() for k, v in model.state_dict().items()},
         optimizer=copy.deepcopy(optimizer.state_dict()), torch_rng=torch.get_rng_state(),
         cuda_rng=torch.cuda.get_rng_state_all() if device.type == "cuda" else None, loader_rng=loader_rng.clone(),
         counters=ledger.snapshot(mid_epoch=sums is not None), epoch_partial=sums.state() if sums else {},
-        records=[asdict(r) for r in records], probes=[asdict(p) for p in tracer.records], config=config.to_dict(),
+        records=[asdict(r) for r in records], probes=[asdict(p) for p in recorder.records], config=config.to_dict(),
         method_states={m.name: st for m in methods if (st := m.state_dict()) is not None},
         origin=origin_of(config.to_dict()),
-    ).save(snapshot_path(probes.save_dir, len(tracer.records)))  # fmt: skip
+    ).save(snapshot_path(recording.save_dir, len(recorder.records)))  # fmt: skip
 
 
 def _data_order(loader: Any) -> torch.Tensor | None:
@@ -534,11 +534,6 @@ def _train_step(ctx: StepContext, methods: list[Method], owner: Method | None) -
     return ctx.loss, ctx.logits
 
 
-def _is_skip(kind: str) -> bool:
-    """Step kinds with a part starting ``skip`` skip weight updates (the contract's naming)."""
-    return any(part.startswith("skip") for part in kind.split("+"))
-
-
 class _Checks:
     """The methods' checks (:class:`~wus_tune.methods.CheckPlan`): when they fall due, on what signal."""
 
@@ -574,10 +569,10 @@ class _Checks:
         return val
 
 
-class _Probes:
-    """The probe points of :class:`~wus_tune.run_state.Probes`: the signals there, with their cost."""
+class _Recorder:
+    """Records the probe points of a :class:`~wus_tune.run_state.RecordingPlan`: the signals there, with their cost."""
 
-    def __init__(self, plan: Probes | None, run: RunInfo, ledger: _Ledger) -> None:
+    def __init__(self, plan: RecordingPlan | None, run: RunInfo, ledger: _Ledger) -> None:
         self.plan, self.run, self.ledger = plan, run, ledger
         self.records: list[ProbeRecord] = []
         self.window = [torch.zeros((), device=run.device), 0]  # running training accuracy since the last point
@@ -622,7 +617,7 @@ class _Probes:
 
 
 def _resume(state: RunState, model: nn.Module, optimizer: torch.optim.Optimizer, methods: list[Method],
-            loaders: _Loaders, ledger: _Ledger, tracer: _Probes, device: torch.device) -> tuple:
+            loaders: _Loaders, ledger: _Ledger, recorder: _Recorder, device: torch.device) -> tuple:
     """Put the run where ``state`` was taken. Returns (records, step, epoch, batch, partial epoch or None)."""
     model.load_state_dict(state.model)
     optimizer.load_state_dict(state.optimizer)
@@ -631,7 +626,7 @@ def _resume(state: RunState, model: nn.Module, optimizer: torch.optim.Optimizer,
         torch.cuda.set_rng_state_all(state.cuda_rng)
     loaders.train.generator.set_state(state.loader_rng.to(loaders.train.generator.device))
     ledger.restore(state.counters)
-    tracer.records = [ProbeRecord.from_dict(p) for p in state.probes]
+    recorder.records = [ProbeRecord.from_dict(p) for p in state.probes]
     for method in methods:
         if method.name in state.method_states:
             method.load_state_dict(state.method_states[method.name])
@@ -766,31 +761,31 @@ class _EpochSums:
         self.loss = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device)
         self.seen = 0
-        self.skipped = 0
+        self.kinds: dict[str, int] = {}
 
     def add(self, loss: torch.Tensor, correct: torch.Tensor, seen: int, kind: str) -> None:
         self.loss += loss.detach() * seen
         self.correct += correct
         self.seen += seen
-        self.skipped += _is_skip(kind)
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
 
     def mean_loss(self) -> float:
         return float(self.loss) / max(1, self.seen)
 
     def state(self) -> dict[str, float]:
-        return {"loss": float(self.loss), "correct": float(self.correct), "seen": self.seen, "skipped": self.skipped}
+        return {"loss": float(self.loss), "correct": float(self.correct), "seen": self.seen, "kinds": dict(self.kinds)}
 
     def restore(self, state: dict[str, float]) -> None:
         self.loss += state["loss"]  # float32 -> float -> float32 is exact
         self.correct += state["correct"]
-        self.seen, self.skipped = int(state["seen"]), int(state["skipped"])
+        self.seen, self.kinds = int(state["seen"]), {str(k): int(n) for k, n in state["kinds"].items()}
 
     def record(self, epoch: int, val: tuple[float, float] | None, optimizer: torch.optim.Optimizer, steps: int,
                train_seconds: float, ledger: _Ledger, extra: dict[str, float]) -> EpochRecord:
         return EpochRecord(
             epoch=epoch + 1, train_loss=self.mean_loss(), train_acc=float(self.correct) / max(1, self.seen),
             val_loss=val[0] if val else None, val_acc=val[1] if val else None, lr=optimizer.param_groups[0]["lr"],
-            skipping=self.skipped * 2 > steps, skipped_steps=self.skipped, steps=steps, train_time_s=train_seconds,
+            steps=steps, steps_by_kind=dict(self.kinds), train_time_s=train_seconds,
             eval_time_s=ledger.epoch_eval_time, flops=ledger.epoch_flops, extra=extra,
         )
 
@@ -804,19 +799,16 @@ def _result(config: TrainConfig, records: list[EpochRecord], ledger: _Ledger, ru
         val_loss, val_acc = final.val_loss, final.val_acc
     kinds = list(ledger.kinds.items())
     flops_full = kinds[0][1].flops_per_step  # the first step's kind: the run's ordinary step
-    # the skip kind with most steps: a window's one-off first step (e.g. building a cache) is not typical
-    skip_kinds = [k for name, k in kinds if _is_skip(name)]
-    flops_skip = max(skip_kinds, key=lambda k: k.steps).flops_per_step if skip_kinds else flops_full
     train_flops = sum(r.flops for r in records)
     baseline_flops = run.total_steps * flops_full
-    skipped = sum(r.skipped_steps for r in records)
+    changed = sum(k.steps for name, k in kinds if name != FULL_KIND)
     val_accs = [r.val_acc for r in records if r.val_acc is not None]
     return TrainResult(
         config=config.to_dict(), epochs=records, val_acc=val_acc, val_loss=val_loss, test_acc=test_acc,
         best_val_acc=max(val_accs, default=val_acc), train_time_s=ledger.train_time, eval_time_s=ledger.eval_time,
         required_eval_time_s=ledger.required_eval_time, time_s=ledger.train_time + ledger.required_eval_time,
-        uncharged_time_s=ledger.uncharged_time, compile_time_s=compile_time, total_steps=run.total_steps, skipped_steps=skipped,
-        skip_fraction=skipped / max(1, run.total_steps), flops_per_step=flops_full, flops_per_skip_step=flops_skip,
+        uncharged_time_s=ledger.uncharged_time, compile_time_s=compile_time, total_steps=run.total_steps, changed_steps=changed,
+        changed_step_fraction=changed / max(1, run.total_steps), flops_per_step=flops_full,
         train_flops=train_flops, baseline_train_flops=baseline_flops,
         flops_fraction=train_flops / baseline_flops if baseline_flops else 1.0,
         cost_flops=train_flops + ledger.required_eval_flops,
@@ -838,6 +830,12 @@ def _same_optimizer_work(config: TrainConfig, reference: TrainConfig, n_train: i
     )  # fmt: skip
 
 
+def _changing(methods: dict[str, Any]) -> dict[str, Any]:
+    """The entries of methods that change the network or its ordinary step (not ``plain_full_steps``)."""
+    known = registry()
+    return {name: params for name, params in methods.items() if not getattr(known.get(name), "plain_full_steps", False)}
+
+
 def _price_work(reference: TrainConfig, specimens: dict[str, Any], *, data: Any, loaders: _Loaders,
                 device: torch.device, autocast: Any, loss_fn: Any, model: nn.Module, given_model: Any,
                 options: TimingOptions) -> dict[str, Any]:
@@ -845,18 +843,18 @@ def _price_work(reference: TrainConfig, specimens: dict[str, Any], *, data: Any,
     the copies of the training state taken before each kind's first step (wus_tune.timing)."""
     sync = _Timer(device).sync
     x, y = next(iter(loaders.train))
-    probes: dict[str, Probe] = {}
-    # Work identical to the baseline's (same network, batch size and optimizer, no method but WUS, whose
-    # full step is a plain one) is priced by the baseline's own probe: a plain run's relative time is then
-    # exactly its share of the baseline's steps and evaluation.
+    workloads: dict[str, Workload] = {}
+    # Work identical to the baseline's (same network, batch size and optimizer, no method but those whose full
+    # step is a plain one: Method.plain_full_steps) is priced by the baseline's own workload: a plain run's
+    # relative time is then exactly its share of the baseline's steps and evaluation.
     config = next(iter(specimens.values()))[3].config if specimens else reference
-    same_net = config.model == reference.model and config.methods == reference.methods
+    same_net = config.model == reference.model and _changing(config.methods) == _changing(reference.methods)
     aliases = {"step:full": BASELINE_STEP} if same_net and _same_optimizer_work(config, reference, data.size("train")) else {}
     if same_net:
         aliases[EVAL] = BASELINE_EVAL
 
-    def step_probe(net: nn.Module, opt: torch.optim.Optimizer, meths: list[Method], run: RunInfo, inputs: torch.Tensor,
-                   targets: torch.Tensor, loss: Any) -> Probe:
+    def step_work(net: nn.Module, opt: torch.optim.Optimizer, meths: list[Method], run: RunInfo, inputs: torch.Tensor,
+                   targets: torch.Tensor, loss: Any) -> Workload:
         owner = _step_owner(meths)
         net.train()
 
@@ -866,11 +864,11 @@ def _price_work(reference: TrainConfig, specimens: dict[str, Any], *, data: Any,
             _train_step(ctx, meths, owner)
             return 1.0
 
-        return Probe(run=one, sync=sync)
+        return Workload(run=one, sync=sync)
 
     for kind, (net, opt, meths, run) in specimens.items():
         if f"step:{kind}" not in aliases:
-            probes[f"step:{kind}"] = step_probe(net, opt, meths, run, x, y, loss_fn)
+            workloads[f"step:{kind}"] = step_work(net, opt, meths, run, x, y, loss_fn)
     # The baseline's step: its own model, methods, optimizer and batch size, on the same data.
     ref_batch = min(reference.optim.batch_size, data.size("train"))
     ref_loader = data.loader("train", batch_size=ref_batch, device=device, augment=reference.data.augment,
@@ -885,26 +883,26 @@ def _price_work(reference: TrainConfig, specimens: dict[str, Any], *, data: Any,
     ref_model, ref_methods, ref_opt, _ = _with_methods(ref_model, reference, ref_run)
     rx, ry = next(iter(ref_loader))
     ref_loss = nn.CrossEntropyLoss(label_smoothing=reference.optim.label_smoothing)
-    probes[BASELINE_STEP] = step_probe(ref_model, ref_opt, ref_methods, ref_run, rx, ry, ref_loss)
+    workloads[BASELINE_STEP] = step_work(ref_model, ref_opt, ref_methods, ref_run, rx, ry, ref_loss)
     baseline_counts: dict[str, float] = {BASELINE_STEP: float(ref_run.total_steps)}
     if loaders.val is not None:
         vx, _ = next(iter(loaders.val))
 
-        def eval_probe(net: nn.Module) -> Probe:
+        def eval_work(net: nn.Module) -> Workload:
             def one() -> float:
                 _forward_eval(net, vx, autocast)
                 return float(len(vx))
 
-            return Probe(run=one, sync=sync)
+            return Workload(run=one, sync=sync)
 
         if EVAL not in aliases:
-            probes[EVAL] = eval_probe(model)
-        probes[BASELINE_EVAL] = eval_probe(ref_model)
+            workloads[EVAL] = eval_work(model)
+        workloads[BASELINE_EVAL] = eval_work(ref_model)
         baseline_counts[BASELINE_EVAL] = float(loaders.val_size)  # its final evaluation
     # On a CPU the bursts are timed in process CPU time: a process descheduled by other work on the machine
     # is not charged for the wait (on CUDA, wall time with synchronisation: the work is the device's).
     clock = time.perf_counter if device.type == "cuda" else time.process_time
-    measurements = measure_interleaved(probes, options, paired_with=BASELINE_STEP, clock=clock)
+    measurements = measure_interleaved(workloads, options, paired_with=BASELINE_STEP, clock=clock)
     costs = costs_of(measurements)
     costs.update({kind: costs[same] for kind, same in aliases.items() if same in costs})
     return {"measurements": measurements, "costs": costs, "baseline_counts": baseline_counts}
@@ -936,7 +934,7 @@ def _print_bar(epoch: int, epochs: int, done: int, total: int) -> None:
 
 def _print_epoch(r: EpochRecord, epochs: int) -> None:
     val = f"val {r.val_acc:6.2%} " if r.val_acc is not None else ""
-    mode = f"skip {r.skipped_steps}/{r.steps} " if r.skipped_steps else ""
+    mode = "".join(f"{kind} {n}/{r.steps} " for kind, n in r.steps_by_kind.items() if kind != FULL_KIND)
     line = (f"epoch {r.epoch:>3}/{epochs}  loss {r.train_loss:.4f}  train {r.train_acc:6.2%}  {val}"
             f"lr {r.lr:.4g}  {mode}{r.train_time_s:.1f}s")
     if sys.stderr.isatty():

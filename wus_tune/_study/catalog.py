@@ -1,121 +1,112 @@
-"""The compared methods' study data, read from the method registry (:func:`wus_tune.methods.registry`).
+"""The compared methods, read from their study declarations (:class:`wus_tune.methods.study.MethodStudy`).
 
-A spec's ``methods:`` list names what one study compares (``[wus, approx_ops, lp_sphere+wus]``); the
-study then samples the virtual key ``method`` among them (:mod:`wus_tune._study.space`) and each
-method's knobs only when the chosen ``method`` contains it. Everything about a method comes from its
-class (``wus_tune/methods/<name>.py``, or an installed package's ``wus_tune.methods`` entry point):
+A spec's ``methods:`` list names what one study compares (``[wus, approx_ops, approx_ops+wus]``; default:
+the methods whose declaration says ``compared_by_default``). With more than one, the study samples the
+virtual key ``method`` among them (:mod:`wus_tune._study.space`) and each method's knobs only when the
+chosen ``method`` runs it; with one, every trial but the baselines runs it. Everything about a method
+comes from its declaration, which its :class:`~wus_tune.methods.Method` names (``Method.study``), be it
+built in (``wus_tune/methods/``) or an installed package's ``wus_tune.methods`` entry point:
 
-* its knobs: ``search_space()`` (a spec's ``search_space`` entry of the same key merges into them; a method
-  with ``tunes_optimizer`` searches ``optim.*`` keys, ``optim.lr`` or the virtual ``optim.ratio``);
-* its default trial (role ``method-default``): ``default_trials()``, with the base config's
-  ``train.methods.<name>`` entry taking precedence for the knobs it sets (the user's own choice);
-* whether a model suits it: ``check_model(model, config)``;
-* whether it may run beside WUS in one trial (``<name>+wus``): ``combines_with_wus``;
-* whether it only measures (a base config's entry then stays in every trial): ``measure_only``.
+* its knobs: ``search_space()`` (a spec's ``search_space`` entry of the same key merges into them);
+* its default trial: ``default_trials()``, with the base config's ``train.methods.<name>`` entry taking
+  precedence for the knobs it sets (the user's own choice);
+* whether a model suits it: ``check_model`` / ``check_module``;
+* which methods it may share a trial with (``approx_ops+wus``): ``combines_with``, declared by either side;
+* whether it only measures (a base config's entry then stays in every trial): ``measure_only``;
+* what a trial running it is called: ``label(params)``; objectives from its metrics: ``OBJECTIVES``.
 
-The fixed knobs of a method (``prune_every``, ``exact``, ...) come from the base config's
-``train.methods.<name>`` entry when it has one, else from the method's defaults; that entry takes effect
-only in trials whose ``method`` names it (baselines run none).
+The fixed knobs of a method come from the base config's ``train.methods.<name>`` entry when it has one,
+else from the method's defaults; that entry takes effect only in trials whose ``method`` runs it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from wus_tune._study.space import METHOD_KEY, RATIO_KEY, Param, method_parts
 from wus_tune.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
     from wus_tune.config import TrainConfig
+    from wus_tune.methods import Method
+    from wus_tune.methods.study import MethodStudy, MetricObjective
+
+METHOD_KEY = "method"  # virtual: the speed-up method of a trial, e.g. "approx_ops+wus"; "none" for plain training
+
+_DECLARATIONS: dict[type, type] = {}
 
 
-def methods_registry() -> dict[str, Any]:
-    """Every registered method class by name (built-ins and entry points)."""
+def declarations() -> dict[str, type[MethodStudy]]:
+    """Every registered method's study declaration, by method name (built-ins and entry points)."""
     from wus_tune.methods import registry
 
-    return registry()
+    return {name: declaration_of(cls) for name, cls in registry().items()}
 
 
-def partner() -> Any | None:
-    """The method class declaring ``partner``: the one the others combine with (``<name>+<partner>``, for
-    the methods declaring ``combines_with_wus``) and the one a study without a ``methods:`` list tunes."""
-    return next((cls for cls in methods_registry().values() if getattr(cls, "partner", False)), None)
+def declaration_of(cls: type[Method]) -> type[MethodStudy]:
+    """The study declaration ``cls.study`` names (imported here, once), or the defaults when it names none."""
+    if cls not in _DECLARATIONS:
+        from wus_tune.methods.study import MethodStudy
+
+        if cls.study is None:
+            found: Any = type(f"{cls.__name__}Study", (MethodStudy,), {"method": cls})
+        else:
+            from wus_tune.plugins import load_object
+
+            found = load_object(cls.study, f"methods.{cls.name} (study)")
+            if not (isinstance(found, type) and issubclass(found, MethodStudy)) or found.method is not cls:
+                raise UsageError(f"methods.{cls.name}: {cls.study} is not a MethodStudy subclass whose `method` is "
+                                 f"{cls.__name__}")  # fmt: skip
+        _DECLARATIONS[cls] = found
+    return _DECLARATIONS[cls]
 
 
-def partner_name() -> str:
-    cls = partner()
-    return cls.name if cls is not None else ""
+def default_methods() -> list[str]:
+    """What a spec without a ``methods:`` list compares: the methods declaring ``compared_by_default``."""
+    return [name for name, d in declarations().items() if d.compared_by_default]
 
 
-def partner_virtual(which: int) -> dict[str, Any]:
-    """The partner's virtual keys at their first value (``which=0``: the partner off) or their last
-    (``which=-1``: on as configured, assumed for a key that is neither searched nor fixed)."""
-    cls = partner()
-    return {key: values[which] for key, values in getattr(cls, "VIRTUAL_KEYS", {}).items() if values}
-
-
-def virtual_keys() -> set[str]:
-    """Every registered method's virtual keys (popped by its ``expand_virtual``, never a config key)."""
-    return {key for cls in methods_registry().values() for key in getattr(cls, "VIRTUAL_KEYS", {})}
-
-
-def partner_label(config: TrainConfig, values: Mapping[str, Any], chosen: Callable[[str], bool]) -> tuple[str, Any]:
-    """(key, value) of the partner's first virtual key that says what a trial ran (``wus.variant``: none,
-    wus, wus+lr): its first value when the partner is off, the trial's value when the trial chose it
-    (``chosen(key)``: searched or fixed), else the first value whose overrides the config already satisfies."""
-    from wus_tune._study.space import get_value
-
-    cls = partner()
-    key, options = next(iter(getattr(cls, "VIRTUAL_KEYS", {}).items()), ("", ("none",)))
-    if cls is None or not key or not cls.enabled(config):
-        return key, options[0]
-    if chosen(key):
-        return key, values[key]
-    data = config.to_dict()
-    for option in options:
-        implied = cls.expand_virtual({key: option})
-        if all(_has_value(data, k, v, get_value) for k, v in implied.items()):
-            return key, option
-    return key, options[-1]
-
-
-def _has_value(data: Mapping[str, Any], key: str, value: Any, get_value: Any) -> bool:
-    try:
-        return get_value(data, key) == value
-    except ConfigError:
-        return False
-
-
-def plugin_names() -> tuple[str, ...]:
-    """The registered methods other than the partner, in registry order."""
-    return tuple(name for name in methods_registry() if name != partner_name())
-
-
-def combinable() -> tuple[str, ...]:
-    """The plug-ins that may run beside the partner (``combines_with_wus``)."""
-    return tuple(name for name in plugin_names() if methods_registry()[name].combines_with_wus)
+def combinable(a: str, b: str) -> bool:
+    """May methods ``a`` and ``b`` share a trial? Either one declares the other in ``combines_with``."""
+    known = declarations()
+    return b in known[a].combines_with or a in known[b].combines_with
 
 
 def measure_only() -> tuple[str, ...]:
-    """The plug-ins that change nothing in training (a base config's entry stays in every trial)."""
-    return tuple(name for name, cls in methods_registry().items() if getattr(cls, "measure_only", False))
+    """The methods that change nothing in training (a base config's entry stays in every trial)."""
+    return tuple(name for name, d in declarations().items() if d.measure_only)
 
 
-def method_knobs(name: str) -> tuple[Param, ...]:
-    """Method ``name``'s searched knobs as :class:`Param` (their ``when`` on ``method`` is set per study)."""
-    from wus_tune._study.space import param_from_dict
+def method_parts(choice: Any) -> tuple[str, ...]:
+    """``"approx_ops+wus"`` -> ``("approx_ops", "wus")``; ``"none"`` -> ``()``. Raises ConfigError for a
+    name that is not a registered method, a name twice, or two methods that do not combine (neither
+    declares the other in ``combines_with``)."""
+    known = declarations()
+    if not isinstance(choice, str) or not choice:
+        raise ConfigError(f"{METHOD_KEY}: expected a method name such as 'approx_ops' or 'none', got {choice!r}")
+    if choice == "none":
+        return ()
+    parts = tuple(choice.split("+"))
+    for part in parts:
+        if part not in known:
+            raise ConfigError(f"{METHOD_KEY}: unknown method {part!r} in {choice!r}; choose from {_forms(known)}")
+    pairs = [(a, b) for i, a in enumerate(parts) for b in parts[i + 1:]]
+    if len(set(parts)) != len(parts) or not all(combinable(a, b) for a, b in pairs):
+        raise ConfigError(f"{METHOD_KEY}: unsupported combination {choice!r}; choose from {_forms(known)}")
+    return parts
 
-    return tuple(param_from_dict(key, raw) for key, raw in methods_registry()[name].search_space().items())
+
+def _forms(known: Mapping[str, type[MethodStudy]]) -> str:
+    pairs = [f"{other}+{name}" for name, d in known.items() for other in d.combines_with if other in known]
+    return ", ".join(("none", *known, *pairs))
 
 
-def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+def check_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
     """Validate a spec's ``methods:`` list (UsageError naming the entry)."""
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",")]
     if not isinstance(methods, (list, tuple)) or not methods:
-        raise UsageError(f"methods: expected a non-empty list such as [wus, approx_ops], got {methods!r}")
+        raise UsageError(f"methods: expected a non-empty list of method names (--list shows them), got {methods!r}")
     for i, m in enumerate(methods):
         try:
             method_parts(m)
@@ -126,18 +117,18 @@ def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
     return tuple(methods)
 
 
-def method_classes(methods: Sequence[str]) -> list[Any]:
-    """The registered classes of the methods that ``methods`` (choices like ``"approx_ops+wus"``) name,
-    each once, in order; names the registry does not know are left out (check_methods refuses them)."""
-    known = methods_registry()
+def compared(methods: Sequence[str]) -> list[type[MethodStudy]]:
+    """The declarations of the methods that ``methods`` (choices like ``"approx_ops+wus"``) name, each
+    once, in the order they first appear."""
+    known = declarations()
     names = dict.fromkeys(part for m in methods for part in method_parts(m))
-    return [known[name] for name in names if name in known]
+    return [known[name] for name in names]
 
 
 def check_method_model(methods: Sequence[str], base: TrainConfig) -> None:
     """Each compared method's own check that the base model suits it (``check_model``)."""
-    for cls in method_classes(methods):
-        reason = cls.check_model(base.model, base)
+    for d in compared(methods):
+        reason = d.check_model(base.model, base)
         if reason:
             raise UsageError(f"methods: {reason}")
 
@@ -145,64 +136,69 @@ def check_method_model(methods: Sequence[str], base: TrainConfig) -> None:
 def check_method_module(methods: Sequence[str], base: TrainConfig, module: Any) -> None:
     """Each compared method's check of the built network (``check_module``): a user's model that a
     method cannot act on is one line before any trial."""
-    for cls in method_classes(methods):
-        reason = cls.check_module(module, base)
+    for d in compared(methods):
+        reason = d.check_module(module, base)
         if reason:
             raise UsageError(f"methods: {reason}")
 
 
-def method_space(
-    methods: Sequence[str], params: Mapping[str, Param], *, defaults: bool, effective_ratio: bool
-) -> dict[str, Param]:
-    """The ``method`` parameter first, then ``params`` (the partner's knobs only where some choice has the
-    partner; its virtual keys conditional on those choices), then the default knobs of every compared
-    method, each conditional on the choices that contain it."""
-    methods = check_methods(methods)
-    name = partner_name()
-    with_partner = tuple(m for m in methods if name in method_parts(m))
-    own_virtual = partner_virtual(0)
-    out: dict[str, Param] = {METHOD_KEY: Param(METHOD_KEY, "categorical", choices=methods, doc="the speed-up method")}
-    for key, p in params.items():
-        if key in own_virtual:
-            if with_partner:
-                out[key] = replace(p, when={METHOD_KEY: with_partner})
-        elif not (name and key.startswith(f"{name}.") and not with_partner):
-            out[key] = p
-    if not defaults:
-        return out
-    for name in plugin_names():
-        using = tuple(m for m in methods if name in method_parts(m))
-        if not using:
-            continue
-        for p in method_knobs(name):
-            if p.key == ("optim.lr" if effective_ratio else RATIO_KEY):
-                continue
-            out[p.key] = replace(p, when={METHOD_KEY: using})
-    return out
+def method_entries(choice: Any, base_methods: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``methods`` of a trial that chose ``choice``: the base config's entries of the methods it runs
+    (their fixed knobs) and of the methods that only measure, in the base's order, then an empty entry
+    for each method it runs that the base lacks; every other method of the base is off."""
+    parts = method_parts(choice)
+    measuring = measure_only()
+    out = {name: dict(params or {}) for name, params in base_methods.items() if name in parts or name in measuring}
+    return out | {name: {} for name in parts if name not in out}
 
 
-def method_default_trials(space: Any, base: TrainConfig, methods: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
-    """(role, fixed values) of one default trial per compared method other than ``none`` and the partner
-    (the study's own baseline and partner default cover those)."""
-    out = []
-    for choice in methods:
-        parts = method_parts(choice)
-        if choice in ("none", partner_name()):
-            continue
-        values: dict[str, Any] = {METHOD_KEY: choice}
-        for name in parts:
-            if name == partner_name():
-                values |= methods_registry()[name].default_trials()[0]  # at the base config's settings
-            else:
-                values |= default_knobs(name, base)
-        out.append(("method-default", space.fixed_at_base(base, values)))
+def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict whose ``methods`` entries hold every knob, the missing ones at the method's defaults,
+    and with an entry (of defaults) for every registered method: what a dotted key reads
+    (``methods.wus.schedule_window[1]``) when the config leaves a knob out."""
+    import inspect
+
+    from wus_tune.methods import knob_defaults, registry
+
+    out = dict(config)
+    given = config.get("methods") or {}
+    out["methods"] = {name: {**{k: v for k, v in knob_defaults(cls).items() if v is not inspect.Parameter.empty},
+                             **(given.get(name) or {})} for name, cls in registry().items()}  # fmt: skip
     return out
 
 
 def default_knobs(name: str, base: TrainConfig) -> dict[str, Any]:
     """Method ``name``'s default trial (``default_trials()[0]``, dotted keys), with the base config's
     ``methods.<name>`` entry taking precedence for the knobs that trial sets (it is the user's own choice)."""
-    trial = dict(methods_registry()[name].default_trials()[0])
+    trial = dict(declarations()[name].default_trials()[0])
     prefix = f"methods.{name}."
     own = base.methods.get(name) or {}
     return {k: own.get(k[len(prefix):], v) if k.startswith(prefix) else v for k, v in trial.items()}
+
+
+def default_trial(choice: str, base: TrainConfig) -> dict[str, Any]:
+    """The values of ``choice``'s default trial: each method it runs at its default knobs."""
+    values: dict[str, Any] = {METHOD_KEY: choice}
+    for name in method_parts(choice):
+        values |= default_knobs(name, base)
+    return values
+
+
+def trial_label(choice: str, config: TrainConfig) -> str:
+    """What a trial that chose ``choice`` is called in tables and tags: ``none``, the label its one
+    method gives its knobs (WUS: ``wus`` or ``wus+lr``), or the combination (``approx_ops+wus``)."""
+    parts = method_parts(choice)
+    if len(parts) != 1:
+        return choice if parts else "none"
+    return declarations()[parts[0]].label(config.methods.get(parts[0]) or {})
+
+
+def method_objectives() -> dict[str, MetricObjective]:
+    """The objectives the methods' metrics give (``sparsity``: lp_sphere's), by name."""
+    return {name: o for d in declarations().values() for name, o in d.OBJECTIVES.items()}
+
+
+def tunes_optimizer(choice: str) -> bool:
+    """Does a method of ``choice`` retune the optimizer (``tunes_optimizer``)?"""
+    known = declarations()
+    return any(known[part].tunes_optimizer for part in method_parts(choice))

@@ -1,7 +1,8 @@
 """The front maths of a study: dominance, the Pareto front, its hypervolume, the baseline frontier, the
 knee and the selection rules, on plain tuples and :class:`Candidate` records.
 
-Pure Python: no Optuna, MLflow or torch here, so it is tested on lists of numbers and read by anything.
+Pure Python: no Optuna, MLflow or torch here, so it is tested on lists of numbers and read by anything;
+only an objective a method declares (lp_sphere's sparsity) is looked up in the method catalog.
 A study's trials become candidates in :mod:`wus_tune._study.candidates`; ``python -m wus_tune.pareto``
 is the command line. Every public name here is also importable from :mod:`wus_tune.pareto`.
 
@@ -71,6 +72,8 @@ __all__ = [
     "hypervolume",
     "hypervolume_history",
     "knee",
+    "objective_direction",
+    "objective_names",
     "objective_values",
     "on_frontier",
     "parse_rule",
@@ -81,29 +84,49 @@ __all__ = [
     "with_feasibility",
 ]
 
-# Objective name -> (Optuna direction, TrainResult field or last-epoch method metric). Accuracy is a
-# fraction in [0, 1]. sparsity / params come from the lp_sphere method's metrics of the last epoch; a run
-# without it is dense: sparsity 0, every parameter active (TrainResult.num_params).
+# Objective name -> (Optuna direction, TrainResult field). Accuracy is a fraction in [0, 1]. A method may
+# add objectives read from its last-epoch metrics (its study declaration's OBJECTIVES: lp_sphere's sparsity
+# and params), see objective_names().
 OBJECTIVES: dict[str, tuple[str, str]] = {
     "accuracy": ("maximize", "val_acc"),
     "time": ("minimize", "time_s"),
     "relative_time": ("minimize", "relative_time"),  # full-length baseline runs on this device (wus_tune.timing)
     "cost": ("minimize", "cost_flops"),
-    "sparsity": ("maximize", "lp_sphere/sparsity"),
-    "params": ("minimize", "lp_sphere/params_active"),
 }
 
 
+def _method_objectives() -> dict[str, Any]:
+    # Only for an objective a method declares: the maths on the built-in objectives needs no method code.
+    from wus_tune._study.catalog import method_objectives
+
+    return method_objectives()
+
+
+def objective_names() -> list[str]:
+    """Every objective a study may name: :data:`OBJECTIVES`, then those the methods declare."""
+    return [*OBJECTIVES, *(n for n in _method_objectives() if n not in OBJECTIVES)]
+
+
+def objective_direction(name: str) -> str:
+    """``"maximize"`` or ``"minimize"``: the Optuna direction of objective ``name``."""
+    return OBJECTIVES[name][0] if name in OBJECTIVES else _method_objectives()[name].direction
+
+
 def objective_values(result: Any, names: Sequence[str]) -> dict[str, float]:
-    """The objective values of a :class:`~wus_tune.trainer.TrainResult` (see :data:`OBJECTIVES`)."""
+    """The objective values of a :class:`~wus_tune.trainer.TrainResult` (see :func:`objective_names`): a
+    result field, or a method's last-epoch metric (its value for a run without the method when absent)."""
     last = result.epochs[-1].extra if result.epochs else {}
-    dense = {"sparsity": 0.0, "params": float(result.num_params)}
     out = {}
     for name in names:
+        if name not in OBJECTIVES:
+            o = _method_objectives()[name]
+            absent = getattr(result, o.absent) if isinstance(o.absent, str) else o.absent
+            out[name] = float(last.get(o.metric, absent))
+            continue
         source = OBJECTIVES[name][1]
         if name == "relative_time" and getattr(result, source, None) is None:
             raise ValueError("objective relative_time: the run was not priced (fit(..., relative_to=baseline))")
-        out[name] = float(last.get(source, dense[name])) if name in dense else float(getattr(result, source))
+        out[name] = float(getattr(result, source))
     return out
 
 
@@ -225,7 +248,7 @@ def reference_point(
     times slower/costlier (see the module docstring)."""
     ref = []
     for name, v in zip(objectives, baseline):
-        if OBJECTIVES[name][0] == "maximize":
+        if objective_direction(name) == "maximize":
             ref.append(v - accuracy_margin)
         else:
             ref.append(v * cost_factor)
@@ -353,7 +376,7 @@ def select(
     rule = parse_rule(rule) if isinstance(rule, str) else rule
     if not points:
         raise UsageError("no completed trials to select from")
-    directions = [OBJECTIVES[o][0] for o in objectives]
+    directions = [objective_direction(o) for o in objectives]
     if rule.kind == "knee":
         return knee(points, directions)
     if baseline is None and (rule.kind == "fastest-within" or rule.relative):
@@ -381,7 +404,7 @@ class Candidate:
     number: int
     state: str  # COMPLETE, FAIL, RUNNING, ...
     values: tuple[float, ...] | None
-    role: str = "search"  # baseline | baseline-frontier | <partner>-default (wus-default) | search | enqueued
+    role: str = "search"  # baseline | baseline-frontier | <method>-default | method-default | guideline | search | enqueued
     uses_method: bool = True  # a speed-up method is on; False: a plain recipe, part of the frontier
     feasible: bool = True  # all constraints <= 0 (recomputed by :func:`analyse` given ``constraint_delta``)
     params: dict[str, Any] = field(default_factory=dict)
@@ -407,7 +430,7 @@ class Analysis:
 
     @property
     def directions(self) -> list[str]:
-        return [OBJECTIVES[o][0] for o in self.objectives]
+        return [objective_direction(o) for o in self.objectives]
 
     @property
     def complete(self) -> list[Candidate]:
@@ -449,7 +472,7 @@ def analyse(
     Without a completed baseline every trial is feasible; without ``constraint_delta`` the stored
     constraints decide."""
     objectives = tuple(objectives)
-    directions = [OBJECTIVES[o][0] for o in objectives]
+    directions = [objective_direction(o) for o in objectives]
     cands = sorted(candidates, key=lambda c: c.number)
     if constraint_delta is not None:
         cands = with_feasibility(cands, objectives, constraint_delta)

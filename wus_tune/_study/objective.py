@@ -1,7 +1,9 @@
 """The Optuna objective: trial -> TrainConfig -> ``fit`` -> objective values, with one MLflow child run.
 
 What a trial stores in its user attributes (read by :mod:`wus_tune._study.candidates` and the report):
-``role``, ``variant``, ``config`` (the full TrainConfig dict, so any trial can be exported),
+``role``, ``method`` (the method choice: ``none``, ``wus``, ``approx_ops+wus``), ``variant`` (what it ran,
+:func:`~wus_tune._study.catalog.trial_label`: ``none``, ``wus``, ``wus+lr``, ``approx_ops+wus``), ``config``
+(the full TrainConfig dict, so any trial can be exported),
 ``mlflow_run_id``, ``result`` (summary figures and the timing of the machinery: ``fit_s``,
 ``overhead_s``, ``mlflow_s``), and ``fail_reason`` plus ``timing`` when it raised.
 
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 
 CONSTRAINT_KEY = "accuracy_floor"  # value = (baseline accuracy - delta) - accuracy; feasible when <= 0
 RESULT_FIELDS = ("val_acc", "best_val_acc", "test_acc", "time_s", "train_time_s", "eval_time_s", "cost_flops",
-                 "skip_fraction", "flops_fraction", "total_steps", "skipped_steps", "relative_time",
+                 "changed_step_fraction", "flops_fraction", "total_steps", "changed_steps", "relative_time",
                  "reference_time_s", "modelled_time_s", "timing_overhead_s", "work_counts")  # fmt: skip
 
 
@@ -105,17 +107,15 @@ class Objective:
         run: Any = NullTrialRun()
         fit_s = 0.0
         try:
-            config, role, (variant_key, variant) = self._config(trial)
+            config, role, label = self._config(trial)
             params = {k: v for k, v in flat_config(config.to_dict()).items() if not k.startswith("meta")}
-            if variant_key:
-                params[variant_key] = variant
-            tags = {"optuna.study_name": self.study.name, "wus_tune.role": role, "wus_tune.variant": variant}
-            if METHOD_KEY in self.study.space:  # the compared method, a param and a tag to filter on
-                params[METHOD_KEY] = tags["wus_tune.method"] = trial.user_attrs.get("method", "none")
+            tags = {"optuna.study_name": self.study.name, "wus_tune.role": role, "wus_tune.variant": label}
+            # the method choice, a param and a tag to filter on ("none": the plain recipe)
+            params[METHOD_KEY] = tags["wus_tune.method"] = trial.user_attrs.get("method", "none")
             plan = self._plan(trial, config, role)
             kwargs: dict[str, Any] = {}
             if role == "baseline" and self.study.reuse.any:
-                kwargs["probes"] = reuse.baseline_probes(self.study, config, trial.number)
+                kwargs["recording"] = reuse.baseline_plan(self.study, trial.number)
             elif plan.kind == "fork":
                 plan, state = self._fork(trial, plan, config)
                 if state is not None:
@@ -232,10 +232,10 @@ class Objective:
         return {"fit_s": fit_s, "overhead_s": time.perf_counter() - start - fit_s, "mlflow_s": run.overhead_s,
                 "sample_s": self._sample_s}  # fmt: skip
 
-    def _config(self, trial: optuna.Trial) -> tuple[TrainConfig, str, tuple[str, Any]]:
-        """The trial's config, role and variant (the partner method's first virtual key and the value the
-        trial ran, :func:`~wus_tune._study.catalog.partner_label`); stores them on the trial."""
-        from wus_tune._study.catalog import partner_label
+    def _config(self, trial: optuna.Trial) -> tuple[TrainConfig, str, str]:
+        """The trial's config, role and label (what it ran: ``none``, ``wus+lr``, ``approx_ops+wus``;
+        :func:`~wus_tune._study.catalog.trial_label`); stores them on the trial."""
+        from wus_tune._study.catalog import trial_label
 
         attrs = trial.user_attrs
         role = str(attrs.get("role", "search"))
@@ -248,13 +248,11 @@ class Objective:
             values[METHOD_KEY] = "none"
         config = apply_values(self.study.base, values)
         config.meta = {**config.meta, "study": self.study.name, "trial": trial.number}
-        label = partner_label(config, values, chosen=lambda key: key in self.study.space or key in fixed)
-        variant = label[1]
+        label = trial_label(values.get(METHOD_KEY, "none"), config)
         if "role" not in attrs:
             trial.set_user_attr("role", role)
-        trial.set_user_attr("variant", variant)
-        if METHOD_KEY in values:  # a study comparing methods: "none" marks the plain recipe
-            trial.set_user_attr("method", values[METHOD_KEY])
+        trial.set_user_attr("variant", label)
+        trial.set_user_attr("method", values.get(METHOD_KEY, "none"))  # "none": the plain recipe
         trial.set_user_attr("config", config.to_dict())
         return config, role, label
 

@@ -125,7 +125,7 @@ class _Runner:
 
         from wus_tune._study import workers as w
         from wus_tune._study.objective import Objective
-        from wus_tune._study.spec import StudySpec, calibrated, make_sampler
+        from wus_tune._study.spec import StudySpec, make_sampler, prepare_sections
         from wus_tune._study.storage import RetryPolicy, mask_url, open_storage, study_lock
         from wus_tune._study.tracking import MlflowTracker, NullTracker
 
@@ -137,7 +137,7 @@ class _Runner:
 
         torch.set_num_threads(payload["threads"])
         spec = StudySpec.from_dict(payload["spec"], "ray task")
-        study_def = calibrated(spec, spec.resolve(), fit=payload["fit"], say=lambda _: None)
+        study_def = prepare_sections(spec, spec.resolve(), fit=payload["fit"], say=lambda _: None)
         conf = w.settings(study_def)
         storage = open_storage(
             study_def.storage, heartbeat_interval=conf.heartbeat_interval, grace_period=conf.grace_period,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,35 +21,37 @@ _MARKERS = "oD^v<>Ph*Xd"
 
 
 def variant(c: Candidate) -> str:
-    """The trial's recorded variant (the partner method's virtual key: ``none``, ``wus``, ``wus+lr``);
-    for a trial without one, the partner's name or ``none``."""
-    if "variant" in c.attrs:
-        return str(c.attrs["variant"])
-    from wus_tune._study.catalog import partner_name
-
-    return partner_name() if c.uses_method else "none"
+    """What a trial ran, as the study recorded it (``variant``: ``none``, ``wus``, ``wus+lr``,
+    ``approx_ops+wus``, :func:`wus_tune._study.catalog.trial_label`); without that record, its ``method``
+    choice, or ``none`` for plain training."""
+    recorded = c.attrs.get("variant")
+    method = c.attrs.get("method")
+    if recorded is None or (recorded == "none" and method not in (None, "none")):  # an older study: WUS's variant only
+        return str(method) if method is not None else ("method" if c.uses_method else "none")
+    return str(recorded)
 
 
 def label(c: Candidate) -> str:
-    """What a trial ran: its ``method`` in a study comparing methods (``approx_ops+wus``; the partner's
-    trials by variant), else its variant; guideline trials are marked."""
-    from wus_tune._study.catalog import partner_name
-
-    method = c.attrs.get("method")
-    name = str(method) if method not in (None, partner_name()) else variant(c)
+    """What a trial ran (:func:`variant`); tuned-plain and guideline trials are marked."""
     if c.role == "tuned-plain":
         return "none (tuned)"
-    return f"{name} (guideline)" if c.role == "guideline" else name
+    return f"{variant(c)} (guideline)" if c.role == "guideline" else variant(c)
 
 
 def _labels(cands: Sequence[Candidate]) -> list[str]:
-    """The labels found, the plain recipe and the partner's variants first (in the order it declares them)."""
-    from wus_tune._study.catalog import partner
-
-    variants = next(iter(getattr(partner(), "VIRTUAL_KEYS", {}).values()), ())
-    order = list(dict.fromkeys(("none", *variants)))
+    """The labels found, the plain recipe first."""
     found = {label(c) for c in cands}
-    return [x for x in order if x in found] + sorted(found - set(order))
+    return [x for x in ("none",) if x in found] + sorted(found - {"none"})
+
+
+def step_mix(result: Mapping[str, Any]) -> str:
+    """The steps of each kind a method named, as fractions of a trial's steps (``"skip:all 13%"``), from its
+    ``result`` summary; empty for plain training."""
+    from wus_tune.trainer import FULL_KIND
+
+    counts = {k.removeprefix("step:"): n for k, n in (result.get("work_counts") or {}).items() if k.startswith("step:")}
+    total = sum(counts.values())
+    return ", ".join(f"{kind} {n / total:.0%}" for kind, n in counts.items() if kind != FULL_KIND and n) if total else ""
 
 
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
@@ -184,7 +186,7 @@ def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) ->
     front = set(analysis.front)
     fields = ["trial", "state", "role", "variant", "feasible", *analysis.objectives, "pareto", "selected",
               "acc_delta_pts", "speedup", "frontier_acc_gain_pts", "frontier_time_saved", "frontier_time_saved_fraction",
-              "time_s", "relative_time", "reference_time_s", "test_acc", "cost_flops", "skip_fraction", "flops_fraction", "epochs",
+              "time_s", "relative_time", "reference_time_s", "test_acc", "cost_flops", "changed_step_fraction", "flops_fraction", "epochs",
               "mlflow_run_id", "fail_reason", "pruned_at_epoch", "params", "reused", "forked_at_check", "not_forked", "method"]  # fmt: skip
     fields = list(dict.fromkeys(fields))  # an objective named like a result field (relative_time) once
     with path.open("w", newline="") as f:
@@ -199,7 +201,7 @@ def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) ->
                 "time_s": res.get("time_s"), "cost_flops": res.get("cost_flops"),
                 "relative_time": res.get("relative_time"), "reference_time_s": res.get("reference_time_s"),
                 "test_acc": res.get("test_acc"),
-                "skip_fraction": res.get("skip_fraction"), "flops_fraction": res.get("flops_fraction"),
+                "changed_step_fraction": res.get("changed_step_fraction"), "flops_fraction": res.get("flops_fraction"),
                 "epochs": (c.config or {}).get("epochs"), "mlflow_run_id": c.attrs.get("mlflow_run_id"),
                 "fail_reason": c.attrs.get("fail_reason"), "params": json.dumps(c.params, sort_keys=True),
                 "pruned_at_epoch": (c.attrs.get("pruned") or {}).get("epoch"),  # state PRUNED: stopped by the pruner

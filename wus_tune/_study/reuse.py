@@ -2,11 +2,11 @@
 
 With the same seed, a trial of a *predictable* method is the baseline until a point the method can find
 on the baseline's probes: same data order, same updates, same accuracies (bit for bit on the CPU). A
-method opts in through the baseline-reuse hooks of :class:`~wus_tune.methods.Method`
-(``baseline_recording``, ``RECORDED_KNOBS``, ``deviation_checks``, ``replay_baseline``,
-``calibrate_space``); WUS is one (its first skip window, found by replaying its controller on the
+method opts in through the baseline-reuse hooks of its study declaration
+(:class:`~wus_tune.methods.study.MethodStudy`: ``baseline_recording``, ``deviation_checks``,
+``replay_baseline``, ``calibrate_space``); WUS is one (its first skip window, found by replaying its controller on the
 recorded accuracy), and every method without them trains from scratch. The baseline records what the
-study's predictable methods ask for at every probe (:class:`~wus_tune.run_state.Probes`). So, before
+study's predictable methods ask for at every probe (:class:`~wus_tune.run_state.RecordingPlan`). So, before
 such a trial trains:
 
 * **Replay.** The method finds, on the baseline's probes, the probe after which the trial first trains
@@ -23,10 +23,10 @@ such a trial trains:
   to it (WUS: the threshold, window and warm-up that decide when skipping starts); a range the spec
   gives explicitly is kept, with a one-line warning when it cannot fire on that signal.
 
-A trial can be replayed or forked only when exactly one of its methods is predictable and its config
-equals the baseline's outside that method's section, apart from the method's ``RECORDED_KNOBS``, which
-must match too (WUS: its signal and check cadence); so must the epochs, the schedule, every other
-section and every other method. :func:`fork_blocker` says why not. The baseline snapshots only probes
+A trial can be replayed or forked only when exactly one of its methods is predictable, its config equals
+the baseline's outside that method's entry (the epochs, the schedule, every other section and every other
+method: :func:`fork_blocker` says why not), and the baseline recorded what the method asks for
+(``baseline_recording``: WUS's signal at its check cadence; :func:`unlike_recording` says why not). The baseline snapshots only probes
 after which some trial of the space could first deviate, at most ``max_checkpoints`` of them (evenly
 spread; a trial forks from the latest one before its deviation).
 """
@@ -51,8 +51,8 @@ if TYPE_CHECKING:
     import optuna
 
     from wus_tune.config import TrainConfig
-    from wus_tune.methods import BaselineRecording, Deviation, Method
-    from wus_tune.run_state import Probes, RunState
+    from wus_tune.methods.study import BaselineRecording, Deviation, MethodStudy
+    from wus_tune.run_state import RecordingPlan, RunState
 
 # Trial user attributes (Optuna) written here
 SIGNAL_ATTR = "reuse_signal"  # on the baseline: its ProbeRecord dicts
@@ -115,20 +115,20 @@ def remove_checkpoints(spec: ReuseSpec, study_name: str) -> int:
 # ---- which trials can learn from the baseline ------------------------------------------------------
 
 
-def predictable_methods(config: TrainConfig) -> list[type[Method]]:
-    """The methods on in ``config`` whose deviation from plain training a baseline run can predict (their
-    ``baseline_recording`` is not None)."""
-    from wus_tune.methods import registry
+def predictable_methods(config: TrainConfig) -> list[type[MethodStudy]]:
+    """The declarations of the methods on in ``config`` whose deviation from plain training a baseline
+    run can predict (their ``baseline_recording`` is not None)."""
+    from wus_tune._study.catalog import declarations
 
-    return [cls for cls in registry().values() if cls.enabled(config) and cls.baseline_recording(config) is not None]
+    return [d for name, d in declarations().items() if name in config.methods and d.baseline_recording(config) is not None]
 
 
-def deviating_method(config: TrainConfig) -> tuple[type[Method] | None, str]:
+def deviating_method(config: TrainConfig) -> tuple[type[MethodStudy] | None, str]:
     """The one predictable method of ``config`` (:func:`predictable_methods`), or None and why not. Its
     other methods need not be predictable: they then differ from the baseline's config (fork_blocker)."""
     predictable = predictable_methods(config)
     if len(predictable) > 1:
-        return None, f"{' and '.join(sorted(c.name for c in predictable))} both deviate from the baseline (reuse predicts one method)"
+        return None, f"{' and '.join(sorted(d.method.name for d in predictable))} both deviate from the baseline (reuse predicts one method)"
     if not predictable:
         return None, "no method of this trial can be predicted from a baseline run"
     return predictable[0], ""
@@ -138,18 +138,15 @@ def fork_blocker(trial: Mapping[str, Any], baseline: Mapping[str, Any]) -> str |
     """Why a trial's config cannot be replayed on / forked from the baseline's run; None if it can.
 
     Both are ``TrainConfig.to_dict()``; the trial must equal the baseline outside its predictable
-    method's section, and in that section in the knobs that change what the baseline records."""
+    method's entry (``methods.<name>``)."""
     from wus_tune.config import TrainConfig
 
     method, why = deviating_method(TrainConfig.from_dict(dict(trial)))
     if method is None:
         return why
-    section = method.config_section()
-    trial_rest, own = _without(trial, section)
-    baseline_rest, recorded = _without(baseline, section)
-    for key in method.RECORDED_KNOBS:
-        if own.get(key) != recorded.get(key):
-            return f"{section}.{key} {own.get(key)!r} differs from the baseline's {recorded.get(key)!r} (its recorded signal)"
+    section = f"methods.{method.method.name}"
+    trial_rest, _ = _without(trial, section)
+    baseline_rest, _ = _without(baseline, section)
     differs = sorted(k for k in set(trial_rest) | set(baseline_rest)
                      if k != "meta" and trial_rest.get(k) != baseline_rest.get(k))  # fmt: skip
     if differs:
@@ -197,15 +194,15 @@ def _cadence(every_steps: int) -> str:
 # ---- the baseline's snapshots -------------------------------------------------------------------
 
 
-def study_methods(study_def: Any) -> list[type[Method]]:
-    """The method classes a study's trials may run (the parts of its ``methods:`` choices)."""
-    from wus_tune._study.catalog import method_classes
+def study_methods(study_def: Any) -> list[type[MethodStudy]]:
+    """The declarations of the methods a study's trials may run (the parts of its ``methods:`` choices)."""
+    from wus_tune._study.catalog import compared
 
-    return method_classes(getattr(study_def, "methods", ()))
+    return compared(getattr(study_def, "methods", ()))
 
 
 def candidate_points(space: SearchSpace, base: TrainConfig, progress: Sequence[float],
-                     methods: Sequence[type[Method]]) -> list[int]:  # fmt: skip
+                     methods: Sequence[type[MethodStudy]]) -> list[int]:  # fmt: skip
     """Probes (1-based; ``progress[k - 1]`` is the training fraction at probe ``k``) after which some
     trial of ``space`` running one of ``methods`` could first deviate (each method's ``deviation_checks``)."""
     return sorted({k for cls in methods for k in cls.deviation_checks(space, base, progress)})
@@ -223,27 +220,30 @@ def spread(points: Sequence[int], at_most: int) -> list[int]:
     return sorted({points[round(i * step)] for i in range(at_most)})
 
 
-def baseline_probes(study_def: Any, base: TrainConfig, trial_number: int) -> Probes:
+def baseline_plan(study_def: Any, trial_number: int) -> RecordingPlan:
     """What baseline trial ``trial_number`` records: the probes its study's predictable methods ask for
     (the first one's cadence; a method asking for another one trains from scratch), and the snapshots
-    forks may start from (in the trial's own folder, :func:`baseline_dir`)."""
-    from wus_tune.methods import BaselineRecording
-    from wus_tune.run_state import Probes
+    forks may start from (in the trial's own folder, :func:`baseline_dir`). The methods read their knobs in
+    the study's base config (its ``methods`` entries: what WUS watches, and how often), which a baseline's
+    own config, running no method, leaves out."""
+    from wus_tune.methods.study import BaselineRecording
+    from wus_tune.run_state import RecordingPlan
 
     reuse: ReuseSpec = study_def.reuse
+    base: TrainConfig = study_def.base
     asked = [(cls, r) for cls in study_methods(study_def) if (r := cls.baseline_recording(base)) is not None]
     every = asked[0][1].every_steps if asked else 0
     served = [(cls, r) for cls, r in asked if r.every_steps == every]
     wanted = BaselineRecording(every_steps=every, val_acc=any(r.val_acc for _, r in served))
     if not (reuse.fork and served):
-        return Probes(every=wanted.every_steps, val=wanted.val_acc)
+        return RecordingPlan(every=wanted.every_steps, val=wanted.val_acc)
     methods = [cls for cls, _ in served]
 
     def choose_saves(progress: Sequence[float]) -> list[int]:  # once the run knows its steps per epoch
         return spread(candidate_points(study_def.space, base, progress, methods), reuse.max_checkpoints)
 
-    return Probes(every=wanted.every_steps, val=wanted.val_acc, choose_saves=choose_saves,
-                  save_dir=str(baseline_dir(reuse, study_def.name, trial_number)))  # fmt: skip
+    return RecordingPlan(every=wanted.every_steps, val=wanted.val_acc, choose_saves=choose_saves,
+                         save_dir=str(baseline_dir(reuse, study_def.name, trial_number)))  # fmt: skip
 
 
 # ---- the decision for one trial --------------------------------------------------------------------
@@ -288,7 +288,7 @@ class Decision:
     point: int | None = None  # the snapshot a fork resumes from
     replay: Deviation | None = None  # the deviating method's answer on the baseline's probes
     baseline: Baseline | None = None
-    method: type[Method] | None = None  # the deviating method
+    method: type[MethodStudy] | None = None  # the deviating method's declaration
 
 
 def decide(config: TrainConfig, baseline: Baseline | None, spec: ReuseSpec, *, why_no_baseline: str = "") -> Decision:
@@ -314,7 +314,7 @@ def decide(config: TrainConfig, baseline: Baseline | None, spec: ReuseSpec, *, w
             return Decision("reuse", replay=result, baseline=baseline, method=method)
         return Decision("train", "replay is off", method=method)
     if first == 0:
-        return Decision("train", f"{method.name} trains differently from its first step", replay=result, method=method)
+        return Decision("train", f"{method.method.name} trains differently from its first step", replay=result, method=method)
     if not spec.fork:
         return Decision("train", "fork is off", first_skip=first, replay=result, method=method)
     point = baseline.snapshot_before(first)
@@ -342,17 +342,17 @@ def record_run(trial: optuna.Trial, plan: Decision, result: Any, fit_kwargs: Map
 
     ``compute_flops`` is what this run actually executed (a fork's prefix was the baseline's)."""
     out: dict[str, Any] = {"compute_flops": float(getattr(result, "cost_flops", 0.0))}
-    probes = fit_kwargs.get("probes")
-    if probes is not None:
+    recording = fit_kwargs.get("recording")
+    if recording is not None:
         from dataclasses import asdict
 
         trial.set_user_attr(SIGNAL_ATTR, [asdict(p) for p in getattr(result, "probes", [])])
-        points = saved_points(probes.save_dir) if probes.save_dir else []
-        size = snapshot_bytes(probes.save_dir, points) if points else 0
-        trial.set_user_attr(CHECKPOINTS_ATTR, {"dir": probes.save_dir, "points": points, "bytes": size})
+        points = saved_points(recording.save_dir) if recording.save_dir else []
+        size = snapshot_bytes(recording.save_dir, points) if points else 0
+        trial.set_user_attr(CHECKPOINTS_ATTR, {"dir": recording.save_dir, "points": points, "bytes": size})
         out["checkpoint_bytes"] = size
         epochs = len(result.epochs)
-        wanted = probes.resolved(result.total_steps // epochs, epochs).save_at if probes.save_dir and epochs else ()
+        wanted = recording.resolved(result.total_steps // epochs, epochs).save_at if recording.save_dir and epochs else ()
         if wanted and not points:  # the trainer saves nothing where it cannot restore the data order
             out["no_snapshots"] = ("its training data is streamed (a DataLoader), whose data order a fork "
                                    "cannot restore")  # fmt: skip
@@ -416,7 +416,7 @@ def fork_state(decision: Decision, baseline: Baseline, config: TrainConfig) -> R
     assert point is not None and result is not None and method is not None
     state = load_snapshot(baseline, point)
     if result.states and result.states[point - 1] is not None:
-        state.method_states[method.name] = result.states[point - 1]
+        state.method_states[method.method.name] = result.states[point - 1]
     probes = state.probes[:point]
     # each finished epoch shows the method's metrics after its last probe, as a live run logs them
     for record in state.records if result.metrics else ():
@@ -489,15 +489,15 @@ def wait_for_baseline(study: optuna.Study, config: TrainConfig | None = None, *,
 
 
 def calibrate_space(space: SearchSpace, base: TrainConfig, probes: Sequence[Mapping[str, Any]], *,
-                    explicit: Sequence[str] = (), methods: Sequence[type[Method]] | None = None,
+                    explicit: Sequence[str] = (), methods: Sequence[type[MethodStudy]] | None = None,
                     ) -> tuple[SearchSpace, list[str]]:  # fmt: skip
-    """``space`` with each method's knob ranges fitted to the baseline's probes (``Method.calibrate_space``,
-    for ``methods``, default every registered one), and the one-line notes to print. A key in
+    """``space`` with each method's knob ranges fitted to the baseline's probes (``calibrate_space`` of
+    ``methods``' declarations, default every registered one), and the one-line notes to print. A key in
     ``explicit`` (the spec's own ``search_space`` entries) keeps its range."""
-    from wus_tune.methods import registry
+    from wus_tune._study.catalog import declarations
 
     notes: list[str] = []
-    for cls in registry().values() if methods is None else methods:
+    for cls in declarations().values() if methods is None else methods:
         space, more = cls.calibrate_space(space, base, probes, explicit=explicit)
         notes += more
     return space, notes

@@ -190,7 +190,7 @@ def resolve_study(
     """Every check before anything is written: the spec with ``options`` and ``overrides`` applied and
     resolved, the device and data loaded once, the URLs and the report directory. Returns the spec, the
     resolved study and the device it trains on."""
-    from wus_tune._study.spec import calibrated
+    from wus_tune._study.spec import prepare_sections
     from wus_tune._study.storage import check_tracking_uri, default_journal
 
     spec = _applied(spec, options=options, overrides=overrides, slots=slots, model=model, data=data)
@@ -199,7 +199,7 @@ def resolve_study(
         study_def = dataclasses.replace(study_def, storage=default_journal(study_def.name))
     study_def = dataclasses.replace(study_def, spec=_public_spec(study_def.spec))
     device = _preflight(study_def, model=model, data=data)
-    study_def = calibrated(spec, study_def, fit=fit, say=say)  # edge_of_chaos.growth_rate: auto: one short run
+    study_def = prepare_sections(spec, study_def, fit=fit, say=say)  # e.g. a growth rate "auto": one short run
     if study_def.tracking_uri is not None:
         check_tracking_uri(study_def.tracking_uri)
     elif not worker:  # the report goes to a local directory: find out now if it cannot
@@ -220,10 +220,10 @@ def _applied(spec: StudySpec | str | Path | None, *, options: Mapping[str, Any],
     elif not isinstance(spec, StudySpec):
         spec = StudySpec.load(spec)
     spec = dataclasses.replace(spec, train=copy.deepcopy(spec.train))
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(StudySpec)} - {"source"})
-    if unknown:
-        raise UsageError(f"run_study: unknown option {unknown[0]!r}")
-    spec = dataclasses.replace(spec, **options)
+    try:
+        spec = spec.replace(**options)
+    except UsageError as e:
+        raise UsageError(f"run_study: {e}") from None
     for key, value in (overrides or {}).items():
         spec.set_train(key, value)
     if spec.ray is not None:  # Ray places the trials (wus_tune._study.ray_backend); this process only drives

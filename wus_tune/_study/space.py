@@ -1,54 +1,29 @@
 """The search space: a list of parameter definitions keyed by dotted config keys.
 
 A parameter's key is where its value goes in a :class:`~wus_tune.config.TrainConfig`
-(``wus.threshold``, ``schedule.name``, ``methods.approx_ops.sample_ratio``), or an item of a list
-(``wus.schedule_window[1]``). Adding a plug-in method's knobs is therefore a data change: append
-definitions. A method may also declare *virtual* keys (``Method.VIRTUAL_KEYS``), which its
-``expand_virtual`` turns into config overrides; the study knows them only through that contract (their
-first value turns the method off, their last turns it on as configured, the value assumed when the key is
-neither searched nor fixed). WUS, the *partner* method (``Method.partner``: the one others combine with,
-tuned by a study without a ``methods:`` list), declares ``wus.variant``:
+(``schedule.name``, ``methods.wus.threshold``, ``methods.approx_ops.sample_ratio``), or an item of a list
+(``methods.wus.schedule_window[1]``). Adding a method's knobs is therefore a data change: its study
+declaration lists them (:mod:`wus_tune._study.catalog`). A definition samples only when its ``when``
+condition holds (``{"methods.wus.variant": ["wus+lr"]}``), so the space is conditional.
 
-===========  ==========================================================================
-``none``     ``wus.enabled = false`` (a plain recipe; no ``wus.*`` knob is sampled)
-``wus``      ``wus.enabled = true``, ``wus.bias_lr_factor = wus.lr_decay = 1`` (no LR coupling)
-``wus+lr``   ``wus.enabled = true``; the two LR-coupling knobs are sampled
-===========  ==========================================================================
+Two virtual keys are not config keys:
 
-A definition samples only when its ``when`` condition holds (``{"wus.variant": ["wus+lr"]}``), so the
-space is conditional; a key added under a method's config section (``wus.*``) inherits that method's
-condition, and when the partner is off its knobs leave the trial's config.
-
-Two more virtual keys exist when a spec asks for them (:mod:`wus_tune._study.catalog`):
-
-* ``method``: which speed-up method a trial uses when a study compares several (spec ``methods:``):
-  ``none`` (the plain recipe), ``wus``, ``approx_ops``, ``lp_sphere``, ``gauss_newton``,
-  ``edge_of_chaos``, or a combination with WUS written ``approx_ops+wus``. It sets ``methods`` in the
-  config (the base config's entry for a method supplies its fixed knobs) and, without the partner,
-  sets the partner's virtual keys to "off" (``wus.variant = none``). Measurement-only methods of the
-  base config (``edge_of_chaos``) stay in every trial. Each method's knobs are sampled only when the chosen ``method`` contains it.
+* ``method``: which speed-up method a trial runs (spec ``methods:``): ``none`` (the plain recipe), a
+  method's name (``wus``, ``approx_ops``, ``lp_sphere``, ``gauss_newton``, ``edge_of_chaos``, a
+  plug-in's), or a combination of methods that combine (``approx_ops+wus``). It sets ``methods`` in the
+  config (the base config's entry for a method supplies its fixed knobs, :func:`~wus_tune._study.catalog.method_entries`);
+  measurement-only methods of the base config (``edge_of_chaos``) stay in every trial. A study comparing
+  several methods searches it; a study of one method has no ``method`` parameter: every trial runs that
+  method unless it fixes another value (a baseline fixes ``none``). Each method's knobs (keys
+  ``methods.<name>.*``, and the ones its declaration lists elsewhere) are sampled only when the trial's
+  ``method`` runs it, and the knobs of a method a trial does not run leave its config.
 * ``optim.ratio``: the effective ratio ``lr / ((1 - momentum) * batch_size)`` of the edge-of-chaos
   parametrisation; the learning rate is derived from it (:func:`apply_values`).
 
-Default ranges (:func:`default_space`: the partner's ``search_space()``, ``wus_tune/methods/wus.py``),
-chosen around the settings that worked in the calibration runs of the trainer and wide enough to include "never skips" and "skips a lot":
-
-=============================  ===================================  =================================
-key                            range                                why
-=============================  ===================================  =================================
-``wus.variant``                wus, wus+lr                          the paper's two variants
-``wus.threshold``              0.001 .. 0.05, log                   plateau test tau (fraction; 0.01 = 1 point)
-``wus.window``                 1 .. 4                               accuracy changes looked at
-``wus.warmup``                 0 .. 4                               checks before skipping may start
-``wus.skip_length``            1 .. 4                               checks a skip window lasts
-``wus.bias_scope``             all, last:1, last:2, last:4          which biases keep training
-``wus.bias_lr_factor``         0.1 .. 10, log (wus+lr)              bias LR factor inside skip windows
-``wus.lr_decay``               0.3 .. 1.0 (wus+lr)                  base LR factor at each plateau
-``wus.schedule_window[1]``     0.5 .. 0.95                          no skipping in the final annealing
-=============================  ===================================  =================================
-
-The LR schedule (``schedule.name``: step, cosine, onecycle) and the epoch budget (``epochs``) are not
-searched by default; a spec adds them (see ``docs/study.md``).
+Default ranges: each compared method's ``search_space()`` (WUS's: ``wus_tune/methods/wus/study.py``,
+chosen around the settings that worked in the calibration runs of the trainer, wide enough to include
+"never skips" and "skips a lot"). The LR schedule (``schedule.name``) and the epoch budget (``epochs``)
+are not searched by default; a spec adds them (see ``docs/study.md``).
 """
 
 from __future__ import annotations
@@ -60,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from wus_tune._study.catalog import METHOD_KEY, check_methods, declarations, default_methods
+from wus_tune._study.catalog import method_entries, method_parts, with_defaults
 from wus_tune.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
@@ -67,10 +44,8 @@ if TYPE_CHECKING:
 
     from wus_tune.config import TrainConfig
 
-METHOD_KEY = "method"  # virtual: the speed-up method of a trial, e.g. "approx_ops+wus"
 RATIO_KEY = "optim.ratio"  # virtual: lr / ((1 - momentum) * batch_size); the lr is derived from it
-# The methods a ``method`` choice may name, which combine with the partner and which only measure come from the
-# method registry (:mod:`wus_tune._study.catalog`).
+_VIRTUAL = (METHOD_KEY, RATIO_KEY)
 _INDEX = re.compile(r"^(?P<key>.+)\[(?P<index>\d+)\]$")
 _FIELDS = ("type", "low", "high", "log", "step", "choices", "when", "doc")
 
@@ -97,12 +72,6 @@ class Param:
             for c in self.choices:
                 if c is not None and not isinstance(c, (bool, int, float, str)):
                     raise UsageError(f"{where}: choice {c!r} must be a number, string, boolean or null")
-            if self.key == METHOD_KEY:
-                for c in self.choices:
-                    try:
-                        method_parts(c)
-                    except ConfigError as e:
-                        raise UsageError(f"{where}: {e}") from None
             return self
         if self.type not in ("float", "int"):
             raise UsageError(f"{where}: type must be float, int or categorical, got {self.type!r}")
@@ -166,27 +135,6 @@ class Param:
         return d
 
 
-def default_space() -> tuple[Param, ...]:
-    """The default space of a study without a ``methods:`` list: the partner method's own search space
-    (the method declaring ``partner``: WUS, ``wus_tune/methods/wus.py``)."""
-    from wus_tune._study.catalog import method_knobs, partner_name
-
-    return method_knobs(partner_name()) if partner_name() else ()
-
-
-def _knob_condition(key: str) -> dict[str, tuple[Any, ...]]:
-    """The condition a new spec key inherits from the method whose config section it is in (``wus.*``:
-    WUS's knobs' condition, "WUS is on"); none for other keys."""
-    from wus_tune._study.catalog import methods_registry
-
-    for name, cls in methods_registry().items():
-        if key.startswith(f"{name}."):
-            for raw in cls.search_space().values():
-                if raw.get("when"):
-                    return {str(k): tuple(v) for k, v in raw["when"].items()}
-    return {}
-
-
 def param_from_dict(key: str, raw: Any, base: Param | None = None) -> Param:
     """A definition from a spec entry; with ``base`` (a default of the same key) the entry overrides it."""
     where = f"search_space.{key}"
@@ -222,12 +170,7 @@ def param_from_dict(key: str, raw: Any, base: Param | None = None) -> Param:
         fields["type"] = "categorical"
     else:
         fields["type"] = _infer_numeric(fields, where)
-    if base is not None:
-        param = replace(base, **fields)
-    else:
-        if key not in _virtual_keys() and _knob_condition(key):
-            fields.setdefault("when", _knob_condition(key))
-        param = Param(key, **fields)
+    param = replace(base, **fields) if base is not None else Param(key, **fields)
     return param.validate()
 
 
@@ -240,9 +183,13 @@ def _infer_numeric(fields: Mapping[str, Any], where: str) -> str:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """An ordered list of :class:`Param`; conditions refer to earlier keys."""
+    """An ordered list of :class:`Param`; conditions refer to earlier keys (or to ``method``).
+
+    ``only_method``: the method choice of a study of one method, which then has no ``method`` parameter;
+    a trial runs it unless its fixed values say otherwise (a baseline: ``none``)."""
 
     params: tuple[Param, ...]
+    only_method: str | None = None
 
     @classmethod
     def build(
@@ -251,29 +198,36 @@ class SearchSpace:
         *,
         defaults: bool = True,
         methods: Sequence[str] | None = None,
-        effective_ratio: bool = False,
+        sections: Mapping[str, Any] | None = None,
     ) -> SearchSpace:
-        """The default space (or none) with a spec's entries applied: a mapping overrides or adds a
-        parameter, ``null`` removes one. ``methods`` other than the partner alone (None: the partner) put the virtual ``method`` key
-        first and add each method's default knobs (:mod:`wus_tune._study.catalog`); ``effective_ratio``
-        searches edge of chaos's ``optim.ratio`` instead of ``optim.lr``."""
-        params = {p.key: p for p in default_space()} if defaults else {}
-        if methods is not None and tuple(methods) != (_partner_name(),):
-            from wus_tune._study.catalog import method_space
-
-            params = method_space(methods, params, defaults=defaults, effective_ratio=effective_ratio)
+        """The compared ``methods``' knobs (``defaults``; None: the methods a spec compares by default)
+        with a spec's entries applied: a mapping overrides or adds a parameter, ``null`` removes one. With
+        several methods the virtual ``method`` parameter comes first; each method's knobs, and any key
+        under ``methods.<name>.``, are conditional on the choices that run it. ``sections``: the spec's
+        method sections (``edge_of_chaos:``) by method name, for the knobs they change."""
+        methods = check_methods(list(methods) if methods is not None else default_methods())
+        known = declarations()
+        using = {name: tuple(m for m in methods if name in method_parts(m)) for name in known}
+        params: dict[str, Param] = {}
+        if len(methods) > 1:
+            params[METHOD_KEY] = Param(METHOD_KEY, "categorical", choices=tuple(methods), doc="the speed-up method")
+        for name in dict.fromkeys(part for m in methods for part in method_parts(m)) if defaults else ():
+            for key, raw in known[name].search_space((sections or {}).get(name)).items():
+                params[key] = _run_by(param_from_dict(key, raw), using[name])
         for key, raw in (overrides or {}).items():
             key = str(key)
             if key == METHOD_KEY:
                 raise UsageError("search_space.method: choose the compared methods with the spec's 'methods:' list")
             if raw is None or raw is False:
                 params.pop(key, None)
-            else:
-                params[key] = param_from_dict(key, raw, params.get(key))
-        space = cls(tuple(params.values()))
+                continue
+            param = param_from_dict(key, raw, params.get(key))
+            owner = key.split(".")[1] if key.startswith("methods.") and key.count(".") >= 2 else None
+            params[key] = _run_by(param, using[owner]) if owner in using and key not in params else param
+        space = cls(tuple(params.values()), only_method=methods[0] if len(methods) == 1 else None)
         for p in space.params:
             for k in p.when:
-                if k not in params and k not in _virtual_keys():
+                if k not in params and k not in _VIRTUAL:
                     raise UsageError(f"search_space.{p.key}.when: {k!r} is not a searched parameter")
         return space
 
@@ -289,32 +243,32 @@ class SearchSpace:
     def keys(self) -> list[str]:
         return [p.key for p in self.params]
 
+    def _context(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` with the method of a study of one method, unless they fix another."""
+        if self.only_method is None or METHOD_KEY in values:
+            return dict(values)
+        return {METHOD_KEY: self.only_method, **values}
+
     def sample(self, trial: optuna.Trial, fixed: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Values for the active parameters: ``fixed`` ones as given (not suggested), the rest suggested."""
         fixed = dict(fixed or {})
-        values: dict[str, Any] = {**_partner_on(), **fixed}  # the partner's virtual keys, replaced if searched
-        if METHOD_KEY in values:
-            values.update(method_implies(values[METHOD_KEY]))
+        values = self._context(fixed)
         for p in self.params:
             if p.key in fixed or not p.active(values):
                 continue
             values[p.key] = p.suggest(trial)
-            if p.key == METHOD_KEY:  # without the partner, none of its knobs is active
-                values.update(method_implies(values[METHOD_KEY]))
         return values
 
     def fixed_at_base(self, base: TrainConfig, values: Mapping[str, Any]) -> dict[str, Any]:
-        """``values`` plus, for every parameter active under them, its value in ``base``: the fixed
-        values of an enqueued trial that means "the base recipe, with these choices" (a baseline, a
-        method's default trial). A key the base config lacks (a knob of a method it does not enable) is
-        left out; ``optim.ratio`` is the base recipe's ratio."""
-        data = base.to_dict()
-        context: dict[str, Any] = {**_partner_on(), **values}
-        if METHOD_KEY in context:
-            context.update(method_implies(context[METHOD_KEY]))
+        """``values`` plus, for every parameter active under them, its value in ``base`` (a method's knob
+        the base leaves out: the method's default): the fixed values of an enqueued trial that means "the
+        base recipe, with these choices" (a baseline, a method's default trial). ``optim.ratio`` is the
+        base recipe's ratio."""
+        data = with_defaults(base.to_dict())
+        context = self._context(values)
         out: dict[str, Any] = {}
         for p in self.params:
-            if p.key == METHOD_KEY or p.key in _virtual_keys() or p.key in values or not p.active(context):
+            if p.key == METHOD_KEY or p.key in values or not p.active(context):
                 continue
             if p.key == RATIO_KEY:
                 o = base.optim
@@ -322,7 +276,7 @@ class SearchSpace:
                 continue
             try:
                 out[p.key] = get_value(data, p.key)
-            except ConfigError:  # e.g. a knob of a method the base config does not enable
+            except ConfigError:  # a key the base config does not have
                 pass
         return out | dict(values)
 
@@ -340,7 +294,7 @@ class SearchSpace:
             context = {k: allowed[0] for k, allowed in p.when.items() if allowed}  # e.g. the method it needs
             for v in p.corners():
                 try:
-                    apply_values(base, {**context, p.key: v})
+                    apply_values(base, self._context({**context, p.key: v}))
                 except ConfigError as e:
                     raise UsageError(f"search_space.{p.key}: value {v!r} is not a valid config: {e}") from None
 
@@ -348,110 +302,41 @@ class SearchSpace:
         return json.dumps({p.key: p.to_dict() for p in self.params}, sort_keys=False)
 
 
-def _partner_name() -> str:
-    from wus_tune._study.catalog import partner_name
-
-    return partner_name()
-
-
-def _partner_on() -> dict[str, Any]:
-    from wus_tune._study.catalog import partner_virtual
-
-    return partner_virtual(-1)
-
-
-def _virtual_keys() -> set[str]:
-    from wus_tune._study.catalog import virtual_keys
-
-    return virtual_keys()
-
-
-def method_parts(choice: Any) -> tuple[str, ...]:
-    """``"approx_ops+wus"`` -> ``("approx_ops", "wus")``; ``"none"`` -> ``()``. Raises ConfigError for a
-    name that is not a registered method, or a combination that is not supported (only ``<method>+wus``
-    for the methods that declare ``combines_with_wus``)."""
-    from wus_tune._study.catalog import combinable, partner_name, plugin_names
-
-    partner, names, with_partner = partner_name(), plugin_names(), combinable()
-    forms = ", ".join(("none", partner, *names, *(f"{m}+{partner}" for m in with_partner)))
-    if not isinstance(choice, str) or not choice:
-        raise ConfigError(f"{METHOD_KEY}: expected a method name such as 'approx_ops+wus', got {choice!r}")
-    if choice == "none":
-        return ()
-    parts = tuple(choice.split("+"))
-    for part in parts:
-        if part != partner and part not in names:
-            raise ConfigError(f"{METHOD_KEY}: unknown method {part!r} in {choice!r}; choose from {forms}")
-    others = [x for x in parts if x != partner]
-    if len(set(parts)) != len(parts) or len(others) > 1 or (len(parts) == 2 and others[0] not in with_partner):
-        raise ConfigError(f"{METHOD_KEY}: unsupported combination {choice!r}; choose from {forms}")
-    return parts
-
-
-def method_implies(choice: Any) -> dict[str, Any]:
-    """What a ``method`` choice fixes among the other virtual keys: without the partner, the partner's
-    virtual keys at their "off" value (``wus.variant = none``)."""
-    from wus_tune._study.catalog import partner_virtual
-
-    return {} if _partner_name() in method_parts(choice) else partner_virtual(0)
-
-
-def _method_overrides(choice: Any, base_methods: Mapping[str, Any], has_virtual: bool) -> dict[str, Any]:
-    from wus_tune._study.catalog import measure_only, partner, plugin_names
-
-    parts = method_parts(choice)
-    names, measuring = plugin_names(), measure_only()
-    methods = {
-        name: dict(params or {}) for name, params in base_methods.items()
-        if name not in names or name in parts or name in measuring
-    }  # fmt: skip
-    for name in parts:
-        if name != _partner_name():
-            methods.setdefault(name, dict(base_methods.get(name) or {}))
-    out: dict[str, Any] = {"methods": methods}
-    if _partner_name() in parts and not has_virtual:
-        out.update(partner().switch(True))
-    return out
+def _run_by(param: Param, choices: tuple[str, ...]) -> Param:
+    """``param`` sampled only when the trial's ``method`` is one of ``choices`` (and its own condition holds)."""
+    return replace(param, when={METHOD_KEY: choices, **{k: v for k, v in param.when.items() if k != METHOD_KEY}})
 
 
 def apply_values(base: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
-    """``base`` with the sampled/fixed values written in (``method`` and the methods' virtual keys expanded,
-    ``optim.ratio`` turned into ``optim.lr``, ``key[i]`` list items set), validated by
-    :meth:`TrainConfig.replace`."""
-    from wus_tune._study.catalog import methods_registry, partner
-
+    """``base`` with the sampled/fixed values written in (``method`` expanded into the config's
+    ``methods``, the knobs of the methods it does not run dropped; ``optim.ratio`` turned into ``optim.lr``;
+    ``key[i]`` list items set), validated by :meth:`TrainConfig.replace`."""
     values = dict(values)
     overrides: dict[str, Any] = {}
     method = values.pop(METHOD_KEY, None)
+    data = base.to_dict()
     if method is not None:
-        values.update(method_implies(method))
-        overrides.update(_method_overrides(method, base.methods, bool(_virtual_keys() & set(values))))
+        data["methods"] = overrides["methods"] = method_entries(method, base.methods)
+        values = {k: v for k, v in values.items() if not _knob_of_another(k, data["methods"])}
     ratio = values.pop(RATIO_KEY, None)
     if ratio is not None:
         values["optim.lr"] = lr_from_ratio(ratio, values, base)
-    for cls in methods_registry().values():  # each method pops its virtual keys (wus.variant)
-        overrides.update(cls.expand_virtual(values))
-    own = partner()
-    switch_off = own.switch(False) if own is not None else {}
-    if switch_off and all(k in overrides and overrides[k] == v for k, v in switch_off.items()):
-        # A plain recipe: drop the partner's knobs, so a baseline's config carries no misleading values.
-        values = {k: v for k, v in values.items() if not k.startswith(f"{own.name}.")}
-    else:
-        switch_keys = set(own.switch(True)) if own is not None else set()
-        overrides = {k: v for k, v in overrides.items() if k not in values or k in switch_keys}
-    data = base.to_dict()
-    if "methods" in overrides:
-        data["methods"] = overrides["methods"]  # list items below index into the chosen methods
     for key, value in values.items():
         m = _INDEX.match(key)
         if m is None:
             overrides[key] = value
             continue
-        get_value(data, key)  # the item exists
-        current = list(overrides.get(m["key"], get_value(data, m["key"])))
+        current = list(overrides.get(m["key"], get_value(with_defaults(data), m["key"])))
+        get_value(with_defaults(data), key)  # the item exists
         current[int(m["index"])] = value
         overrides[m["key"]] = current
     return base.replace(overrides)
+
+
+def _knob_of_another(key: str, entries: Mapping[str, Any]) -> bool:
+    """Is ``key`` a knob (``methods.<name>.*``) of a method that is not in ``entries`` (the trial's)?"""
+    parts = key.split(".")
+    return len(parts) >= 3 and parts[0] == "methods" and parts[1] not in entries
 
 
 def lr_from_ratio(ratio: Any, values: Mapping[str, Any], base: TrainConfig) -> float:

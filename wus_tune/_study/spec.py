@@ -14,9 +14,11 @@ Format (every key optional; unknown keys are errors)::
                                     # a last "sparsity" or "params" adds Lp-sphere sparsity
     confirm: 0                      # after the trials, re-run the pick, the baseline and a frontier point this
                                     # many times each (wus_tune.confirm); 0: no confirmation
-    methods: [wus]                  # the methods compared (default [wus]): none, wus, approx_ops, lp_sphere,
-                                    # gauss_newton (2-layer mlp), edge_of_chaos, approx_ops+wus, lp_sphere+wus, edge_of_chaos+wus
-    edge_of_chaos: null             # the effective-ratio space and the guideline prior (wus_tune._study.guideline)
+    methods: [wus]                  # the methods compared (default: those declaring compared_by_default, i.e. [wus]):
+                                    # none, wus, approx_ops, lp_sphere, gauss_newton (2-layer mlp), edge_of_chaos,
+                                    # approx_ops+wus, lp_sphere+wus, edge_of_chaos+wus, or a plug-in's
+    edge_of_chaos: null             # a method's own section (its SPEC_SECTION): here the effective-ratio space and
+                                    # the guideline prior (wus_tune.methods.edge_of_chaos.study)
     sampler: tpe                    # tpe | nsga2 | gp
     sampler_options: {n_startup_trials: 8}   # keyword arguments of the Optuna sampler
     seed: 0
@@ -28,13 +30,13 @@ Format (every key optional; unknown keys are errors)::
     baseline_fractions: [0.5, 0.7, 0.85]   # plain runs at these fractions of the epochs: the baseline frontier
     baseline_repeats: 1             # full-length baselines (seeds seed, seed+1, ...; the last ones after the
                                     # other first trials); comparisons use their median
-    enqueue_wus_default: true       # enqueue WUS with its default knobs
-    enqueue: [{wus.variant: wus, wus.threshold: 0.02}]   # more trials to run first (dotted keys)
+    enqueue_defaults: true          # enqueue each compared method's default trials
+    enqueue: [{methods.wus.variant: wus, methods.wus.threshold: 0.02}]   # more trials to run first (dotted keys)
     default_search_space: true      # start from the default space (wus_tune._study.space)
     search_space:                   # override (merge), add, or remove (null) parameters
-      wus.threshold: {low: 0.002, high: 0.03}
+      methods.wus.threshold: {low: 0.002, high: 0.03}
       schedule.name: {choices: [step, cosine, onecycle]}
-      wus.lr_decay: null
+      methods.wus.lr_decay: null
     select: fastest-within:1.0      # rule for the exported best_config.yaml (wus_tune.pareto)
     pruner: none                    # none | pareto: stop trials off the front at rungs (docs/study.md, "Early stopping")
     pruner_options: {eta: 3, min_epochs: 2}   # wus_tune._study.pruning.PrunerSettings
@@ -49,32 +51,35 @@ Format (every key optional; unknown keys are errors)::
     gpus_per_trial: null            # with ray: GPUs per trial, fractions share a GPU (default 0)
     cpus_per_trial: null            # with ray: CPUs per trial (default 1)
     reuse: {replay: true, fork: true, calibrate: true, max_checkpoints: 8}   # learn from the baseline (wus_tune._study.reuse)
+
+Keys of older versions (``enqueue_wus_default``, ``train.wus``, ``wus.*`` search and enqueue keys) are read
+through :mod:`wus_tune.migration`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wus_tune._study.catalog import check_method_model, check_methods, method_default_trials
-from wus_tune._study.front import OBJECTIVES, Rule, parse_rule
-from wus_tune._study.guideline import EdgeOfChaosSpec, Guideline, with_j_logging
-from wus_tune._study.guideline import resolve as resolve_guideline
+from wus_tune._study.catalog import METHOD_KEY, check_method_model, check_methods, declarations, default_methods
+from wus_tune._study.catalog import default_trial
+from wus_tune._study.front import Rule, objective_direction, objective_names, parse_rule
 from wus_tune._study.reuse import ReuseSpec
-from wus_tune._study.space import METHOD_KEY, SearchSpace, apply_values
+from wus_tune._study.space import SearchSpace, apply_values
 from wus_tune._study.storage import DEFAULT_TRACKING_URI, default_storage
 from wus_tune.errors import ConfigError, UsageError, check_number
+from wus_tune.migration import migrate_spec
 
 if TYPE_CHECKING:
     import optuna
 
     from wus_tune._study.pruning import PrunerSettings
     from wus_tune.config import TrainConfig
-    from wus_tune.trainer import TrainResult
+    from wus_tune.methods.study import SectionPlan
 
 SAMPLERS = ("tpe", "nsga2", "gp")
 
@@ -87,8 +92,7 @@ class StudySpec:
     description: str = ""
     train: dict[str, Any] = field(default_factory=dict)
     objectives: Any = "accuracy,relative_time"  # "accuracy,relative_time" or a list
-    methods: list[str] = field(default_factory=lambda: [_partner_name()])  # the compared methods (default: the partner)
-    edge_of_chaos: EdgeOfChaosSpec | None = None  # the effective-ratio space and the guideline prior
+    methods: list[str] = field(default_factory=default_methods)  # the compared methods
     sampler: str = "tpe"
     sampler_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -99,7 +103,7 @@ class StudySpec:
     constraint_delta: float | None = None
     baseline_fractions: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85])
     baseline_repeats: int = 1
-    enqueue_wus_default: bool = True
+    enqueue_defaults: bool = True  # each compared method's default trials
     enqueue: list[dict[str, Any]] = field(default_factory=list)
     default_search_space: bool = True
     search_space: dict[str, Any] = field(default_factory=dict)
@@ -118,22 +122,42 @@ class StudySpec:
     gpus_per_trial: float | None = None  # with ray: GPUs each trial asks for (0.25: four trials share a GPU); default 0
     cpus_per_trial: float | None = None  # with ray: CPUs each trial asks for; default 1
     reuse: ReuseSpec = field(default_factory=ReuseSpec)  # replay / fork / calibrate on the baseline's run
+    # the methods' own sections ({"edge_of_chaos": EdgeOfChaosSpec(...)}): top-level keys named after a
+    # method whose study declaration has a SPEC_SECTION
+    sections: dict[str, Any] = field(default_factory=dict, metadata={"internal": True})
     source: str = field(default="", metadata={"internal": True})  # where it came from, for messages
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "spec") -> StudySpec:
-        from wus_tune.config import _build  # the config's typed mapping parser, reused for one behaviour
-
         if not isinstance(raw, Mapping):
             raise UsageError(f"{source}: expected a mapping at the top level")
-        if "source" in raw:
-            raise UsageError(f"{source}: source: unknown key")
         try:
-            spec = _build(cls, dict(raw), "")
-        except ConfigError as e:
+            return StudySpec(source=source).replace(**raw)
+        except UsageError as e:
             raise UsageError(f"{source}: {e}") from None
-        spec.source = source
-        return spec
+
+    def replace(self, **changes: Any) -> StudySpec:
+        """A copy with these fields changed: spec keys (``n_trials=10``, ``search_space={...}``), a method's
+        section by the method's name (``edge_of_chaos={...}``), or a key of an older version (read through
+        :mod:`wus_tune.migration`). An unknown key is a UsageError naming it."""
+        from wus_tune.config import build_dataclass
+
+        changes = migrate_spec(changes)
+        fields = {f.name for f in dataclasses.fields(StudySpec) if not f.metadata.get("internal")}
+        section_types = {name: d.SPEC_SECTION for name, d in declarations().items() if d.SPEC_SECTION is not None}
+        unknown = sorted(set(changes) - fields - set(section_types))
+        if unknown:
+            raise UsageError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(fields | set(section_types)))})")
+        sections = dict(self.sections)
+        try:
+            for name in set(changes) & set(section_types):
+                value = changes.pop(name)
+                sections[name] = value if value is None or isinstance(value, section_types[name]) else \
+                    build_dataclass(section_types[name], value, name)  # fmt: skip
+            typed = build_dataclass(StudySpec, changes, "")  # the config's typed parser checks each value's type
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
+        return dataclasses.replace(self, **{k: getattr(typed, k) for k in changes}, sections=sections)
 
     @classmethod
     def load(cls, path: str | Path) -> StudySpec:
@@ -159,7 +183,8 @@ class StudySpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source")
-        return d
+        sections = d.pop("sections")
+        return {**d, **sections}
 
     def resolve(self) -> ResolvedStudy:
         """Validate everything (names, ranges, the base config, every corner of the search space) without
@@ -180,12 +205,12 @@ class StudySpec:
         rule = parse_rule(self.select)
         pruner = parse_settings(self.pruner, self.pruner_options)
         reuse = self.reuse.validate()
-        base = TrainConfig.from_dict(self.train)
-        methods = check_methods(self.methods)
+        me = self.replace(train=self.train, search_space=self.search_space, enqueue=self.enqueue)  # older keys read as today's
+        base = TrainConfig.from_dict(me.train)
+        methods = check_methods(me.methods)
         check_method_model(methods, base)
-        base, space, guide = self._search_space(base, methods)
-        method_trials = self._method_trials(base, space, methods, guide)
-        self._check_enqueue(base)
+        base, space, plans = me._search_space(base, methods)
+        lead, method_trials = me._first_trials(base, space, methods, plans)
         make_sampler(self.sampler, self.sampler_options, seed=self.seed)  # bad options fail here
         name = self.name or f"{base.model.name}-{base.data.name}"
         tracking = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
@@ -205,16 +230,16 @@ class StudySpec:
             constraint_delta=self.constraint_delta,
             baseline_fractions=tuple(self.baseline_fractions),
             baseline_repeats=self.baseline_repeats,
-            enqueue_wus_default=self.enqueue_wus_default,
-            enqueue=tuple(dict(e) for e in self.enqueue),
+            enqueue=tuple(dict(e) for e in me.enqueue),
             select=rule,
             confirm=self.confirm,
             accuracy_margin=self.accuracy_margin,
             cost_factor=self.cost_factor,
-            spec=self.to_dict(),
+            spec=me.to_dict(),
             methods=methods,
+            lead_trials=tuple(lead),
             method_trials=tuple(method_trials),
-            guideline=guide,
+            sections=plans,
             pruner=pruner,
             reuse=reuse,
         )
@@ -244,46 +269,38 @@ class StudySpec:
             if not 0 < f <= 1:
                 raise UsageError(f"baseline_fractions[{i}]: {f:g} is out of range (0, 1]")
 
-    def _search_space(self, base: TrainConfig, methods: tuple[str, ...]) -> tuple[TrainConfig, SearchSpace, Guideline | None]:
-        """The search space over ``methods``, checked against the base config; with an ``edge_of_chaos``
-        section, its guideline too (and the base config that logs J)."""
-        guide: Guideline | None = None
+    def _search_space(self, base: TrainConfig, methods: tuple[str, ...]) -> tuple[TrainConfig, SearchSpace, dict[str, SectionPlan]]:
+        """The search space over ``methods``, checked against the base config, with what each method's spec
+        section adds (its plan: a base config, search-space entries and trials of its own)."""
+        known = declarations()
+        plans: dict[str, SectionPlan] = {}
         overrides = dict(self.search_space)
-        if self.edge_of_chaos is not None:
-            guide = resolve_guideline(self.edge_of_chaos, base, methods)
-            base = with_j_logging(base, self.edge_of_chaos)
-            if guide.weight_decay_range is not None:  # the guideline's range; a spec entry still wins
-                low, high = guide.weight_decay_range
-                overrides = {"optim.weight_decay": {"low": low, "high": high, "log": True}} | overrides
-        space = SearchSpace.build(
-            overrides, defaults=self.default_search_space, methods=methods,
-            effective_ratio=guide is not None and guide.effective_ratio,
-        )  # fmt: skip
+        for name, section in self.sections.items():
+            if section is not None:
+                plans[name] = plan = known[name].plan_section(section, base, methods)
+                base = plan.base
+                overrides = dict(plan.search_space) | overrides  # a spec entry wins over the section's
+        space = SearchSpace.build(overrides, defaults=self.default_search_space, methods=methods, sections=self.sections)
         space.check(base)
-        return base, space, guide
+        return base, space, plans
 
-    @staticmethod
-    def _method_trials(base: TrainConfig, space: SearchSpace, methods: tuple[str, ...],
-                       guide: Guideline | None) -> list[tuple[str, dict[str, Any]]]:  # fmt: skip
-        """One default trial per compared method (the guideline's trials replace edge of chaos's), each
-        checked to make a valid config."""
-        method_trials = method_default_trials(space, base, methods)
-        if guide is not None and guide.configs:  # the guideline's trials replace edge of chaos's default
-            method_trials = [t for t in method_trials if t[1].get("method") != "edge_of_chaos"]
-            method_trials += [("guideline", space.fixed_at_base(base, values)) for values in guide.configs]
-        for _, values in method_trials:
+    def _first_trials(self, base: TrainConfig, space: SearchSpace, methods: tuple[str, ...],
+                      plans: Mapping[str, SectionPlan]) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, dict[str, Any]]]]:  # fmt: skip
+        """(lead, method trials): the methods' default trials and the sections' trials, each checked to make
+        a valid config; the spec's ``enqueue`` entries checked too."""
+        lead, method_trials = default_trials(space, base, methods, plans) if self.enqueue_defaults else ([], [])
+        method_trials += [(role, space.fixed_at_base(base, values)) for plan in plans.values() for role, values in plan.trials]
+        for _, values in (*lead, *method_trials):
             try:
                 apply_values(base, values)
             except ConfigError as e:
-                raise UsageError(f"methods: the default trial {values.get('method')!r} is not a valid config: {e}") from None
-        return method_trials
-
-    def _check_enqueue(self, base: TrainConfig) -> None:
+                raise UsageError(f"methods: the default trial {values.get(METHOD_KEY)!r} is not a valid config: {e}") from None
         for i, entry in enumerate(self.enqueue):
             try:
                 apply_values(base, entry)
             except ConfigError as e:
                 raise UsageError(f"enqueue[{i}]: {e}") from None
+        return lead, method_trials
 
 
 @dataclass(frozen=True)
@@ -305,7 +322,6 @@ class ResolvedStudy:
     tracking_uri: str | None  # None: MLflow off
     constraint_delta: float | None
     baseline_fractions: tuple[float, ...]
-    enqueue_wus_default: bool
     enqueue: tuple[dict[str, Any], ...]
     select: Rule
     accuracy_margin: float
@@ -313,40 +329,36 @@ class ResolvedStudy:
     spec: dict[str, Any]
     confirm: int = 0
     baseline_repeats: int = 1
-    methods: tuple[str, ...] = ()  # resolve() always sets it; a spec's default is the partner method alone
-    # (role, fixed values) enqueued after the baseline frontier: one default per method, guideline trials
+    methods: tuple[str, ...] = ()  # resolve() always sets it
+    # (role, fixed values) enqueued right after the full-length baseline: the first compared method's default trials
+    lead_trials: tuple[tuple[str, dict[str, Any]], ...] = ()
+    # (role, fixed values) enqueued after the baseline frontier: the other methods' defaults, the sections' trials
     method_trials: tuple[tuple[str, dict[str, Any]], ...] = ()
-    guideline: Guideline | None = None
+    sections: dict[str, SectionPlan] = field(default_factory=dict)  # what the methods' spec sections added
     pruner: PrunerSettings | None = None  # None: every trial runs to its last epoch
     reuse: ReuseSpec = field(default_factory=ReuseSpec)
 
     @property
     def directions(self) -> list[str]:
-        return [OBJECTIVES[o][0] for o in self.objectives]
+        return [objective_direction(o) for o in self.objectives]
 
 
 def initial_trials(study_def: ResolvedStudy) -> list[tuple[str, dict[str, Any]]]:
-    """(role, fixed values) of the trials a new study runs first: the full-length baseline (the partner
-    method off: its virtual keys at their first value), the partner's default trial (role
-    ``<partner>-default``, e.g. ``wus-default``), the baseline frontier (``baseline_fractions`` of the
-    epochs; crossed with every ``schedule.name`` choice when the schedule is searched), one default
-    trial per compared method and
-    the edge-of-chaos guideline's trials (``study_def.method_trials``), then the spec's ``enqueue`` entries.
+    """(role, fixed values) of the trials a new study runs first: the full-length baseline (method
+    ``none``), the first compared method's default trial (role ``<method>-default``, e.g. ``wus-default``),
+    the baseline frontier (``baseline_fractions`` of the epochs; crossed with every ``schedule.name``
+    choice when the schedule is searched), the other compared methods' default trials and those a
+    method's spec section adds (the edge-of-chaos guideline's, ``study_def.method_trials``), more
+    baselines (``baseline_repeats``), then the spec's ``enqueue`` entries.
 
     Every searched knob of these trials is fixed at the base config's value, so "baseline" and the
-    partner's default mean the spec's own recipe, not a sampled one.
+    methods' defaults mean the spec's own recipe, not a sampled one.
     """
-    from wus_tune._study.catalog import partner, partner_virtual
-
     base, space = study_def.base, study_def.space
     epochs = base.epochs
-    methods = METHOD_KEY in space  # a study comparing methods: the baselines are method "none"
-    plain = space.fixed_at_base(base, partner_virtual(0) | ({METHOD_KEY: "none"} if methods else {}))
+    plain = space.fixed_at_base(base, {METHOD_KEY: "none"})
     out: list[tuple[str, dict[str, Any]]] = [("baseline", plain | {"epochs": epochs})]
-    own = partner()
-    if study_def.enqueue_wus_default and own is not None and (not methods or own.name in space[METHOD_KEY].choices):
-        trial = own.default_trials()[0] | ({METHOD_KEY: own.name} if methods else {})
-        out.append((f"{own.name}-default", space.fixed_at_base(base, trial) | {"epochs": epochs}))
+    out += [(role, dict(values)) for role, values in study_def.lead_trials]
     budgets = sorted({max(1, round(f * epochs)) for f in study_def.baseline_fractions} - {epochs}, reverse=True)
     schedules = [base.schedule.name]
     if "schedule.name" in space and space["schedule.name"].type == "categorical":
@@ -362,23 +374,6 @@ def initial_trials(study_def: ResolvedStudy) -> list[tuple[str, dict[str, Any]]]
     return out
 
 
-def calibrated(
-    spec: StudySpec, study: ResolvedStudy, *, fit: Callable[..., TrainResult] | None, say: Callable[[str], None]
-) -> ResolvedStudy:
-    """``study`` resolved again with ``edge_of_chaos.growth_rate: auto`` replaced by a calibrated number;
-    unchanged without ``auto``. ``study`` is ``spec.resolve()``, so the rest is already validated."""
-    eoc = spec.edge_of_chaos
-    if eoc is None or eoc.growth_rate != "auto":
-        return study
-    say(f"edge_of_chaos: calibrating the growth rate c ({eoc.calibration_epochs} epochs, no weight decay) ...")
-    from wus_tune._study.guideline import calibrate_growth_rate
-
-    c, info = calibrate_growth_rate(study.base, epochs=eoc.calibration_epochs, fit=fit)
-    say(f"edge_of_chaos: c = {c:.4g} (ratio {info['ratio']:.3g}, J^2 {info['j2_per_epoch'][0]:.3f} -> "
-        f"{info['j2_per_epoch'][-1]:.3f}); put 'growth_rate: {c:.4g}' in the spec to skip this run")  # fmt: skip
-    return dataclasses.replace(spec, edge_of_chaos=dataclasses.replace(eoc, growth_rate=c)).resolve()
-
-
 def parse_objectives(value: Any) -> tuple[str, ...]:
     """``"accuracy,relative_time"`` or ``["accuracy", "cost"]`` -> a tuple; accuracy first, then one or two
     of relative_time, time and cost,
@@ -386,9 +381,10 @@ def parse_objectives(value: Any) -> tuple[str, ...]:
     names = [s.strip() for s in value.split(",")] if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise UsageError(f"objectives: expected e.g. 'accuracy,time', got {value!r}")
+    known = objective_names()
     for n in names:
-        if n not in OBJECTIVES:
-            raise UsageError(f"objectives: unknown objective {n!r}; choose from {', '.join(OBJECTIVES)}")
+        if n not in known:
+            raise UsageError(f"objectives: unknown objective {n!r}; choose from {', '.join(known)}")
     kinds = ["a" if n == "accuracy" else "c" if n in ("time", "relative_time", "cost") else "s" for n in names]
     shape = "".join(kinds)
     if shape not in ("ac", "acc", "acs", "accs") or len(set(names)) != len(names):
@@ -426,7 +422,29 @@ def _check_int(key: str, value: Any, low: int) -> None:
     check_number(key, value, integer=True, minimum=low)
 
 
-def _partner_name() -> str:
-    from wus_tune._study.catalog import partner_name
+def default_trials(space: SearchSpace, base: TrainConfig, methods: Sequence[str],
+                   plans: Mapping[str, SectionPlan]) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, dict[str, Any]]]]:  # fmt: skip
+    """(role, fixed values) of the compared methods' default trials, each method at its default knobs: the
+    first compared choice's right after the full-length baseline (role ``<choice>-default``, e.g.
+    ``wus-default``: the headline of the study gets a measured point before the baseline frontier), then
+    the others' (role ``method-default``). A method whose spec section brings trials of its own (the
+    edge-of-chaos guideline) runs those instead of its default."""
+    replaced = {name for name, plan in plans.items() if plan.trials}
+    chosen = [m for m in methods if m != "none" and m not in replaced]
+    trials = [space.fixed_at_base(base, default_trial(choice, base)) for choice in chosen]
+    if not chosen or chosen[0] != methods[0]:
+        return [], [("method-default", values) for values in trials]
+    return [(f"{chosen[0]}-default", trials[0] | {"epochs": base.epochs})], [("method-default", v) for v in trials[1:]]
 
-    return partner_name()
+
+def prepare_sections(spec: StudySpec, study: ResolvedStudy, *, fit: Callable[..., Any] | None,
+                     say: Callable[[str], None]) -> ResolvedStudy:
+    """``study`` resolved again once each method's spec section is complete (e.g. edge of chaos's growth
+    rate ``auto`` calibrated by a short run on the base recipe); ``study`` itself when nothing was missing.
+    ``study`` is ``spec.resolve()``, so the rest is already validated."""
+    known = declarations()
+    sections = {name: known[name].prepare_section(section, study.base, fit=fit, say=say) if section is not None else None
+                for name, section in spec.sections.items()}  # fmt: skip
+    if all(sections[name] is spec.sections[name] for name in sections):
+        return study
+    return dataclasses.replace(spec, sections=sections).resolve()

@@ -20,17 +20,15 @@ class TrialPrinter:
     """Optuna callback: one line per finished trial."""
 
     def __init__(self, study_def: ResolvedStudy, say: Callable[[str], None], ran: list[int]) -> None:
-        from wus_tune._study.catalog import partner_name
+        from wus_tune._study.report import step_mix
 
-        self.study_def, self.say, self.ran = study_def, say, ran
-        self.partner = partner_name()
+        self.study_def, self.say, self.ran, self.step_mix = study_def, say, ran, step_mix
         self.baseline: tuple[float, ...] | None = None
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.ran.append(trial.number)
         a = trial.user_attrs
-        # the compared method (approx_ops+wus), or for the partner alone its variant (wus+lr)
-        label = a["method"] if a.get("method") not in (None, self.partner) else a.get("variant", "?")
+        label = a.get("variant", "?")  # what the trial ran: none, wus+lr, approx_ops+wus
         head = f"trial {trial.number:>3} {trial.state.name:<8} {a.get('role', 'search'):<17} {label:<6}"
         if trial.values is None:
             self.say(f"{head} {a.get('fail_reason') or (a.get('pruned') or {}).get('reason', '')}")
@@ -45,8 +43,8 @@ class TrialPrinter:
         if self.baseline is not None and cost > 0:
             text += f"  {self.baseline[1] / cost:.2f}x {100 * (acc - self.baseline[0]):+.2f} pts vs baseline"
         res = a.get("result") or {}
-        if res.get("skip_fraction"):
-            text += f"  skipped {res['skip_fraction']:.0%}"
+        if mix := self.step_mix(res):
+            text += f"  steps {mix}"
         for name, value in zip(self.study_def.objectives[2:], trial.values[2:]):
             if name in ("sparsity", "params"):
                 text += f"  {name} {value:.1%}" if name == "sparsity" else f"  {name} {value:,.0f}"

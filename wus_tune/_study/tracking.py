@@ -45,15 +45,15 @@ def _finite(x: Any) -> bool:
 
 
 def epoch_metrics(record: EpochRecord) -> dict[str, float]:
-    """The metrics of one epoch, named as in the MLflow UI (method extras keep their prefix)."""
+    """The metrics of one epoch, named as in the MLflow UI: the epoch's steps per step kind (``steps/full``,
+    ``steps/skip:all``) and the methods' metrics, which keep their prefix (``wus/skipping``)."""
     m = {
         "train_loss": record.train_loss,
         "train_acc": record.train_acc,
         "val_loss": record.val_loss,
         "val_acc": record.val_acc,
         "lr": record.lr,
-        "skipping": 1.0 if record.skipping else 0.0,
-        "skipped_steps": record.skipped_steps,
+        **{f"steps/{kind}": n for kind, n in record.steps_by_kind.items()},
         "epoch_train_time_s": record.train_time_s,
         "epoch_eval_time_s": record.eval_time_s,
         "epoch_time_s": record.train_time_s + record.eval_time_s,
@@ -65,7 +65,7 @@ def epoch_metrics(record: EpochRecord) -> dict[str, float]:
 
 FINAL_METRICS = (
     "val_acc", "best_val_acc", "test_acc", "time_s", "train_time_s", "eval_time_s", "required_eval_time_s",
-    "cost_flops", "train_flops", "flops_fraction", "skip_fraction", "total_steps", "num_params",
+    "cost_flops", "train_flops", "flops_fraction", "changed_step_fraction", "total_steps", "num_params",
 )  # fmt: skip
 
 

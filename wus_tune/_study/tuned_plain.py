@@ -1,6 +1,6 @@
 """The tuned-plain yardstick: a fair comparison for methods whose trials retune the optimizer.
 
-A method with ``Method.tunes_optimizer`` (edge of chaos) searches the learning rate, momentum, batch size and
+A method whose study declaration says ``tunes_optimizer`` (edge of chaos) searches the learning rate, momentum, batch size and
 weight decay; the fixed baseline frontier does not, so beating it may only say "tuning the optimizer helps".
 So the study also runs *tuned-plain* trials (role ``tuned-plain``, method ``none``): the same optimizer knobs,
 sampled from the same ranges, without the method, one for every trial of the method (the same budget;
@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING, Any
 
-from wus_tune._study.space import METHOD_KEY, method_parts
+from wus_tune._study.catalog import METHOD_KEY, method_parts, tunes_optimizer
 
 if TYPE_CHECKING:
     import optuna
@@ -26,18 +26,14 @@ ROLE = "tuned-plain"
 
 
 def tuning_choices(methods: tuple[str, ...]) -> list[str]:
-    """The compared ``method`` choices whose method retunes the optimizer (``Method.tunes_optimizer``)."""
-    from wus_tune.methods import registry
-
-    known = registry()
-    return [m for m in methods if any(getattr(known.get(p), "tunes_optimizer", False) for p in method_parts(m))]
+    """The compared ``method`` choices with a method that retunes the optimizer (``tunes_optimizer``)."""
+    return [m for m in methods if tunes_optimizer(m)]
 
 
 def sampling_choice(choices: list[str]) -> str:
-    """The choice whose knobs a tuned-plain trial samples: one without the partner method (WUS) when there is one."""
-    from wus_tune._study.catalog import partner_name
-
-    return next((m for m in choices if partner_name() not in method_parts(m)), choices[0])
+    """The choice whose knobs a tuned-plain trial samples: the one combining the fewest methods (its
+    optimizer knobs, with as few other knobs as can be)."""
+    return min(choices, key=lambda m: len(method_parts(m)))
 
 
 class TunedPlainBalancer:
@@ -45,7 +41,7 @@ class TunedPlainBalancer:
     group has fewer trials (any state, waiting ones too) than the method's."""
 
     def __init__(self, study_def: ResolvedStudy) -> None:
-        self.choices = tuning_choices(study_def.methods) if METHOD_KEY in study_def.space else []
+        self.choices = tuning_choices(study_def.methods)
         self.enabled = bool(self.choices)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -1,28 +1,20 @@
-"""Plug-in speed-up methods: one contract, :class:`Method`, that WUS and every other method implement.
+"""Plug-in speed-up methods: one training contract, :class:`Method`, that WUS and every other method implement.
 
 A method is a set of pure functions (the maths, usable in any training loop) plus a thin :class:`Method`
-subclass. The class carries the method's *study data* (classmethods: read without building a run); an
-instance carries one run's state, and :func:`wus_tune.fit` calls its *run-time hooks*. The trainer has
-no method-specific branch: whatever a method does, it does through the hooks below.
+subclass whose instance carries one run's state; :func:`wus_tune.fit` calls its hooks. The trainer has
+no method-specific branch: whatever a method does, it does through the hooks below. What a *study* reads
+about a method (its search space, default trials, model checks, baseline replay) is a separate class,
+a :class:`wus_tune.methods.study.MethodStudy`, named by :attr:`Method.study` and imported only by the
+study: training never imports the study side.
 
-Study data (classmethods and class attributes)::
+A config switches a method on by naming it with its keyword arguments (``methods: {wus: {threshold: 0.02},
+approx_ops: {sample_ratio: 0.5}}``); :func:`build_methods` builds them in that order. ``Method(**params)``
+round-trips a tuned config, because ``__init__`` only stores keyword arguments (the constructor's
+keyword-only arguments, or the fields of a ``params_type`` dataclass: WUS's are ``WUSConfig``'s).
+Besides ``name`` and ``params_type``, a class says where its study declaration is (``study``) and whether
+its ordinary steps are the plain model's (``plain_full_steps``: they are then priced as the baseline's).
 
-    name                      registry key and metric prefix ("wus/skip_windows")
-    combines_with_wus         may run beside WUS in one trial ("approx_ops+wus")
-    partner                   the method others combine with, tuned by a study without `methods:` (WUS)
-    VIRTUAL_KEYS              {virtual key: values}, first = off, last = on as configured (WUS: wus.variant)
-    tunes_optimizer           its search space has optim.* knobs (edge_of_chaos)
-    measure_only              changes nothing in training (a base config's entry stays in every trial)
-    enabled(config)           is it on in this TrainConfig? (default: name in config.methods; WUS: wus.enabled)
-    from_config(config)       the instance (default: cls(**config.methods[name]); WUS: from config.wus)
-    switch(on)                dotted-key overrides turning it on ({"methods.<name>": {}}; WUS: {"wus.enabled": on})
-    search_space()            {dotted key: spec search_space entry (type/low/high/log/choices/when/doc)}
-    default_trials()          [dotted-key overrides of each default trial]
-    expand_virtual(values)    pops its virtual keys (WUS: wus.variant) and returns the overrides they imply
-    check_model(model, cfg)   None, or a one-line reason why it cannot act on this ModelConfig
-    check_module(net, cfg)    the same for the built nn.Module (asked once before a study's first trial)
-
-Run-time hooks (each optional), in the order :func:`wus_tune.fit` calls them::
+The hooks (each optional), in the order :func:`wus_tune.fit` calls them::
 
     model = method.setup(model, run)                # once; run is a RunInfo
     opt = method.make_optimizer(model, run)         # once; two methods returning one -> ConfigError
@@ -37,8 +29,8 @@ Run-time hooks (each optional), in the order :func:`wus_tune.fit` calls them::
             factors = method.lr_factors(optimizer, run)   # per param-group LR factors; several multiply
             kind = method.step_kind()               # "" for an ordinary step, e.g. "skip:last:1"; the
                                                     # ledger keeps steps, time and FLOPs per kind
-            cost = method.train_step(step)          # optional: OWNS the step (forward, update) and returns
-                                                    # StepCost(loss, logits); two owners -> ConfigError.
+            if method.owns_step():                  # it runs forward and update itself: two owners ->
+                cost = method.train_step(step)      # ConfigError; returns StepCost(loss, logits).
                                                     # Without an owner the trainer runs forward, backward,
                                                     # before_step, optimizer.step(), after_step. With one,
                                                     # the others' before_step/after_step run around it.
@@ -47,44 +39,21 @@ Run-time hooks (each optional), in the order :func:`wus_tune.fit` calls them::
             method.on_check(metrics, progress)      # when its CheckPlan is due: {"val_acc", "val_loss"} or
                                                     # {"train_acc"} (running accuracy since its last check)
         metrics = method.end_epoch(model, run)      # logged with the method's prefix: "lp_sphere/sparsity"
-    state = method.state_dict()                     # at a snapshot (fit's probes); load_state_dict(state) on resume
+    state = method.state_dict()                     # at a snapshot (fit's recording); load_state_dict(state)
+                                                    # when a run resumes from one
 
-Baseline reuse (classmethods; a study asks them in :mod:`wus_tune._study.reuse`). A method whose trial
-*is* plain training up to a point it can compute from a plain run's probes opts in by overriding
-``baseline_recording``; with the defaults its trials train from scratch::
-
-    config_section()                 dotted key of its settings ("methods.<name>"; WUS: "wus")
-    RECORDED_KNOBS                   its knobs that change what the baseline records; a trial must share the
-                                     baseline's values (WUS: signal, check_every)
-    baseline_recording(config)       BaselineRecording(every_steps, val_acc): the probes a baseline of this
-                                     config must record; None (default): not predictable from a baseline
-    deviation_checks(space, base, progress)
-                                     the probes after which some trial of the space could first deviate
-                                     (the baseline snapshots only these); default none
-    replay_baseline(config, probes)  Deviation(check, states, metrics, charges_probes): the probe after
-                                     which the trial first trains differently (None: never, it is the
-                                     baseline) and what a fork from an earlier probe loads; default: it
-                                     deviates from the first step
-    calibrate_space(space, base, probes, explicit)
-                                     (space with its own knobs' ranges fitted to the baseline's probes,
-                                     note lines); default unchanged
-
-A trial is predicted only when exactly one of its methods opts in and its config equals the baseline's
-outside that method's section (``RECORDED_KNOBS`` included). The answer must be exact, not an estimate:
-a trial reused on a wrong ``Deviation`` is recorded with the baseline's values, a wrong result.
-
-A config names methods and their keyword arguments (``methods: {approx_ops: {sample_ratio: 0.5}}``);
-``Method(**params)`` round-trips a tuned config, because ``__init__`` only stores keyword arguments.
 Installed packages add methods through the entry-point group ``wus_tune.methods``
-(``my_method = my_package.module:MyMethod``): :func:`registry` finds them.
+(``my_method = my_package.module:MyMethod``): :func:`registry` finds them. The built-in ones are the
+modules and packages of this one (``docs/methods/adding_a_method.md``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, ContextManager
 
@@ -93,12 +62,9 @@ from wus_tune.errors import ConfigError, one_line
 if TYPE_CHECKING:
     import torch
 
-    from wus_tune._study.space import SearchSpace
-    from wus_tune.config import TrainConfig
-
 __all__ = [
-    "Method", "RunInfo", "StepContext", "StepCost", "CheckPlan", "BaselineRecording", "Deviation", "register",
-    "registry", "build_methods", "validate_methods", "ENTRY_POINT_GROUP",
+    "Method", "RunInfo", "StepContext", "StepCost", "CheckPlan", "register", "registry", "build_methods",
+    "validate_methods", "knob_defaults", "ENTRY_POINT_GROUP",
 ]
 
 
@@ -106,7 +72,7 @@ __all__ = [
 class RunInfo:
     """What a method may read about the run, fixed before training starts."""
 
-    config: TrainConfig
+    config: Any  # the run's wus_tune.config.TrainConfig (not imported here: the config imports this module)
     device: torch.device
     steps_per_epoch: int
     total_steps: int
@@ -157,154 +123,24 @@ class CheckPlan:
     signal: str
 
 
-@dataclass(frozen=True)
-class BaselineRecording:
-    """What a plain baseline run must record for a method's trials to be predicted from it: a probe
-    (:class:`wus_tune.run_state.Probes`) every ``every_steps`` optimizer steps (0: at each epoch's end),
-    with a validation pass at each probe when ``val_acc``."""
-
-    every_steps: int
-    val_acc: bool
-
-
-@dataclass
-class Deviation:
-    """Where a trial first trains differently from the baseline, found on the baseline's probes, and what
-    a run forked from the baseline's snapshot at probe ``j <= check`` takes over.
-
-    ``check`` is the 1-based probe after which the trial leaves plain training (0: from its first step;
-    None: never, the trial *is* the baseline). ``states[j - 1]`` is the method's ``state_dict()`` after
-    probe ``j`` as the trial would have it (loaded on a fork; empty: the method keeps no state);
-    ``metrics[j - 1]`` its ``end_epoch`` metrics then (shown on the fork's prefix epochs; empty: none).
-    ``charges_probes``: the trial's own run pays a validation pass at each probe (a ``val_acc`` CheckPlan),
-    so a fork is charged the prefix's passes, which the baseline measured but did not pay."""
-
-    check: int | None
-    states: Sequence[dict[str, Any] | None] = ()
-    metrics: Sequence[dict[str, float]] = ()
-    charges_probes: bool = False
-
-
 class Method:
-    """Base class: override the hooks you need. ``name`` is the registry key and the metric prefix.
-
-    The class carries the method's study data (classmethods, read without building a run); an instance
-    carries one run's state and is called by the trainer at the hook points.
-    """
+    """Base class: override the hooks you need. ``name`` is the config key (``methods.<name>``) and the
+    metric prefix (``<name>/...``); an instance carries one run's state."""
 
     name: ClassVar[str] = ""
-    combines_with_wus: ClassVar[bool] = False  # may run beside WUS in one trial ("approx_ops+wus")
-    # its search space has optim.* knobs (edge_of_chaos): a study then also runs tuned-plain trials searching
-    # the same knobs with the same budget, its fair yardstick (wus_tune._study.tuned_plain)
-    tunes_optimizer: ClassVar[bool] = False
-    measure_only: ClassVar[bool] = False  # changes nothing in training: a base config's entry stays in every trial
-    # The method the others combine with ("approx_ops+wus") and the one a study without a ``methods:`` list
-    # tunes (on in its trials unless a virtual key turns it off): WUS.
-    partner: ClassVar[bool] = False
-    # Its virtual keys (popped by ``expand_virtual``) and their values: the first turns it off, the last
-    # turns it on as configured (the value a study assumes when the key is neither searched nor fixed).
-    VIRTUAL_KEYS: ClassVar[dict[str, tuple[Any, ...]]] = {}
-    # The searched knobs, as a spec's ``search_space:`` entries (type/low/high/log/choices/when/doc), keyed by
-    # dotted TrainConfig key; the study adds ``when: {method: [choices naming this method]}``.
-    SEARCH_SPACE: ClassVar[dict[str, dict[str, Any]]] = {}
-    # The default trial's knobs where they differ from the constructor's defaults (the card's suggestions).
-    DEFAULT_TRIAL: ClassVar[dict[str, Any]] = {}
+    # The dataclass the keyword arguments fill, when the method keeps its knobs in one (WUS: WUSConfig);
+    # None: the knobs are the constructor's keyword-only arguments.
+    params_type: ClassVar[type | None] = None
+    # Where its study-side declaration is, "package.module:Class" (a wus_tune.methods.study.MethodStudy
+    # subclass: search space, default trials, baseline replay); imported by the study only. None: the
+    # defaults (no searched knob, its trials train from scratch).
+    study: ClassVar[str | None] = None
+    # Its steps of the ordinary kind ("full") and its evaluations are the plain model's (WUS: only its skip
+    # steps differ), so the pricing of a run's work reuses the baseline's own measurement for them.
+    plain_full_steps: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.params = params
-
-    # ---- study data (classmethods) ---------------------------------------------------------------
-
-    @classmethod
-    def enabled(cls, config: Any) -> bool:
-        """Is this method on in ``config`` (a TrainConfig)?"""
-        return cls.name in config.methods
-
-    @classmethod
-    def from_config(cls, config: Any) -> "Method":
-        """The method instance for ``config``; bad arguments raise ConfigError naming the key."""
-        return _construct(cls, config.methods.get(cls.name) or {})
-
-    @classmethod
-    def switch(cls, on: bool) -> dict[str, Any]:
-        """Dotted-key config overrides that turn the method on (off: the study removes ``methods.<name>``)."""
-        return {f"methods.{cls.name}": {}} if on else {}
-
-    @classmethod
-    def search_space(cls) -> dict[str, dict[str, Any]]:
-        return {key: dict(value) for key, value in cls.SEARCH_SPACE.items()}
-
-    @classmethod
-    def default_trials(cls) -> list[dict[str, Any]]:
-        """Dotted-key overrides of each default trial: the searched ``methods.<name>.*`` knobs at the
-        constructor's defaults, overlaid by :attr:`DEFAULT_TRIAL`."""
-        signature = inspect.signature(cls.__init__).parameters
-        prefix = f"{cls.config_section()}."
-        knobs = [key[len(prefix):] for key in cls.SEARCH_SPACE if key.startswith(prefix)]
-        trial = {f"{prefix}{k}": signature[k].default for k in knobs
-                 if k in signature and signature[k].default is not inspect.Parameter.empty}
-        trial.update({f"{prefix}{k}": v for k, v in cls.DEFAULT_TRIAL.items()})
-        return [trial]
-
-    @classmethod
-    def expand_virtual(cls, values: dict[str, Any]) -> dict[str, Any]:
-        """Pop this method's virtual keys from ``values``; return the config overrides they imply."""
-        return {}
-
-    @classmethod
-    def check_model(cls, model: Any, config: Any) -> str | None:
-        """None when the method can act on ``model`` (a ModelConfig); else a one-line reason.
-
-        Called when a spec is resolved, before anything is built, so it can judge only what the config
-        says (a built-in model's name and depth); the built network is :meth:`check_module`'s."""
-        return None
-
-    @classmethod
-    def check_module(cls, module: torch.nn.Module, config: Any) -> str | None:
-        """None when the method can act on the built network ``module`` (a user's factory or object
-        included); else a one-line reason. A study asks it once before any trial, on the model its
-        trials will build; ``setup`` should raise a ConfigError for the same reason."""
-        return None
-
-    # ---- baseline reuse (classmethods; see the module docstring) --------------------------------------
-
-    # Its own knobs (under config_section()) that change what the baseline records: a trial whose value
-    # differs from the baseline's cannot be predicted from it.
-    RECORDED_KNOBS: ClassVar[tuple[str, ...]] = ()
-
-    @classmethod
-    def config_section(cls) -> str:
-        """The dotted TrainConfig key holding this method's settings."""
-        return f"methods.{cls.name}"
-
-    @classmethod
-    def baseline_recording(cls, config: TrainConfig) -> BaselineRecording | None:
-        """The probes a plain run of ``config`` must record to predict this method's trials from it; None:
-        they cannot be predicted (they train from scratch)."""
-        return None
-
-    @classmethod
-    def deviation_checks(cls, space: SearchSpace, base: TrainConfig, progress: Sequence[float]) -> list[int]:
-        """The probes (1-based; ``progress[k - 1]`` is the training fraction at probe ``k``) after which
-        some trial of ``space`` on ``base`` could first deviate from plain training: the baseline keeps a
-        snapshot only there."""
-        return []
-
-    @classmethod
-    def replay_baseline(cls, config: TrainConfig, probes: Sequence[Mapping[str, Any]]) -> Deviation:
-        """Where a trial of ``config`` first deviates from the baseline whose probes (ProbeRecord dicts,
-        as :meth:`baseline_recording` asked) are given. Called only when :meth:`baseline_recording` is
-        not None and the trial equals the baseline outside this method's section."""
-        return Deviation(check=0)
-
-    @classmethod
-    def calibrate_space(cls, space: SearchSpace, base: TrainConfig, probes: Sequence[Mapping[str, Any]], *,
-                        explicit: Sequence[str] = ()) -> tuple[SearchSpace, list[str]]:  # fmt: skip
-        """``space`` with this method's knob ranges fitted to the baseline's probes, and the one-line notes
-        to print; a key in ``explicit`` (the spec's own ``search_space:`` entries) keeps its range."""
-        return space, []
-
-    # ---- run-time hooks (see the module docstring) -------------------------------------------------
 
     def setup(self, model: torch.nn.Module, run: RunInfo) -> torch.nn.Module:
         return model
@@ -330,6 +166,10 @@ class Method:
     def step_kind(self) -> str:
         return ""
 
+    def owns_step(self) -> bool:
+        """Whether this run's :meth:`train_step` replaces the trainer's step (default: it is overridden)."""
+        return type(self).train_step is not Method.train_step
+
     def train_step(self, step: StepContext) -> StepCost | None:
         """Override to own the step; the trainer then neither runs the forward nor the backward."""
         return None
@@ -352,10 +192,6 @@ class Method:
         """Take up :meth:`state_dict` (or a state the study derived, e.g. WUS's controller replayed on a
         plain run's signal) when a run resumes from a snapshot."""
 
-    @classmethod
-    def owns_step(cls) -> bool:
-        return cls.train_step is not Method.train_step
-
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
@@ -373,66 +209,75 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def registry() -> dict[str, type[Method]]:
-    """Every method: the built-in ones (WUS first), then those of installed packages' ``wus_tune.methods``
-    entry points (each names a :class:`Method` subclass, e.g. ``freeze_first = my_pkg:FreezeFirst``)."""
+    """Every method by name, in name order: the built-in ones (the modules of this package) and those of
+    installed packages' ``wus_tune.methods`` entry points (each names a :class:`Method` subclass, e.g.
+    ``freeze_first = my_pkg:FreezeFirst``)."""
     _load_builtin_methods()
     _load_entry_points()
-    return dict(_REGISTRY)
+    return dict(sorted(_REGISTRY.items()))
 
 
-def validate_methods(spec: dict[str, dict[str, Any]]) -> None:
+def knob_defaults(cls: type[Method]) -> dict[str, Any]:
+    """A method's keyword arguments and their defaults: the fields of its ``params_type`` dataclass, or
+    its constructor's keyword arguments (those without a default map to ``inspect.Parameter.empty``)."""
+    if cls.params_type is not None:
+        return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cls.params_type)}  # fmt: skip
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}  # fmt: skip
+
+
+def validate_methods(spec: Mapping[str, Mapping[str, Any]]) -> None:
     """Check method names and keyword names against the registry (values are checked on construction)."""
     build_methods(spec)
 
 
 def build_methods(spec: Any) -> list[Method]:
-    """The methods a config runs, in order. ``spec`` is a TrainConfig (WUS included when on) or a config's
-    ``methods`` mapping; bad names or arguments raise ConfigError."""
-    known = registry()
-    # a method with a section of its own (WUS: "wus") is switched on there, not under methods:
-    own_section = {name: cls for name, cls in known.items() if cls.config_section() != f"methods.{name}"}
-    if not isinstance(spec, dict):
-        config = spec
-        return [cls.from_config(config) for cls in own_section.values() if cls.enabled(config)] + build_methods(config.methods)
-    if not spec:
+    """The methods a config runs, in its order. ``spec`` is a TrainConfig or a config's ``methods``
+    mapping; bad names or arguments raise ConfigError naming the key."""
+    methods = spec if isinstance(spec, Mapping) else spec.methods
+    if not methods:
         return []
-    methods = []
-    for name, params in spec.items():
-        if name in own_section:
-            section = own_section[name].config_section()
-            raise ConfigError(f"methods.{name}: {name} is configured in its own section ({section}: {{enabled: true, ...}})")
+    known = registry()
+    out = []
+    for name, params in methods.items():
         if name not in known:
-            listed = ", ".join(sorted(set(known) - set(own_section))) or "none"
-            raise ConfigError(f"methods.{name}: unknown method; choose from {listed}")
-        methods.append(_construct(known[name], params or {}))
-    return methods
+            raise ConfigError(f"methods.{name}: unknown method; choose from {', '.join(sorted(known)) or 'none'}")
+        out.append(_construct(known[name], params or {}))
+    return out
 
 
-def _construct(cls: type[Method], params: dict[str, Any]) -> Method:
-    accepted = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+def _construct(cls: type[Method], params: Mapping[str, Any]) -> Method:
+    accepted = knob_defaults(cls)
+    takes_any = cls.params_type is None and any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
     for key in params:
         if key not in accepted and not takes_any:
-            names = [p for p in accepted if p != "self"]
-            raise ConfigError(f"methods.{cls.name}.{key}: unknown argument (known: {', '.join(names)})")
+            raise ConfigError(f"methods.{cls.name}.{key}: unknown argument (known: {', '.join(accepted)})")
     try:
         return cls(**params)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"methods.{cls.name}: {e}") from None
 
 
+_builtins_loaded = False
+
+
 def _load_builtin_methods() -> None:
-    # Importing a method module registers it.
+    # Importing a method module registers it; every module and package of this one is a method, or a
+    # part of the contract (`study`: what the study reads) that registers none.
+    global _builtins_loaded
     import importlib
+    import pkgutil
 
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
+    if _builtins_loaded:
+        return
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+    _builtins_loaded = True
 
 
-_BUILTIN_MODULES: list[str] = [
-    "wus_tune.methods.wus", "wus_tune.methods.approx_ops", "wus_tune.methods.lp_sphere",
-    "wus_tune.methods.edge_of_chaos", "wus_tune.methods.gauss_newton",
-]
 ENTRY_POINT_GROUP = "wus_tune.methods"
 _entry_points_seen: set[tuple[str, str]] = set()
 _scanned_path: tuple[str, ...] | None = None

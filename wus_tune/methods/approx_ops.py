@@ -55,6 +55,7 @@ from torch import nn
 
 from wus_tune.layers import weighted_layers
 from wus_tune.methods import Method, RunInfo, StepContext, register
+from wus_tune.methods.study import MethodStudy
 
 __all__ = [
     "SAMPLERS",
@@ -450,25 +451,7 @@ class ApproxOps(Method):
     """
 
     name = "approx_ops"
-    combines_with_wus = True
-    SEARCH_SPACE = {
-        "methods.approx_ops.sample_ratio": {"type": "float", "low": 0.25, "high": 0.9,
-                                            "doc": "fraction of column-row pairs kept"},
-        "methods.approx_ops.sampler": {"type": "categorical", "choices": ["topk", "crs", "bernoulli"],
-                                       "doc": "pair sampler"},
-        "methods.approx_ops.minimal_k": {"type": "int", "low": 1, "high": 16, "log": True, "doc": "pairs kept at least"},
-        "methods.approx_ops.until": {"type": "float", "low": 0.5, "high": 1.0,
-                                     "doc": "exact products after this fraction of training"},
-    }
-    DEFAULT_TRIAL = {"sample_ratio": 0.5, "sampler": "topk", "until": 0.75}
-
-    @classmethod
-    def check_model(cls, model: Any, config: Any) -> str | None:
-        if model.name == "mlp" and model.depth < 3:
-            return (f"approx_ops keeps the first and last layers exact, so an mlp of depth {model.depth} has "
-                    "nothing to approximate; use model.depth >= 3 (gauss_newton needs depth 2: compare it in its "
-                    "own study)")
-        return None
+    study = "wus_tune.methods.approx_ops:ApproxOpsStudy"
 
     def __init__(
         self, *, sample_ratio: float = 0.5, minimal_k: int = 1, sampler: str = "topk", round_to: int = 8,
@@ -530,3 +513,27 @@ class ApproxOps(Method):
         if seen:
             metrics["approx_ops/kept_fraction"] = kept / seen
         return metrics
+
+
+class ApproxOpsStudy(MethodStudy):
+    """approx_ops in a study: its knobs, its default trial (the card's suggestions), the models it suits."""
+
+    method = ApproxOps
+    SEARCH_SPACE = {
+        "methods.approx_ops.sample_ratio": {"type": "float", "low": 0.25, "high": 0.9,
+                                            "doc": "fraction of column-row pairs kept"},
+        "methods.approx_ops.sampler": {"type": "categorical", "choices": ["topk", "crs", "bernoulli"],
+                                       "doc": "pair sampler"},
+        "methods.approx_ops.minimal_k": {"type": "int", "low": 1, "high": 16, "log": True, "doc": "pairs kept at least"},
+        "methods.approx_ops.until": {"type": "float", "low": 0.5, "high": 1.0,
+                                     "doc": "exact products after this fraction of training"},
+    }
+    DEFAULT_TRIAL = {"sample_ratio": 0.5, "sampler": "topk", "until": 0.75}
+
+    @classmethod
+    def check_model(cls, model: Any, config: Any) -> str | None:
+        if model.name == "mlp" and model.depth < 3:
+            return (f"approx_ops keeps the first and last layers exact, so an mlp of depth {model.depth} has "
+                    "nothing to approximate; use model.depth >= 3 (gauss_newton needs depth 2: compare it in its "
+                    "own study)")
+        return None

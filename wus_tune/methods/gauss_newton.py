@@ -40,6 +40,7 @@ from torch import nn
 
 from wus_tune.errors import ConfigError
 from wus_tune.methods import Method, RunInfo, StepContext, StepCost, register
+from wus_tune.methods.study import MethodStudy
 
 __all__ = [
     "GaussNewton",
@@ -519,31 +520,7 @@ class GaussNewton(Method):
     """
 
     name = "gauss_newton"
-    SEARCH_SPACE = {
-        "methods.gauss_newton.step_size": {"type": "float", "low": 0.1, "high": 1.0, "log": True, "doc": "GN step length"},
-        "methods.gauss_newton.damping": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True, "doc": "relative damping"},
-    }
-    DEFAULT_TRIAL = {"step_size": 0.3, "damping": 1e-3}
-
-    @classmethod
-    def check_model(cls, model: Any, config: Any) -> str | None:
-        from wus_tune.registry import BUILTIN_MODELS
-
-        # Only a built-in model is known from its config; a user's own network (a factory or a plug-in) may
-        # well be Linear -> ReLU -> Linear: check_module judges the built one.
-        builtin = model.factory is None and model.name in BUILTIN_MODELS
-        if builtin and (model.name != "mlp" or model.depth != 2):
-            return (f"gauss_newton needs a two-layer mlp (model.name: mlp, model.depth: 2), "
-                    f"not {model.name} with depth {model.depth}")
-        return None
-
-    @classmethod
-    def check_module(cls, module: nn.Module, config: Any) -> str | None:
-        try:
-            two_layer_parts(module)
-        except UnsupportedModelError as e:
-            return str(e)
-        return None
+    study = "wus_tune.methods.gauss_newton:GaussNewtonStudy"
 
     def __init__(
         self,
@@ -652,3 +629,34 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         raise ValueError(f"{name}: expected a number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+class GaussNewtonStudy(MethodStudy):
+    """gauss_newton in a study: its knobs, its default trial, and the models it can train (two-layer MLPs)."""
+
+    method = GaussNewton
+    SEARCH_SPACE = {
+        "methods.gauss_newton.step_size": {"type": "float", "low": 0.1, "high": 1.0, "log": True, "doc": "GN step length"},
+        "methods.gauss_newton.damping": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True, "doc": "relative damping"},
+    }
+    DEFAULT_TRIAL = {"step_size": 0.3, "damping": 1e-3}
+
+    @classmethod
+    def check_model(cls, model: Any, config: Any) -> str | None:
+        from wus_tune.registry import BUILTIN_MODELS
+
+        # Only a built-in model is known from its config; a user's own network (a factory or a plug-in) may
+        # well be Linear -> ReLU -> Linear: check_module judges the built one.
+        builtin = model.factory is None and model.name in BUILTIN_MODELS
+        if builtin and (model.name != "mlp" or model.depth != 2):
+            return (f"gauss_newton needs a two-layer mlp (model.name: mlp, model.depth: 2), "
+                    f"not {model.name} with depth {model.depth}")
+        return None
+
+    @classmethod
+    def check_module(cls, module: nn.Module, config: Any) -> str | None:
+        try:
+            two_layer_parts(module)
+        except UnsupportedModelError as e:
+            return str(e)
+        return None

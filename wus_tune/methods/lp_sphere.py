@@ -53,6 +53,7 @@ from torch import nn
 
 from wus_tune.layers import weighted_layers
 from wus_tune.methods import Method, RunInfo, StepContext, register
+from wus_tune.methods.study import MethodStudy, MetricObjective
 
 __all__ = [
     "lp_norm",
@@ -264,13 +265,7 @@ class LpSphere(Method):
     """
 
     name = "lp_sphere"
-    combines_with_wus = True
-    SEARCH_SPACE = {
-        "methods.lp_sphere.p": {"type": "float", "low": 1.2, "high": 2.0, "doc": "Lp exponent: smaller, sparser"},
-        "methods.lp_sphere.target_sparsity": {"type": "float", "low": 0.3, "high": 0.9, "doc": "masked fraction aimed at"},
-        "methods.lp_sphere.eta": {"type": "float", "low": 0.005, "high": 0.1, "log": True, "doc": "step on the sphere"},
-    }
-    DEFAULT_TRIAL = {"p": 1.5, "target_sparsity": 0.5, "eta": 0.01}
+    study = "wus_tune.methods.lp_sphere:LpSphereStudy"
 
     def __init__(
         self,
@@ -433,3 +428,19 @@ class LpSphere(Method):
             "lp_sphere/params_active": float(total_params - masked),
             "lp_sphere/h": self.h,
         }
+
+
+class LpSphereStudy(MethodStudy):
+    """lp_sphere in a study: its knobs, its default trial, and the objectives its metrics give (``sparsity``,
+    ``params``: a study may add one as its last objective)."""
+
+    method = LpSphere
+    # A run without the method is dense: sparsity 0, every parameter active.
+    OBJECTIVES = {"sparsity": MetricObjective("maximize", "lp_sphere/sparsity", absent=0.0),
+                  "params": MetricObjective("minimize", "lp_sphere/params_active", absent="num_params")}
+    SEARCH_SPACE = {
+        "methods.lp_sphere.p": {"type": "float", "low": 1.2, "high": 2.0, "doc": "Lp exponent: smaller, sparser"},
+        "methods.lp_sphere.target_sparsity": {"type": "float", "low": 0.3, "high": 0.9, "doc": "masked fraction aimed at"},
+        "methods.lp_sphere.eta": {"type": "float", "low": 0.005, "high": 0.1, "log": True, "doc": "step on the sphere"},
+    }
+    DEFAULT_TRIAL = {"p": 1.5, "target_sparsity": 0.5, "eta": 0.01}

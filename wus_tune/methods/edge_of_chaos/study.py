@@ -1,4 +1,5 @@
-"""The edge-of-chaos guideline as a study prior (spec section ``edge_of_chaos:``).
+"""Edge of chaos in a study: its knobs (the optimizer's), and its guideline as a study prior (the spec's
+``edge_of_chaos:`` section). Imported by the study only (:mod:`wus_tune.methods.study`).
 
 Zhang et al. (2021) read the optimizer's knobs as one trajectory parameter, the effective ratio
 ``g = lr / ((1 - momentum) * batch_size)``: in the ordered phase the order parameter ``J**2`` grows
@@ -9,7 +10,8 @@ functions: :mod:`wus_tune.methods.edge_of_chaos`). In a study this gives:
 
 * ``effective_ratio: true`` (default): edge of chaos's knobs are searched as (``optim.ratio``,
   ``optim.momentum``, ``optim.batch_size``) and the learning rate is derived,
-  ``lr = ratio * (1 - momentum) * batch_size`` (:func:`wus_tune._study.space.lr_from_ratio`);
+  ``lr = ratio * (1 - momentum) * batch_size`` (:func:`wus_tune._study.space.lr_from_ratio`); without the
+  section its ``optim.lr`` is searched;
 * ``guideline: true``: the configurations :func:`~wus_tune.methods.edge_of_chaos.guideline_configs`
   proposes (every ``ratios`` x ``momentum`` x ``batch_sizes``, weight decay ``lambda*``), each at every
   ``epochs_fractions`` of the epoch budget, are enqueued after the baselines (role ``guideline``);
@@ -37,26 +39,29 @@ Spec section (every key optional)::
       exponent: 1.0              # p of a measured growth law c * g**p (1: the paper's)
 
 ``growth_rate: auto`` trains the base recipe for ``calibration_epochs`` epochs with a constant learning
-rate, no weight decay and no WUS, and fits ``c`` to its ``J**2`` per epoch
-(:func:`~wus_tune.methods.edge_of_chaos.fit_growth_rate`); :func:`wus_tune._study.spec.calibrated` does this
-before the study is created and prints ``c`` (write it into the spec to skip the run next time).
+rate, no weight decay and no other method, and fits ``c`` to its ``J**2`` per epoch
+(:func:`~wus_tune.methods.edge_of_chaos.fit_growth_rate`); the study does this before it starts
+(:meth:`EdgeOfChaosStudy.prepare_section`) and prints ``c`` (write it into the spec to skip the run next time).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from wus_tune._study.space import METHOD_KEY, RATIO_KEY
 from wus_tune.errors import UsageError
+from wus_tune.methods.edge_of_chaos import EdgeOfChaos
+from wus_tune.methods.study import MethodStudy, SectionPlan
 
 if TYPE_CHECKING:
     from wus_tune.config import TrainConfig
     from wus_tune.trainer import TrainResult
 
-METHOD = "edge_of_chaos"
+METHOD = EdgeOfChaos.name
 _TRAIN_IMAGES = {"digits": 1797, "cifar10": 50000, "cifar100": 50000}  # training split of each source
 
 
@@ -84,15 +89,15 @@ class EdgeOfChaosSpec:
         return self.guideline or self.narrow_weight_decay
 
 
-@dataclass(frozen=True)
-class Guideline:
-    """A resolved ``edge_of_chaos`` section: what the study searches and enqueues."""
+@dataclass(frozen=True, kw_only=True)
+class Guideline(SectionPlan):
+    """A resolved ``edge_of_chaos`` section: what the study searches and enqueues (``trials``: the
+    guideline's, role ``guideline``; ``search_space``: the narrowed weight decay range)."""
 
     effective_ratio: bool
     growth_rate: float | None
     n_train: int
     weight_decay_range: tuple[float, float] | None
-    configs: tuple[dict[str, Any], ...]  # fixed values of the guideline trials (before fixed_at_base)
 
 
 def train_size(base: TrainConfig, given: int | None = None) -> int:
@@ -114,12 +119,12 @@ def base_ratio(base: TrainConfig) -> float:
     return o.lr / ((1.0 - o.momentum) * o.batch_size)
 
 
-def resolve(eoc: EdgeOfChaosSpec, base: TrainConfig, methods: tuple[str, ...]) -> Guideline:
+def resolve(eoc: EdgeOfChaosSpec, base: TrainConfig, methods: Sequence[str]) -> Guideline:
     """Validate the section and compute the narrowed decay range and the guideline configurations.
     With ``growth_rate: auto`` (not yet calibrated) neither is computed. Raises UsageError."""
     from wus_tune.methods.edge_of_chaos import guideline_configs, narrowed_weight_decay_range
 
-    where = "edge_of_chaos"
+    where = METHOD
     if METHOD not in methods:
         raise UsageError(f"{where}: add 'edge_of_chaos' to the spec's methods list to search its knobs")
     _check_positive(f"{where}.j_target", eoc.j_target)
@@ -148,8 +153,10 @@ def resolve(eoc: EdgeOfChaosSpec, base: TrainConfig, methods: tuple[str, ...]) -
     for key, xs in (("ratios", ratios), ("momentum", moms), ("batch_sizes", batches)):
         if not xs:
             raise UsageError(f"{where}.{key}: expected a non-empty list")
+    base = with_j_logging(base, eoc)
     if not isinstance(c, (int, float)):
-        return Guideline(eoc.effective_ratio, None, n_train, None, ())
+        return Guideline(base=base, effective_ratio=eoc.effective_ratio, growth_rate=None, n_train=n_train,
+                         weight_decay_range=None)  # fmt: skip
     kw = dict(growth_rate=float(c), n_train=n_train, exponent=eoc.exponent)
     wd_range = None
     configs: list[dict[str, Any]] = []
@@ -171,12 +178,16 @@ def resolve(eoc: EdgeOfChaosSpec, base: TrainConfig, methods: tuple[str, ...]) -
                 configs += [values | {"epochs": n} for n in epochs]
     except ValueError as e:
         raise UsageError(f"{where}: {e}") from None
-    return Guideline(eoc.effective_ratio, float(c), n_train, wd_range, tuple(configs))
+    # the guideline's range, where the spec gives none of its own
+    space = {"optim.weight_decay": {"low": wd_range[0], "high": wd_range[1], "log": True}} if wd_range else {}
+    return Guideline(base=base, search_space=space, trials=tuple(("guideline", values) for values in configs),
+                     effective_ratio=eoc.effective_ratio, growth_rate=float(c), n_train=n_train,
+                     weight_decay_range=wd_range)  # fmt: skip
 
 
-def with_j_logging(base: TrainConfig, eoc: EdgeOfChaosSpec | None) -> TrainConfig:
+def with_j_logging(base: TrainConfig, eoc: EdgeOfChaosSpec) -> TrainConfig:
     """The base config with the edge_of_chaos method on (``log_j``): every trial logs J each epoch."""
-    if eoc is None or not eoc.log_j or METHOD in base.methods:
+    if not eoc.log_j or METHOD in base.methods:
         return base
     return base.replace({f"methods.{METHOD}": {}})
 
@@ -185,17 +196,14 @@ def calibrate_growth_rate(
     base: TrainConfig, *, epochs: int = 10, fit: Callable[..., TrainResult] | None = None
 ) -> tuple[float, dict[str, Any]]:
     """Fit ``c`` of ``dJ^2/d(epoch) = c * g`` on the base recipe: ``epochs`` epochs at a constant learning
-    rate, no weight decay, no other method (the partner, WUS, off too). Returns ``(c, details)``."""
+    rate, no weight decay, no other method. Returns ``(c, details)``."""
     from wus_tune.methods.edge_of_chaos import effective_ratio, fit_growth_rate
 
     if fit is None:
         from wus_tune.trainer import fit
-    from wus_tune._study.catalog import partner
-
-    own = partner()  # off, like every other method
     config = base.replace({
-        "epochs": epochs, "optim.weight_decay": 0.0, **(own.switch(False) if own else {}), "schedule.name": "constant",
-        "schedule.warmup": 0.0, "methods": {METHOD: {}},
+        "epochs": epochs, "optim.weight_decay": 0.0, "schedule.name": "constant", "schedule.warmup": 0.0,
+        "methods": {METHOD: {}},
     })  # fmt: skip
     result = fit(config)
     j2 = [float(e.extra[f"{METHOD}/J2_mean"]) for e in result.epochs]
@@ -210,3 +218,46 @@ def _check_positive(key: str, v: Any) -> None:
     from wus_tune.errors import check_number
 
     check_number(key, v, above=0)
+
+
+class EdgeOfChaosStudy(MethodStudy):
+    """Edge of chaos in a study: it only measures (its entry stays in every trial that has it), its knobs
+    are the optimizer's (so the study also runs tuned-plain trials), and its spec section is the guideline."""
+
+    method = EdgeOfChaos
+    tunes_optimizer = True
+    measure_only = True
+    SPEC_SECTION = EdgeOfChaosSpec
+    # Its "knobs" are the optimizer's; a study searches either optim.lr or the virtual optim.ratio.
+    SEARCH_SPACE = {
+        "optim.lr": {"type": "float", "low": 0.005, "high": 0.5, "log": True, "doc": "peak learning rate"},
+        RATIO_KEY: {"type": "float", "low": 3e-4, "high": 3e-2, "log": True,
+                    "doc": "effective ratio lr / ((1 - momentum) * batch_size)"},
+        "optim.momentum": {"type": "float", "low": 0.5, "high": 0.95, "doc": "SGD momentum"},
+        "optim.batch_size": {"type": "categorical", "choices": [32, 64, 128, 256], "doc": "batch size"},
+        "optim.weight_decay": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True, "doc": "SGD (coupled) weight decay"},
+    }
+
+    @classmethod
+    def search_space(cls, section: EdgeOfChaosSpec | None = None) -> dict[str, dict[str, Any]]:
+        """``optim.ratio`` instead of ``optim.lr`` with the section's ``effective_ratio``; ``optim.lr`` otherwise."""
+        space = super().search_space()
+        space.pop("optim.lr" if section is not None and section.effective_ratio else RATIO_KEY)
+        return space
+
+    @classmethod
+    def plan_section(cls, section: EdgeOfChaosSpec, base: TrainConfig, methods: Sequence[str]) -> Guideline:
+        return resolve(section, base, methods)
+
+    @classmethod
+    def prepare_section(cls, section: EdgeOfChaosSpec, base: TrainConfig, *, fit: Callable[..., TrainResult] | None,
+                        say: Callable[[str], None]) -> EdgeOfChaosSpec:  # fmt: skip
+        """``growth_rate: auto`` replaced by a number calibrated on ``base`` (one short run); the section
+        itself otherwise."""
+        if section.growth_rate != "auto":
+            return section
+        say(f"{METHOD}: calibrating the growth rate c ({section.calibration_epochs} epochs, no weight decay) ...")
+        c, info = calibrate_growth_rate(base, epochs=section.calibration_epochs, fit=fit)
+        say(f"{METHOD}: c = {c:.4g} (ratio {info['ratio']:.3g}, J^2 {info['j2_per_epoch'][0]:.3f} -> "
+            f"{info['j2_per_epoch'][-1]:.3f}); put 'growth_rate: {c:.4g}' in the spec to skip this run")  # fmt: skip
+        return dataclasses.replace(section, growth_rate=c)

@@ -25,7 +25,8 @@ gradient or a hyperparameter. It logs ``edge_of_chaos/J_mean`` & co. each epoch 
 local estimate of ``c`` and of the balancing weight decay. Measured on digits (docs card): same-ratio curves
 do collapse and the time to the edge scales as ``1/g``, but the growth slows after ``J ~ 1``, so ``c`` is
 not a constant and the decay balance is a rough guide. :func:`guideline_configs` turns ``c`` into
-dotted-key parameter dicts (``{"optim.lr": ..., "optim.weight_decay": ...}``) to enqueue in a study.
+dotted-key parameter dicts (``{"optim.lr": ..., "optim.weight_decay": ...}``) to enqueue in a study;
+:mod:`wus_tune.methods.edge_of_chaos.study` does that for a study (the spec's ``edge_of_chaos:`` section).
 """
 
 from __future__ import annotations
@@ -289,18 +290,7 @@ class EdgeOfChaos(Method):
     """
 
     name = "edge_of_chaos"
-    combines_with_wus = True
-    tunes_optimizer = True
-    measure_only = True
-    # Its "knobs" are the optimizer's; a study searches either optim.lr or the virtual optim.ratio.
-    SEARCH_SPACE = {
-        "optim.lr": {"type": "float", "low": 0.005, "high": 0.5, "log": True, "doc": "peak learning rate"},
-        "optim.ratio": {"type": "float", "low": 3e-4, "high": 3e-2, "log": True,
-                        "doc": "effective ratio lr / ((1 - momentum) * batch_size)"},
-        "optim.momentum": {"type": "float", "low": 0.5, "high": 0.95, "doc": "SGD momentum"},
-        "optim.batch_size": {"type": "categorical", "choices": [32, 64, 128, 256], "doc": "batch size"},
-        "optim.weight_decay": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True, "doc": "SGD (coupled) weight decay"},
-    }
+    study = "wus_tune.methods.edge_of_chaos.study:EdgeOfChaosStudy"  # its knobs, and its guideline as a study prior
 
     def __init__(self, *, log_layers: bool = False, j_target: float = 1.0) -> None:
         if not isinstance(log_layers, bool):

@@ -2,7 +2,8 @@
 
 When the watched accuracy stops moving, stop updating the weights (and stop computing their gradients)
 while the biases keep training; after ``skip_length`` checks, full updates resume and the signal is
-measured afresh. WUS+LR couples the skip windows to the learning rate.
+measured afresh. WUS+LR couples the skip windows to the learning rate (``variant: wus+lr``, the default,
+applies ``bias_lr_factor`` and ``lr_decay``; ``variant: wus`` leaves them out).
 
 The rule, exactly (all accuracies are fractions in [0, 1]):
 
@@ -33,15 +34,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
-from wus_tune.config import WUSConfig, parse_bias_scope
+from wus_tune.config import check_choice, check_range
+from wus_tune.errors import ConfigError
 from wus_tune.layers import is_shift, norm_parameter_ids, param_groups, parameterised_layers
 
 __all__ = [
+    "WUSConfig",
     "WUSController",
     "accuracy_variation",
     "should_skip",
@@ -51,6 +55,79 @@ __all__ = [
     "Replay",
     "replay",
 ]
+
+_KEY = "methods.wus"  # where a TrainConfig holds these knobs, for the messages
+
+
+@dataclass
+class WUSConfig:
+    """The knobs of weight update skipping: the rule exactly is this module's docstring. A TrainConfig
+    holds them as the ``methods.wus`` entry (no entry: WUS is off)."""
+
+    signal: Literal["val_acc", "train_acc"] = "val_acc"  # metric watched at each check
+    check_every: int = 0  # 0: check at the end of each epoch; N > 0: every N optimizer steps
+    window: int = 2  # W: number of most recent accuracy changes looked at
+    threshold: float = 0.01  # tau: skip when the accuracy range over the window is below this (fraction, 0.01 = 1 point)
+    warmup: int = 2  # checks at the start with no skipping
+    skip_length: int = 2  # checks a skip window lasts before full updates resume
+    max_skip_fraction: float = 1.0  # cap on the fraction of checks spent skipping
+    bias_scope: str = "all"  # "all", or "last:K" (biases of the last K parameterised layers keep training)
+    train_bn_scale: bool = False  # keep BatchNorm's scale (gamma) training in skip windows, like a bias
+    # "wus+lr": bias_lr_factor and lr_decay apply (WUS+LR; at their defaults of 1 that is plain WUS);
+    # "wus": they do not (the paper's WUS, whatever they say), so a study can search the two variants
+    variant: Literal["wus", "wus+lr"] = "wus+lr"
+    bias_lr_factor: float = 1.0  # WUS+LR: LR factor of the biases inside skip windows
+    lr_decay: float = 1.0  # WUS+LR: base LR factor applied each time a plateau starts a skip window
+    schedule_window: list[float] = field(default_factory=lambda: [0.0, 0.75])  # [start, end) fraction of training where skipping may happen
+    # Inside a skip window, compute the frozen layers' output once (eval-mode normalisation, no augmentation)
+    # and train the layers above on it; meant for bias_scope last:K (see wus_tune.methods.wus.frozen_prefix).
+    cache_frozen_prefix: bool = False
+    cache_max_mb: float = 1024.0  # cap on that cache (MiB on the training device); over it, ordinary skip steps
+
+    def lr_coupling(self) -> tuple[float, float]:
+        """``(bias_lr_factor, lr_decay)`` as they apply: both 1 for the variant ``wus``."""
+        return (self.bias_lr_factor, self.lr_decay) if self.variant == "wus+lr" else (1.0, 1.0)
+
+    def label(self) -> str:
+        """``wus+lr`` when the LR coupling changes anything, else ``wus``: what a study's tables show."""
+        return "wus+lr" if self.lr_coupling() != (1.0, 1.0) else "wus"
+
+    def validate(self) -> WUSConfig:
+        check_choice(f"{_KEY}.signal", self.signal, ("val_acc", "train_acc"))
+        check_choice(f"{_KEY}.variant", self.variant, ("wus", "wus+lr"))
+        check_range(f"{_KEY}.check_every", self.check_every, low=0, high=10**9)
+        check_range(f"{_KEY}.window", self.window, low=1, high=1000)
+        check_range(f"{_KEY}.threshold", self.threshold, low=0.0, high=1.0)
+        check_range(f"{_KEY}.warmup", self.warmup, low=0, high=10**6)
+        check_range(f"{_KEY}.skip_length", self.skip_length, low=1, high=10**6)
+        check_range(f"{_KEY}.max_skip_fraction", self.max_skip_fraction, low=0.0, high=1.0)
+        check_range(f"{_KEY}.bias_lr_factor", self.bias_lr_factor, low=0.0, high=100.0)
+        check_range(f"{_KEY}.lr_decay", self.lr_decay, low=0.0, high=1.0, low_open=True)
+        parse_bias_scope(self.bias_scope)
+        check_range(f"{_KEY}.cache_max_mb", self.cache_max_mb, low=0.0, high=1e9)
+        if len(self.schedule_window) != 2:
+            raise ConfigError(f"{_KEY}.schedule_window: expected [start, end], got {self.schedule_window}")
+        start, end = self.schedule_window
+        check_range(f"{_KEY}.schedule_window[0]", start, low=0.0, high=1.0)
+        check_range(f"{_KEY}.schedule_window[1]", end, low=0.0, high=1.0)
+        if start >= end:
+            raise ConfigError(f"{_KEY}.schedule_window: start {start} must be below end {end}")
+        return self
+
+
+def parse_bias_scope(scope: str) -> int | None:
+    """``"all"`` -> None (every bias trains in skip windows); ``"last:K"`` -> K."""
+    if scope == "all":
+        return None
+    if isinstance(scope, str) and scope.startswith("last:"):
+        try:
+            k = int(scope[5:])
+        except ValueError:
+            k = 0
+        if k >= 1:
+            return k
+    raise ConfigError(f"{_KEY}.bias_scope: expected 'all' or 'last:K' with K >= 1, got {scope!r}")
+
 
 def accuracy_variation(history: Sequence[float], window: int) -> float | None:
     """Range of the last ``window + 1`` accuracies; ``None`` while fewer are known."""
@@ -113,7 +190,7 @@ class WUSController:
 
     Works inside any training loop::
 
-        controller = WUSController(model, optimizer, WUSConfig(enabled=True, threshold=0.01))
+        controller = WUSController(model, optimizer, WUSConfig(threshold=0.01))
         for epoch in range(epochs):
             train_one_epoch(model, optimizer)          # skip steps are cheaper by themselves
             controller.observe(evaluate(model), progress=(epoch + 1) / epochs)
@@ -122,7 +199,7 @@ class WUSController:
         model: the model being trained.
         optimizer: its optimizer. For WUS+LR's bias learning-rate factor, biases must be in groups of
             their own (see :func:`param_groups`).
-        config: the rule's knobs (:class:`~wus_tune.config.WUSConfig`; ``enabled`` is not read here).
+        config: the rule's knobs (:class:`WUSConfig`; ``signal`` and ``check_every`` are the loop's to follow).
         total_checks: how many checks training will make; needed for ``max_skip_fraction < 1``.
         manage_lr: multiply the optimizer groups' ``lr`` at transitions (right without a scheduler, or
             with a chainable one such as StepLR). A loop that sets ``lr`` itself every step, like
@@ -151,6 +228,7 @@ class WUSController:
         self.history: list[float] = []
         self._intervals_left = 0
         self._decay = 1.0
+        self._bias_lr_factor, self._lr_decay = config.lr_coupling()
         # Recorded now, so a parameter the user froze is never switched on at the end of a skip window.
         self._frozen = skip_frozen_parameters(model, config)
         frozen_ids = {id(p) for p in self._frozen}
@@ -158,9 +236,9 @@ class WUSController:
         self._bias_group = [
             bool(g["params"]) and all(id(p) in shift_ids for p in g["params"]) for g in optimizer.param_groups
         ]
-        if config.bias_lr_factor != 1.0 and not any(self._bias_group):
+        if self._bias_lr_factor != 1.0 and not any(self._bias_group):
             raise ValueError(
-                "wus.bias_lr_factor needs the biases in an optimizer group of their own; "
+                "bias_lr_factor needs the biases in an optimizer group of their own; "
                 "build the optimizer from wus_tune.param_groups(model, ...)"
             )
         if not any(id(p) not in frozen_ids and p.requires_grad for p in model.parameters()):
@@ -196,7 +274,7 @@ class WUSController:
         ):
             self._intervals_left = cfg.skip_length
             self.state.skip_windows += 1
-            self._set_skipping(True, decay=cfg.lr_decay)
+            self._set_skipping(True, decay=self._lr_decay)
         return self.skipping
 
     def _cap_allows(self) -> bool:
@@ -210,7 +288,7 @@ class WUSController:
         """The factor WUS+LR puts on an optimizer group's scheduled learning rate right now."""
         factor = self._decay
         if self.skipping and self._bias_group[group_index]:
-            factor *= self.config.bias_lr_factor
+            factor *= self._bias_lr_factor
         return factor
 
     def _set_skipping(self, skipping: bool, decay: float = 1.0) -> None:
