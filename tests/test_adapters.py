@@ -82,13 +82,6 @@ def test_resilient_storage_delegates_every_abstract_method_of_BaseStorage(tmp_pa
     assert len(study.trials) == 2 and calls  # every call went through the policy
 
 
-def test_optuna__hypervolume_compute_hypervolume():
-    from optuna._hypervolume import compute_hypervolume  # noqa: F401  (the name the adapter imports)
-
-    assert adapters.compute_hypervolume([[1.0, 1.0, 1.0]], [2.0, 2.0, 2.0]) == pytest.approx(1.0)
-    assert adapters.compute_hypervolume([[0.0, 1.0], [1.0, 0.0]], [2.0, 2.0]) == pytest.approx(3.0)
-
-
 def test_optuna_frozen_trial_system_attrs_has_a_public_setter():
     # workers' re-queue callback rewrites a frozen trial's system attributes through it
     trial = optuna.trial.create_trial(value=1.0, system_attrs={"a": 1})

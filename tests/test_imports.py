@@ -104,19 +104,8 @@ def test_the_walker_sees_imports_in_functions_and_under_type_checking():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-# The cycle that issue 21's parallel work removes: the study side's (arch-study splits study.py and pareto.py).
-# Empty this once it is merged: then no cycle at all may remain (and while it lists a module that is in no
-# cycle any more, this test fails too).
-IN_PARALLEL_WORK = {
-    "wus_tune.study", "wus_tune.confirm", "wus_tune.pareto", "wus_tune._study.objective", "wus_tune._study.spec",
-    "wus_tune._study.ray_backend", "wus_tune._study.report", "wus_tune._study.yardstick",
-}  # fmt: skip
-
-
 def test_no_import_cycle():
-    cycles = _cycles(GRAPH)
-    assert [c for c in cycles if not set(c) <= IN_PARALLEL_WORK] == []
-    assert set().union(*cycles) == IN_PARALLEL_WORK
+    assert _cycles(GRAPH) == []
 
 
 def test_the_training_core_never_imports_the_study_side():

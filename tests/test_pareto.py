@@ -76,13 +76,39 @@ def test_random_fronts_and_hypervolume_against_brute_force():
         assert hypervolume(pts, AT, ref) == pytest.approx(brute_hv_2d(pts, AT, ref), abs=1e-9)
 
 
-def test_hypervolume_3d_uses_optuna_and_agrees_with_2d_slab():
+def test_hypervolume_3d_agrees_with_2d_slab():
     # A constant third objective at distance 1 from the reference multiplies the 2-D area by 1.
     pts = [(0.9, 10.0, 0.0), (0.8, 5.0, 0.0), (0.85, 12.0, 0.0)]
     d = AT + ["minimize"]
     hv3 = hypervolume(pts, d, (0.7, 20.0, 1.0))
     hv2 = hypervolume([p[:2] for p in pts], AT, (0.7, 20.0))
     assert hv3 == pytest.approx(hv2)
+
+
+def brute_hv(points, directions, ref):
+    """Exact volume by the cells of the grid of all coordinates, any number of objectives."""
+    s = [-1 if d == "maximize" else 1 for d in directions]
+    loss = [tuple(x * v for x, v in zip(s, p)) for p in points]
+    r = tuple(x * v for x, v in zip(s, ref))
+    loss = [p for p in loss if all(a < b for a, b in zip(p, r))]
+    axes = [sorted({p[k] for p in loss} | {r[k]}) for k in range(len(r))]
+    volume = 0.0
+    for cell in itertools.product(*[list(zip(a, a[1:])) for a in axes]):
+        if any(all(p[k] <= lo for k, (lo, _) in enumerate(cell)) for p in loss):
+            volume += math.prod(hi - lo for lo, hi in cell)
+    return volume
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(3, 4).flatmap(lambda d: st.tuples(
+    st.just(d), st.lists(st.tuples(*[st.integers(0, 6).map(lambda v: v / 6)] * d), max_size=9))))
+def test_hypervolume_of_three_and_four_objectives_against_brute_force(case):
+    d, points = case
+    directions = ["maximize"] + ["minimize"] * (d - 1)
+    ref = (0.1,) + (0.9,) * (d - 1)
+    assert hypervolume(points, directions, ref) == pytest.approx(brute_hv(points, directions, ref), abs=1e-12)
+    history = hypervolume_history(points, directions, ref)
+    assert history == pytest.approx([brute_hv(points[: k + 1], directions, ref) for k in range(len(points))], abs=1e-12)
 
 
 def test_hypervolume_small_cases():

@@ -126,6 +126,27 @@ def test_six_trials_on_a_two_node_cluster(tmp_path, cluster):
     assert {"best_config.yaml", "trials.csv", "search_space.json", "base_config.yaml"} <= artifacts
 
 
+def test_two_runs_with_one_seed_ask_the_same_parameters(tmp_path, cluster):
+    """Two runs of one spec with one --seed, two trials at once on two nodes: every trial number gets the
+    same parameters in both (its sampler seed comes from the study seed and the trial number, not from the
+    Ray worker process that asks). Random sampling throughout and no calibrated space, so what a trial draws
+    cannot depend on which trials finished first."""
+    asked = []
+    for run in ("first", "second"):
+        cwd = tmp_path / run
+        cwd.mkdir()
+        write_spec(cwd / "spec.yaml", baseline_fractions=[], sampler_options={"n_startup_trials": 100},
+                   reuse={"calibrate": False})  # fmt: skip
+        p = drive(cwd, "--spec", "spec.yaml", "--ray", cluster.address, "--n-trials", "6", "--seed", "7",
+                  "--tracking-uri", "none", *FAST, log="out.log")  # fmt: skip
+        assert p.wait(timeout=300) == 0, (cwd / "out.log").read_text()
+        asked.append({t.number: t.params for t in trials("dist", journal(cwd))})
+    assert sorted(asked[0]) == list(range(6))
+    assert asked[0] == asked[1]
+    sampled = {t.number for t in trials("dist", journal(tmp_path / "first")) if t.user_attrs.get("role") == "search"}
+    assert len(sampled) >= 3  # the comparison covers sampled trials, not only the enqueued ones
+
+
 def test_a_killed_ray_worker_is_rerun_once_never_counted_twice(tmp_path, cluster):
     """SIGKILL the Ray worker process running a trial: its trial FAIL with the reason, its run KILLED, one
     re-run; the study still ends with exactly 6 COMPLETE, none RUNNING, no duplicate numbers, and the parent

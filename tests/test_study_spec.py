@@ -170,3 +170,29 @@ def test_flat_config_keys_are_dotted():
     flat = flat_config(TrainConfig().replace({"methods.wus": {"threshold": 0.01, "schedule_window": [0.0, 0.75]}}).to_dict())
     assert flat["methods.wus.threshold"] == 0.01 and flat["methods.wus.schedule_window"] == [0.0, 0.75]
     assert flat["model.kwargs"] == {}  # an empty mapping stays a value
+
+
+def test_a_trial_seeded_sampler_draws_by_study_seed_and_trial_number():
+    """Under --ray any worker process may ask any trial: its draws must depend on the study seed and the
+    trial number only, not on the process that asks, what it asked before or what the trials returned."""
+    from wus_tune._study.trial_seed import TrialSeededSampler
+
+    def sampler(seed):
+        return TrialSeededSampler(lambda s: make_sampler("tpe", {"n_startup_trials": 100}, seed=s), seed)
+
+    def draws(seed, handles, values):
+        storage = optuna.storages.InMemoryStorage()
+        optuna.create_study(study_name="s", storage=storage, directions=["maximize", "minimize"])
+        asking = [optuna.load_study(study_name="s", storage=storage, sampler=sampler(seed)) for _ in range(handles)]
+        out = {}
+        for k in range(8):
+            study = asking[k % handles]  # the processes take turns
+            trial = study.ask()
+            out[trial.number] = (trial.suggest_float("lr", 1e-4, 1.0, log=True), trial.suggest_categorical("v", ["a", "b", "c"]))
+            study.tell(trial, values(k))
+        return out
+
+    one = draws(3, 1, lambda k: (k / 10, 1.0))
+    assert draws(3, 3, lambda k: (1 - k / 10, k)) == one  # three askers, another history: the same draws
+    assert draws(4, 1, lambda k: (k / 10, 1.0)) != one
+    assert len({v for v in one.values()}) == len(one)  # no two trials share a draw

@@ -9,7 +9,7 @@ import optuna
 import pytest
 import torch
 
-import wus_tune.study as study_module
+import wus_tune._study.run as run_module
 from wus_tune._study.spec import StudySpec
 from wus_tune.pareto import Candidate, analyse, load_analysis, load_candidates
 from wus_tune.study import run_study
@@ -31,7 +31,7 @@ def test_an_exception_in_the_run_surfaces_as_itself_after_the_report(study_dir, 
     def run_trials(**kw):
         raise Broken("the trial loop broke")
 
-    monkeypatch.setattr(study_module, "run_trials", run_trials)
+    monkeypatch.setattr(run_module, "run_trials", run_trials)
     lines = []
     with pytest.raises(Broken, match="the trial loop broke"):
         run_study(tiny("broken"), n_trials=1, tracking_uri="none", echo=lines.append)
@@ -45,8 +45,8 @@ def test_a_failing_report_does_not_mask_the_earlier_exception(study_dir, monkeyp
     def write_report(**kw):
         raise OSError("disk full")
 
-    monkeypatch.setattr(study_module, "run_trials", run_trials)
-    monkeypatch.setattr(study_module, "_write_report", write_report)
+    monkeypatch.setattr(run_module, "run_trials", run_trials)
+    monkeypatch.setattr(run_module, "write_study_report", write_report)
     lines = []
     with pytest.raises(ValueError, match="the original error"):
         run_study(tiny("masked"), n_trials=1, tracking_uri="none", echo=lines.append)
@@ -57,7 +57,7 @@ def test_a_failing_report_without_an_earlier_exception_is_raised(study_dir, monk
     def write_report(**kw):
         raise OSError("disk full")
 
-    monkeypatch.setattr(study_module, "_write_report", write_report)
+    monkeypatch.setattr(run_module, "write_study_report", write_report)
     with pytest.raises(OSError, match="disk full"):
         run_study(tiny("report-fails"), n_trials=1, tracking_uri="none", echo=None)
     study = optuna.load_study(study_name="report-fails", storage="sqlite:///studies/report-fails.db")

@@ -44,7 +44,7 @@ from wus_tune.timing import spread
 if TYPE_CHECKING:
     import optuna
 
-    from wus_tune.pareto import Analysis, Candidate, Rule
+    from wus_tune._study.front import Analysis, Candidate, Rule
     from wus_tune.trainer import TrainResult
 
 __all__ = ["ACCURACY_TOLERANCE_PTS", "MAX_ROUNDS", "SPEED_TOLERANCE", "Confirmation", "ConfirmRun", "confirm",

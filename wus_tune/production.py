@@ -60,7 +60,7 @@ def load_config(
 
 def config_from_study(study_name: str, *, storage: str | None = None, select: str | None = None) -> TrainConfig:
     """The config of the trial that ``select`` picks (default: the study's own ``select`` rule)."""
-    from wus_tune.pareto import export_config, load_analysis
+    from wus_tune._study.candidates import export_config, load_analysis
 
     study, analysis = load_analysis(study_name, storage)
     rule = select or (study.user_attrs.get("spec") or {}).get("select") or "knee"
@@ -122,46 +122,21 @@ def train_production(
     per-epoch metrics, final metrics and artifacts. ``register_as`` (with optional ``alias``) registers
     the logged model.
     """
-    from wus_tune._study.space import flat_config
-    from wus_tune._study.storage import DEFAULT_TRACKING_URI, check_tracking_uri, tracking_url
+    from wus_tune._study.storage import DEFAULT_TRACKING_URI
     from wus_tune.train import save_checkpoint
     from wus_tune.trainer import fit
 
-    cfg = load_config(config, tracking_uri=tracking_uri)
-    changes = dict(overrides or {})
-    if epochs is not None:
-        changes["epochs"] = epochs
-    if changes:
-        cfg = cfg.replace(changes)
+    cfg = _adjusted(load_config(config, tracking_uri=tracking_uri), epochs=epochs, overrides=overrides)
     if alias and not register_as:
         raise UsageError("alias: needs register_as (a registered model name)")
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     use_mlflow = tracking_uri.lower() != "none"
     if not use_mlflow and register_as:
         raise UsageError("register_as: needs MLflow (tracking_uri is 'none')")
-    out = Path(out_dir or f"runs/production-{cfg.model.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
-    except OSError as e:
-        raise UsageError(f"out_dir {out}: cannot write there ({e.strerror or e})") from None
-
+    out = _out_dir(cfg, out_dir)
     client = run = None
     if use_mlflow:
-        from mlflow import MlflowClient
-
-        from wus_tune._study.tracking import get_or_create_experiment, start_run
-
-        check_tracking_uri(tracking_uri)
-        # The study's URL rules: a plain postgresql:// or mysql:// URL gets the installed driver.
-        tracking_uri = tracking_url(tracking_uri)
-        client = MlflowClient(tracking_uri=tracking_uri)
-        experiment_id = get_or_create_experiment(client, tracking_uri, experiment)
-        params = {k: v for k, v in flat_config(cfg.to_dict()).items() if not k.startswith("meta")}
-        tags = {"wus_tune.role": "production", "source_study": cfg.meta.get("study", ""),
-                "source_trial": cfg.meta.get("trial", "")}  # fmt: skip
-        run = start_run(client, experiment_id, run_name=run_name or f"{cfg.model.name}-{cfg.data.name}",
-                        params=params, tags=tags)  # fmt: skip
+        client, run, tracking_uri = _start_run(cfg, tracking_uri, experiment=experiment, run_name=run_name)
     try:
         result = fit(cfg, on_epoch=run.log_epoch if run else None, progress=progress, model=model, data=data)
     except BaseException as e:
@@ -172,13 +147,61 @@ def train_production(
     result.save_json(out / "result.json")
     prod = ProductionRun(cfg, result, out, weights)
     if run is not None:
-        prod.run_id = run.run_id
-        client.log_artifacts(run.run_id, str(out))
-        if log_model or register_as:
-            prod.model_uri, prod.model_version = _log_model(client, tracking_uri, run.run_id, result, register_as, alias,
-                                                            data=data)  # fmt: skip
-        run.finish(result, {"accuracy": result.val_acc, "time": result.time_s, "cost": result.cost_flops})
+        _finish_run(prod, client, run, tracking_uri, log_model=log_model or bool(register_as), register_as=register_as,
+                    alias=alias, data=data)  # fmt: skip
     return prod
+
+
+def _adjusted(cfg: TrainConfig, *, epochs: int | None, overrides: dict[str, Any] | None) -> TrainConfig:
+    """``cfg`` with ``overrides`` and ``epochs`` applied (itself when there are none)."""
+    changes = dict(overrides or {})
+    if epochs is not None:
+        changes["epochs"] = epochs
+    return cfg.replace(changes) if changes else cfg
+
+
+def _out_dir(cfg: TrainConfig, out_dir: str | Path | None) -> Path:
+    """The run's directory (default ``runs/production-<model>-<data>-<time>``), created, with ``config.yaml``."""
+    out = Path(out_dir or f"runs/production-{cfg.model.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+    except OSError as e:
+        raise UsageError(f"out_dir {out}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
+def _start_run(cfg: TrainConfig, tracking_uri: str, *, experiment: str, run_name: str | None) -> tuple[Any, Any, str]:
+    """The MLflow client, the run (params and tags of ``cfg``) and the tracking URL it was opened with."""
+    from mlflow import MlflowClient
+
+    from wus_tune._study.space import flat_config
+    from wus_tune._study.storage import check_tracking_uri, tracking_url
+    from wus_tune._study.tracking import get_or_create_experiment, start_run
+
+    check_tracking_uri(tracking_uri)
+    # The study's URL rules: a plain postgresql:// or mysql:// URL gets the installed driver.
+    tracking_uri = tracking_url(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = get_or_create_experiment(client, tracking_uri, experiment)
+    params = {k: v for k, v in flat_config(cfg.to_dict()).items() if not k.startswith("meta")}
+    tags = {"wus_tune.role": "production", "source_study": cfg.meta.get("study", ""),
+            "source_trial": cfg.meta.get("trial", "")}  # fmt: skip
+    run = start_run(client, experiment_id, run_name=run_name or f"{cfg.model.name}-{cfg.data.name}",
+                    params=params, tags=tags)  # fmt: skip
+    return client, run, tracking_uri
+
+
+def _finish_run(prod: ProductionRun, client: Any, run: Any, tracking_uri: str, *, log_model: bool,
+                register_as: str | None, alias: str | None, data: Any) -> None:  # fmt: skip
+    """The run's files as artifacts, the model logged (and registered), the run finished."""
+    result = prod.result
+    prod.run_id = run.run_id
+    client.log_artifacts(run.run_id, str(prod.out_dir))
+    if log_model:
+        prod.model_uri, prod.model_version = _log_model(client, tracking_uri, run.run_id, result, register_as, alias,
+                                                        data=data)  # fmt: skip
+    run.finish(result, {"accuracy": result.val_acc, "time": result.time_s, "cost": result.cost_flops})
 
 
 def _log_model(client: Any, tracking_uri: str, run_id: str, result: TrainResult, register_as: str | None,

@@ -1,1 +1,2 @@
-"""Private parts of :mod:`wus_tune.study`: spec, search space, objective, tracking, report, storage."""
+"""Private parts of :mod:`wus_tune.study` and :mod:`wus_tune.pareto`: spec, search space, objective, launch,
+tracking, front maths, report, storage."""

@@ -16,7 +16,6 @@ Optuna (5.x):
   before our retrying wrapper so the cache sits under the retries, as Optuna would place it.
 * ``_CachedStorage._backend``, the wrapper's own ``_inner`` and ``JournalFileBackend._file_path``: the
   storage and the file under the wrappers (the study lock locks that file).
-* ``optuna._hypervolume.compute_hypervolume``: the exact WFG hypervolume (public only as a plot).
 
 MLflow (3.x):
 
@@ -27,7 +26,7 @@ MLflow (3.x):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
 __all__ = [
     "HEARTBEAT_KEY",
     "cache_rdb",
-    "compute_hypervolume",
     "heartbeat_enabled",
     "heartbeat_journal_storage",
     "journal_file",
@@ -197,18 +195,6 @@ def journal_file(storage: Any) -> str | None:
     """The file of a Journal file storage (``JournalStorage._backend._file_path``), else None."""
     backend = getattr(unwrap(storage), "_backend", None)
     return getattr(backend, "_file_path", None)
-
-
-# ---- Optuna: hypervolume ------------------------------------------------------------------------------
-
-
-def compute_hypervolume(losses: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
-    """The exact hypervolume of ``losses`` (all minimised) against ``reference``
-    (``optuna._hypervolume.compute_hypervolume``, WFG)."""
-    import numpy as np
-    from optuna._hypervolume import compute_hypervolume as wfg
-
-    return float(wfg(np.asarray(losses, dtype=float), np.asarray(reference, dtype=float)))
 
 
 # ---- MLflow -------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The Optuna objective: trial -> TrainConfig -> ``fit`` -> objective values, with one MLflow child run.
 
-What a trial stores in its user attributes (read by :mod:`wus_tune.pareto` and the report):
+What a trial stores in its user attributes (read by :mod:`wus_tune._study.candidates` and the report):
 ``role``, ``method`` (the method choice: ``none``, ``wus``, ``approx_ops+wus``), ``variant`` (what it ran,
 :func:`~wus_tune._study.catalog.trial_label`: ``none``, ``wus``, ``wus+lr``, ``approx_ops+wus``), ``config``
 (the full TrainConfig dict, so any trial can be exported),
@@ -19,15 +19,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from wus_tune._study import reuse
+from wus_tune._study.front import objective_values
 from wus_tune._study.space import METHOD_KEY, apply_values, flat_config
 from wus_tune.errors import TrainingDiverged
 from wus_tune.pricing import coverage_line
-from wus_tune.pareto import objective_values
 
 if TYPE_CHECKING:
     import optuna
 
-    from wus_tune._study.spec import Study
+    from wus_tune._study.spec import ResolvedStudy
     from wus_tune._study.tracking import MlflowTracker, NullTracker
     from wus_tune.config import TrainConfig
     from wus_tune.trainer import TrainResult
@@ -80,7 +80,7 @@ class Objective:
 
     def __init__(
         self,
-        study: Study,
+        study: ResolvedStudy,
         tracker: MlflowTracker | NullTracker,
         *,
         fit: Callable[..., TrainResult] | None = None,
@@ -286,21 +286,22 @@ def _is_pruned(e: BaseException) -> bool:
 
     optuna = sys.modules.get("optuna")
     return optuna is not None and isinstance(e, optuna.TrialPruned)
-def baseline_config(study: Study) -> TrainConfig:
-    """The config of the study's full-length baseline trial (the first of :func:`initial_trials`)."""
-    from wus_tune._study.space import apply_values
-    from wus_tune.study import initial_trials
+
+
+def baseline_config(study: ResolvedStudy) -> TrainConfig:
+    """The config of the study's full-length baseline trial (the first of
+    :func:`~wus_tune._study.spec.initial_trials`)."""
+    from wus_tune._study.spec import initial_trials
 
     role, values = initial_trials(study)[0]
     assert role == "baseline", role
     return apply_values(study.base, values)
 
 
-def baseline_configs(study: Study) -> list[TrainConfig]:
+def baseline_configs(study: ResolvedStudy) -> list[TrainConfig]:
     """The configs of the study's full-length baseline runs (``baseline_repeats``: one per seed), the
     first being :func:`baseline_config`."""
-    from wus_tune._study.space import apply_values
-    from wus_tune.study import initial_trials
+    from wus_tune._study.spec import initial_trials
 
     return [apply_values(study.base, values) for role, values in initial_trials(study)
             if role == "baseline" and values.get("epochs") == study.base.epochs]  # fmt: skip
@@ -319,10 +320,11 @@ def timing_metrics(result: TrainResult) -> dict[str, float]:
 
 def baseline_values(study: optuna.Study) -> tuple[float, ...] | None:
     """The baseline as every comparison sees it: each objective's median over the COMPLETE baseline
-    trials (``baseline_repeats``; :func:`wus_tune.pareto.pooled_baseline`); None while none has completed."""
+    trials (``baseline_repeats``; :func:`wus_tune._study.front.pooled_baseline`); None while none has completed."""
     import optuna
 
-    from wus_tune.pareto import candidate_from_trial, pooled_baseline
+    from wus_tune._study.candidates import candidate_from_trial
+    from wus_tune._study.front import pooled_baseline
 
     done = [candidate_from_trial(t) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if t.user_attrs.get("role") == "baseline" and t.values]  # fmt: skip

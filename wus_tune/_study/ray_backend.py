@@ -37,77 +37,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from wus_tune.errors import ServiceLost, UsageError, check_number, one_line
+from wus_tune._study.ray_plan import RayPlan
+from wus_tune.errors import ServiceLost, UsageError, one_line
 
 if TYPE_CHECKING:
     import optuna
 
-    from wus_tune._study.spec import Study, StudySpec
+    from wus_tune._study.spec import ResolvedStudy, StudySpec
 
 TOKEN_ATTR = "ray_task"  # the Ray task that ran a trial (how the driver finds the trial of a lost task)
 NODE_ATTR = "ray_node"  # the id of the Ray node it ran on
 INSTALL_HINT = "pip install 'wus_tune[ray]'"
-
-
-# ---- settings ------------------------------------------------------------------------------------------
-
-
-def check_settings(spec: Any) -> None:
-    """Validate the spec keys ``ray``, ``gpus_per_trial``, ``cpus_per_trial`` (no Ray import)."""
-    if spec.ray is not None and (not isinstance(spec.ray, str) or not spec.ray.strip()):
-        raise UsageError(f"ray: expected auto, local or a cluster address such as 10.0.0.1:6379, got {spec.ray!r}")
-    if spec.ray is not None and spec.ray.strip() not in ("auto", "local"):
-        host, _, port = spec.ray.strip().removeprefix("ray://").rpartition(":")
-        if not host or not port.isdigit():
-            raise UsageError(f"--ray {spec.ray}: expected auto, local or HOST:PORT (e.g. 10.0.0.1:6379)")
-    for key, low in (("gpus_per_trial", 0.0), ("cpus_per_trial", 0.0)):
-        value = getattr(spec, key)
-        if value is None:
-            continue
-        check_number(key, value, minimum=low)
-        if spec.ray is None:
-            raise UsageError(f"{key}: needs ray (e.g. --ray auto); without Ray use --devices / --workers")
-        if value > 1 and value != int(value):
-            raise UsageError(f"{key}: a fraction must be below 1 (a trial shares one device), got {value:g}")
-    if spec.cpus_per_trial == 0 and not spec.gpus_per_trial:
-        raise UsageError("cpus_per_trial: 0 needs gpus_per_trial > 0 (a trial must ask Ray for something)")
-
-
-@dataclass(frozen=True)
-class RayPlan:
-    """What the driver asks Ray for: the cluster, each trial's resources, how many trials at once."""
-
-    address: str
-    gpus_per_trial: float
-    cpus_per_trial: float
-    slots: int | None  # trials at once (--workers); None: as many as the cluster fits
-
-    @property
-    def train_device(self) -> str:
-        return "cuda" if self.gpus_per_trial > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per task
-
-    @property
-    def threads(self) -> int:
-        return max(1, int(self.cpus_per_trial))
-
-    def label(self) -> str:
-        return f"ray {self.address}: {self.cpus_per_trial:g} CPU + {self.gpus_per_trial:g} GPU per trial"
-
-
-def plan(spec: StudySpec, *, devices: str | None, workers: int | None, workers_per_device: int | None) -> RayPlan:
-    """The Ray plan of a spec whose ``ray`` key is set; ``--devices`` / ``--workers-per-device`` are for
-    local workers and are refused here; ``--workers N`` caps the trials that run at once."""
-    if devices is not None or workers_per_device is not None:
-        raise UsageError("--ray places trials itself: use --gpus-per-trial / --cpus-per-trial, not --devices / --workers-per-device")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise UsageError(f"--workers: expected an integer >= 1, got {workers!r}")
-    check_settings(spec)
-    return RayPlan(
-        address=spec.ray.strip(),
-        gpus_per_trial=float(spec.gpus_per_trial or 0.0),
-        cpus_per_trial=float(1.0 if spec.cpus_per_trial is None else spec.cpus_per_trial),
-        slots=workers,
-    )
 
 
 # ---- connecting --------------------------------------------------------------------------------------
@@ -203,10 +143,12 @@ class _Runner:
             study_def.storage, heartbeat_interval=conf.heartbeat_interval, grace_period=conf.grace_period,
             retry=RetryPolicy(f"Optuna storage {mask_url(study_def.storage)}", conf.reconnect_timeout),
         )  # fmt: skip
-        self.study = optuna.load_study(
-            study_name=study_def.name, storage=storage,
-            sampler=make_sampler(study_def.sampler, study_def.sampler_options, seed=payload["seed"] + os.getpid() % 100_003),
-        )  # fmt: skip
+        from wus_tune._study.trial_seed import TrialSeededSampler
+
+        # each trial's draws from (study seed, trial number): the same in every run, whichever process asks
+        sampler = TrialSeededSampler(lambda seed: make_sampler(study_def.sampler, study_def.sampler_options, seed=seed),
+                                     study_def.seed)  # fmt: skip
+        self.study = optuna.load_study(study_name=study_def.name, storage=storage, sampler=sampler)
         tracker: Any = NullTracker()
         if study_def.tracking_uri is not None:
             tracker = MlflowTracker.open(
@@ -284,7 +226,7 @@ def absolute_url(url: str | None) -> str | None:
 def run(
     study: optuna.Study,
     spec: StudySpec,
-    study_def: Study,
+    study_def: ResolvedStudy,
     conf: Any,
     tracker: Any,
     session: RaySession,
@@ -298,136 +240,180 @@ def run(
 
     Raises :class:`ServiceLost` when a task lost the storage or the tracking server, or the cluster
     itself is gone (everything recorded is kept; the same command continues)."""
-    import copy
-
     import ray
-    from ray.exceptions import RayError, RayTaskError
 
     from wus_tune._study import workers as w
-    ray_plan, slots = session.plan, session.slots
-    finished, running = w.budget_used(study.get_trials(deepcopy=False))
-    budget = None if study_def.n_trials is None else finished + running + study_def.n_trials
-    if conf.max_trials is not None:
-        budget = conf.max_trials if budget is None else min(budget, conf.max_trials)
-    if budget is not None:
-        slots = max(1, min(slots, budget - finished))
+
+    budget, finished = w.trial_budget(study.get_trials(deepcopy=False), study_def.n_trials, conf.max_trials)
+    slots = session.slots if budget is None else max(1, min(session.slots, budget - finished))
+    payload = task_payload(study_def, spec, session.plan, budget=budget, parent_run_id=tracker.parent_run_id, fit=fit)
+    say(f"{session.plan.label()}; {slots} trial(s) at once" + (f", {budget - finished} to run" if budget is not None else ""))
+    driver = _Driver(ray, study, study_def, conf, tracker, session.plan, payload, budget=budget, slots=slots,
+                     on_trial=on_trial, say=say)  # fmt: skip
+    driver.drive()
+    driver.summarise()
+    return driver.result.status
+
+
+def task_payload(study_def: ResolvedStudy, spec: StudySpec, ray_plan: RayPlan, *, budget: int | None,
+                 parent_run_id: str | None, fit: Callable[..., Any] | None) -> dict[str, Any]:  # fmt: skip
+    """What every task gets: the spec a ``--worker`` would read (absolute storage paths, the study-wide
+    budget, the device Ray gives), the driver's directory, the parent run and ``fit``."""
+    import copy
+
     child = dataclasses.replace(
         spec, name=study_def.name, storage=absolute_url(study_def.storage), tracking_uri=absolute_url(study_def.tracking_uri) or "none",
         n_trials=None, max_trials=budget, ray=None, gpus_per_trial=None, cpus_per_trial=None, train=copy.deepcopy(spec.train),
     )  # fmt: skip
     child.set_train("device", ray_plan.train_device)
-    spec_dict = child.to_dict()
-    payload = {
-        "spec": spec_dict, "cwd": os.getcwd(), "fit": fit, "threads": ray_plan.threads,
-        "parent_run_id": tracker.parent_run_id, "key": f"{study_def.name}:{uuid.uuid4().hex}",
-        "seed": study_def.seed + len(study.trials) + 7919 * int(study.user_attrs.get("wus_tune_joins", 0)),
-    }  # each Ray worker process adds its own offset: parallel samplers must not draw the same points  # fmt: skip
-    payload_ref = ray.put(payload)  # once, not with every task (it holds the spec and maybe a fit function)
-    task = ray.remote(run_trial_task).options(
-        num_cpus=ray_plan.cpus_per_trial, num_gpus=ray_plan.gpus_per_trial, max_retries=0, name="wus_tune-trial"
-    )  # fmt: skip
-    say(f"{ray_plan.label()}; {slots} trial(s) at once" + (f", {budget - finished} to run" if budget is not None else ""))
+    return {"spec": child.to_dict(), "cwd": os.getcwd(), "fit": fit, "threads": ray_plan.threads,
+            "parent_run_id": parent_run_id, "key": f"{study_def.name}:{uuid.uuid4().hex}"}  # fmt: skip
 
-    gcs = None if ray_plan.address == "local" else _gcs_address(ray)  # probed when a node dies: is it the head?
-    result = RayResult(status="FINISHED", slots=slots)
-    in_flight: dict[Any, tuple[str, float]] = {}  # ObjectRef -> (token, submitted at)
-    start = time.monotonic()
-    stop_reason: str | None = None
-    lost_in_a_row = 0
 
-    def room() -> bool:
-        if stop_reason is not None:
+class _Driver:
+    """The driver's loop: keeps ``slots`` tasks in flight while the budget allows, and turns what each
+    returns (a trial, a failure in our code, a lost worker) into the study's record and status."""
+
+    def __init__(self, ray: Any, study: optuna.Study, study_def: ResolvedStudy, conf: Any, tracker: Any,
+                 ray_plan: RayPlan, payload: Mapping[str, Any], *, budget: int | None, slots: int,
+                 on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None], say: Callable[[str], None]) -> None:  # fmt: skip
+        self.ray, self.study, self.study_def, self.conf, self.tracker = ray, study, study_def, conf, tracker
+        self.budget, self.slots, self.on_trial, self.say = budget, slots, on_trial, say
+        self.payload_ref = ray.put(payload)  # once, not with every task (it holds the spec and maybe a fit function)
+        self.task = ray.remote(run_trial_task).options(
+            num_cpus=ray_plan.cpus_per_trial, num_gpus=ray_plan.gpus_per_trial, max_retries=0, name="wus_tune-trial"
+        )  # fmt: skip
+        self.gcs = None if ray_plan.address == "local" else _gcs_address(ray)  # probed when a node dies: is it the head?
+        self.result = RayResult(status="FINISHED", slots=slots)
+        self.in_flight: dict[Any, tuple[str, float]] = {}  # ObjectRef -> (token, submitted at)
+        self.start = time.monotonic()
+        self.stop_reason: str | None = None
+        self.lost_in_a_row = 0
+
+    def drive(self) -> None:
+        """Run tasks until the budget, the timeout or a stop; on Ctrl-C or an error, cancel those in flight
+        and re-queue their trials."""
+        from wus_tune._study import workers as w
+
+        signals: list[int] = []
+        with w.interrupts(signals, plain=True):  # a second Ctrl-C while the tasks are cancelled is ignored
+            try:
+                self._loop()
+            except KeyboardInterrupt:
+                self.result.status = "KILLED"
+                name = w.signal_name(signals[0]) if signals else "SIGINT"
+                reason = f"interrupted by {name}" + (" (Ctrl-C)" if name == "SIGINT" else "")
+                self.say(f"{reason}: cancelling {len(self.in_flight)} running task(s); their trials are re-queued; "
+                         "run the same command again to continue")  # fmt: skip
+                _cancel(self.ray, self.in_flight, lambda token: self.fail_trial_of(token, f"Interrupted: {reason}; re-queued"))
+            except BaseException:
+                _cancel(self.ray, self.in_flight, lambda token: self.fail_trial_of(token, "the driver stopped; re-queued"))
+                raise
+            finally:
+                _shutdown(self.ray)  # a driver that joined leaves the cluster running; "local" stops its own
+
+    def _loop(self) -> None:
+        while True:
+            while len(self.in_flight) < self.slots and self._room():
+                self._submit()
+            if not self.in_flight:
+                return
+            ready, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                self._collect(ref)
+
+    def _room(self) -> bool:
+        if self.stop_reason is not None:
             return False
-        if study_def.timeout is not None and time.monotonic() - start >= study_def.timeout:
+        if self.study_def.timeout is not None and time.monotonic() - self.start >= self.study_def.timeout:
             return False
-        if budget is None:
+        if self.budget is None:
             return True
-        done, _ = w.budget_used(study.get_trials(deepcopy=False))
-        return done + len(in_flight) < budget
+        from wus_tune._study import workers as w
 
-    def submit() -> None:
+        done, _ = w.budget_used(self.study.get_trials(deepcopy=False))
+        return done + len(self.in_flight) < self.budget
+
+    def _submit(self) -> None:
         token = uuid.uuid4().hex
-        in_flight[task.remote(payload_ref, budget, token)] = (token, time.monotonic())
-        result.tasks += 1
+        self.in_flight[self.task.remote(self.payload_ref, self.budget, token)] = (token, time.monotonic())
+        self.result.tasks += 1
 
-    def fail_trial_of(token: str, reason: str) -> bool:
+    def _collect(self, ref: Any) -> None:
+        """What one finished task returned: its trial, or why it has none."""
+        from ray.exceptions import RayError, RayTaskError
+
+        token, submitted = self.in_flight.pop(ref)
+        try:
+            number, setup_s = self.ray.get(ref)
+        except RayTaskError as e:  # raised by our code inside the task
+            self._task_failed(token, e)
+            return
+        except RayError as e:  # the worker process or its node died
+            self._worker_lost(token, e)
+            return
+        self.lost_in_a_row = 0
+        if number is None:  # the budget was complete when the task asked
+            self.stop_reason = self.stop_reason or "budget complete"
+            return
+        frozen = next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
+        if frozen.datetime_start and frozen.datetime_complete:
+            trial_s = (frozen.datetime_complete - frozen.datetime_start).total_seconds()
+            self.result.dispatch_s.append(max(0.0, time.monotonic() - submitted - trial_s - setup_s))
+        if setup_s > 0.05:
+            self.result.setup_s.append(setup_s)
+        self.on_trial(self.study, frozen)
+
+    def _task_failed(self, token: str, e: BaseException) -> None:
+        """Our code raised inside the task: a lost service stops the study, a stopped worker re-queued its
+        own trial, anything else fails the trial and stops starting new ones."""
+        cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
+        if isinstance(cause, ServiceLost):
+            raise ServiceLost(str(cause)) from None
+        if isinstance(cause, KeyboardInterrupt):  # SIGTERM to the task (a node drained): it
+            self.result.lost_workers += 1  # failed and re-queued its own trial
+            self.say(f"a Ray worker was stopped ({one_line(cause, with_type=True)}); its trial is re-queued")
+            return
+        self.fail_trial_of(token, f"ray task failed: {one_line(cause or e, with_type=True)}")
+        self.stop_reason = self.stop_reason or one_line(cause or e, with_type=True)
+        self.say(f"error: a Ray task failed: {self.stop_reason}; stopping")
+        self.result.status = "FAILED"
+
+    def _worker_lost(self, token: str, e: BaseException) -> None:
+        """The task's worker process or node died: re-queue its trial; stop if the head is gone or the
+        cluster keeps losing workers."""
+        self.result.lost_workers += 1
+        had_trial = self.fail_trial_of(token, f"Ray worker lost: {type(e).__name__}; re-queued")
+        self.say(f"a Ray worker was lost ({one_line(e, with_type=True)[:200]})" + ("; its trial is re-queued" if had_trial else ""))
+        if self.gcs is not None and not _answers(self.gcs):
+            raise ServiceLost(f"the Ray cluster's head {self.gcs} is gone; the trials it was running are "
+                              "re-queued: start the cluster again and run the same command to continue") from None  # fmt: skip
+        self.lost_in_a_row += 1
+        if self.lost_in_a_row > 3 * self.slots:
+            raise ServiceLost(f"the Ray cluster keeps losing workers ({self.lost_in_a_row} in a row, the "
+                              f"last: {type(e).__name__}); run the same command again to continue") from None  # fmt: skip
+
+    def fail_trial_of(self, token: str, reason: str) -> bool:
         """Fail, close and re-queue the trial a lost task was running; False if it had none running."""
-        for t in study.get_trials(deepcopy=False):
+        from wus_tune._study import workers as w
+
+        for t in self.study.get_trials(deepcopy=False):
             if t.user_attrs.get(TOKEN_ATTR) == token and t.state.name == "RUNNING":
-                stale = w.StaleTrials(tracker, grace_period=conf.grace_period, max_retry=conf.max_retry)
-                return stale.fail_running(study, t, reason)
+                stale = w.StaleTrials(self.tracker, grace_period=self.conf.grace_period, max_retry=self.conf.max_retry)
+                return stale.fail_running(self.study, t, reason)
         return False
 
-    signals: list[int] = []
-    with w.interrupts(signals, plain=True):  # a second Ctrl-C while the tasks are cancelled is ignored
-        try:
-            while True:
-                while len(in_flight) < slots and room():
-                    submit()
-                if not in_flight:
-                    break
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-                for ref in ready:
-                    token, submitted = in_flight.pop(ref)
-                    try:
-                        number, setup_s = ray.get(ref)
-                    except RayTaskError as e:  # raised by our code inside the task
-                        cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
-                        if isinstance(cause, ServiceLost):
-                            raise ServiceLost(str(cause)) from None
-                        if isinstance(cause, KeyboardInterrupt):  # SIGTERM to the task (a node drained): it
-                            result.lost_workers += 1  # failed and re-queued its own trial
-                            say(f"a Ray worker was stopped ({one_line(cause, with_type=True)}); its trial is re-queued")
-                            continue
-                        fail_trial_of(token, f"ray task failed: {one_line(cause or e, with_type=True)}")
-                        stop_reason = stop_reason or one_line(cause or e, with_type=True)
-                        say(f"error: a Ray task failed: {stop_reason}; stopping")
-                        result.status = "FAILED"
-                        continue
-                    except RayError as e:  # the worker process or its node died
-                        result.lost_workers += 1
-                        reason = f"Ray worker lost: {type(e).__name__}; re-queued"
-                        had_trial = fail_trial_of(token, reason)
-                        say(f"a Ray worker was lost ({one_line(e, with_type=True)[:200]})"
-                            + ("; its trial is re-queued" if had_trial else ""))  # fmt: skip
-                        if gcs is not None and not _answers(gcs):
-                            raise ServiceLost(f"the Ray cluster's head {gcs} is gone; the trials it was running are "
-                                              "re-queued: start the cluster again and run the same command to continue") from None  # fmt: skip
-                        lost_in_a_row += 1
-                        if lost_in_a_row > 3 * slots:
-                            raise ServiceLost(f"the Ray cluster keeps losing workers ({lost_in_a_row} in a row, the "
-                                              f"last: {type(e).__name__}); run the same command again to continue") from None  # fmt: skip
-                        continue
-                    lost_in_a_row = 0
-                    if number is None:  # the budget was complete when the task asked
-                        stop_reason = stop_reason or "budget complete"
-                        continue
-                    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-                    if frozen.datetime_start and frozen.datetime_complete:
-                        trial_s = (frozen.datetime_complete - frozen.datetime_start).total_seconds()
-                        result.dispatch_s.append(max(0.0, time.monotonic() - submitted - trial_s - setup_s))
-                    if setup_s > 0.05:
-                        result.setup_s.append(setup_s)
-                    on_trial(study, frozen)
-        except KeyboardInterrupt:
-            result.status = "KILLED"
-            name = w.signal_name(signals[0]) if signals else "SIGINT"
-            reason = f"interrupted by {name}" + (" (Ctrl-C)" if name == "SIGINT" else "")
-            say(f"{reason}: cancelling {len(in_flight)} running task(s); their trials are re-queued; run the same command again to continue")
-            _cancel(ray, in_flight, lambda token: fail_trial_of(token, f"Interrupted: {reason}; re-queued"))
-        except BaseException:
-            _cancel(ray, in_flight, lambda token: fail_trial_of(token, "the driver stopped; re-queued"))
-            raise
-        finally:
-            _shutdown(ray)  # a driver that joined leaves the cluster running; "local" stops its own
-    if result.lost_workers:
-        tracker.log_parent(tags={"lost_workers": result.lost_workers})
-    if result.dispatch_s:
-        ordered = sorted(result.dispatch_s)
-        setup = f"; {len(result.setup_s)} worker processes opened the study in {sum(result.setup_s) / len(result.setup_s):.1f} s each" if result.setup_s else ""
-        say(f"ray: {result.tasks} tasks, {result.lost_workers} lost workers; per trial Ray added "
-            f"{1000 * ordered[len(ordered) // 2]:.0f} ms (median task round trip minus the trial){setup}")  # fmt: skip
-    return result.status
+    def summarise(self) -> None:
+        """Tag the parent run with the lost workers; print what Ray added per trial."""
+        result = self.result
+        if result.lost_workers:
+            self.tracker.log_parent(tags={"lost_workers": result.lost_workers})
+        if result.dispatch_s:
+            ordered = sorted(result.dispatch_s)
+            setup = (f"; {len(result.setup_s)} worker processes opened the study in "
+                     f"{sum(result.setup_s) / len(result.setup_s):.1f} s each" if result.setup_s else "")  # fmt: skip
+            self.say(f"ray: {result.tasks} tasks, {result.lost_workers} lost workers; per trial Ray added "
+                     f"{1000 * ordered[len(ordered) // 2]:.0f} ms (median task round trip minus the trial){setup}")  # fmt: skip
 
 
 def _gcs_address(ray: Any) -> str | None:

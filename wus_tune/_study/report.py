@@ -1,20 +1,20 @@
 """The study's report: console table, trials CSV, Pareto plot (PNG and interactive HTML), hypervolume history.
 
 All relative figures are against the study's full-length baseline (role ``baseline``) and the baseline
-frontier (the Pareto front of the plain trials); see :mod:`wus_tune.pareto` for the definitions.
+frontier (the Pareto front of the plain trials); see :mod:`wus_tune._study.front` for the definitions.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from wus_tune.pareto import Analysis, Candidate
+from wus_tune._study.front import Analysis, Candidate, Rule
 
-_UNITS = {"time": "s", "cost": " FLOPs", "relative_time": " baseline runs"}
 _AXIS = {"time": "training time incl. required evaluations (s, wall)", "cost": "training cost (FLOPs)",
          "relative_time": "time in full-length baseline runs (priced per trial on its device)"}
 _MARKERS = "oD^v<>Ph*Xd"
@@ -135,6 +135,50 @@ def table_rows(analysis: Analysis, numbers: Sequence[int], *, mark: int | None =
             "*" if c.number in front else "",
         ])  # fmt: skip
     return rows
+
+
+def format_table(analysis: Analysis, numbers: Sequence[int] | None = None, *, mark: int | None = None) -> str:
+    """The given trials (default: the Pareto front) as a text table, relative to the baseline."""
+    rows = table_rows(analysis, numbers if numbers is not None else analysis.front, mark=mark)
+    if not rows:
+        return "(no completed trials)"
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def front_json(analysis: Analysis, *, study_name: str, rule: Rule | str, selected: Candidate | None,
+               numbers: Sequence[int] | None = None) -> dict[str, Any]:
+    """The front (or ``numbers``) and the baseline as JSON-ready data: each entry has ``number``, ``role``,
+    ``method``, ``accuracy``, the objective values by name, ``speedup`` (the baseline's value of the study's
+    time objective over the trial's), ``acc_delta_pts``, ``selected``, ``test_accuracy`` (None without a test
+    split; never used to select), ``time_s`` (wall) and the frontier figures."""
+    def entry(c: Candidate) -> dict[str, Any]:
+        r = relative(analysis, c)
+        res = c.attrs.get("result") or {}
+        out: dict[str, Any] = {"number": c.number, "role": c.role, "method": label(c), "accuracy": c.values[0]}
+        out.update({name: v for name, v in zip(analysis.objectives, c.values)})
+        out.update(speedup=r["speedup"], acc_delta_pts=r["acc_delta_pts"],
+                   selected=selected is not None and c.number == selected.number,
+                   test_accuracy=res.get("test_acc"), time_s=res.get("time_s"), relative_time=res.get("relative_time"),
+                   frontier_acc_gain_pts=r["frontier_acc_gain_pts"],
+                   frontier_time_saved_fraction=r["frontier_time_saved_fraction"], pareto=c.number in analysis.front)  # fmt: skip
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+    shown = [analysis.by_number(n) for n in (numbers if numbers is not None else analysis.front)]
+    base = analysis.baseline
+    baseline = None
+    if base is not None:
+        baseline = entry(base) | {"trials": base.attrs.get("baseline_trials", [base.number])}
+        baseline.update({name: v for name, v in zip(analysis.objectives, base.values)}, accuracy=base.values[0])
+    return {
+        "study": study_name,
+        "objectives": list(analysis.objectives),
+        "time_objective": analysis.objectives[1],
+        "rule": str(rule),
+        "selected": selected.number if selected is not None else None,
+        "baseline": baseline,
+        "front": [entry(c) for c in sorted(shown, key=lambda c: c.values[1]) if c.ok],
+    }
 
 
 def write_csv(analysis: Analysis, path: Path, *, selected: int | None = None) -> Path:

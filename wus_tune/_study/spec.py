@@ -65,14 +65,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wus_tune.errors import ConfigError, UsageError, check_number
 from wus_tune._study.catalog import METHOD_KEY, check_method_model, check_methods, declarations, default_methods
 from wus_tune._study.catalog import default_trial
+from wus_tune._study.front import Rule, objective_direction, objective_names, parse_rule
 from wus_tune._study.reuse import ReuseSpec
 from wus_tune._study.space import SearchSpace, apply_values
 from wus_tune._study.storage import DEFAULT_TRACKING_URI, default_storage
+from wus_tune.errors import ConfigError, UsageError, check_number
 from wus_tune.migration import migrate_spec
-from wus_tune.pareto import Rule, objective_direction, objective_names, parse_rule
 
 if TYPE_CHECKING:
     import optuna
@@ -86,7 +86,7 @@ SAMPLERS = ("tpe", "nsga2", "gp")
 
 @dataclass
 class StudySpec:
-    """The raw spec, as written; :meth:`resolve` validates it into a :class:`Study`."""
+    """The raw spec, as written; :meth:`resolve` validates it into a :class:`ResolvedStudy`."""
 
     name: str | None = None
     description: str = ""
@@ -186,7 +186,7 @@ class StudySpec:
         sections = d.pop("sections")
         return {**d, **sections}
 
-    def resolve(self) -> Study:
+    def resolve(self) -> ResolvedStudy:
         """Validate everything (names, ranges, the base config, every corner of the search space) without
         touching any store. Raises :class:`UsageError` with one line."""
         where = f"{self.source}: " if self.source and self.source != "cli" else ""
@@ -195,69 +195,26 @@ class StudySpec:
         except UsageError as e:
             raise UsageError(f"{where}{e}") from None
 
-    def _resolve(self) -> Study:
+    def _resolve(self) -> ResolvedStudy:
+        """The steps of :meth:`resolve`, in the order their errors are reported."""
+        from wus_tune._study.pruning import parse_settings
         from wus_tune.config import TrainConfig
 
         objectives = parse_objectives(self.objectives)
-        if self.sampler not in SAMPLERS:
-            raise UsageError(f"sampler: unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        _check_int("seed", self.seed, 0)
-        _check_int("confirm", self.confirm, 0)
-        _check_int("baseline_repeats", self.baseline_repeats, 1)
-        if self.n_trials is not None:
-            _check_int("n_trials", self.n_trials, 1)
-        for key in ("timeout", "constraint_delta", "accuracy_margin", "cost_factor"):
-            if getattr(self, key) is not None:
-                check_number(key, getattr(self, key), what="a finite number")
-        if self.timeout is not None and self.timeout <= 0:
-            raise UsageError(f"timeout: must be positive seconds, got {self.timeout:g}")
-        if self.accuracy_margin < 0 or self.cost_factor < 1:
-            raise UsageError("accuracy_margin must be >= 0 and cost_factor >= 1")
-        from wus_tune._study.workers import check_settings
-
-        check_settings(self)
-        from wus_tune._study.ray_backend import check_settings as check_ray_settings
-
-        check_ray_settings(self)
-        for i, f in enumerate(self.baseline_fractions):
-            if not 0 < f <= 1:
-                raise UsageError(f"baseline_fractions[{i}]: {f:g} is out of range (0, 1]")
+        self._check_settings()
         rule = parse_rule(self.select)
-        from wus_tune._study.pruning import parse_settings
-
         pruner = parse_settings(self.pruner, self.pruner_options)
         reuse = self.reuse.validate()
         me = self.replace(train=self.train, search_space=self.search_space, enqueue=self.enqueue)  # older keys read as today's
         base = TrainConfig.from_dict(me.train)
         methods = check_methods(me.methods)
         check_method_model(methods, base)
-        known = declarations()
-        plans: dict[str, SectionPlan] = {}
-        overrides = dict(me.search_space)
-        for name, section in me.sections.items():
-            if section is not None:
-                plans[name] = plan = known[name].plan_section(section, base, methods)
-                base = plan.base
-                overrides = dict(plan.search_space) | overrides  # a spec entry wins over the section's
-        space = SearchSpace.build(overrides, defaults=me.default_search_space, methods=methods, sections=me.sections)
-        space.check(base)
-        lead, method_trials = default_trials(space, base, methods, plans) if me.enqueue_defaults else ((), [])
-        method_trials += [(role, space.fixed_at_base(base, values)) for plan in plans.values() for role, values in plan.trials]
-        for _, values in (*lead, *method_trials):
-            try:
-                apply_values(base, values)
-            except ConfigError as e:
-                raise UsageError(f"methods: the default trial {values.get(METHOD_KEY)!r} is not a valid config: {e}") from None
-        for i, entry in enumerate(me.enqueue):
-            try:
-                apply_values(base, entry)
-            except ConfigError as e:
-                raise UsageError(f"enqueue[{i}]: {e}") from None
+        base, space, plans = me._search_space(base, methods)
+        lead, method_trials = me._first_trials(base, space, methods, plans)
         make_sampler(self.sampler, self.sampler_options, seed=self.seed)  # bad options fail here
         name = self.name or f"{base.model.name}-{base.data.name}"
-        storage = self.storage or default_storage(name)
         tracking = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-        return Study(
+        return ResolvedStudy(
             name=name,
             base=base,
             space=space,
@@ -267,7 +224,7 @@ class StudySpec:
             seed=self.seed,
             n_trials=self.n_trials,
             timeout=self.timeout,
-            storage=storage,
+            storage=self.storage or default_storage(name),
             default_storage=self.storage is None,
             tracking_uri=None if tracking.lower() == "none" else tracking,
             constraint_delta=self.constraint_delta,
@@ -287,10 +244,69 @@ class StudySpec:
             reuse=reuse,
         )
 
+    def _check_settings(self) -> None:
+        """The scalar keys: sampler, counts, numbers, the workers' and Ray's keys, the baseline fractions."""
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"sampler: unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        _check_int("seed", self.seed, 0)
+        _check_int("confirm", self.confirm, 0)
+        _check_int("baseline_repeats", self.baseline_repeats, 1)
+        if self.n_trials is not None:
+            _check_int("n_trials", self.n_trials, 1)
+        for key in ("timeout", "constraint_delta", "accuracy_margin", "cost_factor"):
+            if getattr(self, key) is not None:
+                check_number(key, getattr(self, key), what="a finite number")
+        if self.timeout is not None and self.timeout <= 0:
+            raise UsageError(f"timeout: must be positive seconds, got {self.timeout:g}")
+        if self.accuracy_margin < 0 or self.cost_factor < 1:
+            raise UsageError("accuracy_margin must be >= 0 and cost_factor >= 1")
+        from wus_tune._study.ray_plan import check_settings as check_ray_settings
+        from wus_tune._study.workers import check_settings
+
+        check_settings(self)
+        check_ray_settings(self)
+        for i, f in enumerate(self.baseline_fractions):
+            if not 0 < f <= 1:
+                raise UsageError(f"baseline_fractions[{i}]: {f:g} is out of range (0, 1]")
+
+    def _search_space(self, base: TrainConfig, methods: tuple[str, ...]) -> tuple[TrainConfig, SearchSpace, dict[str, SectionPlan]]:
+        """The search space over ``methods``, checked against the base config, with what each method's spec
+        section adds (its plan: a base config, search-space entries and trials of its own)."""
+        known = declarations()
+        plans: dict[str, SectionPlan] = {}
+        overrides = dict(self.search_space)
+        for name, section in self.sections.items():
+            if section is not None:
+                plans[name] = plan = known[name].plan_section(section, base, methods)
+                base = plan.base
+                overrides = dict(plan.search_space) | overrides  # a spec entry wins over the section's
+        space = SearchSpace.build(overrides, defaults=self.default_search_space, methods=methods, sections=self.sections)
+        space.check(base)
+        return base, space, plans
+
+    def _first_trials(self, base: TrainConfig, space: SearchSpace, methods: tuple[str, ...],
+                      plans: Mapping[str, SectionPlan]) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, dict[str, Any]]]]:  # fmt: skip
+        """(lead, method trials): the methods' default trials and the sections' trials, each checked to make
+        a valid config; the spec's ``enqueue`` entries checked too."""
+        lead, method_trials = default_trials(space, base, methods, plans) if self.enqueue_defaults else ([], [])
+        method_trials += [(role, space.fixed_at_base(base, values)) for plan in plans.values() for role, values in plan.trials]
+        for _, values in (*lead, *method_trials):
+            try:
+                apply_values(base, values)
+            except ConfigError as e:
+                raise UsageError(f"methods: the default trial {values.get(METHOD_KEY)!r} is not a valid config: {e}") from None
+        for i, entry in enumerate(self.enqueue):
+            try:
+                apply_values(base, entry)
+            except ConfigError as e:
+                raise UsageError(f"enqueue[{i}]: {e}") from None
+        return lead, method_trials
+
 
 @dataclass(frozen=True)
-class Study:
-    """A validated spec: what :func:`wus_tune.study.run_study` runs."""
+class ResolvedStudy:
+    """A validated spec: what :func:`wus_tune.study.run_study` runs (not an ``optuna.Study``: the Optuna
+    study it runs in is opened from ``name`` and ``storage``)."""
 
     name: str
     base: TrainConfig
@@ -325,6 +341,37 @@ class Study:
     @property
     def directions(self) -> list[str]:
         return [objective_direction(o) for o in self.objectives]
+
+
+def initial_trials(study_def: ResolvedStudy) -> list[tuple[str, dict[str, Any]]]:
+    """(role, fixed values) of the trials a new study runs first: the full-length baseline (method
+    ``none``), the first compared method's default trial (role ``<method>-default``, e.g. ``wus-default``),
+    the baseline frontier (``baseline_fractions`` of the epochs; crossed with every ``schedule.name``
+    choice when the schedule is searched), the other compared methods' default trials and those a
+    method's spec section adds (the edge-of-chaos guideline's, ``study_def.method_trials``), more
+    baselines (``baseline_repeats``), then the spec's ``enqueue`` entries.
+
+    Every searched knob of these trials is fixed at the base config's value, so "baseline" and the
+    methods' defaults mean the spec's own recipe, not a sampled one.
+    """
+    base, space = study_def.base, study_def.space
+    epochs = base.epochs
+    plain = space.fixed_at_base(base, {METHOD_KEY: "none"})
+    out: list[tuple[str, dict[str, Any]]] = [("baseline", plain | {"epochs": epochs})]
+    out += [(role, dict(values)) for role, values in study_def.lead_trials]
+    budgets = sorted({max(1, round(f * epochs)) for f in study_def.baseline_fractions} - {epochs}, reverse=True)
+    schedules = [base.schedule.name]
+    if "schedule.name" in space and space["schedule.name"].type == "categorical":
+        schedules += [s for s in space["schedule.name"].choices if s != base.schedule.name]
+    for schedule in schedules:
+        for n in ([] if schedule == base.schedule.name else [epochs]) + budgets:
+            out.append(("baseline-frontier", plain | {"epochs": n, "schedule.name": schedule}))
+    out += [(role, dict(values)) for role, values in study_def.method_trials]
+    # More baselines, with other seeds, measured later in the study: its accuracy and time are medians.
+    out += [("baseline", plain | {"epochs": epochs, "seed": base.seed + k})
+            for k in range(1, getattr(study_def, "baseline_repeats", 1))]  # fmt: skip
+    out += [("enqueued", dict(e)) for e in study_def.enqueue]
+    return out
 
 
 def parse_objectives(value: Any) -> tuple[str, ...]:
@@ -390,7 +437,8 @@ def default_trials(space: SearchSpace, base: TrainConfig, methods: Sequence[str]
     return [(f"{chosen[0]}-default", trials[0] | {"epochs": base.epochs})], [("method-default", v) for v in trials[1:]]
 
 
-def prepare_sections(spec: StudySpec, study: Study, *, fit: Callable[..., Any] | None, say: Callable[[str], None]) -> Study:
+def prepare_sections(spec: StudySpec, study: ResolvedStudy, *, fit: Callable[..., Any] | None,
+                     say: Callable[[str], None]) -> ResolvedStudy:
     """``study`` resolved again once each method's spec section is complete (e.g. edge of chaos's growth
     rate ``auto`` calibrated by a short run on the base recipe); ``study`` itself when nothing was missing.
     ``study`` is ``spec.resolve()``, so the rest is already validated."""

@@ -210,6 +210,18 @@ def budget_used(trials: Sequence[optuna.trial.FrozenTrial]) -> tuple[int, int]:
     return finished, running
 
 
+def trial_budget(trials: Sequence[optuna.trial.FrozenTrial], n_trials: int | None,
+                 max_trials: int | None) -> tuple[int | None, int]:  # fmt: skip
+    """(budget, finished) for an invocation that starts trials in other processes (local workers, Ray
+    tasks): the study-wide count (:func:`budget_used`) to stop at, ``n_trials`` beyond the trials finished
+    or running now, capped by ``max_trials``; None when neither is set. ``finished`` is counted now."""
+    finished, running = budget_used(trials)
+    budget = None if n_trials is None else finished + running + n_trials
+    if max_trials is not None:
+        budget = max_trials if budget is None else min(budget, max_trials)
+    return budget, finished
+
+
 class Heartbeat:
     """Records the trial's heartbeat every ``interval`` seconds in a daemon thread (a storage error is
     retried by the storage's policy; a lost storage ends the thread, the trial then goes stale)."""

@@ -124,7 +124,7 @@ class MethodStudy:
     DEFAULT_TRIAL: ClassVar[dict[str, Any]] = {}
     combines_with: ClassVar[tuple[str, ...]] = ()
     # its search space has optim.* knobs (edge_of_chaos): a study then also runs tuned-plain trials searching
-    # the same knobs with the same budget, its fair yardstick (wus_tune._study.yardstick)
+    # the same knobs with the same budget, its fair yardstick (wus_tune._study.tuned_plain)
     tunes_optimizer: ClassVar[bool] = False
     measure_only: ClassVar[bool] = False
     compared_by_default: ClassVar[bool] = False

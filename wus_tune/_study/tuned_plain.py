@@ -19,8 +19,8 @@ from wus_tune._study.catalog import METHOD_KEY, method_parts, tunes_optimizer
 if TYPE_CHECKING:
     import optuna
 
-    from wus_tune._study.spec import Study
-    from wus_tune.pareto import Analysis
+    from wus_tune._study.front import Analysis
+    from wus_tune._study.spec import ResolvedStudy
 
 ROLE = "tuned-plain"
 
@@ -40,7 +40,7 @@ class TunedPlainBalancer:
     """Optuna callback: after a trial of an optimizer-tuning method, enqueue one tuned-plain trial while the
     group has fewer trials (any state, waiting ones too) than the method's."""
 
-    def __init__(self, study_def: Study) -> None:
+    def __init__(self, study_def: ResolvedStudy) -> None:
         self.choices = tuning_choices(study_def.methods)
         self.enabled = bool(self.choices)
 
@@ -57,7 +57,7 @@ class TunedPlainBalancer:
 
 def compare(analysis: Analysis) -> dict[str, Any] | None:
     """The method trials (per tuning method) against the tuned-plain group; None without tuned-plain trials."""
-    from wus_tune.pareto import frontier_advantage
+    from wus_tune._study.front import frontier_advantage
 
     tuned = [c for c in analysis.complete if c.role == ROLE]
     if not tuned:
