@@ -129,3 +129,21 @@ def test_fine_tuning_keeps_the_frozen_backbone_frozen(examples_on_path, one_torc
     torch.manual_seed(0)  # the config's seed: the head the fine-tuning started from
     start = finetune_frozen.build((1, 8, 8), 10, backbone=checkpoint, channels=8)
     assert not torch.equal(start.head.weight, after["head.weight"])  # the head trained
+
+
+def test_a_streamed_dataset_that_decodes_each_sample(examples_on_path, one_torch_thread):
+    """The streamed example: every split decoded per sample by a DataLoader worker, the decoding charged."""
+    import streamed_decode
+
+    data = streamed_decode.load()
+    x, label = data["train"][0]
+    assert x.dtype == torch.uint8 and x.shape == (3, 32, 32) and 0 <= label < 10
+    best = study("dec", {
+        "model": {"name": "mlp", "width": 0.25},
+        "data": {"factory": "streamed_decode:load", "memory_budget_mb": 0, "num_workers": 1},
+        "epochs": 2,
+    })  # fmt: skip
+    result = reproduce(best, "prod")
+    assert result["val_acc"] > 0.3  # ten classes, two epochs of a small MLP on 32x32 images
+    trials = yaml.safe_load(best.read_text())
+    assert trials["data"]["factory"] == "streamed_decode:load"

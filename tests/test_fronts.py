@@ -203,27 +203,33 @@ def test_pooled_baseline_metric_names_trial_export_and_json(digits_study, capsys
 def test_confirm_reruns_interleaved_and_logs_under_the_parent_run(digits_study, capsys):
     from mlflow.tracking import MlflowClient
 
+    from wus_tune.intervals import decide, ratio_interval
     from wus_tune.pareto import main
 
     outcome = digits_study
     # a method trial (the rule may pick a frontier trial, which has no frontier runs of its own)
     wus = next(c for c in outcome.analysis.complete if c.uses_method)
-    assert main(["--study", "fronts", "--confirm", "2", "--trial", str(wus.number)]) == 0
+    assert main(["--study", "fronts", "--confirm", "2", "--max-rounds", "2", "--trial", str(wus.number)]) == 0
     out = capsys.readouterr().out
-    assert "confirmation of trial" in out and ("\n  confirmed:" in out or "\n  not confirmed:" in out)
+    assert "confirmation of trial" in out and any(f"\n  {v}: speed-up" in out for v in ("holds", "fails", "undecided"))
     rounds = [line for line in out.splitlines() if line.startswith("confirm round")]
-    assert len(rounds) == 6  # baseline, pick, frontier point, twice
+    assert len(rounds) == 6  # baseline, pick, frontier point, twice (the cap)
     assert [line.split()[3] for line in rounds[:3]] != [line.split()[3] for line in rounds[3:]]  # order rotated
     study = optuna.load_study(study_name="fronts", storage="sqlite:///studies/fronts.db")
     conf = study.user_attrs["confirmation"]
     assert conf["repeats"] == 2 and conf["pick"] == wus.number and len(conf["runs"]) == 6
     assert {r["seed"] for r in conf["runs"]} == {1000, 1001}
-    assert conf["verdict"] in ("confirmed", "not confirmed")
-    assert conf["confirmed"] == (conf["speed_ok"] and conf["accuracy_ok"])
-    assert conf["speed_ok"] == (conf["speedup"]["median"] >= 0.9 * conf["claimed_speedup"])
+    # the verdict reads the paired interval of the study's own objective (relative time) against the threshold
+    by = {(r["role"], r["round"]): r for r in conf["runs"]}
+    ratios = [by[("baseline", k)]["relative_time"] / by[("pick", k)]["relative_time"] for k in range(2)]
+    interval = ratio_interval(ratios)
+    assert conf["speedup"]["low"] == pytest.approx(interval.low) and conf["speedup"]["high"] == pytest.approx(interval.high)
+    words = {"above": "holds", "below": "fails", "undecided": "undecided"}
+    assert conf["speed"] == words[decide(interval, 0.9 * conf["claimed_speedup"])]
+    assert conf["verdict"] in ("holds", "fails", "undecided") and conf["confirmed"] == (conf["verdict"] == "holds")
     client = MlflowClient("sqlite:///mlruns/mlflow.db")
     parent = client.get_run(outcome.parent_run_id)
-    assert parent.data.metrics["confirm/speedup_median"] == pytest.approx(conf["speedup"]["median"])
+    assert parent.data.metrics["confirm/speedup_mean"] == pytest.approx(conf["speedup"]["mean"])
     assert parent.data.tags["confirmation"].startswith(conf["verdict"])
     assert "confirmation.json" in [f.path for f in client.list_artifacts(outcome.parent_run_id)]
     children = client.search_runs([parent.info.experiment_id],
@@ -233,7 +239,12 @@ def test_confirm_reruns_interleaved_and_logs_under_the_parent_run(digits_study, 
     # shown again, from the study, by the plain front listing
     assert main(["--study", "fronts"]) == 0
     assert "last confirmation of trial" in capsys.readouterr().out
-    assert main(["--study", "fronts", "--confirm", "0"]) == 2
+    for bad, why in (("0", "got '0'"), ("1", "one paired round gives no interval"), ("two", "expected auto or a number")):
+        assert main(["--study", "fronts", "--confirm", bad]) == 2
+        err = capsys.readouterr().err
+        assert why in err and len(err.strip().splitlines()) == 1, err
+    assert main(["--study", "fronts", "--confirm", "auto", "--max-rounds", "1"]) == 2
+    assert "--max-rounds" in capsys.readouterr().err
 
 
 def test_confirm_a_named_trial(digits_study, capsys):
@@ -241,18 +252,18 @@ def test_confirm_a_named_trial(digits_study, capsys):
 
     outcome = digits_study
     frontier = next(c for c in outcome.analysis.complete if c.role == "baseline-frontier")
-    assert main(["--study", "fronts", "--trial", str(frontier.number), "--confirm", "1"]) == 0
+    assert main(["--study", "fronts", "--trial", str(frontier.number), "--confirm", "2", "--max-rounds", "2"]) == 0
     out = capsys.readouterr().out
     assert f"confirmation of trial {frontier.number} (trial {frontier.number})" in out
     picks = [line for line in out.splitlines() if line.startswith("confirm round") and " pick " in line]
-    assert len(picks) == 1 and f"trial {frontier.number:>3}" in picks[0]
+    assert len(picks) == 2 and all(f"trial {frontier.number:>3}" in line for line in picks)
     conf = optuna.load_study(study_name="fronts", storage="sqlite:///studies/fronts.db").user_attrs["confirmation"]
     assert conf["pick"] == frontier.number and conf["rule"] == f"trial {frontier.number}"
     # a frontier trial is its own yardstick: baseline and pick only, nothing trained twice per round
-    assert conf["frontier"] is None and sorted(r["role"] for r in conf["runs"]) == ["baseline", "pick"]
+    assert conf["frontier"] is None and sorted(r["role"] for r in conf["runs"]) == ["baseline"] * 2 + ["pick"] * 2
     # a named trial has no rule's promise: the floor is its own claim minus the tolerance
     assert conf["accuracy_floor_pts"] == pytest.approx(conf["claimed_acc_delta_pts"] - 1.0)
-    assert main(["--study", "fronts", "--trial", "99", "--confirm", "1"]) == 2
+    assert main(["--study", "fronts", "--trial", "99", "--confirm", "2"]) == 2
     assert capsys.readouterr().err.startswith("error: --trial 99: study 'fronts' has no such trial")
 
 

@@ -67,9 +67,9 @@ def parse_rounds(value: Any) -> int | str:
         rounds = int(value) if not isinstance(value, bool) and str(value).strip().lstrip("-").isdigit() else None
     except (TypeError, ValueError):
         rounds = None
-    if rounds is None:
+    if rounds is None or rounds < 1:
         raise UsageError(f"--confirm: expected auto or a number of rounds >= 2, got {value!r}")
-    if rounds < 2:
+    if rounds == 1:
         raise UsageError(f"--confirm {rounds}: one paired round gives no interval to decide with; "
                          "use --confirm auto or --confirm 2 or more")  # fmt: skip
     return rounds

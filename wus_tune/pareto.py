@@ -84,9 +84,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", help="write the chosen config here (YAML or .json), for wus_tune.train --config")
     p.add_argument("--all", action="store_true", help="list every completed trial, not only the front")
     p.add_argument("--format", choices=("text", "json"), default="text", help="text table (default) or JSON on stdout")
-    p.add_argument("--confirm", type=int, metavar="K",
-                   help="re-run the pick (or --trial), the baseline and the frontier point K times each (fresh seeds, interleaved) "
-                        "and say whether the study's claim holds (wus_tune.confirm)")  # fmt: skip
+    p.add_argument("--confirm", metavar="auto|K",
+                   help="re-run the pick (or --trial), the baseline and the frontier point in interleaved rounds (fresh seeds) "
+                        "until a paired 90%% interval decides whether the study's claim holds: auto starts with 3 rounds, "
+                        "K (>= 2) with K (wus_tune.confirm)")  # fmt: skip
+    p.add_argument("--max-rounds", type=int, default=8, metavar="N",
+                   help="rounds --confirm adds at most before it says undecided (default 8)")
     p.add_argument("--tracking-uri", help="MLflow URI to log a confirmation under the study's parent run "
                    "(default: the study's own, when it holds no password)")  # fmt: skip
     return p
@@ -94,7 +97,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m wus_tune.pareto --study NAME [--storage URL] [--select RULE | --trial N] [--out best.yaml]
-    [--format text|json] [--confirm K]``."""
+    [--format text|json] [--confirm auto|K [--max-rounds N]]``."""
     args = build_parser().parse_args(argv)
     try:
         _check_args(args)
@@ -125,8 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _check_args(args: argparse.Namespace) -> None:
     if args.trial is not None and args.select:
         raise UsageError("--trial and --select: choose one")
-    if args.confirm is not None and args.confirm < 1:
-        raise UsageError(f"--confirm: expected a number of repeats >= 1, got {args.confirm}")
+    if args.confirm is not None:
+        from wus_tune.confirm import parse_rounds
+
+        args.confirm = parse_rounds(args.confirm)
+    if args.max_rounds < 2:
+        raise UsageError(f"--max-rounds: expected an integer >= 2, got {args.max_rounds}")
 
 
 def _chosen(args: argparse.Namespace, analysis: Analysis, by_rule: Candidate | None) -> Candidate | None:
@@ -175,12 +182,12 @@ def _export(args: argparse.Namespace, study: optuna.Study, chosen: Candidate, ru
 
 def _confirm(args: argparse.Namespace, study: optuna.Study, analysis: Analysis, rule: Rule,
              say: Callable[[str], None]) -> Any:  # fmt: skip
-    """``--confirm K``: re-run the pick; without it, the text output ends with the last confirmation."""
+    """``--confirm auto|K``: re-run the pick; without it, the text output ends with the last confirmation."""
     if args.confirm:
         from wus_tune.confirm import confirm_study
 
-        return confirm_study(study, analysis, rule=rule, repeats=args.confirm, say=say, tracking_uri=args.tracking_uri,
-                             trial=args.trial)  # fmt: skip
+        return confirm_study(study, analysis, rule=rule, repeats=args.confirm, max_rounds=args.max_rounds, say=say,
+                             tracking_uri=args.tracking_uri, trial=args.trial)  # fmt: skip
     if args.format == "text":
         from wus_tune.confirm import stored_summary
 

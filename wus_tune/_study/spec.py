@@ -12,8 +12,8 @@ Format (every key optional; unknown keys are errors)::
     objectives: [accuracy, relative_time]  # time in full-length baseline runs (the default; wus_tune.timing), or
                                     # "accuracy,time" (wall seconds), "accuracy,cost" (FLOPs), "accuracy,relative_time,cost";
                                     # a last "sparsity" or "params" adds Lp-sphere sparsity
-    confirm: 0                      # after the trials, re-run the pick, the baseline and a frontier point this
-                                    # many times each (wus_tune.confirm); 0: no confirmation
+    confirm: 0                      # after the trials, re-run the pick, the baseline and a frontier point in rounds
+                                    # until an interval decides (auto, or K >= 2 rounds to start; wus_tune.confirm); 0: no
     methods: [wus]                  # the methods compared (default: those declaring compared_by_default, i.e. [wus]):
                                     # none, wus, approx_ops, lp_sphere, gauss_newton (2-layer mlp), edge_of_chaos,
                                     # approx_ops+wus, lp_sphere+wus, edge_of_chaos+wus, or a plug-in's
@@ -110,7 +110,7 @@ class StudySpec:
     select: str = "fastest-within:1.0"
     pruner: str = "none"  # none | pareto (wus_tune._study.pruning)
     pruner_options: dict[str, Any] = field(default_factory=dict)
-    confirm: int = 0  # confirmation repeats of the pick at the end of the study (wus_tune.confirm)
+    confirm: int | str = 0  # confirm the pick at the end of the study: auto, or K >= 2 rounds to start with; 0: no
     accuracy_margin: float = 0.05
     cost_factor: float = 1.25
     max_trials: int | None = None  # workers and faults: read through wus_tune._study.workers.settings
@@ -249,7 +249,13 @@ class StudySpec:
         if self.sampler not in SAMPLERS:
             raise UsageError(f"sampler: unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         _check_int("seed", self.seed, 0)
-        _check_int("confirm", self.confirm, 0)
+        if self.confirm != 0:
+            from wus_tune.confirm import parse_rounds
+
+            try:
+                parse_rounds(self.confirm)
+            except UsageError as e:
+                raise UsageError(str(e).replace("--confirm", "confirm", 1)) from None
         _check_int("baseline_repeats", self.baseline_repeats, 1)
         if self.n_trials is not None:
             _check_int("n_trials", self.n_trials, 1)
@@ -327,7 +333,7 @@ class ResolvedStudy:
     accuracy_margin: float
     cost_factor: float
     spec: dict[str, Any]
-    confirm: int = 0
+    confirm: int | str = 0
     baseline_repeats: int = 1
     methods: tuple[str, ...] = ()  # resolve() always sets it
     # (role, fixed values) enqueued right after the full-length baseline: the first compared method's default trials
