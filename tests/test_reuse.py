@@ -212,10 +212,14 @@ def test_a_study_reuses_and_forks_from_its_baseline(study_dir):
     forked = [c for c in by.values() if c.attrs.get("forked")]
     assert reused and forked
     trained = {call["trial"] for call in counting.calls}
-    for c in reused:  # not trained, COMPLETE with the baseline's values, never a new point of the front
-        assert c.number not in trained and c.state == "COMPLETE" and c.values == base.values
+    for c in reused:  # not trained, COMPLETE with its twin's values, never a new point of the front
+        assert c.number not in trained and c.state == "COMPLETE" and c.values[0] == base.values[0]
+        # its twin pays a validation pass at each of WUS's val_acc checks, which the baseline did not
+        result, passes = c.attrs["result"], len(base.attrs["reuse_signal"]) - 1
+        assert result["work_counts"]["eval"] == base.attrs["result"]["work_counts"]["eval"] * (1 + passes)
+        assert c.values[1] == pytest.approx(result["relative_time"]) and result["relative_time"] > base.values[1]
         assert c.attrs["reused"] == "baseline" and c.number not in outcome.analysis.front
-        assert c.attrs["result"]["compute_flops"] == 0.0
+        assert result["compute_flops"] == 0.0
     assert by[2].attrs.get("reused") == "baseline"
     fork = by[3]
     assert fork.attrs["forked"]["point"] == 3 and fork.attrs["forked"]["trial"] == 0
