@@ -41,17 +41,18 @@ class ScriptedClock:
         return timing.Workload(run=run)
 
 
-def test_run_seconds_and_relative_time_are_counts_times_prices():
-    costs = {"step:full": 0.010, "step:skip:all": 0.004, "eval": 1e-5, "baseline:step": 0.010, "baseline:eval": 1e-5}
+def test_modelled_seconds_are_counts_times_prices_plus_one_off_work():
+    from wus_tune.pricing import modelled_seconds
+
+    prices = {"step:full": 0.010, "step:skip:all": 0.004, "eval": 1e-5, "baseline:step": 0.010, "baseline:eval": 1e-5}
     trial = {"step:full": 60, "step:skip:all": 40, "eval": 2000}
     base = {"baseline:step": 100, "baseline:eval": 500}
-    assert timing.run_seconds(trial, costs) == pytest.approx(0.6 + 0.16 + 0.02)
-    assert timing.run_seconds(base, costs) == pytest.approx(1.005)
-    assert timing.relative_time(trial, costs, base) == pytest.approx(0.78 / 1.005)
-    assert timing.relative_time(base, costs, base) == 1.0
+    assert modelled_seconds(trial, prices) == pytest.approx(0.6 + 0.16 + 0.02)
+    assert modelled_seconds(trial, prices, one_off_s=0.05) == pytest.approx(0.83)  # a cache build, a hook
+    assert modelled_seconds(base, prices) == pytest.approx(1.005)
     with pytest.raises(ValueError, match="no measured price for work of kind 'step:skip:last:1'"):
-        timing.run_seconds({"step:skip:last:1": 3}, costs)
-    assert timing.run_seconds({"step:skip:last:1": 0}, costs) == 0.0  # work not done needs no price
+        modelled_seconds({"step:skip:last:1": 3}, prices)
+    assert modelled_seconds({"step:skip:last:1": 0}, prices) == 0.0  # work not done needs no price
 
 
 def test_measured_prices_are_medians_of_interleaved_bursts_and_drop_a_spike():

@@ -56,7 +56,7 @@ from wus_tune.methods import Method, RunInfo, StepContext, registry
 from wus_tune.step import attach_methods, autocast_forward, evaluate_batch, step_owner, train_step
 from wus_tune.timing import BASELINE_EVAL, BASELINE_STEP, Measurement, TimingOptions, Workload, measure_interleaved
 
-__all__ = ["RunWork", "Pricing", "price_run"]
+__all__ = ["Pricing", "RunWork", "coverage_line", "modelled_seconds", "price_run"]
 
 COVERAGE_LINE = 0.90  # under this share of explained work, the study says which work is unpriced
 STREAMED_BURST_S = 0.2  # a burst reading data through worker processes: long against their 10 ms CPU-time ticks
@@ -128,12 +128,9 @@ def price_run(work: RunWork, reference: TrainConfig, options: TimingOptions | No
         if not measured or not measured["units"]:
             raise ValueError(f"no price for work of kind {kind!r} (counted {recurring[kind]:g}) and no measurement of it")
         prices[kind] = measured["seconds"] / measured["units"] / pace
-    run_s = sum(n * prices[k] for k, n in recurring.items())
     one_off = sum(s["seconds"] for k, s in work.seconds.items() if k.startswith("one-off:"))
-    run_s += one_off
-    reference_s = sum(n * prices[k] for k, n in reference_counts.items())
-    if reference.compile:
-        reference_s += work.baseline_compile_s
+    run_s = modelled_seconds(recurring, prices, one_off)
+    reference_s = modelled_seconds(reference_counts, prices, work.baseline_compile_s if reference.compile else 0.0)
     if not reference_s > 0:
         raise ValueError(f"the baseline run costs {reference_s!r} s at these prices; it must be positive")
     return Pricing(
@@ -141,6 +138,18 @@ def price_run(work: RunWork, reference: TrainConfig, options: TimingOptions | No
         unpriced=unpriced, prices={k: m.to_dict() for k, m in measurements.items()}, one_off_s=one_off,
         overhead_s=time.perf_counter() - start,
     )  # fmt: skip
+
+
+def modelled_seconds(counts: Mapping[str, float], prices: Mapping[str, float], one_off_s: float = 0.0) -> float:
+    """``sum_k counts[k] * prices[k] + one_off_s``: a run's seconds at these prices (work not done needs no price)."""
+    total = one_off_s
+    for kind, n in counts.items():
+        if not n:
+            continue
+        if kind not in prices:
+            raise ValueError(f"no measured price for work of kind {kind!r} (counted {n:g})")
+        total += n * prices[kind]
+    return total
 
 
 # ---- what is the baseline's work too -------------------------------------------------------------------

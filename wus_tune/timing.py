@@ -1,32 +1,14 @@
-"""Relative time: what a run cost in units of "one full-length baseline run on this device, now".
+"""Interleaved, paired measurement of short bursts of work: how :mod:`wus_tune.pricing` prices each kind.
 
-Wall time measures the machine as much as the method: a trial that ran while another job shared the
-cores looks slow, and a study whose workers sit on different GPU models compares seconds of different
-sizes. So a run counts what it *did*, per kind of work, and prices each kind by a short measurement made
-at its end, in its own process, interleaved with the same measurement of the baseline's step::
-
-    run_s(counts, costs)  = sum_k counts[k] * costs[k]          # seconds, at the prices measured now
-    relative_time         = run_s(trial counts, costs) / run_s(baseline counts, costs)
-
-A *kind* is one sort of unit of work whose price does not change along a run: ``step:full`` (a full
-training step), ``step:skip:last:1`` (a WUS skip step with that bias scope), a method's own kind of step,
-``eval`` (one evaluated sample of a charged evaluation). The baseline's kinds are its full step
-(``baseline:step``, at its own batch size) and its evaluation (``baseline:eval``); its counts are its
-steps (epochs x steps per epoch) and its final evaluation's samples.
-
-The price of a kind is the median, over ``rounds`` interleaved rounds, of the time per unit of a short
-burst (at least ``min_burst_s`` long); each round visits every kind, in an order rotated from round to
-round. A load that lasts longer than a round slows the numerator and the denominator alike and cancels;
-a shorter spike hits one burst and the median drops it. On a CPU the trainer times the bursts in process
-CPU time (``time.process_time``), so the time the process spends descheduled while other jobs run is not
-charged to either side (on 2 shared cores at load 25 this keeps a WUS trial's relative time within +-2%
-across repeats, where wall-clock bursts scattered it over 0.5x-3.4x); on CUDA in wall time with device
-synchronisation. What this model ignores: everything that is not
-in a counted kind (set-up, warm-up, data shuffling between epochs, Python work in hooks outside a step),
-and any change of a kind's price along a run (caches warming, thermal throttling) -- docs/study.md.
-
-The arithmetic (:func:`run_seconds`, :func:`relative_time`) and the measurement
-(:func:`measure_interleaved`, with an injectable clock) are plain Python; the trainer builds the workloads.
+A :class:`Workload` does one unit of a kind of work (a training step with its batch, an evaluated batch);
+:func:`measure_interleaved` gives each kind a price, in seconds per unit. After one untimed warm-up unit
+and one unit to size the bursts (each lasts at least ``min_burst_s``), it runs ``rounds`` rounds of one
+burst per kind, the order rotated from round to round. The price of a kind is the median over rounds; with
+``paired_with`` (the baseline's step), every other kind's price is the reference's median price times the
+median, over rounds, of the two kinds' ratio *within* a round: a load that lasts longer than a round slows
+both sides of the ratio alike and cancels; a shorter spike hits one burst and the median drops it. The clock
+is injectable: the pricing passes the work clock (CPU time on a CPU, so a descheduled process is not charged
+for the wait; synchronised wall time on CUDA; ``wus_tune.clock``). Plain Python.
 """
 
 from __future__ import annotations
@@ -40,16 +22,12 @@ from dataclasses import dataclass, field
 __all__ = [
     "BASELINE_EVAL",
     "BASELINE_STEP",
-    "EVAL",
     "Measurement",
     "TimingOptions",
     "Workload",
     "measure_interleaved",
-    "relative_time",
-    "run_seconds",
 ]
 
-EVAL = "eval"  # unit: one evaluated sample
 BASELINE_STEP = "baseline:step"
 BASELINE_EVAL = "baseline:eval"
 
@@ -95,28 +73,6 @@ class Measurement:
 
     def to_dict(self) -> dict[str, float]:
         return {"seconds": self.seconds, "low": self.low, "high": self.high, "rounds": len(self.samples)}
-
-
-def run_seconds(counts: Mapping[str, float], costs: Mapping[str, float]) -> float:
-    """``sum_k counts[k] * costs[k]``: the seconds a run with these counts costs at these prices."""
-    total = 0.0
-    for kind, n in counts.items():
-        if not n:
-            continue
-        if kind not in costs:
-            raise ValueError(f"no measured price for work of kind {kind!r} (counted {n:g})")
-        total += n * costs[kind]
-    return total
-
-
-def relative_time(
-    counts: Mapping[str, float], costs: Mapping[str, float], baseline_counts: Mapping[str, float]
-) -> float:
-    """The run's seconds over the baseline run's, both at the same (just measured) prices."""
-    reference = run_seconds(baseline_counts, costs)
-    if not reference > 0:
-        raise ValueError(f"the baseline run costs {reference!r} s at these prices; it must be positive")
-    return run_seconds(counts, costs) / reference
 
 
 def measure_interleaved(
@@ -181,10 +137,6 @@ def measure_interleaved(
                 if ratios:
                     out[k] = Measurement(ref_price * statistics.median(ratios), min(v), max(v), tuple(v), units_seen[k])
     return out
-
-
-def costs_of(measurements: Mapping[str, Measurement]) -> dict[str, float]:
-    return {k: m.seconds for k, m in measurements.items()}
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
