@@ -289,6 +289,7 @@ class _Driver:
         self.start = time.monotonic()
         self.stop_reason: str | None = None
         self.lost_in_a_row = 0
+        self.head_checked = time.monotonic()
 
     def drive(self) -> None:
         """Run tasks until the budget, the timeout or a stop; on Ctrl-C or an error, cancel those in flight
@@ -321,6 +322,23 @@ class _Driver:
             ready, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
             for ref in ready:
                 self._collect(ref)
+            if not ready:
+                self._check_head()
+
+    def _check_head(self) -> None:
+        """Probe the head between waits: with the head gone the tasks never return an error, and Ray's
+        core worker ends this process (exit 1, no word of why) after a minute without the GCS."""
+        now = time.monotonic()
+        if self.gcs is None or now - self.head_checked < HEAD_PROBE_S:
+            return
+        self.head_checked = now
+        if _answers(self.gcs, timeout=2.0):
+            return
+        for token, _ in list(self.in_flight.values()):  # nothing to cancel on a dead cluster: fail and re-queue
+            with contextlib.suppress(Exception):
+                self.fail_trial_of(token, "Ray worker lost: the cluster's head is gone; re-queued")
+        self.in_flight.clear()
+        raise _head_lost(self.gcs) from None
 
     def _room(self) -> bool:
         if self.stop_reason is not None:
@@ -386,8 +404,7 @@ class _Driver:
         had_trial = self.fail_trial_of(token, f"Ray worker lost: {type(e).__name__}; re-queued")
         self.say(f"a Ray worker was lost ({one_line(e, with_type=True)[:200]})" + ("; its trial is re-queued" if had_trial else ""))
         if self.gcs is not None and not _answers(self.gcs):
-            raise ServiceLost(f"the Ray cluster's head {self.gcs} is gone; the trials it was running are "
-                              "re-queued: start the cluster again and run the same command to continue") from None  # fmt: skip
+            raise _head_lost(self.gcs) from None
         self.lost_in_a_row += 1
         if self.lost_in_a_row > 3 * self.slots:
             raise ServiceLost(f"the Ray cluster keeps losing workers ({self.lost_in_a_row} in a row, the "
@@ -414,6 +431,14 @@ class _Driver:
                      f"{sum(result.setup_s) / len(result.setup_s):.1f} s each" if result.setup_s else "")  # fmt: skip
             self.say(f"ray: {result.tasks} tasks, {result.lost_workers} lost workers; per trial Ray added "
                      f"{1000 * ordered[len(ordered) // 2]:.0f} ms (median task round trip minus the trial){setup}")  # fmt: skip
+
+
+def _head_lost(gcs: str) -> ServiceLost:
+    return ServiceLost(f"the Ray cluster's head {gcs} is gone; the trials it was running are re-queued: "
+                       "start the cluster again and run the same command to continue")
+
+
+HEAD_PROBE_S = 5.0  # how often an idle driver checks the head answers (a TCP connect)
 
 
 def _gcs_address(ray: Any) -> str | None:
