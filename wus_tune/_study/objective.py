@@ -100,6 +100,7 @@ class Objective:
         self.baselines = baseline_configs(study)  # its runs (other seeds too): a trial forks from its seed's
         self.say = say or (lambda _: None)
         self.while_waiting = while_waiting  # the stale-trial sweep, run while waiting for the baseline
+        self._length_said = False  # the CPU shrink line, once per invocation
         self._calibrated: Any = None  # the search space calibrated on the baseline's signal, once known
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
@@ -129,6 +130,8 @@ class Objective:
             if plan.kind == "reuse":
                 return self._reuse(trial, role, run, plan, start)
             on_epoch = run.log_epoch
+            if role == "baseline" and _on_cpu(config):
+                on_epoch = _both(on_epoch, self._length_check(config))
             if self.pruner is not None:  # may raise optuna.TrialPruned at a rung (wus_tune._study.pruning)
                 on_epoch = _both(run.log_epoch, self.pruner.for_trial(trial, role=role, epochs=config.epochs))
             fit_start = time.perf_counter()
@@ -167,6 +170,22 @@ class Objective:
                     _release_memory()
             raise
         return tuple(objective[name] for name in self.study.objectives)
+
+    def _length_check(self, config: TrainConfig) -> Callable[[Any], None]:
+        """After the baseline's first epoch on a CPU: say once how long the study may take, and how to
+        shrink it, when that is hours (a spec sized for a GPU, run as it is)."""
+
+        def check(record: Any) -> None:
+            if record.epoch != 1 or self._length_said:
+                return
+            self._length_said = True
+            from wus_tune._study.summary import length_line
+
+            line = length_line(record.train_time_s + record.eval_time_s, config.epochs, self.study.n_trials)
+            if line is not None:
+                self.say(line)
+
+        return check
 
     def _plan(self, trial: optuna.Trial, config: TrainConfig, role: str) -> reuse.Decision:
         """Replay / fork / train for a trial of a method the baseline can predict (waiting for a baseline
@@ -271,6 +290,12 @@ class Objective:
         if base_acc is None:
             return 0.0
         return (base_acc - self.study.constraint_delta / 100) - accuracy
+
+
+def _on_cpu(config: TrainConfig) -> bool:
+    import torch
+
+    return config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
 
 
 def _both(first: Callable[[Any], None], second: Callable[[Any], None]) -> Callable[[Any], None]:
