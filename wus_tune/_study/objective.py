@@ -93,9 +93,14 @@ class Objective:
         self._sample_s = 0.0
         self.pruner = None
         if study.pruner is not None:
-            from wus_tune._study.pruning import ParetoPruner
+            from wus_tune._study.pruning import FrontierSettings, ParetoPruner
 
-            self.pruner = ParetoPruner(study.pruner, study.objectives)
+            if isinstance(study.pruner, FrontierSettings):
+                from wus_tune._study.frontier_pruning import FrontierPruner
+
+                self.pruner = FrontierPruner(study.pruner, study.objectives)
+            else:
+                self.pruner = ParetoPruner(study.pruner, study.objectives)
         self.reference = baseline_config(study)  # every trial's time is also priced in units of this run
         self.baselines = baseline_configs(study)  # its runs (other seeds too): a trial forks from its seed's
         self.say = say or (lambda _: None)
@@ -129,8 +134,9 @@ class Objective:
             if plan.kind == "reuse":
                 return self._reuse(trial, role, run, plan, start)
             on_epoch = run.log_epoch
-            if self.pruner is not None:  # may raise optuna.TrialPruned at a rung (wus_tune._study.pruning)
-                on_epoch = _both(run.log_epoch, self.pruner.for_trial(trial, role=role, epochs=config.epochs))
+            if self.pruner is not None:  # may raise optuna.TrialPruned (wus_tune._study.pruning, frontier_pruning)
+                hook = self.pruner.for_trial(trial, role=role, epochs=config.epochs, config=config, plan=plan)
+                on_epoch = _both(run.log_epoch, hook)
             fit_start = time.perf_counter()
             try:
                 result = self.fit(config, on_epoch=on_epoch, relative_to=self.reference, **kwargs)
