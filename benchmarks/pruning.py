@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"spec": args.spec, "reference": reference, "baseline": baseline, "options": options, "trials": args.trials,
            "train": train, "seeds": seeds, "threads": torch.get_num_threads(), "load_before": load,
            "load_after": os.getloadavg(), "runs": table,
-           "curves": {f"{r['label']}-s{r['seed']}": [{k: t[k] for k in ("number", "state", "role", "values", "pruned_at", "curve")}
+           "curves": {f"{r['label']}-s{r['seed']}": [{k: t[k] for k in ("number", "state", "role", "values", "pruned_at", "projection", "curve")}
                                                      for t in r["trials"]] for r in runs}}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
