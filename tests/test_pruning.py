@@ -485,3 +485,29 @@ def test_digits_study_with_the_frontier_pruner(study_dir, capsys):
         if t.state.name == "PRUNED":
             assert runs[t.number].info.status == "KILLED"
             assert runs[t.number].data.tags["pruned_reason"] == t.user_attrs[PRUNED_ATTR]["reason"][:len(runs[t.number].data.tags["pruned_reason"])]
+
+
+def test_two_workers_with_the_frontier_pruner(study_dir):
+    """Two worker processes on one Journal file: trials stop only on projections their stored curves and
+    their baseline's stored curve give."""
+    (study_dir / "spec.yaml").write_text(yaml.safe_dump(FRONTIER_SPEC | {"name": "frontier2"}))
+    p = subprocess.run([sys.executable, "-m", "wus_tune.study", "--spec", "spec.yaml", "--devices", "cpu", "--workers", "2",
+                        "--n-trials", "8", "--tracking-uri", "none"], cwd=study_dir, env=worker_env(),
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    from wus_tune._study.storage import open_storage
+
+    storage = open_storage("journal:///" + str(study_dir / "studies" / "frontier2.journal"))
+    trials = optuna.load_study(study_name="frontier2", storage=storage).get_trials(deepcopy=False)
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"} and len({t.user_attrs["worker"] for t in trials}) == 2
+    base = next(t for t in trials if t.user_attrs["role"] == "baseline")
+    judged = 0
+    for t in trials:
+        p_ = t.user_attrs.get(fp.PROJECTION_ATTR)
+        if p_ is None:
+            continue
+        judged += 1
+        e = p_["epoch"]
+        deficit = base.user_attrs[fp.CURVE_ATTR][e - 1][1] - t.user_attrs[fp.CURVE_ATTR][e - 1][1]
+        assert p_["deficit"] == pytest.approx(deficit) and p_["stop"] == (t.state.name == "PRUNED")
+    assert judged >= 1
