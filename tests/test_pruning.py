@@ -235,6 +235,8 @@ def test_digits_study_prunes_and_continues(study_dir, capsys):
     tracking, storage = "sqlite:///mlruns/mlflow.db", "sqlite:///studies/prune.db"
     first = check_stores(tracking, storage, "prune")
     _, analysis = load_analysis("prune", storage)
+    base = next(t for t in first if t.user_attrs["role"] == "baseline")  # stored for pruner: frontier, whatever ran
+    assert [row[0] for row in base.user_attrs["pruner_curve"]] == list(range(1, TINY["epochs"] + 1))
     pruned = {t.number for t in first if t.state.name == "PRUNED"}
     for n in pruned:  # each was stopped where its own stored decision says it fell behind, with its curve up to there
         attrs = first[n].user_attrs

@@ -145,6 +145,12 @@ def project(*, epoch: int, deficits: Sequence[float], baseline_accuracy: float, 
                       margin=margin, stop=v.stop)  # fmt: skip
 
 
+def curve_row(record: EpochRecord) -> list[Any]:
+    """One epoch as the curves store it: [epoch, validation accuracy or None, steps, training FLOPs, training seconds]."""
+    acc = None if record.val_acc is None else float(record.val_acc)
+    return [record.epoch, acc, int(record.steps), float(record.flops), float(record.train_time_s)]
+
+
 def deviated(curve: Sequence[Sequence[Any]], baseline: Sequence[Sequence[Any]]) -> bool:
     """Whether a trial's curve rows (epoch, accuracy, steps, FLOPs, seconds) differ from the baseline's rows
     of the same epochs in accuracy, steps or FLOPs (seconds always differ). Unknown epochs: deviated."""
@@ -212,8 +218,7 @@ class TrialFrontier:
         self.judged = pruner.active and not pruner.protected(role) and self.not_before != -1
 
     def __call__(self, record: EpochRecord) -> None:
-        self.curve.append([record.epoch, None if record.val_acc is None else float(record.val_acc), int(record.steps),
-                           float(record.flops), float(record.train_time_s)])  # fmt: skip
+        self.curve.append(curve_row(record))
         if record.epoch >= self.epochs:  # the last epoch: nothing left to save; the curve is the yardstick's
             self.trial.set_user_attr(CURVE_ATTR, self.curve)
             if self.last is not None:

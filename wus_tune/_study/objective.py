@@ -158,6 +158,11 @@ class Objective:
                          "trials that deviate from it train from scratch")  # fmt: skip
             # One attribute write for all of it: each is a storage transaction (milliseconds on SQLite).
             trial.set_user_attr("result", summary | self._timing(start, fit_s, run))
+            if role == "baseline":  # the frontier pruner's yardstick, should this run or a later one use it
+                from wus_tune._study.frontier_pruning import CURVE_ATTR, FrontierPruner, curve_row
+
+                if not isinstance(self.pruner, FrontierPruner):  # that one's hook stored it already
+                    trial.set_user_attr(CURVE_ATTR, [curve_row(r) for r in result.epochs])
             run.finish(result, objective, timing_metrics(result))  # last: the run is FINISHED only once everything is recorded
         except BaseException as e:
             if _is_pruned(e):  # stopped by the pruner: PRUNED in Optuna, KILLED in MLflow (not a failure)

@@ -1,4 +1,8 @@
-"""Pareto-aware early stopping for multi-objective studies (``pruner: pareto``).
+"""Pareto-aware early stopping for multi-objective studies (``pruner: pareto``), and the settings of both rules.
+
+``pruner: frontier``, the rule meant to be left on (a trial paired with its baseline seed against the
+baseline frontier), is :mod:`wus_tune._study.frontier_pruning`; its settings are parsed here with these.
+``pareto`` is kept so that specs naming it run as before.
 
 Optuna 5 refuses ``Trial.report`` and ``should_prune`` in multi-objective studies, so this pruner keeps
 its own rung values, as trial user attributes, and decides from what the storage holds: any number of
