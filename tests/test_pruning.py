@@ -485,8 +485,9 @@ def test_digits_study_with_the_frontier_pruner(study_dir, capsys):
             if "optuna.trial_number" in r.data.tags}  # fmt: skip
     for t in trials:
         if t.state.name == "PRUNED":
-            assert runs[t.number].info.status == "KILLED"
-            assert runs[t.number].data.tags["pruned_reason"] == t.user_attrs[PRUNED_ATTR]["reason"][:len(runs[t.number].data.tags["pruned_reason"])]
+            run = runs[t.number]
+            assert run.info.status == "KILLED" and run.data.tags["optuna.trial_state"] == "PRUNED"
+            assert run.data.tags["pruned_reason"] == t.user_attrs[PRUNED_ATTR]["reason"]
 
 
 def test_two_workers_with_the_frontier_pruner(study_dir):
