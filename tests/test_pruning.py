@@ -1,6 +1,8 @@
-"""Pareto-aware early stopping (wus_tune._study.pruning): the rung rule on scripted points, the storage
+"""Early stopping. ``pareto`` (wus_tune._study.pruning): the rung rule on scripted points, the storage
 side on scripted trial histories, then tiny digits studies: PRUNED trials, MLflow states matching
-Optuna's, a continued study, and two worker processes on one study. About 1 minute on 2 cores."""
+Optuna's, a continued study, and two worker processes on one study. ``frontier``
+(wus_tune._study.frontier_pruning): the projection on numbers, scripted paired curves against a scripted
+frontier, a digits study and two workers. About 4 minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import pytest
 import yaml
 
 from conftest import worker_env
+from wus_tune._study import frontier_pruning as fp
 from wus_tune._study.pruning import (
-    CURVE_ATTR, DECISIONS_ATTR, PRUNED_ATTR, RUNGS_ATTR, ParetoPruner, PrunerSettings, decide, epsilon_net_order,
+    CURVE_ATTR, DECISIONS_ATTR, PRUNED_ATTR, RUNGS_ATTR, FrontierSettings, ParetoPruner, PrunerSettings, decide, epsilon_net_order,
     nondominated_fronts, parse_settings, rung_epochs, rung_ranking, rung_value, tie_groups,
 )  # fmt: skip
 from wus_tune.errors import UsageError
@@ -297,9 +300,6 @@ def test_bad_pruner_input_is_one_line_and_writes_nothing(study_dir, capsys, argv
 
 
 # ---- pruner: frontier (wus_tune._study.frontier_pruning) -----------------------------------------------
-
-from wus_tune._study import frontier_pruning as fp  # noqa: E402
-from wus_tune._study.pruning import FrontierSettings  # noqa: E402
 
 EPOCHS = 10
 BASE_ACC = [0.50, 0.60, 0.68, 0.74, 0.79, 0.83, 0.86, 0.88, 0.89, 0.90]  # the baseline's validation curve, seed 0
