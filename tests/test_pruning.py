@@ -1,6 +1,8 @@
-"""Pareto-aware early stopping (wus_tune._study.pruning): the rung rule on scripted points, the storage
+"""Early stopping. ``pareto`` (wus_tune._study.pruning): the rung rule on scripted points, the storage
 side on scripted trial histories, then tiny digits studies: PRUNED trials, MLflow states matching
-Optuna's, a continued study, and two worker processes on one study. About 1 minute on 2 cores."""
+Optuna's, a continued study, and two worker processes on one study. ``frontier``
+(wus_tune._study.frontier_pruning): the projection on numbers, scripted paired curves against a scripted
+frontier, a digits study and two workers. About 4 minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import pytest
 import yaml
 
 from conftest import worker_env
+from wus_tune._study import frontier_pruning as fp
 from wus_tune._study.pruning import (
-    CURVE_ATTR, DECISIONS_ATTR, PRUNED_ATTR, RUNGS_ATTR, ParetoPruner, PrunerSettings, decide, epsilon_net_order,
+    CURVE_ATTR, DECISIONS_ATTR, PRUNED_ATTR, RUNGS_ATTR, FrontierSettings, ParetoPruner, PrunerSettings, decide, epsilon_net_order,
     nondominated_fronts, parse_settings, rung_epochs, rung_ranking, rung_value, tie_groups,
 )  # fmt: skip
 from wus_tune.errors import UsageError
@@ -235,8 +238,13 @@ def test_digits_study_prunes_and_continues(study_dir, capsys):
     tracking, storage = "sqlite:///mlruns/mlflow.db", "sqlite:///studies/prune.db"
     first = check_stores(tracking, storage, "prune")
     _, analysis = load_analysis("prune", storage)
+    base = next(t for t in first if t.user_attrs["role"] == "baseline")  # stored for pruner: frontier, whatever ran
+    assert [row[0] for row in base.user_attrs["pruner_curve"]] == list(range(1, TINY["epochs"] + 1))
     pruned = {t.number for t in first if t.state.name == "PRUNED"}
-    assert not pruned & set(analysis.front)
+    for n in pruned:  # each was stopped where its own stored decision says it fell behind, with its curve up to there
+        attrs = first[n].user_attrs
+        (last,) = [d for d in attrs[DECISIONS_ATTR] if d["epoch"] == attrs[PRUNED_ATTR]["epoch"]]
+        assert last["ahead"] >= last["slots"] and len(attrs[CURVE_ATTR]) == attrs[PRUNED_ATTR]["epoch"]
     assert {c.number for c in analysis.candidates if c.state == "PRUNED"} == pruned
     (csv_path,) = list((study_dir / "mlruns").rglob("trials.csv"))  # the report, an artifact of the parent run
     rows = {int(r["trial"]): r for r in csv.DictReader(csv_path.open())}
@@ -289,3 +297,220 @@ def test_bad_pruner_input_is_one_line_and_writes_nothing(study_dir, capsys, argv
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "pruner" in err[0], err
     assert not (study_dir / "studies").exists() and not (study_dir / "mlruns").exists()
+
+
+# ---- pruner: frontier (wus_tune._study.frontier_pruning) -----------------------------------------------
+
+EPOCHS = 10
+BASE_ACC = [0.50, 0.60, 0.68, 0.74, 0.79, 0.83, 0.86, 0.88, 0.89, 0.90]  # the baseline's validation curve, seed 0
+
+
+def rec(epoch: int, acc: float, flops: float = 100.0, steps: int = 10, seconds: float = 1.0) -> SimpleNamespace:
+    return SimpleNamespace(epoch=epoch, val_acc=acc, train_acc=acc, flops=flops, steps=steps, train_time_s=seconds)
+
+
+def frontier_study(baseline_config: dict | None = None) -> optuna.Study:
+    """A finished baseline (seed 0, 10 epochs of 10 steps at 100 FLOPs: cost 1000) with its curve, and two
+    frontier runs: (accuracy 0.80, cost 500) and (0.86, 700)."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    curve = [[e, a, 10, 100.0, 1.0] for e, a in enumerate(BASE_ACC, start=1)]
+    config = baseline_config or {"seed": 0, "epochs": EPOCHS, "optim": {"lr": 0.05}}
+    study.add_trial(optuna.trial.create_trial(values=[0.90, 1000.0], user_attrs={
+        "role": "baseline", "config": config, fp.CURVE_ATTR: curve}))  # fmt: skip
+    for acc, cost, epochs in ((0.80, 500.0, 5), (0.86, 700.0, 7)):
+        study.add_trial(optuna.trial.create_trial(values=[acc, cost], user_attrs={
+            "role": "baseline-frontier", "config": {"seed": 0, "epochs": epochs, "optim": {"lr": 0.05}}}))  # fmt: skip
+    return study
+
+
+def run_frontier(study: optuna.Study, records: list[SimpleNamespace], *, role: str = "search", config=None,
+                 plan=None, margin: float = 0.01, objectives=("accuracy", "cost")) -> int | None:  # fmt: skip
+    """Feed the records to a trial's hook; the epoch it was stopped at, or None when it ran to the end."""
+    from wus_tune.config import TrainConfig
+
+    config = config or TrainConfig.from_dict({"seed": 0, "epochs": EPOCHS, "optim": {"lr": 0.01}})
+    hook = fp.FrontierPruner(FrontierSettings(margin=margin), objectives).for_trial(
+        study.ask(), role=role, epochs=EPOCHS, config=config, plan=plan)  # fmt: skip
+    study.hook = hook  # the last test reads the projection of a check that did not stop the trial
+    for r in records:
+        try:
+            hook(r)
+        except optuna.TrialPruned:
+            return r.epoch
+    return None
+
+
+def test_frontier_rule_on_numbers():
+    assert fp.optimistic_deficit([0.02]) == (0.02, 0.02)
+    mean, low = fp.optimistic_deficit([0.02, 0.03, 0.025])
+    assert mean == pytest.approx(0.025) and low < 0.02  # several seeds: the interval's optimistic end
+    assert fp.project_cost(500.0, [10.0, 4.0, 7.0], 50) == (700.0, 1000.0)
+    front = [(500.0, 0.80), (700.0, 0.86), (1000.0, 0.90)]
+    assert fp.frontier_accuracy(600.0, front) == pytest.approx(0.83)
+    assert fp.frontier_accuracy(2000.0, front) == pytest.approx(0.90)  # flat beyond the dearest run
+    assert fp.frontier_accuracy(400.0, front) is None  # cheaper than anything measured: no verdict from the frontier
+    assert not fp.judge(0.83 - 0.01, 600.0, frontier=front, completed={}, margin=0.01).stop  # exactly the margin
+    assert fp.judge(0.83 - 0.0101, 600.0, frontier=front, completed={}, margin=0.01).stop
+    v = fp.judge(0.70, 400.0, frontier=front, completed={7: (0.75, 350.0), 8: (0.95, 450.0)}, margin=0.01)
+    assert v.stop and v.dominated_by == 7 and v.frontier_accuracy is None
+    assert not fp.judge(0.70, 300.0, frontier=front, completed={7: (0.75, 350.0)}, margin=0.01).stop
+    assert fp.first_deviating_epoch(None, None, 10) is None
+    assert fp.first_deviating_epoch(0, None, 10) == 1
+    assert fp.first_deviating_epoch(4, 0.4, 10) == 5  # leaves plain training after the probe at epoch 4's end
+    assert fp.first_deviating_epoch(7, 0.45, 10) == 5  # a probe inside epoch 5
+
+
+def test_growing_paired_deficit_is_stopped_at_the_first_check_below_the_frontier():
+    # The same steps and FLOPs as the baseline (cost 1000, where the frontier is the baseline's 0.90); the
+    # paired deficit grows 0, 0, 0.2, 0.5, 0.8, 1.2, ... points: the optimistic final accuracy 0.90 - deficit
+    # falls more than the 1-point margin below the frontier first at epoch 6, not before.
+    deficits = [0.0, 0.0, 0.002, 0.005, 0.008, 0.012, 0.016, 0.02, 0.03, 0.04]
+    study = frontier_study()
+    records = [rec(e, a - d) for e, (a, d) in enumerate(zip(BASE_ACC, deficits), start=1)]
+    assert run_frontier(study, records) == 6
+    attrs = study.trials[-1].user_attrs
+    p = attrs[fp.PROJECTION_ATTR]
+    assert p["epoch"] == 6 and p["deficit"] == pytest.approx(0.012) and p["accuracy"] == pytest.approx(0.888)
+    assert p["cost_low"] == pytest.approx(1000.0) and p["frontier_accuracy"] == pytest.approx(0.90) and p["stop"]
+    assert attrs[PRUNED_ATTR]["epoch"] == 6 and "below the baseline frontier" in attrs[PRUNED_ATTR]["reason"]
+    assert len(attrs[fp.CURVE_ATTR]) == 6
+    # a wider margin lets the same trial run longer: stopped at the first deficit beyond 2 points
+    assert run_frontier(frontier_study(), records, margin=0.02) == 9
+
+
+def test_cheaper_less_accurate_trial_above_the_frontier_continues():
+    # From epoch 3 on it spends half the FLOPs per step (cost 200 + 8 * 50 = 600) and ends 1.5 points below
+    # the baseline: 0.885 at 600, above the frontier there (0.83), and no completed trial beats it.
+    study = frontier_study()
+    records = [rec(e, a - (0.015 if e >= 3 else 0.0), flops=100.0 if e < 3 else 50.0) for e, a in enumerate(BASE_ACC, 1)]
+    assert run_frontier(study, records) is None
+    attrs = study.trials[-1].user_attrs
+    assert PRUNED_ATTR not in attrs and len(attrs[fp.CURVE_ATTR]) == EPOCHS
+    p = attrs[fp.PROJECTION_ATTR]  # the last check (epoch 9) was judged and kept
+    assert p["epoch"] == 9 and not p["stop"] and p["cost_low"] == pytest.approx(600.0)
+    assert p["frontier_accuracy"] == pytest.approx(0.83)
+    # the same trial with a 10-point deficit is below the frontier at its cost and is stopped at once
+    worse = [rec(e, a - (0.10 if e >= 3 else 0.0), flops=100.0 if e < 3 else 50.0) for e, a in enumerate(BASE_ACC, 1)]
+    assert run_frontier(frontier_study(), worse) == 3
+
+
+def test_a_trial_identical_to_the_baseline_is_never_stopped():
+    from wus_tune.config import TrainConfig
+
+    study = frontier_study()
+    # a completed trial that dominates the baseline: a judged copy of the baseline would be stopped by it
+    study.add_trial(optuna.trial.create_trial(values=[0.95, 900.0], user_attrs={"role": "search"}))
+    same = [rec(e, a) for e, a in enumerate(BASE_ACC, start=1)]
+    assert run_frontier(study, same) is None  # never deviated: never judged
+    assert fp.PROJECTION_ATTR not in study.trials[-1].user_attrs
+    # the baseline's own config is never judged even when its accuracies differ (non-deterministic kernels)
+    noisy = [rec(e, a - 0.05) for e, a in enumerate(BASE_ACC, start=1)]
+    base = TrainConfig.from_dict({"seed": 0, "epochs": EPOCHS, "optim": {"lr": 0.05}})
+    assert run_frontier(frontier_study(base.to_dict()), noisy, config=base) is None
+    assert run_frontier(frontier_study(), noisy) == 1  # the same curve under another config: stopped at once
+
+
+def test_protected_and_not_yet_deviated_trials_are_not_judged():
+    bad = [rec(e, a - 0.2) for e, a in enumerate(BASE_ACC, start=1)]
+    for role in ("baseline", "baseline-frontier", "wus-default"):
+        assert run_frontier(frontier_study(), bad, role=role) is None
+    hook = fp.FrontierPruner(FrontierSettings(prune_enqueued=True), ("accuracy", "cost"))
+    assert not hook.protected("wus-default") and hook.protected("baseline")
+    # the replay says the method leaves plain training after the probe at epoch 4: no check before epoch 5
+    plan = SimpleNamespace(replay=SimpleNamespace(check=4), baseline=SimpleNamespace(
+        probes=[{"progress": (k + 1) / EPOCHS} for k in range(EPOCHS)]))  # fmt: skip
+    assert run_frontier(frontier_study(), bad, plan=plan) == 5
+    never = SimpleNamespace(replay=SimpleNamespace(check=None), baseline=None)
+    assert run_frontier(frontier_study(), bad, plan=never) is None
+    # three objectives: the frontier's axes do not hold them; the trial is recorded, never judged
+    assert not fp.FrontierPruner(FrontierSettings(), ("accuracy", "cost", "params")).active
+
+
+def test_time_objective_takes_the_cheaper_reading():
+    # relative_time: an epoch's price read from FLOPs and from training seconds, in baseline-run units; the
+    # optimistic cost is the cheaper reading, the pessimistic the dearer.
+    study = frontier_study()
+    records = [rec(e, a - 0.001, flops=100.0, seconds=0.5 if e == 2 else 1.0) for e, a in enumerate(BASE_ACC, 1)]
+    assert run_frontier(study, records[:3], objectives=("accuracy", "relative_time")) is None
+    p = study.hook.last  # seconds: 2.5 of the baseline's 10 so far, then 7 epochs at half its price at best
+    assert p["epoch"] == 3 and p["cost_low"] == pytest.approx(1000.0 * (2.5 + 7 * 0.5) / 10)
+    assert p["cost_high"] == pytest.approx(1000.0)  # FLOPs: the baseline's price every epoch
+
+
+def test_frontier_settings_are_validated():
+    assert parse_settings("frontier", {}) == FrontierSettings()
+    assert parse_settings("frontier", {"margin": 0.02, "prune_enqueued": True}) == FrontierSettings(0.02, True)
+    assert isinstance(parse_settings("pareto", {"eta": 3}), PrunerSettings)  # the older rule still loads
+    for options in ({"margin": 1.5}, {"margin": -0.1}, {"margin": "1"}, {"eta": 3}, {"prune_enqueued": 1}):
+        with pytest.raises(UsageError, match="pruner_options"):
+            parse_settings("frontier", options)
+
+
+FRONTIER_SPEC = SPEC | {"name": "frontier", "pruner": "frontier", "pruner_options": {"margin": 0.01}}
+
+
+def test_digits_study_with_the_frontier_pruner(study_dir, capsys):
+    from wus_tune.pareto import load_analysis
+    from wus_tune.study import main
+
+    (study_dir / "spec.yaml").write_text(yaml.safe_dump(FRONTIER_SPEC))
+    assert main(["--spec", "spec.yaml", "--n-trials", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "pruned at epoch" in out and " pruned, " in out
+    storage = "sqlite:///studies/frontier.db"
+    trials = optuna.load_study(study_name="frontier", storage=storage).get_trials(deepcopy=False)
+    states = [t.state.name for t in trials]
+    assert "RUNNING" not in states and "FAIL" not in states and "PRUNED" in states
+    base = next(t for t in trials if t.user_attrs["role"] == "baseline")
+    assert len(base.user_attrs[fp.CURVE_ATTR]) == TINY["epochs"]  # the yardstick's curve is stored
+    for t in trials:
+        if t.state.name != "PRUNED":
+            continue
+        p, pruned = t.user_attrs[fp.PROJECTION_ATTR], t.user_attrs[PRUNED_ATTR]
+        assert t.user_attrs["role"] == "search" and p["stop"] and p["epoch"] == pruned["epoch"] < TINY["epochs"]
+        # the stored projection is the stored curve paired with the baseline's at that epoch
+        mine = t.user_attrs[fp.CURVE_ATTR][p["epoch"] - 1][1]
+        theirs = base.user_attrs[fp.CURVE_ATTR][p["epoch"] - 1][1]
+        assert p["deficit"] == pytest.approx(theirs - mine)
+        assert p["accuracy"] == pytest.approx(base.values[0] - p["deficit"])
+        below = p["frontier_accuracy"] is not None and p["accuracy"] < p["frontier_accuracy"] - 0.01
+        assert below or p["dominated_by"] is not None
+    _, analysis = load_analysis("frontier", storage)
+    assert {c.number for c in analysis.candidates if c.state == "PRUNED"} == {t.number for t in trials if t.state.name == "PRUNED"}
+    from mlflow import MlflowClient
+
+    client = MlflowClient("sqlite:///mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("frontier")
+    runs = {int(r.data.tags["optuna.trial_number"]): r for r in client.search_runs([exp.experiment_id], max_results=100)
+            if "optuna.trial_number" in r.data.tags}  # fmt: skip
+    for t in trials:
+        if t.state.name == "PRUNED":
+            run = runs[t.number]
+            assert run.info.status == "KILLED" and run.data.tags["optuna.trial_state"] == "PRUNED"
+            assert run.data.tags["pruned_reason"] == t.user_attrs[PRUNED_ATTR]["reason"]
+
+
+def test_two_workers_with_the_frontier_pruner(study_dir):
+    """Two worker processes on one Journal file: trials stop only on projections their stored curves and
+    their baseline's stored curve give."""
+    (study_dir / "spec.yaml").write_text(yaml.safe_dump(FRONTIER_SPEC | {"name": "frontier2"}))
+    p = subprocess.run([sys.executable, "-m", "wus_tune.study", "--spec", "spec.yaml", "--devices", "cpu", "--workers", "2",
+                        "--n-trials", "8", "--tracking-uri", "none"], cwd=study_dir, env=worker_env(),
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    from wus_tune._study.storage import open_storage
+
+    storage = open_storage("journal:///" + str(study_dir / "studies" / "frontier2.journal"))
+    trials = optuna.load_study(study_name="frontier2", storage=storage).get_trials(deepcopy=False)
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"} and len({t.user_attrs["worker"] for t in trials}) == 2
+    base = next(t for t in trials if t.user_attrs["role"] == "baseline")
+    judged = 0
+    for t in trials:
+        p_ = t.user_attrs.get(fp.PROJECTION_ATTR)
+        if p_ is None:
+            continue
+        judged += 1
+        e = p_["epoch"]
+        deficit = base.user_attrs[fp.CURVE_ATTR][e - 1][1] - t.user_attrs[fp.CURVE_ATTR][e - 1][1]
+        assert p_["deficit"] == pytest.approx(deficit) and p_["stop"] == (t.state.name == "PRUNED")
+    assert judged >= 1

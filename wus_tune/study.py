@@ -85,7 +85,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, help="sampler seed and training seed (default 0)")
     p.add_argument("--constraint-delta", type=float, help="feasible only if accuracy >= baseline - DELTA points")
     p.add_argument("--select", help="rule for best_config.yaml: knee | fastest-within:D | most-accurate-under:S")
-    p.add_argument("--pruner", help="none (default) | pareto: stop trials that cannot reach the front (docs/study.md)")
+    p.add_argument("--pruner", help="none (default) | frontier: stop trials that cannot end above the baseline frontier | "
+                   "pareto: rank trials at rungs (docs/study.md, Early stopping)")
     scale = p.add_argument_group("scale out (docs/study.md, 'Scale out')")
     scale.add_argument("--devices", help="one worker process per GPU (0,1,2,3; own CUDA_VISIBLE_DEVICES), or cpu")
     scale.add_argument("--workers-per-device", type=int, help="worker processes per GPU (small trials on a large GPU)")

@@ -93,9 +93,14 @@ class Objective:
         self._sample_s = 0.0
         self.pruner = None
         if study.pruner is not None:
-            from wus_tune._study.pruning import ParetoPruner
+            from wus_tune._study.pruning import FrontierSettings, ParetoPruner
 
-            self.pruner = ParetoPruner(study.pruner, study.objectives)
+            if isinstance(study.pruner, FrontierSettings):
+                from wus_tune._study.frontier_pruning import FrontierPruner
+
+                self.pruner = FrontierPruner(study.pruner, study.objectives)
+            else:
+                self.pruner = ParetoPruner(study.pruner, study.objectives)
         self.reference = baseline_config(study)  # every trial's time is also priced in units of this run
         self.baselines = baseline_configs(study)  # its runs (other seeds too): a trial forks from its seed's
         self.say = say or (lambda _: None)
@@ -132,8 +137,9 @@ class Objective:
             on_epoch = run.log_epoch
             if role == "baseline" and _on_cpu(config):
                 on_epoch = _both(on_epoch, self._length_check(config))
-            if self.pruner is not None:  # may raise optuna.TrialPruned at a rung (wus_tune._study.pruning)
-                on_epoch = _both(run.log_epoch, self.pruner.for_trial(trial, role=role, epochs=config.epochs))
+            if self.pruner is not None:  # may raise optuna.TrialPruned (wus_tune._study.pruning, frontier_pruning)
+                hook = self.pruner.for_trial(trial, role=role, epochs=config.epochs, config=config, plan=plan)
+                on_epoch = _both(on_epoch, hook)
             fit_start = time.perf_counter()
             try:
                 result = self.fit(config, on_epoch=on_epoch, relative_to=self.reference, **kwargs)
@@ -155,6 +161,11 @@ class Objective:
                          "trials that deviate from it train from scratch")  # fmt: skip
             # One attribute write for all of it: each is a storage transaction (milliseconds on SQLite).
             trial.set_user_attr("result", summary | self._timing(start, fit_s, run))
+            if role == "baseline":  # the frontier pruner's yardstick, should this run or a later one use it
+                from wus_tune._study.frontier_pruning import CURVE_ATTR, FrontierPruner, curve_row
+
+                if not isinstance(self.pruner, FrontierPruner):  # that one's hook stored it already
+                    trial.set_user_attr(CURVE_ATTR, [curve_row(r) for r in result.epochs])
             run.finish(result, objective, timing_metrics(result))  # last: the run is FINISHED only once everything is recorded
         except BaseException as e:
             if _is_pruned(e):  # stopped by the pruner: PRUNED in Optuna, KILLED in MLflow (not a failure)

@@ -1,4 +1,8 @@
-"""Pareto-aware early stopping for multi-objective studies (``pruner: pareto``).
+"""Pareto-aware early stopping for multi-objective studies (``pruner: pareto``), and the settings of both rules.
+
+``pruner: frontier``, the rule meant to be left on (a trial paired with its baseline seed against the
+baseline frontier), is :mod:`wus_tune._study.frontier_pruning`; its settings are parsed here with these.
+``pareto`` is kept so that specs naming it run as before.
 
 Optuna 5 refuses ``Trial.report`` and ``should_prune`` in multi-objective studies, so this pruner keeps
 its own rung values, as trial user attributes, and decides from what the storage holds: any number of
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
 
     from wus_tune.trainer import EpochRecord
 
-PRUNERS = ("none", "pareto")
+PRUNERS = ("none", "pareto", "frontier")
 RUNGS_ATTR = "pruner_rungs"  # {"epochs": E, "values": {"<epoch>": [accuracy, cost so far]}}
 DECISIONS_ATTR = "pruner_decisions"  # [{"epoch", "n", "ahead", "slots", "keep", "compared"}], one per rung
 PRUNED_ATTR = "pruned"  # {"epoch": e, "reason": "..."} on a pruned trial
@@ -69,12 +73,25 @@ class PrunerSettings:
         return asdict(self)
 
 
-def parse_settings(name: Any, options: Any) -> PrunerSettings | None:
+@dataclass(frozen=True)
+class FrontierSettings:
+    """``pruner_options`` of a spec with ``pruner: frontier`` (:mod:`wus_tune._study.frontier_pruning`)."""
+
+    margin: float = 0.01  # accuracy (fraction): stopped only when this far below the frontier or a completed trial
+    prune_enqueued: bool = False  # may enqueued default trials (wus-default, method defaults, enqueue:) be stopped
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_settings(name: Any, options: Any) -> PrunerSettings | FrontierSettings | None:
     """``pruner`` and ``pruner_options`` of a spec -> settings (None for ``none``); one-line UsageError."""
     if name not in PRUNERS:
         raise UsageError(f"pruner: unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
     if not isinstance(options, Mapping):
         raise UsageError(f"pruner_options: expected a mapping, got {options!r}")
+    if name == "frontier":
+        return _frontier_settings(options)
     known = {f for f in PrunerSettings.__dataclass_fields__}
     for key in options:
         if key not in known:
@@ -91,6 +108,20 @@ def parse_settings(name: Any, options: Any) -> PrunerSettings | None:
     t = s.cost_tolerance
     if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 1):
         raise UsageError(f"pruner_options.cost_tolerance: expected a fraction in [0, 1), got {t!r}")
+    return s
+
+
+def _frontier_settings(options: Mapping[str, Any]) -> FrontierSettings:
+    known = set(FrontierSettings.__dataclass_fields__)
+    for key in options:
+        if key not in known:
+            raise UsageError(f"pruner_options.{key}: unknown option for pruner frontier; known: {', '.join(sorted(known))}")
+    s = FrontierSettings(**options)
+    m = s.margin
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
+        raise UsageError(f"pruner_options.margin: expected an accuracy fraction in [0, 1), got {m!r}")
+    if not isinstance(s.prune_enqueued, bool):
+        raise UsageError(f"pruner_options.prune_enqueued: expected true or false, got {s.prune_enqueued!r}")
     return s
 
 
@@ -241,7 +272,8 @@ class ParetoPruner:
     def protected(self, role: str) -> bool:
         return role in PROTECTED_ROLES or (role != SEARCH_ROLE and not self.settings.prune_enqueued)
 
-    def for_trial(self, trial: optuna.Trial, *, role: str, epochs: int) -> TrialPruning:
+    def for_trial(self, trial: optuna.Trial, *, role: str, epochs: int, **_: Any) -> TrialPruning:
+        """The trial's per-epoch hook (``config`` and ``plan``, which the frontier rule reads, are not needed)."""
         return TrialPruning(self, trial, role=role, epochs=epochs)
 
     def epoch_cost(self, record: EpochRecord) -> float:

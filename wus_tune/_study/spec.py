@@ -38,8 +38,8 @@ Format (every key optional; unknown keys are errors)::
       schedule.name: {choices: [step, cosine, onecycle]}
       methods.wus.lr_decay: null
     select: fastest-within:1.0      # rule for the exported best_config.yaml (wus_tune.pareto)
-    pruner: none                    # none | pareto: stop trials off the front at rungs (docs/study.md, "Early stopping")
-    pruner_options: {eta: 3, min_epochs: 2}   # wus_tune._study.pruning.PrunerSettings
+    pruner: none                    # none | frontier | pareto: stop trials that cannot end above the baseline frontier (docs/study.md, "Early stopping")
+    pruner_options: {margin: 0.01}  # frontier: FrontierSettings; pareto: {eta: 3, min_epochs: 2} (wus_tune._study.pruning)
     accuracy_margin: 0.05           # hypervolume reference: baseline accuracy - margin ...
     cost_factor: 1.25               # ... and baseline time (or cost) * factor
     max_trials: null                # study-wide budget shared by all workers (docs/study.md, "Scale out")
@@ -77,7 +77,7 @@ from wus_tune.migration import migrate_spec
 if TYPE_CHECKING:
     import optuna
 
-    from wus_tune._study.pruning import PrunerSettings
+    from wus_tune._study.pruning import FrontierSettings, PrunerSettings
     from wus_tune.config import TrainConfig
     from wus_tune.methods.study import SectionPlan
 
@@ -108,7 +108,7 @@ class StudySpec:
     default_search_space: bool = True
     search_space: dict[str, Any] = field(default_factory=dict)
     select: str = "fastest-within:1.0"
-    pruner: str = "none"  # none | pareto (wus_tune._study.pruning)
+    pruner: str = "none"  # none | frontier | pareto (wus_tune._study.pruning, frontier_pruning)
     pruner_options: dict[str, Any] = field(default_factory=dict)
     confirm: int | str = 0  # confirm the pick at the end of the study: auto, or K >= 2 rounds to start with; 0: no
     accuracy_margin: float = 0.05
@@ -341,7 +341,7 @@ class ResolvedStudy:
     # (role, fixed values) enqueued after the baseline frontier: the other methods' defaults, the sections' trials
     method_trials: tuple[tuple[str, dict[str, Any]], ...] = ()
     sections: dict[str, SectionPlan] = field(default_factory=dict)  # what the methods' spec sections added
-    pruner: PrunerSettings | None = None  # None: every trial runs to its last epoch
+    pruner: PrunerSettings | FrontierSettings | None = None  # None: every trial runs to its last epoch
     reuse: ReuseSpec = field(default_factory=ReuseSpec)
 
     @property
