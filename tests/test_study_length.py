@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from wus_tune._study.summary import SHRINK_HINT, length_line
+from wus_tune._study.objective import SHRINK_HINT, length_line
 from wus_tune.study import StudySpec, run_study
 from wus_tune.trainer import fit
 

@@ -16,27 +16,6 @@ if TYPE_CHECKING:
     from wus_tune.config import TrainConfig
 
 
-LONG_STUDY_S = 3600.0  # a study estimated longer than this on a CPU gets the shrink line
-SHRINK_HINT = "--set model.width=0.25 --set data.subset=10000 --epochs 16"  # the specs' own CPU line
-
-
-def length_line(first_epoch_s: float, epochs: int, n_trials: int | None) -> str | None:
-    """What a CPU user should hear after the baseline's first epoch when the study would take hours:
-    one full-length run is ``epochs`` such epochs and a trial costs at most that (forks and skips cost
-    less), so ``n_trials`` of them bound the study. None when the bound is under an hour."""
-    run_s = first_epoch_s * epochs
-    trials = n_trials or 1
-    if run_s * trials < LONG_STUDY_S:
-        return None
-    return (f"note: on this CPU the baseline's first epoch took {first_epoch_s:.0f} s: one full-length run is "
-            f"about {_duration(run_s)}, {trials} trial(s) up to {_duration(run_s * trials)}; to shrink it for a "
-            f"CPU: {SHRINK_HINT} (docs/study.md)")  # fmt: skip
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
-
-
 class TrialPrinter:
     """Optuna callback: one line per finished trial."""
 
