@@ -40,7 +40,10 @@ class TrialPrinter:
         acc, cost = trial.values[0], trial.values[1]
         name = self.study_def.objectives[1]
         text = f"{head} acc {acc:.2%}  {name} {cost:.2f}{'s' if name == 'time' else ''}"
-        if self.baseline is not None and cost > 0:
+        paired = a.get("paired") or {}
+        if paired.get("seeds", 1) > 1:  # several seeds: the paired claim, with its 90% interval
+            text += f"  {paired_text(paired)} vs baseline ({paired['seeds']} seeds)"
+        elif self.baseline is not None and cost > 0:
             text += f"  {self.baseline[1] / cost:.2f}x {100 * (acc - self.baseline[0]):+.2f} pts vs baseline"
         res = a.get("result") or {}
         if mix := self.step_mix(res):
@@ -56,6 +59,18 @@ class TrialPrinter:
             text += f"  (forked from trial {a['forked']['trial']} at check {a['forked']['point']})"
         text += f"  [overhead {res.get('overhead_s', 0.0):.2f}s]"
         self.say(text)
+
+
+def paired_text(paired: dict[str, Any]) -> str:
+    """``1.85x [1.70, 2.01] -0.42 pts [-1.10, +0.26]``: a trial's paired speed-up and accuracy delta with
+    their 90% intervals (the point alone where there is none)."""
+    out = []
+    s, a = paired.get("speedup") or {}, paired.get("acc_delta_pts") or {}
+    if s:
+        out.append(f"{s['mean']:.2f}x" + (f" [{s['low']:.2f}, {s['high']:.2f}]" if s.get("low") is not None and s.get("high") is not None else ""))
+    if a:
+        out.append(f"{a['mean']:+.2f} pts" + (f" [{a['low']:+.2f}, {a['high']:+.2f}]" if a.get("low") is not None else ""))
+    return " ".join(out)
 
 
 def write_study_report(*, analysis: Analysis, selected: Candidate | None, rule: Any, study_def: ResolvedStudy,
