@@ -64,6 +64,7 @@ def load_analysis(study_name: str, storage: str | None = None) -> tuple[optuna.S
 
 def export_config(candidate: Candidate, path: str | None, *, study_name: str, rule: Rule | str) -> Any:
     """The candidate's TrainConfig with provenance in ``meta``; saved to ``path`` when given."""
+    from wus_tune._study.seeds import claim
     from wus_tune.config import TrainConfig
 
     if candidate.config is None:
@@ -76,6 +77,8 @@ def export_config(candidate: Candidate, path: str | None, *, study_name: str, ru
         "selected_by": str(rule),
         "values": list(candidate.values or ()),
     }
+    if (paired := claim(candidate.attrs.get("paired"))) is not None:
+        config.meta["claim"] = paired  # the paired delta and speed-up vs the baseline, with their intervals
     if path:
         config.save(path)
     return config

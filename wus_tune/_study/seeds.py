@@ -193,3 +193,29 @@ def versus_frontier(candidate: Any, analysis: Any) -> str | None:
     if threshold is None:
         return None
     return decide(acc, threshold)
+
+
+def frontier_lines(analysis: Any) -> list[str]:
+    """The report's lines on the front against the baseline frontier, read at the paired interval: which
+    front points beat it, which are statistically indistinguishable from it, which fall below."""
+    by: dict[str, list[int]] = {}
+    for n in analysis.front:
+        c = analysis.by_number(n)
+        if c.uses_method and (verdict := versus_frontier(c, analysis)) is not None:
+            by.setdefault(verdict, []).append(n)
+    if not by:
+        return []
+    words = {"above": "above the baseline frontier at their time", "undecided":
+             "statistically indistinguishable from the baseline frontier (training less does as well)",
+             "below": "below the baseline frontier"}  # fmt: skip
+    return [f"front (paired 90% intervals): trials {', '.join(map(str, ns))} {words[v]}"
+            for v, ns in sorted(by.items(), key=lambda kv: ("above", "undecided", "below").index(kv[0]))]  # fmt: skip
+
+
+def claim(paired: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The pick's claim for ``best_config.yaml``'s meta: its paired accuracy delta and speed-up with their
+    90% intervals over its seeds (None for a trial without a paired comparison)."""
+    if not paired:
+        return None
+    return {"seeds": paired.get("seeds"), "level": LEVEL,
+            **{k: dict(paired[k]) for k in ("acc_delta_pts", "speedup") if paired.get(k)}}  # fmt: skip

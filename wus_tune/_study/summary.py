@@ -100,6 +100,7 @@ def print_summary(*, analysis: Analysis, selected: Candidate | None, rule: Any, 
     baseline's price and where the report is."""
     from wus_tune._study.report import format_table
     from wus_tune._study.reuse import summary_lines as reuse_lines
+    from wus_tune._study.seeds import frontier_lines
     from wus_tune._study.storage import mask_url
     from wus_tune._study.tuned_plain import compare, summary_lines as tuned_plain_lines
 
@@ -126,6 +127,11 @@ def print_summary(*, analysis: Analysis, selected: Candidate | None, rule: Any, 
         say(f"selected by {rule}: trial {selected.number} (<)"
             + (f"; validation {selected.values[0]:.2%}, held-out test {test:.2%} (reported only, never used to select)"
                if test is not None else ""))  # fmt: skip
+    if selected is not None and (selected.attrs.get("paired") or {}).get("seeds", 1) > 1:
+        paired = selected.attrs["paired"]
+        say(f"its claim over {paired['seeds']} paired seeds (90% intervals): {paired_text(paired)} vs the baseline")
+    for line in frontier_lines(analysis):
+        say(line)
     for line in tuned_plain_lines(compare(analysis), analysis.objectives[1]):
         say(line)
     refs = [r for c in analysis.complete if (r := (c.attrs.get("result") or {}).get("reference_time_s"))]
