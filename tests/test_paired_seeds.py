@@ -267,3 +267,40 @@ def test_seeds_3_study_resumed_after_a_sigkilled_worker_counts_no_seed_twice(tmp
     for t in done:
         assert [e["seed"] for e in t.user_attrs["seeds"]] == [0, 1, 2], t.number
         assert t.user_attrs["paired"]["seeds"] == 3
+
+
+# ---- MLflow, best_config.yaml and the confirmation ------------------------------------------------------
+
+
+def test_mlflow_child_run_has_per_seed_metrics_and_the_claim_reaches_best_config_and_the_confirmation(study_dir):
+    from mlflow import MlflowClient
+
+    from wus_tune.confirm import confirm
+
+    tracking = f"sqlite:///{study_dir}/mlruns.db"
+    out = run_study(spec("logged", seeds=2, enqueue=ENQUEUE[:1], n_trials=5, tracking_uri=tracking), echo=lambda _: None)
+    client = MlflowClient(tracking)
+    exp = client.get_experiment_by_name("logged")
+    runs = {int(r.data.tags["optuna.trial_number"]): r for r in client.search_runs([exp.experiment_id])
+            if "optuna.trial_number" in r.data.tags}  # fmt: skip
+    lead = next(c for c in out.analysis.candidates if c.role == "wus-default")
+    metrics = runs[lead.number].data.metrics
+    per_seed = {e["seed"]: e["values"] for e in lead.attrs["seeds"]}
+    assert metrics["val_acc_seed_0"] == per_seed[0][0] and metrics["val_acc_seed_1"] == per_seed[1][0]
+    assert metrics["objective/relative_time_seed_1"] == pytest.approx(per_seed[1][1])
+    assert metrics["objective/accuracy"] == pytest.approx((per_seed[0][0] + per_seed[1][0]) / 2)
+    paired = lead.attrs["paired"]["acc_delta_pts"]
+    assert (metrics["paired/acc_delta_pts_low"], metrics["paired/acc_delta_pts_high"]) == pytest.approx((paired["low"], paired["high"]))
+    assert runs[lead.number].data.tags["wus_tune.seeds"] == "2"
+    # the pick's claim, with its interval, in best_config.yaml's meta
+    from wus_tune._study.candidates import export_config
+
+    config = export_config(lead, None, study_name="logged", rule="fastest-within:1")
+    assert config.meta["claim"]["seeds"] == 2 and config.meta["claim"]["acc_delta_pts"] == paired
+    # the confirmation reads the claim and says whether the fresh measurement lies inside it
+    conf = confirm(out.analysis, study_name="logged", rule=parse_rule("fastest-within:1"), repeats=2, max_rounds=2,
+                   say=None, trial=lead.number)  # fmt: skip
+    assert conf.claimed_interval["acc_delta_pts"] == paired
+    assert set(conf.claim_held) == {"acc_delta_pts", "speedup"}
+    fresh = conf.acc_delta_pts["mean"]
+    assert conf.claim_held["acc_delta_pts"] == (paired["low"] <= fresh <= paired["high"])
