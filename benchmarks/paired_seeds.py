@@ -51,7 +51,8 @@ def run_one(spec_path: str | None, mode: str, seed: int, trials: int, rounds: in
 
     raw = yaml.safe_load(Path(spec_path).read_text()) if spec_path else {}
     if quick:
-        raw |= {"train": QUICK, "baseline_fractions": [0.67], "baseline_repeats": 1}
+        # a pick other than the baseline, so the smoke run reaches the interval widths and the confirmation
+        raw |= {"train": QUICK, "baseline_fractions": [0.67], "baseline_repeats": 1, "select": "fastest-within:50"}
     name = f"{raw.get('name', 'study')}-seeds{mode}-{seed}"
     raw |= {"name": name, "n_trials": trials, "seed": seed, "seeds": MODES[mode], "tracking_uri": "none",
             "storage": f"sqlite:///{workdir}/{name}.db", "confirm": 0}  # fmt: skip

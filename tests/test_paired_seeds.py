@@ -199,8 +199,11 @@ def test_racing_study_gives_each_trial_between_min_and_max_seeds(study_dir):
     lines: list[str] = []
     out = run_study(spec("race", seeds={"min": 1, "max": 3}, enqueue=ENQUEUE[:1], n_trials=6), echo=lines.append)
     trials = load_candidates(optuna.load_study(study_name="race", storage=out.storage.replace("***", "")))
-    searched = [c for c in trials if c.role != "baseline"]
-    assert searched and all(c.state == "COMPLETE" for c in trials)
+    assert all(c.state == "COMPLETE" for c in trials)
+    frontier = [c for c in trials if c.role == "baseline-frontier"]
+    assert frontier and all(len(c.attrs["seeds"]) == 3 for c in frontier)  # the yardstick is not raced
+    searched = [c for c in trials if c.role not in ("baseline", "baseline-frontier")]
+    assert searched
     for c in searched:
         seeds = [e["seed"] for e in c.attrs["seeds"]]
         assert seeds == list(range(len(seeds))) and 1 <= len(seeds) <= 3

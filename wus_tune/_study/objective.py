@@ -119,6 +119,8 @@ class Objective:
             # the method choice, a param and a tag to filter on ("none": the plain recipe)
             params[METHOD_KEY] = tags["wus_tune.method"] = trial.user_attrs.get("method", "none")
             seeds = Seeds(1, 1) if role == "baseline" else self.study.seeds
+            if role == "baseline-frontier":  # the yardstick races are judged against: never raced itself
+                seeds = Seeds(seeds.max, seeds.max)
             plan, why = self._plan(trial, config, role)
             tags.update(reuse.plan_tags(plan))
             if seeds.max > 1:
