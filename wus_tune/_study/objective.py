@@ -151,7 +151,8 @@ class Objective:
             # One attribute write for all of it: each is a storage transaction (milliseconds on SQLite).
             trial.set_user_attr("result", summary | self._timing(start, fit_s, run))
             trained = reuse.REUSED_ATTR not in done[0].attrs  # a replayed seed's figures are its twin's, in the summary
-            extra = (timing_metrics(done[0].result) if trained else {}) | seed_metrics(done, trial.user_attrs.get(PAIRED_ATTR), len(done) > 1)
+            extra = timing_metrics(done[0].result) if trained else {}
+            extra |= seed_metrics(done, trial.user_attrs.get(PAIRED_ATTR), several=len(done) > 1)
             run.finish(done[0].result, objective, extra)  # last: the run is FINISHED only once everything is recorded
         except BaseException as e:
             if _is_pruned(e):  # stopped by the pruner: PRUNED in Optuna, KILLED in MLflow (not a failure)
@@ -359,7 +360,7 @@ class SeedRun:
     fit_s: float
 
 
-def seed_metrics(done: list[SeedRun], paired: dict[str, Any] | None, several: bool) -> dict[str, float]:
+def seed_metrics(done: list[SeedRun], paired: dict[str, Any] | None, *, several: bool) -> dict[str, float]:
     """MLflow metrics of a trial's seeds: ``val_acc_seed_<s>`` and ``objective/<name>_seed_<s>`` per seed, and
     the paired comparison (``paired/acc_delta_pts`` with ``_low`` / ``_high``, ``paired/speedup`` likewise)."""
     out: dict[str, float] = {}
