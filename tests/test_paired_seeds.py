@@ -307,3 +307,18 @@ def test_mlflow_child_run_has_per_seed_metrics_and_the_claim_reaches_best_config
     assert set(conf.claim_held) == {"acc_delta_pts", "speedup"}
     fresh = conf.acc_delta_pts["mean"]
     assert conf.claim_held["acc_delta_pts"] == (paired["low"] <= fresh <= paired["high"])
+
+
+def test_a_trial_finished_before_a_seeds_baseline_is_paired_with_it_in_the_analysis():
+    from wus_tune._study.seeds import with_paired
+
+    def base(n, seed, acc):
+        return Candidate(n, "COMPLETE", (acc, 1.0), role="baseline", uses_method=False, config={"seed": seed})
+
+    per_seed = [{"seed": 0, "values": [0.90, 0.5]}, {"seed": 1, "values": [0.80, 0.5]}]
+    early = paired_summary({0: (0.90, 0.5)}, {0: (0.91, 1.0)})  # seed 1's baseline was still running
+    trial = Candidate(5, "COMPLETE", (0.85, 0.5), attrs={"seeds": per_seed, "paired": early})
+    out = {c.number: c for c in with_paired([base(0, 0, 0.91), base(1, 1, 0.82), trial])}
+    assert out[5].attrs["paired"]["seeds"] == 2
+    assert out[5].attrs["paired"]["acc_delta_pts"]["mean"] == pytest.approx(-1.5)
+    assert trial.attrs["paired"]["seeds"] == 1  # the stored record is not rewritten

@@ -50,7 +50,10 @@ def study_objectives(study: optuna.Study) -> tuple[str, ...]:
 
 
 def load_candidates(study: optuna.Study) -> list[Candidate]:
-    return [candidate_from_trial(t) for t in study.get_trials(deepcopy=False)]
+    """The study's trials as candidates, each paired with every seed's baseline completed by now."""
+    from wus_tune._study.seeds import with_paired
+
+    return with_paired([candidate_from_trial(t) for t in study.get_trials(deepcopy=False)])
 
 
 def load_analysis(study_name: str, storage: str | None = None) -> tuple[optuna.Study, Analysis]:

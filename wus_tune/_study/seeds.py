@@ -219,3 +219,28 @@ def claim(paired: Mapping[str, Any] | None) -> dict[str, Any] | None:
         return None
     return {"seeds": paired.get("seeds"), "level": LEVEL,
             **{k: dict(paired[k]) for k in ("acc_delta_pts", "speedup") if paired.get(k)}}  # fmt: skip
+
+
+def with_paired(candidates: Sequence[Any]) -> list[Any]:
+    """``candidates`` with each trial's ``paired`` comparison recomputed where it pairs fewer seeds than it
+    ran and the baselines of the rest have completed since (a trial that finished, on another worker,
+    before a seed's baseline did). The stored attribute is left as it was; only the analysis reads the
+    completed pairing."""
+    from dataclasses import replace
+
+    baselines: dict[int, Any] = {}
+    for c in candidates:
+        if c.role == "baseline" and c.state == "COMPLETE" and c.values and "seed" in (c.config or {}):
+            baselines.setdefault(int(c.config["seed"]), c)
+    out = []
+    for c in candidates:
+        per_seed = (c.attrs or {}).get(SEEDS_ATTR) or []
+        paired = (c.attrs or {}).get(PAIRED_ATTR) or {}
+        pairable = [e["seed"] for e in per_seed if e["seed"] in baselines]
+        if c.role != "baseline" and c.state == "COMPLETE" and len(pairable) > paired.get("seeds", 0):
+            redone = paired_summary({e["seed"]: e["values"] for e in per_seed},
+                                    {s: b.values for s, b in baselines.items()},
+                                    baseline_trials={s: b.number for s, b in baselines.items()})  # fmt: skip
+            c = replace(c, attrs={**c.attrs, PAIRED_ATTR: redone})
+        out.append(c)
+    return out
