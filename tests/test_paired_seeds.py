@@ -262,7 +262,14 @@ def test_seeds_3_study_resumed_after_a_sigkilled_worker_counts_no_seed_twice(tmp
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     trials = load()
     killed = next(t for t in trials if t.number == victim.number)
-    assert killed.state.name == "FAIL" and "seeds" not in killed.user_attrs  # its finished seeds are not counted
+    assert killed.state.name == "FAIL" and killed.values is None  # whatever seeds it finished count nowhere
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    assert [t.state.name for t in retry] == ["COMPLETE"] and [e["seed"] for e in retry[0].user_attrs["seeds"]] == [0, 1, 2]
+    from wus_tune._study.candidates import load_candidates
+
+    counted = {c.number for c in load_candidates(optuna.load_study(study_name="killed", storage=open_storage(f"journal:///{journal}")))
+               if c.ok}  # fmt: skip
+    assert victim.number not in counted
     base_seeds = [t.user_attrs["config"]["seed"] for t in trials if t.state.name == "COMPLETE" and t.user_attrs["role"] == "baseline"]
     assert sorted(base_seeds) == [0, 1, 2]  # one baseline run per seed
     done = [t for t in trials if t.state.name == "COMPLETE" and t.user_attrs["role"] != "baseline"]
@@ -322,3 +329,18 @@ def test_a_trial_finished_before_a_seeds_baseline_is_paired_with_it_in_the_analy
     assert out[5].attrs["paired"]["seeds"] == 2
     assert out[5].attrs["paired"]["acc_delta_pts"]["mean"] == pytest.approx(-1.5)
     assert trial.attrs["paired"]["seeds"] == 1  # the stored record is not rewritten
+
+
+def test_the_pruner_watches_the_first_seed_and_a_pruned_trial_counts_no_seed(study_dir):
+    from test_pruning import SPEC
+
+    out = run_study(StudySpec.from_dict({**SPEC, "name": "prune-seeds", "seeds": 2, "tracking_uri": "none", "n_trials": 10}),
+                    echo=lambda _: None)  # fmt: skip
+    trials = optuna.load_study(study_name="prune-seeds", storage=out.storage.replace("***", "")).get_trials(deepcopy=False)
+    states = [t.state.name for t in trials]
+    assert "FAIL" not in states and "RUNNING" not in states and "PRUNED" in states, states
+    for t in trials:
+        if t.state.name == "PRUNED":
+            assert "seeds" not in t.user_attrs and "paired" not in t.user_attrs
+        elif t.user_attrs["role"] != "baseline":
+            assert [e["seed"] for e in t.user_attrs["seeds"]] == [0, 1]
