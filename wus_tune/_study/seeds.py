@@ -27,8 +27,8 @@ from typing import Any
 from wus_tune.errors import UsageError
 from wus_tune.intervals import LEVEL, Interval, _t_quantile, decide, mean_difference, paired_differences, ratio_interval
 
-__all__ = ["PAIRED_ATTR", "SEEDS_ATTR", "Seeds", "paired_summary", "parse_seeds", "race", "race_threshold",
-           "seed_noise_pts", "versus_frontier"]  # fmt: skip
+__all__ = ["PAIRED_ATTR", "SEEDS_ATTR", "Seeds", "claim", "frontier_lines", "interval_of", "paired_summary", "parse_seeds",
+           "race", "race_threshold", "seed_noise_pts", "unpaired_acc_interval", "versus_frontier", "with_paired"]  # fmt: skip
 
 SEEDS_ATTR = "seeds"  # on a trial: [{"seed", "values", ...}, ...] one entry per seed it was evaluated on
 PAIRED_ATTR = "paired"  # on a trial: {"seeds", "acc_delta_pts", "speedup", "baseline_trials"} (read by confirm)
