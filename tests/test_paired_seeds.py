@@ -343,3 +343,30 @@ def test_the_pruner_watches_the_first_seed_and_a_pruned_trial_counts_no_seed(stu
             assert "seeds" not in t.user_attrs and "paired" not in t.user_attrs
         elif t.user_attrs["role"] != "baseline":
             assert [e["seed"] for e in t.user_attrs["seeds"]] == [0, 1]
+
+
+def test_the_report_says_which_front_points_are_indistinguishable_from_the_baseline_frontier():
+    from wus_tune._study.report import format_table
+    from wus_tune._study.seeds import frontier_lines, versus_frontier
+
+    def interval(mean, low, high):
+        return {"acc_delta_pts": {"mean": mean, "low": low, "high": high, "n": 3, "level": 0.9},
+                "speedup": {"mean": 2.0, "low": 1.8, "high": 2.2, "n": 3, "level": 0.9}, "seeds": 3}  # fmt: skip
+
+    cands = [
+        Candidate(0, "COMPLETE", (0.90, 1.0), role="baseline", uses_method=False),
+        Candidate(1, "COMPLETE", (0.86, 0.5), role="baseline-frontier", uses_method=False),
+        # at time 0.4 the frontier does not reach; at 0.75 it is at 0.88 (-2 points vs the baseline)
+        Candidate(2, "COMPLETE", (0.895, 0.75), attrs={"paired": interval(-0.5, -1.0, 0.0)}),  # above -2
+        Candidate(3, "COMPLETE", (0.88, 0.6), attrs={"paired": interval(-2.0, -4.0, 0.5)}),  # straddles -3.2
+    ]
+    analysis = analyse(cands, ["accuracy", "relative_time"])
+    assert set(analysis.front) >= {2, 3}
+    assert versus_frontier(analysis.by_number(2), analysis) == "above"
+    assert versus_frontier(analysis.by_number(3), analysis) == "undecided"
+    lines = frontier_lines(analysis)
+    assert lines == ["front (paired 90% intervals): trials 2 above the baseline frontier at their time",
+                     "front (paired 90% intervals): trials 3 statistically indistinguishable from the baseline frontier "
+                     "(training less does as well)"]  # fmt: skip
+    table = format_table(analysis, [2, 3])
+    assert "-0.50 [-1.00, +0.00]" in table and "2.00x [1.80, 2.20]" in table
