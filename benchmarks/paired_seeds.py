@@ -10,8 +10,10 @@ rounds, never a seed the study used). Per study it reports:
 
 * compute: the FLOPs the study's ``fit`` calls executed (``compute_flops``: a fork's prefix is the
   baseline's, a replayed seed runs nothing), that in full-length baseline runs (``baseline_runs``: FLOPs
-  over one baseline run's), their summed wall seconds (``fit_s``), and ``scratch_flops``, what the same
-  trials would cost with every seed trained from scratch;
+  over one baseline run's), their summed wall seconds (``fit_s``) and that in baseline runs
+  (``baseline_runs_wall``: over a baseline seed's mean ``fit`` seconds; the relative-time view of the
+  compute, measured, so load-dependent), and ``scratch_flops``, what the same trials would cost with every
+  seed trained from scratch;
 * the pick's accuracy claim: its paired 90% interval (seed ``s`` against the baseline's seed ``s``) and,
   from the same runs, the unpaired one (Welch, the pairing ignored): their widths and ratio;
 * the confirmation: its verdict, and whether its fresh mean lies inside the claimed interval (``seeds: 1``
@@ -79,10 +81,13 @@ def run_one(spec_path: str | None, mode: str, seed: int, trials: int, rounds: in
     baselines = {c.config["seed"]: c for c in cands if c.role == "baseline"}
     one_run = float(res(next(iter(baselines.values()))).get("cost_flops") or 1.0) if baselines else 1.0
     flops = sum(float(res(c).get("compute_flops", res(c).get("cost_flops", 0.0))) for c in cands)
+    fit_s = sum(float(e.get("fit_s", 0.0)) for c in cands for e in c.attrs.get("seeds") or [])
+    base_fit = statistics.fmean(float(e.get("fit_s", 0.0)) for c in baselines.values() for e in c.attrs.get("seeds") or []) \
+        if baselines else 0.0  # fmt: skip
     scratch = sum(float(res(c).get("cost_flops", 0.0)) * len(c.attrs.get("seeds") or [0]) for c in cands)
     out = {
         "mode": mode, "sampler_seed": seed, "trials": len(cands), "wall_s": wall,
-        "fit_s": sum(float(e.get("fit_s", 0.0)) for c in cands for e in c.attrs.get("seeds") or []),
+        "fit_s": fit_s, "baseline_runs_wall": fit_s / base_fit if base_fit else None,
         "compute_flops": flops, "baseline_runs": flops / one_run, "scratch_flops": scratch,
         "seeds_per_trial": statistics.fmean(len(c.attrs.get("seeds") or [0]) for c in cands if c.role != "baseline")
         if any(c.role != "baseline" for c in cands) else None,
