@@ -5,7 +5,14 @@ What a trial stores in its user attributes (read by :mod:`wus_tune._study.candid
 :func:`~wus_tune._study.catalog.trial_label`: ``none``, ``wus``, ``wus+lr``, ``approx_ops+wus``), ``config``
 (the full TrainConfig dict, so any trial can be exported),
 ``mlflow_run_id``, ``result`` (summary figures and the timing of the machinery: ``fit_s``,
-``overhead_s``, ``mlflow_s``), and ``fail_reason`` plus ``timing`` when it raised.
+``overhead_s``, ``mlflow_s``; with several seeds the first seed's figures, ``compute_flops`` summed over the
+seeds and ``seeds`` their count), ``seeds`` (per seed: ``seed``, objective ``values``, ``compute_flops``,
+``fit_s`` and its reuse record), ``paired`` (the comparison with the baseline's runs on the same seeds,
+:func:`wus_tune._study.seeds.paired_summary`), and ``fail_reason`` plus ``timing`` when it raised.
+
+A trial runs the study's ``seeds`` (:mod:`wus_tune._study.seeds`): each seed planned, forked from that seed's
+baseline snapshot or trained, in turn; its objective values are the means over its seeds. A baseline trial
+is one seed's baseline.
 
 Enqueued trials carry ``overrides`` (dotted key -> value) in their user attributes: fixed values that
 are not (or cannot be) Optuna parameters, e.g. ``epochs`` of a shorter baseline.
