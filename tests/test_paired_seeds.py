@@ -370,3 +370,13 @@ def test_the_report_says_which_front_points_are_indistinguishable_from_the_basel
                      "(training less does as well)"]  # fmt: skip
     table = format_table(analysis, [2, 3])
     assert "-0.50 [-1.00, +0.00]" in table and "2.00x [1.80, 2.20]" in table
+
+
+def test_a_study_continued_with_other_seeds_is_refused_in_one_line(study_dir):
+    run_study(spec("continued", n_trials=1, baseline_fractions=[]), echo=lambda _: None)
+    db = study_dir / "studies" / "continued.db"
+    before = len(optuna.load_study(study_name="continued", storage=f"sqlite:///{db}").trials)
+    with pytest.raises(UsageError) as e:
+        run_study(spec("continued", n_trials=1, baseline_fractions=[], seeds=3), echo=lambda _: None)
+    assert "created with seeds 1, not 3" in str(e.value) and "\n" not in str(e.value)
+    assert len(optuna.load_study(study_name="continued", storage=f"sqlite:///{db}").trials) == before  # nothing enqueued
