@@ -152,7 +152,7 @@ WRONG = {
     "default_search_space": "no", "search_space": [1], "select": 5, "accuracy_margin": "x", "cost_factor": "x",
     "max_trials": "x", "heartbeat_interval": 0.5, "grace_period": "x", "max_retry": "x", "reconnect_timeout": "x",
     "ray": 5, "gpus_per_trial": "x", "cpus_per_trial": "x",
-    "confirm": "yes", "baseline_repeats": 1.5,
+    "confirm": "yes", "baseline_repeats": 1.5, "seeds": "three",
     "reuse": 5, "pruner": "sometimes", "pruner_options": [1],
 }  # fmt: skip
 OUT_OF_RANGE = {
@@ -160,7 +160,7 @@ OUT_OF_RANGE = {
     "accuracy_margin": -1, "cost_factor": 0.5, "max_trials": 0, "heartbeat_interval": 0, "grace_period": 0,
     "max_retry": -1, "reconnect_timeout": -1.0, "objectives": "accuracy", "select": "fastest-within:x",
     "gpus_per_trial": -0.5, "cpus_per_trial": float("inf"),
-    "confirm": -1, "baseline_repeats": 0,
+    "confirm": -1, "baseline_repeats": 0, "seeds": {"min": 3, "max": 2},
     "reuse": {"max_checkpoints": -1},
 }  # fmt: skip
 

@@ -262,3 +262,21 @@ def test_an_unreachable_cluster_is_one_line_and_exit_2_before_anything_is_writte
         "start one with `ray start --head`, or use --ray local"
     ]
     assert not (tmp_path / "studies").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_several_seeds_per_trial_on_the_cluster(tmp_path, cluster):
+    """``--seeds 2`` with the trials as Ray tasks: one baseline trial per seed, every other trial on both
+    seeds, paired with them (the Ray worker resolves the spec the driver sent, seeds included)."""
+    write_spec(tmp_path / "spec.yaml", tracking_uri="none")
+    p = drive(tmp_path, "--spec", "spec.yaml", "--ray", cluster.address, "--n-trials", "5", "--seeds", "2", *FAST, log="out.log")
+    assert p.wait(timeout=300) == 0, (tmp_path / "out.log").read_text()
+    done = trials("dist", journal(tmp_path))
+    assert [t.state.name for t in done] == ["COMPLETE"] * 5
+    assert sorted(t.user_attrs["config"]["seed"] for t in done if t.user_attrs["role"] == "baseline") == [0, 1]
+    from wus_tune._study.candidates import candidate_from_trial
+    from wus_tune._study.seeds import with_paired
+
+    for c in with_paired([candidate_from_trial(t) for t in done]):  # paired with both, however the tasks overlapped
+        if c.role != "baseline":
+            assert [e["seed"] for e in c.attrs["seeds"]] == [0, 1], c.number
+            assert c.attrs["paired"]["seeds"] == 2

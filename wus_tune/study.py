@@ -83,6 +83,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--methods", help="the methods compared, comma-separated; a+b runs two in one trial; 'none' the plain "
                    "recipe (default: those a spec compares by default; --list names them; docs/study.md)")
     p.add_argument("--seed", type=int, help="sampler seed and training seed (default 0)")
+    p.add_argument("--seeds", metavar="K", help="evaluate every trial on K seeds, paired with the baseline's (default 1; "
+                   "a spec's seeds: {min: m, max: M} races; docs/study.md, 'Several seeds')")
     p.add_argument("--constraint-delta", type=float, help="feasible only if accuracy >= baseline - DELTA points")
     p.add_argument("--select", help="rule for best_config.yaml: knee | fastest-within:D | most-accurate-under:S")
     p.add_argument("--pruner", help="none (default) | frontier: stop trials that cannot end above the baseline frontier | "
@@ -114,6 +116,12 @@ def spec_from_args(args: Any) -> StudySpec:
     if args.seed is not None:
         changes["seed"] = args.seed
         spec.set_train("seed", args.seed)
+    if args.seeds is not None:
+        from wus_tune._study.seeds import parse_seeds
+
+        if not args.seeds.strip().isdigit() or int(args.seeds) < 1:  # K only: a race is written in a spec
+            raise UsageError(f"--seeds: expected an integer >= 1, got {args.seeds!r}")
+        changes["seeds"] = parse_seeds(int(args.seeds), "--seeds").max
     if args.methods is not None:
         changes["methods"] = [m.strip() for m in args.methods.split(",")]
     spec = dataclasses.replace(spec, **changes)

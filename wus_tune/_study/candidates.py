@@ -50,7 +50,10 @@ def study_objectives(study: optuna.Study) -> tuple[str, ...]:
 
 
 def load_candidates(study: optuna.Study) -> list[Candidate]:
-    return [candidate_from_trial(t) for t in study.get_trials(deepcopy=False)]
+    """The study's trials as candidates, each paired with every seed's baseline completed by now."""
+    from wus_tune._study.seeds import with_paired
+
+    return with_paired([candidate_from_trial(t) for t in study.get_trials(deepcopy=False)])
 
 
 def load_analysis(study_name: str, storage: str | None = None) -> tuple[optuna.Study, Analysis]:
@@ -64,6 +67,7 @@ def load_analysis(study_name: str, storage: str | None = None) -> tuple[optuna.S
 
 def export_config(candidate: Candidate, path: str | None, *, study_name: str, rule: Rule | str) -> Any:
     """The candidate's TrainConfig with provenance in ``meta``; saved to ``path`` when given."""
+    from wus_tune._study.seeds import claim
     from wus_tune.config import TrainConfig
 
     if candidate.config is None:
@@ -76,6 +80,8 @@ def export_config(candidate: Candidate, path: str | None, *, study_name: str, ru
         "selected_by": str(rule),
         "values": list(candidate.values or ()),
     }
+    if (paired := claim(candidate.attrs.get("paired"))) is not None:
+        config.meta["claim"] = paired  # the paired delta and speed-up vs the baseline, with their intervals
     if path:
         config.save(path)
     return config

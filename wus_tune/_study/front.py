@@ -38,7 +38,8 @@ points (0.5 = half a percentage point):
   farthest from the straight line through the two extreme points (2 objectives, at least 3 points on the
   front); otherwise the point nearest the utopia point (1, ..., 1).
 * ``fastest-within:D``: the fastest trial (least time/cost) with accuracy >= baseline - D points; ties go
-  to the more accurate.
+  to the more accurate. A trial evaluated on several seeds (``seeds:``) qualifies when the lower end of its
+  paired 90% accuracy-delta interval is >= -D points (:func:`paired_low`).
 * ``most-accurate-under:S``: the most accurate trial with time (seconds) or cost (FLOPs) <= S; ``S`` may be
   written ``60%`` for 60% of the baseline's time or cost. Ties go to the faster.
 
@@ -367,11 +368,15 @@ def select(
     objectives: Sequence[str],
     rule: Rule | str,
     baseline: Sequence[float] | None = None,
+    lower_bounds: Sequence[float | None] | None = None,
 ) -> int:
     """Index of the point chosen by ``rule``; ``points[i] = (accuracy, time_or_cost, ...)``.
 
-    ``fastest-within`` and relative ``most-accurate-under`` need the baseline's values. Raises
-    :class:`UsageError` when no point satisfies the rule.
+    ``fastest-within`` and relative ``most-accurate-under`` need the baseline's values. ``lower_bounds[i]``
+    (points, or None): the lower end of point ``i``'s paired 90% accuracy-delta interval (several seeds per
+    trial); ``fastest-within:D`` then asks it to be >= -D, and a point without one is read at its value.
+    ``most-accurate-under`` and ``knee`` read the values (seed means). Raises :class:`UsageError` when no
+    point satisfies the rule.
     """
     rule = parse_rule(rule) if isinstance(rule, str) else rule
     if not points:
@@ -383,7 +388,9 @@ def select(
         raise UsageError(f"selection rule {rule}: the study has no completed baseline trial")
     if rule.kind == "fastest-within":
         floor = baseline[0] - rule.value / 100
-        ok = [i for i, p in enumerate(points) if p[0] >= floor - 1e-12]
+        lows = list(lower_bounds) if lower_bounds is not None else [None] * len(points)
+        ok = [i for i, p in enumerate(points)
+              if (p[0] >= floor - 1e-12 if lows[i] is None else lows[i] >= -rule.value - 1e-9)]  # fmt: skip
         if not ok:
             raise UsageError(f"selection rule {rule}: no trial reaches accuracy {floor:.2%}")
         return min(ok, key=lambda i: (points[i][1], -points[i][0], i))
@@ -453,7 +460,7 @@ class Analysis:
     def select(self, rule: Rule | str) -> Candidate:
         done = self.complete
         base = self.baseline.values if self.baseline is not None else None
-        return done[select([c.values for c in done], self.objectives, rule, base)]
+        return done[select([c.values for c in done], self.objectives, rule, base, [paired_low(c) for c in done])]
 
 
 def analyse(
@@ -503,6 +510,13 @@ def analyse(
         hv_history=[(c.number, h) for c, h in zip(done, hv)],
         advantages=advantages,
     )
+
+
+def paired_low(c: Candidate) -> float | None:
+    """The lower end (points) of a trial's paired 90% accuracy-delta interval (``paired`` attribute, written
+    by a study with several seeds per trial); None with fewer than two seeds."""
+    stats = ((c.attrs or {}).get("paired") or {}).get("acc_delta_pts") or {}
+    return float(stats["low"]) if stats.get("n", 0) >= 2 and stats.get("low") is not None else None
 
 
 def on_frontier(c: Candidate) -> bool:

@@ -125,6 +125,13 @@ def _check_compatible(study: optuna.Study, study_def: ResolvedStudy) -> None:
             f"study {study_def.name!r} was created with objectives {','.join(stored)}, not "
             f"{','.join(study_def.objectives)}; use the same --objectives or another --study-name"
         )
+    from wus_tune._study.seeds import parse_seeds
+
+    # means over another number of seeds, and baselines of seeds it never ran, would not compare
+    seeds = parse_seeds((study.user_attrs.get("spec") or {}).get("seeds", 1))
+    if seeds != study_def.seeds:
+        raise UsageError(f"study {study_def.name!r} was created with seeds {seeds}, not {study_def.seeds}; use the same "
+                         "seeds or another --study-name")  # fmt: skip
 
 
 def _parent_tags(study_def: ResolvedStudy, device: str) -> dict[str, Any]:

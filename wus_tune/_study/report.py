@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from wus_tune._study.front import Analysis, Candidate, Rule
+from wus_tune._study.seeds import versus_frontier
 
 _AXIS = {"time": "training time incl. required evaluations (s, wall)", "cost": "training cost (FLOPs)",
          "relative_time": "time in full-length baseline runs (priced per trial on its device)"}
@@ -92,12 +93,40 @@ def relative(analysis: Analysis, c: Candidate) -> dict[str, float | None]:
     if b is not None:
         out["acc_delta_pts"] = (c.values[0] - b.values[0]) * 100
         out["speedup"] = b.values[1] / c.values[1] if c.values[1] > 0 else None
+    paired = c.attrs.get("paired") or {}
+    if paired.get("seeds", 1) > 1:  # several seeds: the claim is the paired one (seed s against baseline seed s)
+        for key in ("acc_delta_pts", "speedup"):
+            if paired.get(key):
+                out[key] = paired[key]["mean"]
     adv = analysis.advantages.get(c.number)
     if adv is not None and c.uses_method:  # a plain trial's advantage over its own frontier is not informative
         out["frontier_acc_gain_pts"] = None if adv.acc_gain is None else adv.acc_gain * 100
         out["frontier_time_saved"] = adv.time_saved
         out["frontier_time_saved_fraction"] = adv.time_saved_fraction
     return out
+
+
+def _bounds(c: Candidate, key: str, fmt: str) -> str:
+    """`` [low, high]``: the trial's paired 90% interval of ``key`` (``acc_delta_pts``, ``speedup``); "" without one."""
+    stats = ((c.attrs.get("paired") or {}).get(key)) or {}
+    if stats.get("n", 0) < 2 or stats.get("low") is None or stats.get("high") is None:
+        return ""
+    return f" [{stats['low']:{fmt}}, {stats['high']:{fmt}}]"
+
+
+def seed_entry(analysis: Analysis, c: Candidate) -> dict[str, Any] | None:
+    """A trial's seeds for ``--format json``: ``per_seed`` (``seed`` and the objective values by name) and, per
+    objective, the mean with its 90% interval over the seeds (``Interval.to_dict``); None for a trial run
+    before seeds were recorded."""
+    from wus_tune.intervals import mean_difference
+
+    per_seed = c.attrs.get("seeds")
+    if not per_seed:
+        return None
+    rows = [{"seed": e["seed"], "values": dict(zip(analysis.objectives, e["values"]))} for e in per_seed]
+    return {"per_seed": rows,
+            "objectives": {name: mean_difference([e["values"][k] for e in per_seed]).to_dict()
+                           for k, name in enumerate(analysis.objectives)}}  # fmt: skip
 
 
 def reuse_mark(c: Candidate) -> str:
@@ -126,10 +155,10 @@ def table_rows(analysis: Analysis, numbers: Sequence[int], *, mark: int | None =
             c.role + reuse_mark(c),
             label(c).removesuffix(" (guideline)"),
             f"{c.values[0] * 100:.2f}%",
-            "" if r["acc_delta_pts"] is None else f"{r['acc_delta_pts']:+.2f}",
+            "" if r["acc_delta_pts"] is None else f"{r['acc_delta_pts']:+.2f}" + _bounds(c, "acc_delta_pts", "+.2f"),
             _fmt_cost(obj, c.values[1]),
             *(_fmt_cost(name, v) for name, v in zip(third, c.values[2:])),
-            "" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+            "" if r["speedup"] is None else f"{r['speedup']:.2f}x" + _bounds(c, "speedup", ".2f"),
             "" if r["frontier_acc_gain_pts"] is None else f"{r['frontier_acc_gain_pts']:+.2f} pts",
             "" if r["frontier_time_saved_fraction"] is None else f"{r['frontier_time_saved_fraction'] * 100:+.0f}%",
             "*" if c.number in front else "",
@@ -151,7 +180,11 @@ def front_json(analysis: Analysis, *, study_name: str, rule: Rule | str, selecte
     """The front (or ``numbers``) and the baseline as JSON-ready data: each entry has ``number``, ``role``,
     ``method``, ``accuracy``, the objective values by name, ``speedup`` (the baseline's value of the study's
     time objective over the trial's), ``acc_delta_pts``, ``selected``, ``test_accuracy`` (None without a test
-    split; never used to select), ``time_s`` (wall) and the frontier figures."""
+    split; never used to select), ``time_s`` (wall) and the frontier figures; with several seeds per trial
+    (``seeds:``) ``seeds`` (per-seed values, and each objective's mean with its 90% interval), ``paired`` (the
+    paired accuracy delta and speed-up with their intervals) and ``versus_frontier`` (above / below /
+    undecided: statistically indistinguishable from the baseline frontier). ``trials`` lists every completed
+    trial the same way."""
     def entry(c: Candidate) -> dict[str, Any]:
         r = relative(analysis, c)
         res = c.attrs.get("result") or {}
@@ -162,6 +195,7 @@ def front_json(analysis: Analysis, *, study_name: str, rule: Rule | str, selecte
                    test_accuracy=res.get("test_acc"), time_s=res.get("time_s"), relative_time=res.get("relative_time"),
                    frontier_acc_gain_pts=r["frontier_acc_gain_pts"],
                    frontier_time_saved_fraction=r["frontier_time_saved_fraction"], pareto=c.number in analysis.front)  # fmt: skip
+        out.update(seeds=seed_entry(analysis, c), paired=c.attrs.get("paired"), versus_frontier=versus_frontier(c, analysis))
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
     shown = [analysis.by_number(n) for n in (numbers if numbers is not None else analysis.front)]
@@ -178,6 +212,7 @@ def front_json(analysis: Analysis, *, study_name: str, rule: Rule | str, selecte
         "selected": selected.number if selected is not None else None,
         "baseline": baseline,
         "front": [entry(c) for c in sorted(shown, key=lambda c: c.values[1]) if c.ok],
+        "trials": [entry(c) for c in analysis.complete],
     }
 
 
@@ -247,6 +282,14 @@ def _xy(analysis: Analysis, cands: Sequence[Candidate]) -> tuple[list[float], li
     return [c.values[1] for c in cands], [c.values[0] * 100 for c in cands]
 
 
+def _error_bar(c: Candidate) -> tuple[float, float] | None:
+    """(below, above) the point, in accuracy points: the trial's paired 90% accuracy-delta interval."""
+    stats = ((c.attrs.get("paired") or {}).get("acc_delta_pts")) or {}
+    if stats.get("n", 0) < 2 or stats.get("low") is None or stats.get("high") is None:
+        return None
+    return stats["mean"] - stats["low"], stats["high"] - stats["mean"]
+
+
 def write_pareto_png(analysis: Analysis, path: Path, *, title: str, selected: int | None = None) -> Path:
     import matplotlib
 
@@ -276,6 +319,11 @@ def write_pareto_png(analysis: Analysis, path: Path, *, title: str, selected: in
                             marker=marker, edgecolors="#333", linewidths=0.4, label=_legend(name))  # fmt: skip
         else:
             ax.scatter(*_xy(analysis, cs), s=22, color=colors[name], alpha=0.75, label=_legend(name), marker=marker)
+        bars = [(c, e) for c in cs if (e := _error_bar(c)) is not None]
+        if bars:  # several seeds: the paired 90% interval of the accuracy delta, around the point
+            x, y = _xy(analysis, [c for c, _ in bars])
+            ax.errorbar(x, y, yerr=[[e[0] for _, e in bars], [e[1] for _, e in bars]], fmt="none",
+                        ecolor=colors[name], alpha=0.5, lw=0.8)  # fmt: skip
     if third:
         fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax,
                      label={"sparsity": "sparsity (masked fraction of the constrained weights)",
@@ -319,7 +367,8 @@ def write_pareto_html(analysis: Analysis, path: Path, *, title: str, selected: i
                  f"{obj} {_fmt_cost(obj, c.values[1])}"]  # fmt: skip
         parts += [f"{name} {_fmt_cost(name, v)}" for name, v in zip(analysis.objectives[2:], c.values[2:])]
         if r["speedup"] is not None:
-            parts.append(f"{r['speedup']:.2f}x vs baseline, {r['acc_delta_pts']:+.2f} pts")
+            parts.append(f"{r['speedup']:.2f}x{_bounds(c, 'speedup', '.2f')} vs baseline, "
+                         f"{r['acc_delta_pts']:+.2f} pts{_bounds(c, 'acc_delta_pts', '+.2f')}")  # fmt: skip
         if r["frontier_acc_gain_pts"] is not None:
             parts.append(f"{r['frontier_acc_gain_pts']:+.2f} pts vs frontier at equal {obj}")
         parts += [f"{k} = {v}" for k, v in sorted(c.params.items())]
@@ -342,7 +391,10 @@ def write_pareto_html(analysis: Analysis, path: Path, *, title: str, selected: i
             marker.update(cmin=min(zs), cmax=max(zs))
         else:
             marker["color"] = colors[name]
-        fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name=_legend(name), marker=marker,
+        bars = [_error_bar(c) or (0.0, 0.0) for c in cs]
+        error_y = dict(type="data", symmetric=False, array=[b[1] for b in bars], arrayminus=[b[0] for b in bars],
+                       thickness=0.8, width=2) if any(b != (0.0, 0.0) for b in bars) else None  # fmt: skip
+        fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name=_legend(name), marker=marker, error_y=error_y,
                                  text=[hover(c) for c in cs], hoverinfo="text"))  # fmt: skip
     front = sorted((analysis.by_number(n) for n in analysis.front), key=lambda c: c.values[1])
     if front and third:

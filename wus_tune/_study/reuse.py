@@ -337,11 +337,14 @@ def plan_tags(plan: Decision) -> dict[str, str]:
     return {"wus_tune.not_forked": plan.reason[:500]} if plan.reason else {}
 
 
-def record_run(trial: optuna.Trial, plan: Decision, result: Any, fit_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def record_run(trial: optuna.Trial, plan: Decision, result: Any, fit_kwargs: Mapping[str, Any], *,
+               attrs: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Store what reuse needs from a finished run; returns the figures for the trial's ``result``.
 
-    ``compute_flops`` is what this run actually executed (a fork's prefix was the baseline's)."""
+    ``compute_flops`` is what this run actually executed (a fork's prefix was the baseline's). ``attrs``:
+    where the fork's record goes instead of the trial (one seed of several: the caller stores them)."""
     out: dict[str, Any] = {"compute_flops": float(getattr(result, "cost_flops", 0.0))}
+    set_attr = trial.set_user_attr if attrs is None else attrs.__setitem__
     recording = fit_kwargs.get("recording")
     if recording is not None:
         from dataclasses import asdict
@@ -360,7 +363,7 @@ def record_run(trial: optuna.Trial, plan: Decision, result: Any, fit_kwargs: Map
     if state is not None:
         prefix_flops = float(state.probes[-1]["train_flops"]) + float(state.counters["required_eval_flops"])
         prefix_time = float(state.counters["train_time_s"]) + float(state.counters["required_eval_time_s"])
-        trial.set_user_attr(FORKED_ATTR, {"trial": plan.baseline.number, "seed": state.origin.get("seed"),
+        set_attr(FORKED_ATTR, {"trial": plan.baseline.number, "seed": state.origin.get("seed"),
                                           "point": plan.point, "step": state.step,
                                           "epoch": state.epoch, "first_skip": plan.first_skip,
                                           "prefix_time_s": prefix_time, "prefix_flops": prefix_flops})  # fmt: skip

@@ -30,6 +30,9 @@ Format (every key optional; unknown keys are errors)::
     baseline_fractions: [0.5, 0.7, 0.85]   # plain runs at these fractions of the epochs: the baseline frontier
     baseline_repeats: 1             # full-length baselines (seeds seed, seed+1, ...; the last ones after the
                                     # other first trials); comparisons use their median
+    seeds: 1                        # seeds each trial is evaluated on (seed .. seed+K-1), paired with the baseline's
+                                    # run on the same seed; {min: 1, max: 3}: race (docs/study.md, "Several seeds").
+                                    # The baseline runs on max(K, baseline_repeats) seeds, one trial per seed, first
     enqueue_defaults: true          # enqueue each compared method's default trials
     enqueue: [{methods.wus.variant: wus, methods.wus.threshold: 0.02}]   # more trials to run first (dotted keys)
     default_search_space: true      # start from the default space (wus_tune._study.space)
@@ -69,6 +72,7 @@ from wus_tune._study.catalog import METHOD_KEY, check_method_model, check_method
 from wus_tune._study.catalog import default_trial
 from wus_tune._study.front import Rule, objective_direction, objective_names, parse_rule
 from wus_tune._study.reuse import ReuseSpec
+from wus_tune._study.seeds import Seeds, parse_seeds
 from wus_tune._study.space import SearchSpace, apply_values
 from wus_tune._study.storage import DEFAULT_TRACKING_URI, default_storage
 from wus_tune.errors import ConfigError, UsageError, check_number
@@ -103,6 +107,7 @@ class StudySpec:
     constraint_delta: float | None = None
     baseline_fractions: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85])
     baseline_repeats: int = 1
+    seeds: Any = 1  # K or {min: m, max: M} (wus_tune._study.seeds)
     enqueue_defaults: bool = True  # each compared method's default trials
     enqueue: list[dict[str, Any]] = field(default_factory=list)
     default_search_space: bool = True
@@ -230,6 +235,7 @@ class StudySpec:
             constraint_delta=self.constraint_delta,
             baseline_fractions=tuple(self.baseline_fractions),
             baseline_repeats=self.baseline_repeats,
+            seeds=parse_seeds(self.seeds),
             enqueue=tuple(dict(e) for e in me.enqueue),
             select=rule,
             confirm=self.confirm,
@@ -257,6 +263,7 @@ class StudySpec:
             except UsageError as e:
                 raise UsageError(str(e).replace("--confirm", "confirm", 1)) from None
         _check_int("baseline_repeats", self.baseline_repeats, 1)
+        parse_seeds(self.seeds)
         if self.n_trials is not None:
             _check_int("n_trials", self.n_trials, 1)
         for key in ("timeout", "constraint_delta", "accuracy_margin", "cost_factor"):
@@ -335,6 +342,7 @@ class ResolvedStudy:
     spec: dict[str, Any]
     confirm: int | str = 0
     baseline_repeats: int = 1
+    seeds: Seeds = field(default_factory=Seeds)  # seeds per trial (wus_tune._study.seeds)
     methods: tuple[str, ...] = ()  # resolve() always sets it
     # (role, fixed values) enqueued right after the full-length baseline: the first compared method's default trials
     lead_trials: tuple[tuple[str, dict[str, Any]], ...] = ()
@@ -355,7 +363,9 @@ def initial_trials(study_def: ResolvedStudy) -> list[tuple[str, dict[str, Any]]]
     the baseline frontier (``baseline_fractions`` of the epochs; crossed with every ``schedule.name``
     choice when the schedule is searched), the other compared methods' default trials and those a
     method's spec section adds (the edge-of-chaos guideline's, ``study_def.method_trials``), more
-    baselines (``baseline_repeats``), then the spec's ``enqueue`` entries.
+    baselines (``baseline_repeats``), then the spec's ``enqueue`` entries. With ``seeds`` of max K > 1 the
+    baselines of seeds ``seed+1 .. seed+K-1`` come right after the first (every trial pairs with them), and
+    ``baseline_repeats`` adds only the seeds beyond K.
 
     Every searched knob of these trials is fixed at the base config's value, so "baseline" and the
     methods' defaults mean the spec's own recipe, not a sampled one.
@@ -364,6 +374,9 @@ def initial_trials(study_def: ResolvedStudy) -> list[tuple[str, dict[str, Any]]]
     epochs = base.epochs
     plain = space.fixed_at_base(base, {METHOD_KEY: "none"})
     out: list[tuple[str, dict[str, Any]]] = [("baseline", plain | {"epochs": epochs})]
+    # With several seeds per trial, every seed's baseline first: each trial pairs (and forks) with them.
+    paired = getattr(study_def, "seeds", Seeds()).max
+    out += [("baseline", plain | {"epochs": epochs, "seed": base.seed + k}) for k in range(1, paired)]
     out += [(role, dict(values)) for role, values in study_def.lead_trials]
     budgets = sorted({max(1, round(f * epochs)) for f in study_def.baseline_fractions} - {epochs}, reverse=True)
     schedules = [base.schedule.name]
@@ -375,7 +388,7 @@ def initial_trials(study_def: ResolvedStudy) -> list[tuple[str, dict[str, Any]]]
     out += [(role, dict(values)) for role, values in study_def.method_trials]
     # More baselines, with other seeds, measured later in the study: its accuracy and time are medians.
     out += [("baseline", plain | {"epochs": epochs, "seed": base.seed + k})
-            for k in range(1, getattr(study_def, "baseline_repeats", 1))]  # fmt: skip
+            for k in range(max(1, paired), getattr(study_def, "baseline_repeats", 1))]  # fmt: skip
     out += [("enqueued", dict(e)) for e in study_def.enqueue]
     return out
 

@@ -40,7 +40,10 @@ class TrialPrinter:
         acc, cost = trial.values[0], trial.values[1]
         name = self.study_def.objectives[1]
         text = f"{head} acc {acc:.2%}  {name} {cost:.2f}{'s' if name == 'time' else ''}"
-        if self.baseline is not None and cost > 0:
+        paired = a.get("paired") or {}
+        if paired.get("seeds", 1) > 1:  # several seeds: the paired claim, with its 90% interval
+            text += f"  {paired_text(paired)} vs baseline ({paired['seeds']} seeds)"
+        elif self.baseline is not None and cost > 0:
             text += f"  {self.baseline[1] / cost:.2f}x {100 * (acc - self.baseline[0]):+.2f} pts vs baseline"
         res = a.get("result") or {}
         if mix := self.step_mix(res):
@@ -56,6 +59,18 @@ class TrialPrinter:
             text += f"  (forked from trial {a['forked']['trial']} at check {a['forked']['point']})"
         text += f"  [overhead {res.get('overhead_s', 0.0):.2f}s]"
         self.say(text)
+
+
+def paired_text(paired: dict[str, Any]) -> str:
+    """``1.85x [1.70, 2.01] -0.42 pts [-1.10, +0.26]``: a trial's paired speed-up and accuracy delta with
+    their 90% intervals (the point alone where there is none)."""
+    out = []
+    s, a = paired.get("speedup") or {}, paired.get("acc_delta_pts") or {}
+    if s:
+        out.append(f"{s['mean']:.2f}x" + (f" [{s['low']:.2f}, {s['high']:.2f}]" if s.get("low") is not None and s.get("high") is not None else ""))
+    if a:
+        out.append(f"{a['mean']:+.2f} pts" + (f" [{a['low']:+.2f}, {a['high']:+.2f}]" if a.get("low") is not None else ""))
+    return " ".join(out)
 
 
 def write_study_report(*, analysis: Analysis, selected: Candidate | None, rule: Any, study_def: ResolvedStudy,
@@ -85,6 +100,7 @@ def print_summary(*, analysis: Analysis, selected: Candidate | None, rule: Any, 
     baseline's price and where the report is."""
     from wus_tune._study.report import format_table
     from wus_tune._study.reuse import summary_lines as reuse_lines
+    from wus_tune._study.seeds import frontier_lines
     from wus_tune._study.storage import mask_url
     from wus_tune._study.tuned_plain import compare, summary_lines as tuned_plain_lines
 
@@ -111,6 +127,11 @@ def print_summary(*, analysis: Analysis, selected: Candidate | None, rule: Any, 
         say(f"selected by {rule}: trial {selected.number} (<)"
             + (f"; validation {selected.values[0]:.2%}, held-out test {test:.2%} (reported only, never used to select)"
                if test is not None else ""))  # fmt: skip
+    if selected is not None and (selected.attrs.get("paired") or {}).get("seeds", 1) > 1:
+        paired = selected.attrs["paired"]
+        say(f"its claim over {paired['seeds']} paired seeds (90% intervals): {paired_text(paired)} vs the baseline")
+    for line in frontier_lines(analysis):
+        say(line)
     for line in tuned_plain_lines(compare(analysis), analysis.objectives[1]):
         say(line)
     refs = [r for c in analysis.complete if (r := (c.attrs.get("result") or {}).get("reference_time_s"))]
