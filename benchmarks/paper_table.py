@@ -131,7 +131,7 @@ def best_from_study(base: TrainConfig, trials: int, seed: int, baseline_acc: flo
         outcome = run_study(
             train=base.replace({"seed": seed}).to_dict(), methods=["wus"], n_trials=trials, baseline_fractions=[],
             tracking_uri="none", storage=f"sqlite:///{tmp}/study.db", name="paper-table", objectives="accuracy,relative_time",
-            sampler_options={"n_startup_trials": trials}, echo=None,
+            sampler_options={"n_startup_trials": trials}, seed=seed, echo=None,
         )  # fmt: skip
     best: dict[str, dict[str, Any]] = {}
     for variant in ("wus", "wus+lr"):
