@@ -14,6 +14,11 @@ seconds. With ``relative_to`` (a baseline config) the run's work is priced after
 (:mod:`wus_tune.pricing`): ``relative_time`` is the run's cost in units of one full-length baseline run
 on this device, now.
 
+An epoch draws every training sample, or the subset a method chooses (``Method.epoch_samples``: dynamic
+data pruning); the learning-rate schedule follows the epochs, so a shorter epoch covers the same stretch of
+it (for full epochs that is exactly the step-based schedule), and each step's samples' positions in the
+split reach the methods (``StepContext.indices``).
+
 ``fit`` reads top to bottom: set up, resume (when forked from a snapshot), one epoch after another, the
 result, the pricing. It knows no method by name: every method, WUS included, acts through the hooks of
 :class:`wus_tune.methods.Method` (the contract is that module's docstring).
