@@ -49,7 +49,7 @@ SETTINGS = [f"{m}-{d}" for m in MODELS for d in DATASETS]
 # Scale: (model width, training subset (None: all), epochs, batch size, study trials).
 SCALES = {
     "cpu": {"width": 0.25, "subset": 5000, "epochs": 8, "batch_size": 128, "study_trials": 8},
-    "quick": {"width": 0.125, "subset": 1000, "epochs": 4, "batch_size": 64, "study_trials": 3},
+    "quick": {"width": 0.125, "subset": 1000, "epochs": 4, "batch_size": 64, "study_trials": 4},
     "gpu": {"width": 1.0, "subset": None, "epochs": 30, "batch_size": 128, "study_trials": 16},
 }
 FRONTIER = (0.5, 0.75)  # fractions of the epochs the frontier's shorter baselines train
@@ -123,8 +123,9 @@ def measure(config: TrainConfig, reference: TrainConfig) -> dict[str, Any]:
 
 
 def best_from_study(base: TrainConfig, trials: int, seed: int, baseline_acc: float) -> dict[str, dict[str, Any]]:
-    """The best configuration of each WUS variant in a small study of ``trials`` on ``base`` (seed ``seed``):
-    the fastest (relative time) within one point of the baseline's accuracy, else the most accurate."""
+    """The best configuration of each WUS variant in a small study of ``trials`` on ``base`` (seed ``seed``; the
+    baseline, WUS's default trial and the WUS+LR default row enqueued, then random samples): the fastest
+    (relative time) within one point of the baseline's accuracy, else the most accurate."""
     from wus_tune.study import run_study
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,11 +133,13 @@ def best_from_study(base: TrainConfig, trials: int, seed: int, baseline_acc: flo
             train=base.replace({"seed": seed}).to_dict(), methods=["wus"], n_trials=trials, baseline_fractions=[],
             tracking_uri="none", storage=f"sqlite:///{tmp}/study.db", name="paper-table", objectives="accuracy,relative_time",
             sampler_options={"n_startup_trials": trials}, seed=seed, echo=None,
+            enqueue=[{f"methods.wus.{k}": v for k, v in NAMED["wus+lr default"]["methods.wus"].items()}],
         )  # fmt: skip
     best: dict[str, dict[str, Any]] = {}
     for variant in ("wus", "wus+lr"):
         done = [c for c in outcome.analysis.candidates if c.state == "COMPLETE" and c.config
-                and c.config.get("methods", {}).get("wus", {}).get("variant", "wus+lr") == variant]  # fmt: skip
+                and "wus" in c.config.get("methods", {})
+                and c.config["methods"]["wus"].get("variant", "wus+lr") == variant]  # fmt: skip
         if not done:
             continue
         result = lambda c: c.attrs.get("result", {})  # noqa: E731
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", nargs="+", default=SETTINGS, choices=SETTINGS, metavar="MODEL-DATASET",
                         help=f"any of {', '.join(SETTINGS)} (default: all)")
-    parser.add_argument("--quick", action="store_true", help="tiny scale, 2 seeds, 3 study trials: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="tiny scale, 2 seeds, 4 study trials: a smoke run")
     parser.add_argument("--gpu", action="store_true", help="drop the scaling: full width and data, 30 epochs")
     parser.add_argument("--epochs", type=int, default=None, help="override the scale's epochs")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0 1)")
