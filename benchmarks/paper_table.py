@@ -26,6 +26,7 @@ paper_table*.json; the table is printed as markdown.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wus_tune import TrainConfig, fit  # noqa: E402
 from wus_tune.errors import UsageError  # noqa: E402
+from wus_tune.timing import TimingOptions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARCHIVE = ROOT.parent / "shared/data/cifar10-train-jpeg.tar.gz"
@@ -114,8 +116,8 @@ def data_problem(config: TrainConfig) -> str | None:
     return None
 
 
-def measure(config: TrainConfig, reference: TrainConfig) -> dict[str, Any]:
-    result = fit(config, relative_to=reference)
+def measure(config: TrainConfig, reference: TrainConfig, timing: TimingOptions | None = None) -> dict[str, Any]:
+    result = fit(config, relative_to=reference, timing=timing)
     return {"val_acc": result.val_acc, "time_s": result.time_s, "relative_time": result.relative_time,
             "train_flops": result.train_flops, "flops_fraction": result.flops_fraction, "epochs": config.epochs,
             "steps": sum(e.steps for e in result.epochs), "coverage": result.coverage,
@@ -128,10 +130,10 @@ def best_from_study(base: TrainConfig, trials: int, seed: int, baseline_acc: flo
     (relative time) within one point of the baseline's accuracy, else the most accurate."""
     from wus_tune.study import run_study
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):  # its storage, report and checkpoints
         outcome = run_study(
             train=base.replace({"seed": seed}).to_dict(), methods=["wus"], n_trials=trials, baseline_fractions=[],
-            tracking_uri="none", storage=f"sqlite:///{tmp}/study.db", name="paper-table", objectives="accuracy,relative_time",
+            tracking_uri="none", storage="sqlite:///study.db", name="paper-table", objectives="accuracy,relative_time",
             sampler_options={"n_startup_trials": trials}, seed=seed, echo=None,
             enqueue=[{f"methods.wus.{k}": v for k, v in NAMED["wus+lr default"]["methods.wus"].items()}],
         )  # fmt: skip
@@ -189,7 +191,7 @@ def run_setting(setting: str, scale: dict[str, Any], args: argparse.Namespace) -
     started = time.time()
 
     def add(name: str, config: TrainConfig, reference: TrainConfig) -> None:
-        r = measure(config, reference)
+        r = measure(config, reference, TimingOptions(rounds=args.timing_rounds))
         rows.setdefault(name, []).append(r)
         print(f"  {setting} seed {config.seed} {name:<28} acc {r['val_acc']:.2%} rel {r['relative_time']:.3f} "
               f"wall {r['time_s']:.1f}s", flush=True)
@@ -247,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE, help="CIFAR-10: a folder or the JPEG tarball")
     parser.add_argument("--cifar100-dir", type=Path, default=None, help="CIFAR-100: torchvision's files")
     parser.add_argument("--cache-dir", default=None)
+    # A method whose steps are not the baseline's (info_batch, selective_backprop) is priced by probes of single
+    # steps interleaved with the baseline's; on a loaded machine 5 rounds (the library's default) leave them
+    # off by tens of percent, so the table takes the median of more.
+    parser.add_argument("--timing-rounds", type=int, default=15, help="interleaved pricing rounds per run")
     parser.add_argument("--device", default=None, help="default: cpu (cuda with --gpu)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/paper_table[_quick|_gpu].json")
     args = parser.parse_args(argv)
@@ -256,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.exists():
         print(f"paper_table: --data {args.data} does not exist", file=sys.stderr)
         return 2
+    args.data = args.data.resolve()  # the study runs in a folder of its own
+    args.cifar100_dir = args.cifar100_dir.resolve() if args.cifar100_dir else None
+    args.cache_dir = str(Path(args.cache_dir).resolve()) if args.cache_dir else None
     kind = "gpu" if args.gpu else "quick" if args.quick else "cpu"
     scale = dict(SCALES[kind])
     if args.epochs is not None:
