@@ -92,7 +92,7 @@ def test_study_data_is_declared_apart_and_well_formed(name):
 def test_the_training_contract_is_a_dozen_hooks():
     hooks = [k for k, v in vars(Method).items() if callable(v) and not k.startswith("_")]
     assert hooks == ["setup", "make_optimizer", "attach", "check_plan", "on_check", "warm_up_modes", "lr_factors",
-                     "step_kind", "owns_step", "train_step", "before_step", "after_step", "end_epoch", "state_dict",
+                     "epoch_samples", "step_kind", "owns_step", "train_step", "before_step", "after_step", "end_epoch", "state_dict",
                      "load_state_dict"]  # fmt: skip
 
 

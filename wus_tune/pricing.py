@@ -203,13 +203,14 @@ class _Batches:
         self.streamed = hasattr(loader, "loader")  # a StreamLoader around a DataLoader
         workers = getattr(getattr(loader, "loader", None), "num_workers", 0) or 0
         self.buffered = workers * (getattr(loader.loader, "prefetch_factor", None) or 2) if self.streamed else 0
-        self._it: Iterator[Any] = iter(loader)
+        self._it: Iterator[Any] = loader.indexed()
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, y, each sample's position in the split), as the run's loop draws them."""
         try:
             return next(self._it)
         except StopIteration:
-            self._it = iter(self.loader)
+            self._it = self.loader.indexed()
             return next(self._it)
 
     def drain(self) -> None:
@@ -232,9 +233,9 @@ def _step_workload(net: nn.Module, opt: torch.optim.Optimizer, methods: list[Met
     net.train()
 
     def one() -> float:
-        x, y = batches.next()
+        x, y, index = batches.next()
         ctx = StepContext(run=run, model=net, optimizer=opt, inputs=x, targets=y, step=0, epoch=0,
-                          forward=autocast_forward(net, autocast), loss_fn=loss_fn)  # fmt: skip
+                          forward=autocast_forward(net, autocast), loss_fn=loss_fn, indices=index)  # fmt: skip
         train_step(ctx, methods, owner)
         return 1.0
 
@@ -246,7 +247,7 @@ def _eval_workload(net: nn.Module, batches: _Batches, autocast: Any, sync: Calla
     """A unit: the next batch of the validation split, forwarded in evaluation mode; counts its samples."""
 
     def one() -> float:
-        x, y = batches.next()
+        x, y, _ = batches.next()
         was_training = net.training
         net.eval()
         evaluate_batch(net, x, y, autocast)

@@ -12,8 +12,9 @@ __all__ = ["lr_multiplier"]
 _ONECYCLE_START = 1 / 25
 
 
-def lr_multiplier(schedule: ScheduleConfig, step: int, total_steps: int) -> float:
-    """The factor on the peak learning rate at optimizer step ``step`` of ``total_steps`` (from 0)."""
+def lr_multiplier(schedule: ScheduleConfig, step: float, total_steps: int) -> float:
+    """The factor on the peak learning rate at optimizer step ``step`` of ``total_steps`` (from 0; a fraction
+    of a step where an epoch drew fewer batches than planned)."""
     t = step / max(1, total_steps)
     final = schedule.final_lr_fraction
     if schedule.name == "onecycle":

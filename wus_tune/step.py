@@ -20,8 +20,8 @@ from wus_tune.layers import param_groups
 from wus_tune.methods import Method, RunInfo, StepContext, build_methods
 
 __all__ = [
-    "attach_methods", "autocast_forward", "evaluate", "evaluate_batch", "forward_eval", "make_optimizer", "set_learning_rates",
-    "step_owner", "train_step",
+    "attach_methods", "autocast_forward", "evaluate", "evaluate_batch", "forward_eval", "make_optimizer", "sample_chooser",
+    "set_learning_rates", "step_owner", "train_step",
 ]  # fmt: skip
 
 
@@ -58,6 +58,15 @@ def step_owner(methods: list[Method]) -> Method | None:
         raise ConfigError(f"methods: {owners[0].name} and {owners[1].name} both own the training step; "
                           "combine at most one of them")
     return owners[0] if owners else None
+
+
+def sample_chooser(methods: list[Method]) -> Method | None:
+    """The method that chooses each epoch's training samples (overrides ``epoch_samples``), if any."""
+    choosers = [m for m in methods if type(m).epoch_samples is not Method.epoch_samples]
+    if len(choosers) > 1:
+        raise ConfigError(f"methods: {choosers[0].name} and {choosers[1].name} both choose each epoch's training "
+                          "samples; combine at most one of them")
+    return choosers[0] if choosers else None
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, peak_lrs: list[float], schedule: float,

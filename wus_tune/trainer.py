@@ -14,6 +14,11 @@ seconds. With ``relative_to`` (a baseline config) the run's work is priced after
 (:mod:`wus_tune.pricing`): ``relative_time`` is the run's cost in units of one full-length baseline run
 on this device, now.
 
+An epoch draws every training sample, or the subset a method chooses (``Method.epoch_samples``: dynamic
+data pruning); the learning-rate schedule follows the epochs, so a shorter epoch covers the same stretch of
+it (for full epochs that is exactly the step-based schedule), and each step's samples' positions in the
+split reach the methods (``StepContext.indices``).
+
 ``fit`` reads top to bottom: set up, resume (when forked from a snapshot), one epoch after another, the
 result, the pricing. It knows no method by name: every method, WUS included, acts through the hooks of
 :class:`wus_tune.methods.Method` (the contract is that module's docstring).
@@ -41,7 +46,8 @@ from wus_tune.ledger import Ledger, is_one_off
 from wus_tune.methods import Method, RunInfo, StepContext
 from wus_tune.run_state import ProbeRecord, RecordingPlan, RunState, origin_of, snapshot_path
 from wus_tune.schedules import lr_multiplier
-from wus_tune.step import attach_methods, autocast_forward, evaluate, forward_eval, set_learning_rates, train_step
+from wus_tune.step import (attach_methods, autocast_forward, evaluate, forward_eval, sample_chooser, set_learning_rates,
+                            train_step)
 from wus_tune.timing import TimingOptions
 
 __all__ = ["fit", "TrainResult", "EpochRecord", "resolve_device", "FULL_KIND"]
@@ -222,6 +228,7 @@ class _Training:
     methods: list[Method]
     optimizer: torch.optim.Optimizer
     owner: Method | None  # the method that owns the step, if any
+    chooser: Method | None  # the method that chooses each epoch's training samples, if any
     autocast: Any
     loss_fn: Any
     peak_lrs: list[float]  # the schedule scales each parameter group's own peak
@@ -265,7 +272,7 @@ def _set_up(config: TrainConfig, device: torch.device, *, model: Any, data: Any,
     recording = recording.resolved(run.steps_per_epoch, config.epochs) if recording is not None else None
     return _Training(
         config=config, device=device, run=run, data=data, loaders=loaders, model=model, train_model=train_model,
-        methods=methods, optimizer=optimizer, owner=owner, autocast=autocast,
+        methods=methods, optimizer=optimizer, owner=owner, chooser=sample_chooser(methods), autocast=autocast,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing),
         peak_lrs=[group["lr"] for group in optimizer.param_groups], ledger=ledger, checks=checks,
         recorder=_Recorder(recording, run, ledger), recording=recording, given_model=given_model,
@@ -371,6 +378,10 @@ def _train_epoch(t: _Training, epoch: int, at: _Position, records: list[EpochRec
     """One epoch: its steps with their checks and probe points, then its evaluation and the methods' epoch end."""
     ledger, run = t.ledger, t.run
     t.model.train()
+    if t.chooser is not None:  # the epoch's subset of the training set: the method's work, charged
+        with ledger.charged_work("samples"):
+            t.loaders.train.use_samples(t.chooser.epoch_samples(epoch, run))
+    batches = len(t.loaders.train)
     loader_rng = _data_order(t.loaders.train)  # this epoch's data order, for a mid-epoch snapshot
     ledger.start_epoch()
     sums = _EpochSums(t.device)
@@ -379,10 +390,13 @@ def _train_epoch(t: _Training, epoch: int, at: _Position, records: list[EpochRec
         ledger.resume_epoch(at.partial[0])
         sums.restore(at.partial[1])
         skip_batches, at.partial = at.batch, None
-    for batch_index, (x, y) in enumerate(t.loaders.train):
+    for batch_index, (x, y, index) in enumerate(t.loaders.train.indexed()):
         if batch_index < skip_batches:  # drawn for the data order and the augmentation RNG; the snapshot's run trained it
             continue
-        loss, logits, y, kind = _step(t, x, y, at.step, epoch)
+        # The schedule follows the epochs: an epoch of fewer batches (a subset) covers the same stretch of it,
+        # and an epoch of the planned length gives at.step exactly.
+        position = epoch * run.steps_per_epoch + batch_index * run.steps_per_epoch / batches
+        loss, logits, y, kind = _step(t, x, y, index, at.step, epoch, position)
         if on_step is not None:
             on_step(at.step)
         correct = (logits.detach().argmax(1) == y).sum()
@@ -399,7 +413,7 @@ def _train_epoch(t: _Training, epoch: int, at: _Position, records: list[EpochRec
                 t.recorder.record(at.step, at.step / run.total_steps, val, sum(r.flops for r in records))
                 _snapshot(t, records, step=at.step, epoch=epoch, batch=batch_index + 1, sums=sums, loader_rng=loader_rng)
         if progress and sys.stderr.isatty():
-            _print_bar(epoch, t.config.epochs, batch_index + 1, run.steps_per_epoch)
+            _print_bar(epoch, t.config.epochs, batch_index + 1, batches)
     train_seconds = ledger.end_epoch()
     mean_loss = sums.mean_loss()
     if not math.isfinite(mean_loss):
@@ -409,15 +423,18 @@ def _train_epoch(t: _Training, epoch: int, at: _Position, records: list[EpochRec
     for method in t.methods:
         with ledger.charged_work("hooks"):
             extra.update(method.end_epoch(t.model, run))
-    return sums.record(epoch, epoch_val, t.optimizer, run.steps_per_epoch, train_seconds, ledger, extra)
+    return sums.record(epoch, epoch_val, t.optimizer, sum(sums.kinds.values()), train_seconds, ledger, extra)
 
 
-def _step(t: _Training, x: torch.Tensor, y: torch.Tensor, step: int, epoch: int) -> tuple[Any, Any, Any, str]:
-    """One training step of the kind the methods make now: (loss, logits, the targets trained on, kind)."""
-    set_learning_rates(t.optimizer, t.peak_lrs, lr_multiplier(t.config.schedule, step, t.run.total_steps), t.methods, t.run)
+def _step(t: _Training, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, step: int, epoch: int,
+          position: float) -> tuple[Any, Any, Any, str]:  # fmt: skip
+    """One training step of the kind the methods make now: (loss, logits, the targets trained on, kind).
+    ``position``: where the step stands on the learning-rate schedule, in planned steps."""
+    set_learning_rates(t.optimizer, t.peak_lrs, lr_multiplier(t.config.schedule, position, t.run.total_steps), t.methods,
+                       t.run)  # fmt: skip
     kind = "+".join(k for k in (m.step_kind() for m in t.methods) if k) or FULL_KIND
     ctx = StepContext(run=t.run, model=t.model, optimizer=t.optimizer, inputs=x, targets=y, step=step, epoch=epoch,
-                      forward=autocast_forward(t.train_model, t.autocast), loss_fn=t.loss_fn)  # fmt: skip
+                      forward=autocast_forward(t.train_model, t.autocast), loss_fn=t.loss_fn, indices=index)  # fmt: skip
     if t.keep_specimens and kind not in t.specimens and not is_one_off(kind):
         with t.ledger.check_time():  # not part of any step
             shared = {id(x): x for x in (t.data, *vars(t.loaders).values())}  # a copy trains on the same data

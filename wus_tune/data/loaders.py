@@ -77,7 +77,8 @@ class BatchTransform:
 
 
 class _Loader:
-    """The one constructor both loaders share: their options, the device and the transform of each batch."""
+    """The one constructor both loaders share: their options, the device and the transform of each batch;
+    and the samples a training epoch draws from (:meth:`use_samples`)."""
 
     def __init__(self, sample: torch.Tensor, options: LoaderOptions | None, fields: dict[str, Any]) -> None:
         if options is None:
@@ -88,10 +89,48 @@ class _Loader:
         self.device = torch.device(self.options.device)
         self.batch_size, self.train = self.options.batch_size, self.options.train
         self.batches = BatchTransform(sample, self.options, self.device)
+        self.samples: torch.Tensor | None = None  # the positions the next epochs draw from; None: all
 
     @property
     def pad(self) -> int:
         return self.batches.pad
+
+    def use_samples(self, indices: torch.Tensor | None) -> None:
+        """Draw the following training epochs from these positions of the split only (each at most once, in a
+        fresh random order per epoch), or from every sample again (None): a method that trains on a
+        per-epoch subset (dynamic data pruning) sets it before each epoch. ``len(self)`` follows it."""
+        if indices is None:
+            self.samples = None
+            return
+        if not self.train:
+            raise ValueError("use_samples: only a training loader draws a subset")
+        indices = torch.as_tensor(indices).to("cpu", torch.int64).flatten()
+        n = self.split_size
+        if len(indices) == 0 or int(indices.min()) < 0 or int(indices.max()) >= n:
+            raise ValueError(f"use_samples: expected 1 or more positions in [0, {n}), got {len(indices)} from "
+                             f"{int(indices.min()) if len(indices) else None} to {int(indices.max()) if len(indices) else None}")
+        self.samples = indices.to(self.device)
+
+    @property
+    def split_size(self) -> int:
+        """Samples in the split (whatever subset an epoch draws)."""
+        raise NotImplementedError
+
+    def _batch_count(self) -> int:
+        """Batches per epoch: training mode drops the last partial batch (``drop_last``) unless the epoch
+        draws fewer samples than one batch, which then gives one partial batch rather than an empty epoch."""
+        n = len(self.samples) if self.samples is not None else self.split_size
+        if self.train and self.options.drop_last and n >= self.batch_size:
+            return n // self.batch_size
+        return math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y, _ in self.indexed():
+            yield x, y
+
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The batches with each sample's position in the split: ``(x, y, index)``, ``index`` int64 on the device."""
+        raise NotImplementedError
 
 
 class DeviceLoader(_Loader):
@@ -121,22 +160,32 @@ class DeviceLoader(_Loader):
         self.generator = self.batches.generator  # the data order; a snapshot saves and restores it
 
     def __len__(self) -> int:
-        n = len(self.y)
-        if self.train and self.drop_last and n >= self.batch_size:
-            return n // self.batch_size
-        return math.ceil(n / self.batch_size)
+        return self._batch_count()
+
+    @property
+    def split_size(self) -> int:
+        return len(self.y)
 
     @property
     def num_samples(self) -> int:
-        """Samples per epoch (fewer than the split holds when a partial batch is dropped)."""
-        return min(len(self.y), len(self) * self.batch_size)
+        """Samples per epoch (fewer than the split holds when a partial batch is dropped or a subset is drawn)."""
+        n = len(self.samples) if self.samples is not None else len(self.y)
+        return min(n, len(self) * self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self.y), device=self.device, generator=self.generator) if self.train else None
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order = None
+        if self.train:
+            pool = self.samples
+            order = torch.randperm(len(self.y) if pool is None else len(pool), device=self.device, generator=self.generator)
+            order = order if pool is None else pool[order]
         for i in range(len(self)):
             window = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            index = order[window] if order is not None else window
-            yield self.batches(self.x[index]), self.y[index]
+            if order is not None:
+                index = order[window]
+                yield self.batches(self.x[index]), self.y[index], index
+            else:  # the split's order: a slice, no gather
+                stop = min(window.stop, len(self.y))
+                yield self.batches(self.x[window]), self.y[window], torch.arange(window.start, stop, device=self.device)
 
     def batches_in_order(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every example of the split once, in stored order, converted and never augmented (e.g. to cache
@@ -168,30 +217,72 @@ class StreamLoader(_Loader):
         super().__init__(torch.as_tensor(dataset[0][0]).unsqueeze(0), options, fields)
         self.dataset = dataset
         self.drop_last = self.train and self.options.drop_last and len(dataset) >= self.batch_size
+        # Training batches come from a batch sampler of this loader's own (in the main process), so an epoch
+        # can draw a subset; the items carry their position, so each batch knows its samples.
+        order = _EpochBatches(self, torch.Generator().manual_seed(self.options.seed)) if self.train else None
+        batching = {"batch_sampler": order} if order is not None else {"batch_size": self.batch_size, "shuffle": False}
         self.loader = DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=self.train, drop_last=self.drop_last,
-            generator=torch.Generator().manual_seed(self.options.seed) if self.train else None,
-            num_workers=num_workers, pin_memory=self.device.type == "cuda",
+            _Numbered(dataset), **batching, num_workers=num_workers, pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
         )  # fmt: skip
         self.wait_s = 0.0
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self._batch_count()
+
+    @property
+    def split_size(self) -> int:
+        return len(self.dataset)
 
     @property
     def num_samples(self) -> int:
-        return min(len(self.dataset), len(self) * self.batch_size)
+        n = len(self.samples) if self.samples is not None else len(self.dataset)
+        return min(n, len(self) * self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         it = iter(self.loader)
         while True:
             start = time.perf_counter()
             try:
-                x, y = next(it)
+                x, y, index = next(it)
             except StopIteration:
                 return
             self.wait_s += time.perf_counter() - start
             x = torch.as_tensor(x).to(self.device, non_blocking=True)
             y = torch.as_tensor(y).to(self.device, torch.int64, non_blocking=True)
-            yield self.batches(x), y
+            yield self.batches(x), y, torch.as_tensor(index).to(self.device, torch.int64, non_blocking=True)
+
+
+class _Numbered(torch.utils.data.Dataset):
+    """A Dataset's items with their position: ``(x, y, i)``."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, int]:
+        x, y = self.dataset[i]
+        return x, y, i
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """A streamed training epoch's batches of positions: a fresh permutation of the split, or of the loader's
+    :attr:`~_Loader.samples`, cut as :meth:`_Loader._batch_count` says."""
+
+    def __init__(self, loader: StreamLoader, generator: torch.Generator) -> None:
+        self.owner, self.generator = loader, generator
+
+    def __len__(self) -> int:
+        return self.owner._batch_count()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        pool = self.owner.samples
+        n = len(self.owner.dataset) if pool is None else len(pool)
+        order = torch.randperm(n, generator=self.generator)
+        if pool is not None:
+            order = pool.cpu()[order]
+        size = self.owner.batch_size
+        for i in range(len(self)):
+            yield order[i * size:(i + 1) * size].tolist()

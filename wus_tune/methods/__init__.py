@@ -25,6 +25,8 @@ The hooks (each optional), in the order :func:`wus_tune.fit` calls them::
     modes = method.warm_up_modes(model)             # context managers putting the model in each other step
                                                     # kind, so the untimed warm-up covers them (WUS: skip)
     for epoch:
+        samples = method.epoch_samples(epoch, run)  # the training positions this epoch draws (None: all); at
+                                                    # most one method chooses; its work is charged to the run
         for step:                                   # step: a StepContext (batch, model, optimizer, progress)
             factors = method.lr_factors(optimizer, run)   # per param-group LR factors; several multiply
             kind = method.step_kind()               # "" for an ordinary step, e.g. "skip:last:1"; the
@@ -99,6 +101,9 @@ class StepContext:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    # each input's position in the training split (int64, on the device): what a method keeps per sample
+    # (a recorded loss) is keyed by it; None where no split stands behind the batch
+    indices: torch.Tensor | None = None
 
     @property
     def progress(self) -> float:
@@ -161,6 +166,13 @@ class Method:
         return []
 
     def lr_factors(self, optimizer: torch.optim.Optimizer, run: RunInfo) -> list[float] | None:
+        return None
+
+    def epoch_samples(self, epoch: int, run: RunInfo) -> torch.Tensor | None:
+        """The positions in the training split that epoch ``epoch`` (from 0) draws from, each once in a fresh
+        order; None: every sample. Asked before each epoch (again for the epoch a run resumes in: answer the
+        same); an epoch with fewer batches makes fewer steps, and the learning-rate schedule follows the
+        epochs, so it still ends where planned. At most one method of a run may override it."""
         return None
 
     def step_kind(self) -> str:
