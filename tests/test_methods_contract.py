@@ -18,7 +18,9 @@ from wus_tune._study.catalog import combinable, declarations
 from wus_tune.errors import ConfigError
 from wus_tune.methods import Method, build_methods, registry
 
-BUILTIN = sorted(registry())
+# the package's methods and installed plug-ins; not wus_tune.testing's probes of the pricing (registered
+# when a test module imports it first, and built to do nothing but burn time)
+BUILTIN = sorted(n for n, cls in registry().items() if cls.__module__ != "wus_tune.testing")
 
 
 def _base(**extra) -> TrainConfig:
