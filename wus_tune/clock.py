@@ -25,7 +25,7 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def children_cpu_seconds() -> float:
-    """CPU seconds of this process's children: the live ones (``/proc/<pid>/stat``, Linux) and the reaped ones."""
+    """CPU seconds of this process's descendants: the live ones (``/proc/<pid>/stat``, Linux) and the reaped ones."""
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
     total = reaped.ru_utime + reaped.ru_stime
     for pid in _child_pids():
@@ -38,17 +38,21 @@ def children_cpu_seconds() -> float:
     return total
 
 
-def _child_pids() -> list[int]:
+def _child_pids(pid: str = "self") -> list[int]:
+    """Every live descendant: a pool's workers are its children (inductor's compile workers are the
+    grandchildren of the run's process)."""
     pids: list[int] = []
     try:
-        tasks = list(Path("/proc/self/task").iterdir())
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return pids
     for task in tasks:
         try:
-            pids += [int(p) for p in (task / "children").read_text().split()]
+            children = [int(p) for p in (task / "children").read_text().split()]
         except OSError:
             continue
+        for child in children:
+            pids += [child, *_child_pids(str(child))]
     return pids
 
 
@@ -66,6 +70,11 @@ class WorkClock:
             torch.cuda.synchronize()
             return time.perf_counter()
         return time.process_time()
+
+    def with_helpers(self) -> float:
+        """``now()`` plus the CPU seconds of every child process, watched or not: what compiling costs on a
+        CPU, where torch's inductor compiles in a pool of worker processes."""
+        return self.now() + (0.0 if self.cuda else children_cpu_seconds())
 
     def workers(self) -> float:
         return children_cpu_seconds() if self.watch_workers else 0.0

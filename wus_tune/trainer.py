@@ -322,11 +322,11 @@ def _compile_and_warm_up(train_model: nn.Module, model: nn.Module, optimizer: to
     to the run. Returns the evaluation FLOPs per sample and the work seconds of compiling what a compiled
     baseline compiles too (the ordinary step and the evaluation)."""
     compiled = isinstance(train_model, ModeCompiled)
-    wall, work = ledger.timer.now(), ledger.clock.now()
-    eval_flops_per_sample, shared = _warm_up(train_model, model, optimizer, loaders, autocast, methods, ledger.clock.now)
+    wall, work = ledger.timer.now(), ledger.clock.with_helpers()
+    eval_flops_per_sample, shared = _warm_up(train_model, model, optimizer, loaders, autocast, methods, ledger.clock.with_helpers)
     if not compiled:
         return eval_flops_per_sample, 0.0
-    ledger.add_compile(ledger.timer.now() - wall, ledger.clock.now() - work)
+    ledger.add_compile(ledger.timer.now() - wall, ledger.clock.with_helpers() - work)
     if progress:
         print(f"compiled {train_model.compilations} graphs (training modes and evaluation) in {ledger.compile_time:.1f}s, "
               "charged to the run", flush=True)  # fmt: skip
