@@ -1,7 +1,7 @@
 """The clock relative time is measured on: the work a run makes its machine do, not the hours it waits.
 
-On a CPU it is the CPU time of this process (every thread) plus that of its child processes (the
-DataLoader workers that decode a streamed dataset), so a run descheduled while other jobs share the cores
+On a CPU it is the CPU time of this process (every thread) plus that of its descendant processes (the
+DataLoader workers that decode a streamed dataset; inductor's compile workers), so a run descheduled while other jobs share the cores
 is not charged for the wait; on CUDA it is wall time with device synchronisation, since the work is the
 device's and a GPU is rarely shared. What the CPU clock cannot see is a process waiting for something other
 than a core (a disk, a network file system, a sleep): wus_tune compares the two clocks on every run and says
