@@ -106,20 +106,12 @@ def _slowed_hardest(losses, k):
 def test_a_slower_selection_moves_the_relative_time(monkeypatch):
     """The selection is inside the priced step: slowing it (real CPU work) raises the relative time as much
     as the measured work grew (the trial only; the baseline never selects)."""
-    from test_time_truth import measured_work
+    from test_time_truth import slowed_ratios
 
     monkeypatch.setattr(sb, "hardest", _slowed_hardest)
     baseline = TrainConfig.from_dict({**DIGITS, "data": {"name": "digits", "val_fraction": 0.0}})
     trial = baseline.replace({"methods.selective_backprop": {"keep": 0.33}})
-    sums = {0.0: [0.0, 0.0], 0.002: [0.0, 0.0]}
-    for _ in range(2):
-        for seconds in sums:
-            SLOW["seconds"] = seconds
-            result = fit(trial, relative_to=baseline)
-            sums[seconds][0] += measured_work(result)
-            sums[seconds][1] += result.relative_time
-    work = sums[0.002][0] / sums[0.0][0]
-    relative = sums[0.002][1] / sums[0.0][1]
+    work, relative = slowed_ratios(trial, baseline, SLOW, 0.002)
     assert work > 1.5, f"the slowed selection did not slow the trial: work ratio {work:.2f}"
     assert relative == pytest.approx(work, rel=0.25), (relative, work)
 

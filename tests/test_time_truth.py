@@ -37,6 +37,20 @@ def measured_work(result) -> float:
     return total
 
 
+def slowed_ratios(trial: TrainConfig, baseline: TrainConfig, slow: dict, seconds: float, rounds: int = 2) -> tuple[float, float]:
+    """(measured-work ratio, relative-time ratio) of ``trial`` with ``slow["seconds"] = seconds`` over the same
+    trial with 0: a method's own work slowed by a monkeypatch that reads ``slow``, the two alternated ``rounds``
+    times and each priced against ``baseline``."""
+    sums = {0.0: [0.0, 0.0], seconds: [0.0, 0.0]}
+    for _ in range(rounds):
+        for s in sums:
+            slow["seconds"] = s
+            result = fit(trial, relative_to=baseline)
+            sums[s][0] += measured_work(result)
+            sums[s][1] += result.relative_time
+    return sums[seconds][0] / sums[0.0][0], sums[seconds][1] / sums[0.0][1]
+
+
 def both(baseline: TrainConfig, trial: TrainConfig, rounds: int = 2) -> tuple[float, float, float, object]:
     """(wall-time ratio trial / baseline, measured-work ratio, relative-time ratio, the trial's last result),
     from ``rounds`` pairs trained alternately, so a load that comes and goes hits both alike."""
