@@ -7,6 +7,15 @@ device's and a GPU is rarely shared. What the CPU clock cannot see is a process 
 than a core (a disk, a network file system, a sleep): wus_tune compares the two clocks on every run and says
 when a run's wall time is not explained by its work (``TrainResult.coverage``, docs/study.md).
 
+CPU time counts core-seconds: two torch threads that keep two cores busy (or spin waiting for each other)
+for one second count two, while a single-threaded hook or a data worker's decoding counts one per second.
+A user waits wall seconds, so work that runs on several cores at once must not be charged more than the
+wall time it took: an interval's work seconds are ``min(CPU seconds, wall seconds)`` (:meth:`WorkClock.mark`,
+:meth:`WorkClock.since`). Descheduled (CPU < wall), the run is charged its CPU time, as before; in parallel
+(CPU > wall), its wall time. Without the cap, a trial whose extra work was single-threaded (a compile, a
+hook, a worker's decoding) was priced at a half to a third of its wall-time ratio on 2 cores
+(docs/benchmarks.md, time_truth).
+
 Reading the workers' time scans ``/proc`` (Linux); elsewhere only reaped children are counted.
 """
 
@@ -70,6 +79,16 @@ class WorkClock:
             torch.cuda.synchronize()
             return time.perf_counter()
         return time.process_time()
+
+    def mark(self, *, helpers: bool = False) -> tuple[float, float]:
+        """A reading to measure an interval from (work seconds, wall seconds); ``helpers``: with every child
+        process's CPU (:meth:`with_helpers`)."""
+        return (self.with_helpers() if helpers else self.now()), time.perf_counter()
+
+    def since(self, mark: tuple[float, float], *, helpers: bool = False) -> float:
+        """Work seconds since ``mark``, capped at the wall seconds since it (the module docstring)."""
+        work = (self.with_helpers() if helpers else self.now()) - mark[0]
+        return min(work, time.perf_counter() - mark[1])
 
     def with_helpers(self) -> float:
         """``now()`` plus the CPU seconds of every child process, watched or not: what compiling costs on a

@@ -76,7 +76,7 @@ class _StepTimes:
             self._mark = torch.cuda.Event(enable_timing=True)
             self._mark.record()
         else:
-            self._mark = self.clock.now()
+            self._mark = self.clock.mark()
 
     def stop(self, kind: str, counted: bool) -> float | None:
         """The step's seconds now (CPU), or None when they come at :meth:`flush` (CUDA)."""
@@ -85,7 +85,7 @@ class _StepTimes:
             end.record()
             self._pending.append((kind, self._mark, end, counted))
             return None
-        return self.clock.now() - self._mark
+        return self.clock.since(self._mark)
 
     def flush(self) -> list[tuple[str, float, bool]]:
         """(kind, seconds, counted) of the steps timed with events since the last flush."""
@@ -179,16 +179,17 @@ class Ledger:
     @contextlib.contextmanager
     def charged_work(self, name: str) -> Iterator[None]:
         """Around work a method needs outside its steps (``end_epoch``, a check's own work): charged, one-off."""
-        wall, work = self.timer.now(), self.clock.now()
+        wall, mark = self.timer.now(), self.clock.mark()
         try:
             yield
         finally:
-            self.one_off_s[name] = self.one_off_s.get(name, 0.0) + self.clock.now() - work
+            self.one_off_s[name] = self.one_off_s.get(name, 0.0) + self.clock.since(mark)
             self.hook_time += self.timer.now() - wall
 
     def add_compile(self, wall_s: float, work_s: float) -> None:
+        """``work_s``: the compile's CPU seconds with its compile workers', charged up to ``wall_s``."""
         self.compile_time += wall_s
-        self.one_off_s["compile"] = self.one_off_s.get("compile", 0.0) + work_s
+        self.one_off_s["compile"] = self.one_off_s.get("compile", 0.0) + min(work_s, wall_s)
 
     def epoch_elapsed(self) -> float:
         """Training time of the epoch so far (checks, including one in progress, left out)."""
@@ -218,7 +219,8 @@ class Ledger:
         start, work = self.timer.now(), self.clock.now()
         result = run_eval()
         end, seconds = self.clock.now(), self.timer.now() - start
-        self.last_eval_work_s = end - work + self.clock.workers() - workers
+        # capped at the wall time, as every interval's work (wus_tune.clock)
+        self.last_eval_work_s = min(end - work + self.clock.workers() - workers, seconds)
         self.eval_time += seconds
         if charged:
             self.required_eval_time += seconds

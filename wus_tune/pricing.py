@@ -299,14 +299,15 @@ def _measure(work: RunWork, reference: TrainConfig, aliases: Mapping[str, str], 
                                          work.autocast, sync)  # fmt: skip
     streamed = any(w.min_units > 1 for w in workloads.values())
     # A CPU's bursts are timed in CPU time (a descheduled process is not charged for the wait), with the data
-    # workers' when a loader streams; CUDA's in wall time with synchronisation (wus_tune.clock).
+    # workers' when a loader streams, capped at their wall time (work on several cores at once costs the time
+    # it took); CUDA's in wall time with synchronisation (wus_tune.clock).
     if device.type == "cuda":
-        clock = time.perf_counter
-    elif streamed:
+        return measure_interleaved(workloads, options, paired_with=BASELINE_STEP, clock=time.perf_counter)
+    if streamed:
         clock = lambda: time.process_time() + children_cpu_seconds()  # noqa: E731
     else:
         clock = time.process_time
-    return measure_interleaved(workloads, options, paired_with=BASELINE_STEP, clock=clock)
+    return measure_interleaved(workloads, options, paired_with=BASELINE_STEP, clock=clock, wall=time.perf_counter)
 
 
 def _in_run_prices(work: RunWork, reference: TrainConfig, aliases: Mapping[str, str], ref_data: Any,

@@ -81,13 +81,17 @@ def measure_interleaved(
     *,
     paired_with: str | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    wall: Callable[[], float] | None = None,
 ) -> dict[str, Measurement]:
     """Price every workload: one untimed warm-up unit, a timed unit to size the bursts, then ``rounds``
     rounds of one burst per kind (order rotated each round). Returns kind -> :class:`Measurement`.
 
     ``paired_with`` (a kind): every other kind's price is that kind's median price times the median over
     rounds of the two kinds' price ratio *within* a round, so a load that drifts across rounds cancels
-    in the ratio a relative time uses."""
+    in the ratio a relative time uses.
+
+    ``wall`` (a wall clock, beside a CPU-time ``clock``): a burst's seconds are capped at its wall seconds, so
+    work that ran on several cores at once costs the time it took (``wus_tune.clock``)."""
     kinds = list(workloads)
     if not kinds:
         return {}
@@ -97,13 +101,14 @@ def measure_interleaved(
             work.prepare()
         if work.sync is not None:
             work.sync()
-        start = clock()
+        start, start_wall = clock(), wall() if wall is not None else 0.0
         units = 0.0
         for _ in range(n):
             units += work.run()
         if work.sync is not None:
             work.sync()
-        return clock() - start, units
+        seconds = clock() - start
+        return (min(seconds, wall() - start_wall) if wall is not None else seconds), units
 
     sizes: dict[str, int] = {}
     for kind in kinds:
