@@ -533,6 +533,38 @@ def test_a_dataset_over_the_budget_is_streamed_with_workers() -> None:
     assert loader.wait_s > 0
 
 
+def test_closing_a_streamed_loader_stops_its_workers_at_once() -> None:
+    """The loader and its batch order refer to each other: left to the cycle collector, the workers stop at
+    some later moment (inside another run's timed work) and each waits out torch's 5 s status check."""
+    import multiprocessing
+
+    cfg = DataConfig(val_fraction=0.25, memory_budget_mb=0.001, num_workers=1)
+    loader = load_dataset(cfg, data={"train": _Items(96)}).loader("train", batch_size=16)
+    before = set(multiprocessing.active_children())
+    assert len(list(loader)) == 4  # an epoch: the persistent worker stays up for the next one
+    worker = set(multiprocessing.active_children()) - before
+    assert len(worker) == 1
+    start = time.perf_counter()
+    loader.close()
+    assert not (set(multiprocessing.active_children()) & worker), "the worker outlived close()"
+    assert time.perf_counter() - start < 2.0
+
+
+def test_a_run_on_a_streamed_dataset_leaves_no_worker_behind() -> None:
+    import multiprocessing
+
+    from wus_tune.config import TrainConfig
+    from wus_tune.trainer import fit
+
+    before = set(multiprocessing.active_children())
+    config = TrainConfig.from_dict({"model": {"name": "mlp"}, "epochs": 2, "device": "cpu", "data": {
+        "factory": "wus_tune.testing:slow_digits", "kwargs": {"train_ms": 0.001, "val_ms": 0.001},
+        "memory_budget_mb": 0, "num_workers": 1}})  # fmt: skip
+    result = fit(config, relative_to=config)  # the run's loaders and the pricing's, all streamed by a worker
+    assert result.work_seconds["workers"]["seconds"] > 0
+    assert not set(multiprocessing.active_children()) - before
+
+
 def test_both_loaders_take_one_options_object() -> None:
     """One LoaderOptions drives either loader; keywords beside it override its fields."""
     from wus_tune.data import LoaderOptions, StreamLoader

@@ -217,6 +217,11 @@ class _Batches:
         for _ in range(self.buffered):
             self.next()
 
+    def close(self) -> None:
+        """Stop the loader's workers now (:meth:`wus_tune.data.loaders.StreamLoader.close`)."""
+        self._it.close()
+        self.loader.close()
+
 
 def _loader(data: Any, split: str, config: TrainConfig, device: torch.device, batch: int) -> Any:
     cuda = device.type == "cuda"
@@ -283,31 +288,39 @@ def _measure(work: RunWork, reference: TrainConfig, aliases: Mapping[str, str], 
     batch = min(config.optim.batch_size, work.data.size("train"))
     ref_model, ref_opt, ref_methods, ref_run, ref_batch = _baseline(work, reference, ref_data)
     ref_loss = nn.CrossEntropyLoss(label_smoothing=reference.optim.label_smoothing)
-    ref_batches = _Batches(_loader(ref_data, "train", reference, device, ref_batch))
-    workloads = {BASELINE_STEP: _step_workload(ref_model, ref_opt, ref_methods, ref_run, ref_batches, ref_loss,
-                                               work.autocast, sync)}  # fmt: skip
-    batches = ref_batches if ref_data is work.data and batch == ref_batch and config.data.augment == reference.data.augment \
-        else _Batches(_loader(work.data, "train", config, device, batch))  # fmt: skip
-    for kind, (net, opt, methods, run) in work.specimens.items():
-        if f"step:{kind}" not in aliases and not is_one_off(kind):
-            workloads[f"step:{kind}"] = _step_workload(net, opt, methods, run, batches, work.loss_fn, work.autocast, sync)
-    if ref_data.size("val"):
-        workloads[BASELINE_EVAL] = _eval_workload(ref_model, _Batches(_loader(ref_data, "val", reference, device, ref_batch)),
-                                                  work.autocast, sync)  # fmt: skip
-    if work.counts.get(EVAL) and EVAL not in aliases:
-        workloads[EVAL] = _eval_workload(work.eval_model, _Batches(_loader(work.data, "val", config, device, batch)),
-                                         work.autocast, sync)  # fmt: skip
-    streamed = any(w.min_units > 1 for w in workloads.values())
-    # A CPU's bursts are timed in CPU time (a descheduled process is not charged for the wait), with the data
-    # workers' when a loader streams, capped at their wall time (work on several cores at once costs the time
-    # it took); CUDA's in wall time with synchronisation (wus_tune.clock).
-    if device.type == "cuda":
-        return measure_interleaved(workloads, options, paired_with=BASELINE_STEP, clock=time.perf_counter)
-    if streamed:
-        clock = lambda: time.process_time() + children_cpu_seconds()  # noqa: E731
-    else:
-        clock = time.process_time
-    return measure_interleaved(workloads, options, paired_with=BASELINE_STEP, clock=clock, wall=time.perf_counter)
+    opened: list[_Batches] = []
+
+    def batches_of(data: Any, split: str, cfg: TrainConfig, size: int) -> _Batches:
+        opened.append(_Batches(_loader(data, split, cfg, device, size)))
+        return opened[-1]
+
+    try:
+        ref_batches = batches_of(ref_data, "train", reference, ref_batch)
+        workloads = {BASELINE_STEP: _step_workload(ref_model, ref_opt, ref_methods, ref_run, ref_batches, ref_loss,
+                                                   work.autocast, sync)}  # fmt: skip
+        same_batches = ref_data is work.data and batch == ref_batch and config.data.augment == reference.data.augment
+        batches = ref_batches if same_batches else batches_of(work.data, "train", config, batch)
+        for kind, (net, opt, methods, run) in work.specimens.items():
+            if f"step:{kind}" not in aliases and not is_one_off(kind):
+                workloads[f"step:{kind}"] = _step_workload(net, opt, methods, run, batches, work.loss_fn, work.autocast, sync)
+        if ref_data.size("val"):
+            workloads[BASELINE_EVAL] = _eval_workload(ref_model, batches_of(ref_data, "val", reference, ref_batch),
+                                                      work.autocast, sync)  # fmt: skip
+        if work.counts.get(EVAL) and EVAL not in aliases:
+            workloads[EVAL] = _eval_workload(work.eval_model, batches_of(work.data, "val", config, batch), work.autocast, sync)
+        # A CPU's bursts are timed in CPU time (a descheduled process is not charged for the wait), with the
+        # data workers' when a loader streams, capped at their wall time (work on several cores at once costs
+        # the time it took); CUDA's in wall time with synchronisation (wus_tune.clock).
+        if device.type == "cuda":
+            return measure_interleaved(workloads, options, paired_with=BASELINE_STEP, clock=time.perf_counter)
+        if any(w.min_units > 1 for w in workloads.values()):  # streamed: with the workers' CPU
+            clock = lambda: time.process_time() + children_cpu_seconds()  # noqa: E731
+        else:
+            clock = time.process_time
+        return measure_interleaved(workloads, options, paired_with=BASELINE_STEP, clock=clock, wall=time.perf_counter)
+    finally:
+        for each in opened:
+            each.close()
 
 
 def _in_run_prices(work: RunWork, reference: TrainConfig, aliases: Mapping[str, str], ref_data: Any,

@@ -181,26 +181,31 @@ def fit(
     torch.manual_seed(config.seed)
     t = _set_up(config, device, model=model, data=data, recording=recording, progress=progress,
                 keep_specimens=relative_to is not None)  # fmt: skip
-    records: list[EpochRecord] = []
-    at, resumed_from = _Position(), None
-    if resume_from is not None:
-        records, at, resumed_from = _resume(t, resume_from)
-        for record in records if on_epoch is not None else ():
-            on_epoch(record)
-    for epoch in range(at.epoch, config.epochs):
-        record = _train_epoch(t, epoch, at, records, on_step=on_step, progress=progress)
-        records.append(record)
-        if t.recorder.at_epoch_end():
-            _snapshot(t, records, step=at.step, epoch=epoch + 1, batch=0, sums=None, loader_rng=_data_order(t.loaders.train))
-        if progress:
-            _print_epoch(record, config.epochs)
-        if on_epoch is not None:
-            on_epoch(record)
-    result = _result(t, records)
-    result.probes, result.resumed_from = t.recorder.records, resumed_from
-    if relative_to is not None:
-        _price(result, t, relative_to, timing)
-    return result
+    try:
+        records: list[EpochRecord] = []
+        at, resumed_from = _Position(), None
+        if resume_from is not None:
+            records, at, resumed_from = _resume(t, resume_from)
+            for record in records if on_epoch is not None else ():
+                on_epoch(record)
+        for epoch in range(at.epoch, config.epochs):
+            record = _train_epoch(t, epoch, at, records, on_step=on_step, progress=progress)
+            records.append(record)
+            if t.recorder.at_epoch_end():
+                _snapshot(t, records, step=at.step, epoch=epoch + 1, batch=0, sums=None, loader_rng=_data_order(t.loaders.train))
+            if progress:
+                _print_epoch(record, config.epochs)
+            if on_epoch is not None:
+                on_epoch(record)
+        result = _result(t, records)
+        result.probes, result.resumed_from = t.recorder.records, resumed_from
+        if relative_to is not None:
+            _price(result, t, relative_to, timing)
+        return result
+    finally:  # a streamed loader's workers stop here, not inside a later run's timed work
+        for loader in (t.loaders.train, t.loaders.val, t.loaders.test):
+            if loader is not None:
+                loader.close()
 
 
 # ---- one run's set-up ------------------------------------------------------------------------------
