@@ -55,8 +55,6 @@ SCALES = {
     "quick": {"width": 0.125, "subset": 1000, "epochs": 4, "batch_size": 64, "study_trials": 4},
     "gpu": {"width": 1.0, "subset": None, "epochs": 30, "batch_size": 128, "study_trials": 16},
 }
-# AlexNet has no normalisation: at 0.05 one seed of three stayed at chance (10.5%) at the CPU scale
-LR = {"alexnet": 0.01}
 FRONTIER = (0.5, 0.75)  # fractions of the epochs the frontier's shorter baselines train
 
 # The rows at fixed settings (dotted overrides of the base config).
@@ -100,7 +98,7 @@ def base_config(model: str, dataset: str, scale: dict[str, Any], args: argparse.
         data["cache_dir"] = args.cache_dir
     return TrainConfig.from_dict({
         "model": {"name": model, "width": scale["width"]}, "data": data,
-        "optim": {"name": "sgd", "lr": LR.get(model, 0.05), "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
                   "batch_size": scale["batch_size"]},
         "schedule": {"name": "cosine"}, "epochs": scale["epochs"], "device": args.device, "eval_every_epoch": False,
     })  # fmt: skip
