@@ -201,7 +201,8 @@ def run_setting(setting: str, scale: dict[str, Any], args: argparse.Namespace) -
         reference = base.replace({"seed": seed})
         add("baseline", reference, reference)
         for f in FRONTIER:
-            add(f"frontier {f:g} epochs", reference.replace({"epochs": max(1, round(f * base.epochs))}), reference)
+            epochs = max(1, round(f * base.epochs))
+            add(f"frontier {epochs}/{base.epochs} epochs", reference.replace({"epochs": epochs}), reference)
         for name, change in NAMED.items():
             add(name, reference.replace(change), reference)
     baseline_acc = statistics.mean(r["val_acc"] for r in rows["baseline"])
