@@ -17,14 +17,16 @@ and each *one-off* piece of work is charged at its measured seconds::
 Recurring kinds are priced on the **real data path**: a unit of a step kind fetches the next batch from a
 loader built like the run's (device-resident with its augmentation, or a streamed Dataset read by its
 DataLoader workers) and runs the step the run ran (the methods' hooks, an owner's own step) on a copy of the
-training state taken just before that kind's first step; a unit of evaluation is an evaluated sample of the
-run's own validation loader. The baseline's step and evaluation run on its own model, optimizer and data.
-One-off work -- a step that builds something (a ``...build`` kind: WUS's frozen-prefix cache), the methods'
-``end_epoch`` and checks, compilation -- is charged at its in-run work seconds: on a CPU's work clock a
-descheduled process is not charged for the wait, and a method's single-threaded Python work (a hook) costs
-what it costs under any load. (Scaling it by the run's pace against its probes was tried: under a busy loop
-on the other core, two torch threads' spinning slowed the steps 2-3x in CPU time while a hook's Python did
-not slow at all, so the scaled hook was charged a third of its cost.) The baseline pays its own compilation
+training state taken just before that kind's first step, with the loop's bookkeeping after it; a unit of
+evaluation is an evaluated sample of the run's own validation loader. The baseline's step and evaluation
+run on its own model, optimizer and data. One-off work -- a step that builds something (a ``...build``
+kind: WUS's frozen-prefix cache), the methods' ``end_epoch`` and checks, compilation -- is charged at its
+in-run work seconds: on a CPU's work clock a descheduled process is not charged for the wait, and a
+method's single-threaded Python work (a hook) costs what it costs under any load. Every interval, in the
+run and in the probes, is charged ``min(CPU seconds, wall seconds)`` (:mod:`wus_tune.clock`). (Scaling
+one-off work by the run's pace against its probes was tried: under a busy loop on the other core, two torch
+threads' spinning slowed the steps 2-3x in CPU time while a hook's Python did not slow at all, so the
+scaled hook was charged a third of its cost.) The baseline pays its own compilation
 (the run's compile of the modes the baseline has too: its ordinary step and the evaluation) when it compiles.
 
 A compiled run's graphs cannot be copied into a probe, so a run with ``compile: true`` prices its kinds at
