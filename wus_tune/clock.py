@@ -80,15 +80,13 @@ class WorkClock:
             return time.perf_counter()
         return time.process_time()
 
-    def mark(self, *, helpers: bool = False) -> tuple[float, float]:
-        """A reading to measure an interval from (work seconds, wall seconds); ``helpers``: with every child
-        process's CPU (:meth:`with_helpers`)."""
-        return (self.with_helpers() if helpers else self.now()), time.perf_counter()
+    def mark(self) -> tuple[float, float]:
+        """A reading to measure an interval from: (work seconds, wall seconds)."""
+        return self.now(), time.perf_counter()
 
-    def since(self, mark: tuple[float, float], *, helpers: bool = False) -> float:
+    def since(self, mark: tuple[float, float]) -> float:
         """Work seconds since ``mark``, capped at the wall seconds since it (the module docstring)."""
-        work = (self.with_helpers() if helpers else self.now()) - mark[0]
-        return min(work, time.perf_counter() - mark[1])
+        return min(self.now() - mark[0], time.perf_counter() - mark[1])
 
     def with_helpers(self) -> float:
         """``now()`` plus the CPU seconds of every child process, watched or not: what compiling costs on a
