@@ -80,13 +80,15 @@ class WorkClock:
             return time.perf_counter()
         return time.process_time()
 
-    def mark(self) -> tuple[float, float]:
-        """A reading to measure an interval from: (work seconds, wall seconds)."""
-        return self.now(), time.perf_counter()
+    def mark(self, *, helpers: bool = False) -> tuple[float, float, bool]:
+        """A reading to measure an interval from: (work seconds, wall seconds, ``helpers``); ``helpers``: the
+        work includes every child process's CPU (:meth:`with_helpers`)."""
+        return (self.with_helpers() if helpers else self.now()), time.perf_counter(), helpers
 
-    def since(self, mark: tuple[float, float]) -> float:
+    def since(self, mark: tuple[float, float, bool]) -> float:
         """Work seconds since ``mark``, capped at the wall seconds since it (the module docstring)."""
-        return min(self.now() - mark[0], time.perf_counter() - mark[1])
+        work, wall, helpers = mark
+        return min((self.with_helpers() if helpers else self.now()) - work, time.perf_counter() - wall)
 
     def with_helpers(self) -> float:
         """``now()`` plus the CPU seconds of every child process, watched or not: what compiling costs on a

@@ -187,9 +187,10 @@ class Ledger:
             self.hook_time += self.timer.now() - wall
 
     def add_compile(self, wall_s: float, work_s: float) -> None:
-        """``work_s``: the compile's CPU seconds with its compile workers', charged up to ``wall_s``."""
+        """``work_s``: the compile's work seconds (``clock.since(clock.mark(helpers=True))``: with its compile
+        workers' CPU, capped at its wall time)."""
         self.compile_time += wall_s
-        self.one_off_s["compile"] = self.one_off_s.get("compile", 0.0) + min(work_s, wall_s)
+        self.one_off_s["compile"] = self.one_off_s.get("compile", 0.0) + work_s
 
     def epoch_elapsed(self) -> float:
         """Training time of the epoch so far (checks, including one in progress, left out)."""

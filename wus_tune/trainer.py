@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wus_tune.clock import WorkClock
 from wus_tune.compile_step import ModeCompiled
 from wus_tune.config import TrainConfig
 from wus_tune.errors import ConfigError, TrainingDiverged
@@ -327,11 +328,11 @@ def _compile_and_warm_up(train_model: nn.Module, model: nn.Module, optimizer: to
     to the run. Returns the evaluation FLOPs per sample and the work seconds of compiling what a compiled
     baseline compiles too (the ordinary step and the evaluation)."""
     compiled = isinstance(train_model, ModeCompiled)
-    wall, work = ledger.timer.now(), ledger.clock.with_helpers()
-    eval_flops_per_sample, shared = _warm_up(train_model, model, optimizer, loaders, autocast, methods, ledger.clock.with_helpers)
+    wall, mark = ledger.timer.now(), ledger.clock.mark(helpers=True)
+    eval_flops_per_sample, shared = _warm_up(train_model, model, optimizer, loaders, autocast, methods, ledger.clock)
     if not compiled:
         return eval_flops_per_sample, 0.0
-    ledger.add_compile(ledger.timer.now() - wall, ledger.clock.with_helpers() - work)
+    ledger.add_compile(ledger.timer.now() - wall, ledger.clock.since(mark))
     if progress:
         print(f"compiled {train_model.compilations} graphs (training modes and evaluation) in {ledger.compile_time:.1f}s, "
               "charged to the run", flush=True)  # fmt: skip
@@ -339,12 +340,12 @@ def _compile_and_warm_up(train_model: nn.Module, model: nn.Module, optimizer: to
 
 
 def _warm_up(train_model: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, loaders: _Loaders,
-             autocast: Any, methods: list[Method], clock: Callable[[], float]) -> tuple[float, float]:  # fmt: skip
+             autocast: Any, methods: list[Method], clock: WorkClock) -> tuple[float, float]:  # fmt: skip
     """Run a few passes so autotuning, compilation and allocator growth happen before anything is timed:
     forward/backward in every step mode the methods use (WUS: full and skip), and the evaluation forward at
     its batch size, so the first validation pass costs what the others do. Parameters and buffers are
     restored afterwards. Returns the evaluation's forward FLOPs per sample (counted on the eager model) and
-    the ``clock`` seconds of the ordinary mode's and the evaluation's passes."""
+    the work seconds (``clock``, compile workers included) of the ordinary mode's and the evaluation's passes."""
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -353,22 +354,22 @@ def _warm_up(train_model: nn.Module, model: nn.Module, optimizer: torch.optim.Op
     modes = [contextlib.nullcontext()] + [mode for m in methods for mode in m.warm_up_modes(model)]
     shared = 0.0
     for i, mode in enumerate(modes):
-        start = clock()
+        start = clock.mark(helpers=True)
         with mode:
             for _ in range(2):
                 with autocast:
                     loss = F.cross_entropy(train_model(x).float(), y)
                 loss.backward()
-        shared += clock() - start if i == 0 else 0.0
+        shared += clock.since(start) if i == 0 else 0.0
     optimizer.zero_grad(set_to_none=True)
     if loaders.val is None:
         model.load_state_dict(saved)
         return 0.0, shared
     val_x, _ = next(iter(loaders.val))
-    start = clock()
+    start = clock.mark(helpers=True)
     for _ in range(2):
         forward_eval(train_model, val_x, autocast)
-    shared += clock() - start
+    shared += clock.since(start)
     with FlopCounterMode(display=False) as counter:
         forward_eval(model, val_x, autocast)
     model.load_state_dict(saved)
