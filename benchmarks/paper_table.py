@@ -174,7 +174,8 @@ def summarise(rows: dict[str, list[dict[str, Any]]], chance: float) -> list[dict
         rel = statistics.mean(r["relative_time"] for r in runs)
         wall = statistics.mean(1 - r["time_s"] / b["time_s"] for r, b in zip(runs, base))
         flops = statistics.mean(1 - r["train_flops"] / b["train_flops"] for r, b in zip(runs, base))
-        points = statistics.mean(acc) - 100 * frontier_at(frontier, rel, chance)
+        # without the frontier's shorter runs (--rows) there is no frontier to stand against
+        points = statistics.mean(acc) - 100 * frontier_at(frontier, rel, chance) if len(frontier) > 1 else None
         out.append({"row": name, "acc_mean": statistics.mean(acc), "acc_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                     "time_saved_relative": 1 - rel, "time_saved_wall": wall, "flops_saved": flops,
                     "points_vs_frontier": points, "seeds": len(runs)})  # fmt: skip
@@ -200,13 +201,14 @@ def run_setting(setting: str, scale: dict[str, Any], args: argparse.Namespace) -
     for seed in args.seeds:
         reference = base.replace({"seed": seed})
         add("baseline", reference, reference)
-        for f in FRONTIER:
+        for f in FRONTIER if not args.rows else ():
             epochs = max(1, round(f * base.epochs))
             add(f"frontier {epochs}/{base.epochs} epochs", reference.replace({"epochs": epochs}), reference)
         for name, change in NAMED.items():
-            add(name, reference.replace(change), reference)
+            if not args.rows or name in args.rows:
+                add(name, reference.replace(change), reference)
     baseline_acc = statistics.mean(r["val_acc"] for r in rows["baseline"])
-    best = best_from_study(base, scale["study_trials"], seed=1000 + args.seeds[0], baseline_acc=baseline_acc)
+    best = {} if args.rows else best_from_study(base, scale["study_trials"], seed=1000 + args.seeds[0], baseline_acc=baseline_acc)
     for seed in args.seeds:  # confirmed on the table's seeds, fresh for the study
         reference = base.replace({"seed": seed})
         for name, change in best.items():
@@ -216,7 +218,7 @@ def run_setting(setting: str, scale: dict[str, Any], args: argparse.Namespace) -
     for line in table:
         line["claim"] = claim(line["row"], dataset)
     return {"setting": setting, "scale": {k: scale[k] for k in ("width", "subset", "epochs", "batch_size")},
-            "study_trials": scale["study_trials"], "seeds": args.seeds, "best_configs": best, "rows": rows,
+            "study_trials": 0 if args.rows else scale["study_trials"], "seeds": args.seeds, "best_configs": best, "rows": rows,
             "table": table, "seconds": time.time() - started}  # fmt: skip
 
 
@@ -234,7 +236,7 @@ def markdown(results: list[dict[str, Any]], device: str) -> str:
                   "points vs frontier at equal time | paper's claim |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for t in res["table"]:
             lines.append(f"| {t['row']} | {t['acc_mean']:.2f} ± {t['acc_sd']:.2f} | {t['time_saved_relative']:+.1%} | "
-                         f"{t['time_saved_wall']:+.1%} | {t['flops_saved']:+.1%} | {t['points_vs_frontier']:+.2f} | "
+                         f"{t['time_saved_wall']:+.1%} | {t['flops_saved']:+.1%} | {_points(t['points_vs_frontier'])} | "
                          f"{t['claim']} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
@@ -248,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="drop the scaling: full width and data, 30 epochs")
     parser.add_argument("--epochs", type=int, default=None, help="override the scale's epochs")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0 1)")
+    parser.add_argument("--rows", nargs="+", default=None, choices=list(NAMED), metavar="ROW",
+                        help="re-measure only these fixed rows beside the baseline, seed by seed (no frontier, no "
+                             f"study): any of {', '.join(map(repr, NAMED))}")
     parser.add_argument("--data", type=Path, default=DEFAULT_ARCHIVE, help="CIFAR-10: a folder or the JPEG tarball")
     parser.add_argument("--cifar100-dir", type=Path, default=None, help="CIFAR-100: torchvision's files")
     parser.add_argument("--cache-dir", default=None)
@@ -289,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(results, device))
     print(f"raw results: {out}")
     return 0
+
+
+def _points(value: float | None) -> str:
+    return "n/a (no frontier runs)" if value is None else f"{value:+.2f}"
 
 
 def _json(value: Any) -> Any:
