@@ -243,7 +243,9 @@ def markdown(results: list[dict[str, Any]], device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from wus_tune._cli import ArgumentParser  # a bad option is one line and exit status 2
+
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", nargs="+", default=SETTINGS, choices=SETTINGS, metavar="MODEL-DATASET",
                         help=f"any of {', '.join(SETTINGS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny scale, 2 seeds, 4 study trials: a smoke run")

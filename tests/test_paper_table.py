@@ -52,3 +52,11 @@ def test_bad_flags_are_one_line_and_exit_2(table, capsys, argv, message):
     assert table.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["--rows", "nope"], ["--settings", "lenet-mnist"]])
+def test_an_unknown_row_or_setting_is_one_line_and_exit_2(table, capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        table.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "invalid choice" in err and err.count("\n") == 1
